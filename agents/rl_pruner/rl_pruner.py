@@ -1,0 +1,229 @@
+"""RL-Pruner (Wang & Kindratenko, 2024) as the authors coded it (spec §2): the policy is a pruning distribution
+over groups, improved within every pruning step from look-ahead samples, and carried across steps.
+
+Read top to bottom it is the spec: §2.2 init, §2.3 noise, §2.5 Q, §2.6 buffer, §2.7 RL epochs, §2.8 update,
+§2.9 epsilon-greedy selection, §2.10 collapse guard; the count matching (§2.4) is done by the env.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from agents.common.base import BasePruningAgent
+from agents.rl_pruner.policies import (EXPLORE_STRATEGIES, PROBABILITY_LOWER_BOUND, TopKBuffer, epsilon_at,
+                                       initial_distribution, sample_action, update_distribution)
+
+
+class RLPrunerAgent(BasePruningAgent):
+    """The RL-Pruner agent, Stable-Baselines-like (``learn`` / ``predict`` / ``save`` / ``load``).
+
+    Drives a ``PruneEnv(action_mode="distribution")``: every pruning step it
+
+    1. runs ``lr_epoch`` RL epochs, each scoring ``sample_num`` noisy copies of the PD with the env's
+       look-ahead (``Q = R``; with ``sample_step > 1``, ``Q = R + γ max Q(children)`` through
+       ``snapshot``/``restore``), keeps the best ``sample_num`` in a buffer, and moves the PD toward the
+       buffer's best action (λ step, then the PPO ratio clip) whenever the epoch beat the step's best Q;
+    2. picks a buffered candidate, ε-greedily (ε decays over the first 10 % of steps);
+    3. if that candidate lost more than ``collapse_threshold`` (relative) of the current accuracy, resets the
+       PD to width-proportional and samples the step again, once (the collapse guard);
+    4. steps the env with the chosen action (the env reuses the candidate it already built).
+
+    Deviations from the authors (all documented in docs/agents.md): the PD has one entry per group (coupled
+    layers share one value, as the authors' cluster equalisation makes them anyway) and the noise one ξ per
+    group; the buffer fills empty rows first; the collapse guard compares with the accuracy of the model the
+    candidates were pruned from and, after a resample, remembers the new model's accuracy
+    (``faithful_collapse_guard=True`` restores the authors' stale-accuracy bug).
+
+    :param env: ``PruneEnv`` in ``action_mode="distribution"`` (None only to ``load``/``predict``).
+    :param sample_num: candidates per RL epoch, and the replay-buffer size (authors: 10).
+    :param lr_epoch: RL epochs per pruning step (authors: 10).
+    :param sample_step: look-ahead depth; each level samples ``sample_num`` children (authors: 1).
+    :param noise_var: σ, standard-deviation multiplier of the action noise (authors: 0.04).
+    :param step_length: λ of the PD update (authors: 0.1).
+    :param ppo: apply the PPO-style ratio clip (authors: always on).
+    :param ppo_clip: ε of the ratio clip (authors' code 0.25; the seed notes say 0.2).
+    :param discount_factor: γ of the look-ahead Q (authors: 0.9).
+    :param greedy_epsilon: ε0, probability of picking a random buffered candidate (authors: 0.4).
+    :param explore_strategy: ``"cosine"`` (authors), ``"linear"`` or ``"constant"``.
+    :param explore_fraction: share of the pruning steps with exploration (authors: 0.1).
+    :param collapse_threshold: relative accuracy drop that triggers the collapse guard (authors: 0.1).
+    :param faithful_collapse_guard: reproduce the authors' guard exactly, bug included (spec §9.17).
+    :param probability_lower_bound: floor of PD entries (authors: 1e-5).
+    :param seed: seeds the noise and the ε-greedy draws.
+    :param verbose: 1 prints a line per pruning step.
+    :param tensorboard_log: TensorBoard folder.
+    """
+
+    action_mode = "distribution"
+    _init_keys = BasePruningAgent._init_keys + (
+        "sample_num", "lr_epoch", "sample_step", "noise_var", "step_length", "ppo", "ppo_clip",
+        "discount_factor", "greedy_epsilon", "explore_strategy", "explore_fraction", "collapse_threshold",
+        "faithful_collapse_guard", "probability_lower_bound")
+
+    def __init__(self, env: Any = None, sample_num: int = 10, lr_epoch: int = 10, sample_step: int = 1,
+                 noise_var: float = 0.04, step_length: float = 0.1, ppo: bool = True, ppo_clip: float = 0.25,
+                 discount_factor: float = 0.9, greedy_epsilon: float = 0.4, explore_strategy: str = "cosine",
+                 explore_fraction: float = 0.1, collapse_threshold: float = 0.1,
+                 faithful_collapse_guard: bool = False,
+                 probability_lower_bound: float = PROBABILITY_LOWER_BOUND, seed: Optional[int] = None,
+                 verbose: int = 0, tensorboard_log: Optional[Union[str, Path]] = None) -> None:
+        for name, value in (("sample_num", sample_num), ("lr_epoch", lr_epoch), ("sample_step", sample_step)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if explore_strategy not in EXPLORE_STRATEGIES:
+            raise ValueError(f"explore_strategy must be one of {EXPLORE_STRATEGIES}, got {explore_strategy!r}")
+        if not 0.0 <= ppo_clip < 1.0:
+            raise ValueError(f"ppo_clip must be in [0, 1), got {ppo_clip}")
+        if not 0.0 < step_length <= 1.0:
+            raise ValueError(f"step_length must be in (0, 1], got {step_length}")
+        self.sample_num, self.lr_epoch, self.sample_step = int(sample_num), int(lr_epoch), int(sample_step)
+        self.noise_var, self.step_length = float(noise_var), float(step_length)
+        self.ppo, self.ppo_clip = bool(ppo), float(ppo_clip)
+        self.discount_factor = float(discount_factor)
+        self.greedy_epsilon, self.explore_strategy = float(greedy_epsilon), explore_strategy
+        self.explore_fraction = float(explore_fraction)
+        self.collapse_threshold = float(collapse_threshold)
+        self.faithful_collapse_guard = bool(faithful_collapse_guard)
+        self.probability_lower_bound = float(probability_lower_bound)
+        super().__init__(env, seed=seed, verbose=verbose, tensorboard_log=tensorboard_log)
+        self.buffer = TopKBuffer(self.sample_num)
+        self.pd: Optional[np.ndarray] = None
+        self.epsilon = self.greedy_epsilon
+        self.t = 0  # pruning steps completed (drives the ε schedule)
+        self.prev_accuracy: Optional[float] = None
+        self.pd_history: List[List[float]] = []
+        if env is not None:
+            self.pd = self._width_proportional(self.penv.original_channels)
+
+    # ---------------------------------------------------------------- §2.2 the policy
+    def _eligible(self) -> Optional[np.ndarray]:
+        """Groups that can still lose a channel (the authors zero conv layers with one filter left); None
+        before the first ``reset``."""
+        env = self.penv
+        try:
+            current = env.current_channels
+        except RuntimeError:  # no episode yet: every group is eligible
+            return None
+        return np.asarray(current) > int(getattr(env, "min_channels", 1))
+
+    def _width_proportional(self, channels: np.ndarray) -> np.ndarray:
+        return initial_distribution(channels, self.penv.layer_counts, self._eligible())
+
+    # ---------------------------------------------------------------- §2.5 Q of one action
+    def _q_value(self, action: np.ndarray, depth: int) -> Tuple[float, Dict[str, Any]]:
+        """``Q = R`` at the last level; otherwise ``R + γ max_j Q(child_j)`` with fresh noise per child."""
+        env = self.penv
+        reward, info = env.evaluate_action(action)
+        if depth <= 1:
+            return reward, info
+        snap = env.snapshot()
+        _, _, terminated, truncated, _ = env.step(action)
+        best_child = None
+        if not (terminated or truncated):
+            eligible = self._eligible()
+            for _ in range(self.sample_num):
+                child = sample_action(self.pd, self.rng, self.noise_var, eligible, self.probability_lower_bound)
+                q_child, _ = self._q_value(child, depth - 1)
+                best_child = q_child if best_child is None else max(best_child, q_child)
+        env.restore(snap)
+        return reward + (self.discount_factor * best_child if best_child is not None else 0.0), info
+
+    # ---------------------------------------------------------------- §2.7 + §2.8 the RL epochs of one step
+    def _sampling_phase(self) -> float:
+        """Fill the buffer with the step's best candidates and update the PD; returns the best Q."""
+        self.buffer.clear()
+        best_q = 0.0
+        for _ in range(self.lr_epoch):
+            eligible = self._eligible()
+            epoch_best = -np.inf
+            for _ in range(self.sample_num):
+                action = sample_action(self.pd, self.rng, self.noise_var, eligible, self.probability_lower_bound)
+                q, info = self._q_value(action, self.sample_step)
+                self.buffer.offer(q, action, {"accuracy": float(info["accuracy"]), "reward": float(info["reward"])})
+                epoch_best = max(epoch_best, q)
+            if epoch_best > best_q:
+                best_q = epoch_best
+                self.pd = update_distribution(self.pd, self.buffer.best().action, self.step_length, self.ppo,
+                                              self.ppo_clip, eligible, self.probability_lower_bound)
+        return best_q
+
+    # ---------------------------------------------------------------- §2.9 ε-greedy over the buffer
+    def _select(self):
+        if self.rng.random() < self.epsilon:
+            return self.buffer.entries[int(self.rng.integers(len(self.buffer)))], True
+        return self.buffer.best(), False
+
+    # ---------------------------------------------------------------- one pruning step (§2.11.3.1)
+    def _choose_action(self, obs: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
+        if self.pd is None:
+            self.pd = self._width_proportional(self.penv.original_channels)
+        best_q = self._sampling_phase()
+        chosen, explored = self._select()
+        accuracy = chosen.payload["accuracy"]
+        collapsed = False
+        # §2.10 collapse guard: a relative drop of more than 10 % resets the PD and samples the step again
+        prev = self.prev_accuracy
+        if prev is not None and prev > 0 and (prev - accuracy) / prev > self.collapse_threshold:
+            collapsed = True
+            self.pd = self._width_proportional(self.penv.current_channels)
+            best_q = self._sampling_phase()
+            stale = accuracy
+            chosen, explored = self._select()
+            accuracy = stale if self.faithful_collapse_guard else chosen.payload["accuracy"]
+        self._chosen_accuracy = accuracy
+        extra = {"epsilon": self.epsilon, "best_q": float(best_q), "chosen_q": float(chosen.q),
+                 "explored": int(explored), "collapse_reset": int(collapsed),
+                 "pd": [float(p) for p in self.pd]}
+        return chosen.action.copy(), extra
+
+    def _on_reset(self, obs: np.ndarray, info: Dict[str, Any]) -> None:
+        env = self.penv
+        self.t = 0
+        self.epsilon = epsilon_at(0, env.n_steps, self.greedy_epsilon, self.explore_strategy, self.explore_fraction)
+        self.pd = self._width_proportional(env.original_channels)
+        # the teacher's accuracy is the reference of the first step's collapse guard
+        self.prev_accuracy = float(env.original_accuracy)
+        self.pd_history = []
+
+    def _on_step(self, action: np.ndarray, info: Dict[str, Any]) -> None:
+        if self.faithful_collapse_guard:
+            self.prev_accuracy = self._chosen_accuracy  # pre-fine-tuning, stale after a resample
+        else:
+            # the model the next candidates are pruned from, after the env's recovery when it has one
+            self.prev_accuracy = float(info.get("accuracy_recovered", info["accuracy"]))
+        self.pd_history.append([float(p) for p in self.pd])
+        self.buffer.clear()
+        self.t += 1
+        self.epsilon = epsilon_at(self.t, self.penv.n_steps, self.greedy_epsilon, self.explore_strategy,
+                                  self.explore_fraction)
+        if self.verbose:
+            print(f"step {self.t}: accuracy {info['accuracy']:.4f}, FLOPs -{info['flops_reduction']:.3f}, "
+                  f"evaluations {self.n_evaluations}, epsilon {self.epsilon:.3f}")
+
+    # ---------------------------------------------------------------- SB3-like surface
+    def predict(self, observation: Any = None, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> Tuple[np.ndarray, Any]:
+        """The current PD as a distribution-mode action (``deterministic=False`` adds the action noise).
+
+        :param observation: unused: the policy is a single distribution, not a function of the state.
+        """
+        if self.pd is None:
+            raise RuntimeError("the agent has no pruning distribution yet: give it an env or load a saved agent")
+        if deterministic:
+            return self.pd.copy(), state
+        return sample_action(self.pd, self.rng, self.noise_var, None, self.probability_lower_bound), state
+
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"pd": None if self.pd is None else self.pd.copy(), "epsilon": self.epsilon, "t": self.t,
+                "prev_accuracy": self.prev_accuracy, "pd_history": list(self.pd_history)}
+
+    def _load_extra_state(self, state: Dict[str, Any]) -> None:
+        self.pd = None if state["pd"] is None else np.asarray(state["pd"], dtype=np.float64)
+        self.epsilon, self.t = float(state["epsilon"]), int(state["t"])
+        self.prev_accuracy = state["prev_accuracy"]
+        self.pd_history = list(state["pd_history"])
+
+
+__all__ = ["RLPrunerAgent"]

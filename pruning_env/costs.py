@@ -1,0 +1,115 @@
+"""The project's one cost model: MACs and parameter count of a built model.
+
+MACs follow thop, which the RL-Pruner authors used for their reward: multiply-accumulates of convolutions
+(incl. transposed) and linear layers for one input image, plus 2 per output element of BatchNorm (its
+normalise + affine in eval mode); activations, pooling and functional glue count 0. ``include_norm=False``
+gives the pure conv/linear count, which equals ``torch.utils.flop_counter.FlopCounterMode`` / 2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: MACs charged per output element of a BatchNorm layer (thop's eval-mode convention).
+NORM_MACS_PER_ELEMENT = 2
+
+
+@dataclass(frozen=True)
+class Cost:
+    """MACs per image and parameter count of a model."""
+
+    macs: int
+    params: int
+
+    @property
+    def flops(self) -> int:
+        """FLOPs counted as 2 x MACs (the convention of ``torch.utils.flop_counter``)."""
+        return 2 * self.macs
+
+    def ratio_to(self, other: "Cost") -> Tuple[float, float]:
+        """(MACs ratio, params ratio) of this cost relative to ``other``."""
+        return self.macs / max(other.macs, 1), self.params / max(other.params, 1)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements of ``model`` (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def layer_macs(module: nn.Module, output: torch.Tensor, include_norm: bool = True) -> int:
+    """MACs of one layer call that produced ``output``, for a batch of one (0 for uncounted layers).
+
+    :param module: the layer.
+    :param output: its output tensor; the leading (batch) dimension is divided out.
+    :param include_norm: count BatchNorm as ``NORM_MACS_PER_ELEMENT`` per output element.
+    """
+    batch = output.shape[0] if output.dim() > 1 else 1
+    out_per_item = output.numel() // max(batch, 1)
+    if isinstance(module, _CONV_TYPES):
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= k
+        return out_per_item * (module.in_channels // module.groups) * kernel
+    if isinstance(module, _CONVT_TYPES):
+        # each input element is scattered through the kernel: count it on the input side
+        kernel = 1
+        for k in module.kernel_size:
+            kernel *= k
+        spatial_out = out_per_item // module.out_channels
+        stride = 1
+        for s in module.stride:
+            stride *= s
+        return (spatial_out // stride) * module.in_channels * (module.out_channels // module.groups) * kernel
+    if isinstance(module, nn.Linear):
+        return out_per_item * module.in_features
+    if include_norm and isinstance(module, _NORM_TYPES):
+        return NORM_MACS_PER_ELEMENT * out_per_item
+    return 0
+
+
+@torch.no_grad()
+def count_costs(
+    model: nn.Module,
+    input_size: Sequence[int] = (3, 32, 32),
+    device: torch.device | str | None = None,
+    include_norm: bool = True,
+) -> Cost:
+    """MACs per image and parameters of ``model`` for inputs of ``input_size`` (without the batch dim).
+
+    Runs one forward pass on a zero batch of one, in eval mode, with hooks on conv and linear layers;
+    the model's training flag is restored afterwards and its weights are not changed.
+
+    :param model: any ``nn.Module`` made of standard layers (functional glue is fine).
+    :param input_size: ``(C, H, W)`` of one input.
+    :param device: where to run; defaults to the device of the model's first parameter.
+    :param include_norm: count BatchNorm layers (thop convention, the default).
+    """
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    total = [0]
+
+    def hook(module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            total[0] += layer_macs(module, output, include_norm)
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, _CONV_TYPES + _CONVT_TYPES + _NORM_TYPES + (nn.Linear,))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros((1, *input_size), device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return Cost(macs=int(total[0]), params=count_params(model))

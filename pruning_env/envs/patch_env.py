@@ -1,0 +1,369 @@
+"""AgentViT's patch-selection environment: one step is one ViT training batch on the patches the agent keeps.
+
+Observation = the per-patch state of the batch (spec §1.2); action = per-patch scores or a keep-mask; reward =
+loss_weight * L0/Lt + patch_weight * (-|k - k*| / z*) (spec §2.4). An episode is one joint training run.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional, Tuple, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from gymnasium import spaces
+
+from pruning_env.checkpoint import resolve_device, seed_everything
+from pruning_env.data import DatasetSplits, make_datasets, make_loader
+
+ACTION_MODES = ("scores", "mask")
+BINARIZE_RULES = ("mean", "topk")
+LOSS_REFERENCES = ("first_reward", "first_step")
+
+
+def mean_threshold_mask(scores: torch.Tensor) -> torch.Tensor:
+    """The notebook's ``set_patches``: keep patch j when ``scores[j] >= mean(scores)`` (never empty).
+
+    :param scores: (N,) per-patch scores.
+    """
+    return scores >= scores.mean()
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` highest-scoring patches (ties broken by index order of ``torch.topk``).
+
+    :param scores: (N,) per-patch scores.
+    :param k: number kept, 1..N.
+    """
+    n = scores.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n}, got {k}")
+    mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    mask[torch.topk(scores, k).indices] = True
+    return mask
+
+
+def random_topk_mask(n: int, k: int, generator: Optional[torch.Generator] = None,
+                     device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """A uniformly random set of ``k`` of ``n`` patches as a bool mask (the random-mask baseline at count k).
+
+    :param n: number of patches.
+    :param k: number kept, 1..n.
+    :param generator: CPU generator for repeatable draws.
+    :param device: where the mask lives.
+    """
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n}, got {k}")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:k]] = True
+    return mask.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PatchSelectEnv(gym.Env):
+    """Joint ViT training as a Gymnasium env: the agent picks which patches each training batch keeps.
+
+    * **Episode** = one training run: ``reset()`` restores the ViT's initial weights and a fresh Adam
+      (``options={"keep_model": True}`` continues from the current weights instead); it ends (terminated)
+      after ``epochs`` passes over the training split, i.e. ``total_steps = epochs * batches_per_epoch``.
+    * **Observation** = ``(batch_size, N)`` float32: for every image of the *next* batch, the mean over the
+      embedding of block 1's attention output on all N patches (the authors' state). The same state as a
+      tensor on the env's device is ``env.state``.
+    * **Action**: ``action_mode="scores"`` is a ``Box(N,)`` of per-patch scores, binarised by ``binarize``
+      (``"mean"``: keep scores >= their mean, the notebook's rule, count not controlled; ``"topk"``: keep the
+      ``n_keep`` best); ``action_mode="mask"`` is a ``MultiBinary(N)`` keep-mask used as is (an all-zero mask
+      keeps every patch, flagged ``info["empty_mask"]``). One mask is shared by the whole batch.
+    * **Step** = one Adam step of the ViT on the current batch with only the kept tokens (dropped before
+      block 1), then the state of the next batch.
+    * **Reward**, on every ``reward_every``-th batch of an epoch (0 on the others, as in the notebook):
+      ``loss_weight * L0 / Lt + patch_weight * (-|k - n_keep| / (N - n_keep))``, Lt the batch loss before the
+      update and L0 the loss at the first reward step of the episode (``loss_reference="first_step"``: the
+      very first step). On reward steps with ``same_batch_next_state`` the state of the same batch after the
+      update is in ``info["next_state_same_batch"]`` (the notebook's s').
+    * **Info**: ``kept``, ``loss``, ``step_time`` (synchronised seconds of the ViT step), ``state_time``
+      (seconds of the state passes), both summed over the episode in ``env.train_time``/``env.state_time``,
+      ``reward_step``, ``r_loss``, ``r_patch`` (reward steps), ``epoch`` (0-based), ``batch`` (1-based in the epoch),
+      ``epoch_end``, ``global_step``, ``mask`` (np.bool_ array).
+
+    :param model: a zoo name (``vit_tiny_patch4``) or a built :class:`~pruning_env.models.vit.SimpleViT`.
+    :param dataset: a name for :func:`pruning_env.data.make_datasets` or ready :class:`DatasetSplits`.
+    :param width: zoo width multiplier.
+    :param depth: zoo depth (transformer blocks).
+    :param model_kwargs: extra zoo kwargs (e.g. ``dim_head``).
+    :param data_root: folder holding torchvision's CIFAR files.
+    :param download: let torchvision download CIFAR.
+    :param val_size: validation images held out from train (for the trainer's per-epoch evaluation).
+    :param batch_size: ViT training batch (the notebook: 128); short final batches are dropped.
+    :param epochs: passes over the training split per episode (the notebook: 100).
+    :param lr: ViT Adam learning rate (the notebook: 1e-3).
+    :param action_mode: ``"scores"`` or ``"mask"``.
+    :param binarize: ``"mean"`` or ``"topk"`` (scores mode only).
+    :param n_keep: target kept count k* (the notebook: 30 of 64).
+    :param loss_weight: weight of L0/Lt (the notebook: 1).
+    :param patch_weight: weight of the patch-count term (the notebook: 20).
+    :param reward_every: reward period in batches (the notebook: 50; its stored run: 10).
+    :param loss_reference: ``"first_reward"`` (notebook) or ``"first_step"``.
+    :param same_batch_next_state: recompute the state of the same batch after the update on reward steps.
+    :param augment: training augmentation on the train split.
+    :param observe: compute the state; False returns zero observations and skips the state passes (for
+        baselines that ignore the state, so their training time holds no agent cost).
+    :param time_info: put ``step_time``/``state_time`` in ``info``. Wall-clock times are the env's only
+        non-repeatable output (Gymnasium's ``check_env`` compares infos of seeded runs, so it is run with
+        False); the running totals ``env.train_time``/``env.state_time`` are kept either way.
+    :param device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
+    :param seed: seeds the ViT's initial weights, the data split and order.
+    :param num_workers: DataLoader workers.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, model: Union[str, nn.Module] = "vit_tiny_patch4", dataset: Union[str, DatasetSplits] = "cifar10",
+                 width: float = 1.0, depth: int = 6, model_kwargs: Optional[Dict[str, Any]] = None,
+                 data_root: str = "data", download: bool = False, val_size: Union[int, float, None] = None,
+                 batch_size: int = 128, epochs: int = 100, lr: float = 1e-3, action_mode: str = "scores",
+                 binarize: str = "mean", n_keep: int = 30, loss_weight: float = 1.0, patch_weight: float = 20.0,
+                 reward_every: int = 50, loss_reference: str = "first_reward", same_batch_next_state: bool = True,
+                 augment: bool = True, observe: bool = True, time_info: bool = True, device: Optional[str] = None,
+                 seed: Optional[int] = None, num_workers: int = 0):
+        super().__init__()
+        if action_mode not in ACTION_MODES:
+            raise ValueError(f"action_mode={action_mode!r}; expected one of {ACTION_MODES}")
+        if binarize not in BINARIZE_RULES:
+            raise ValueError(f"binarize={binarize!r}; expected one of {BINARIZE_RULES}")
+        if loss_reference not in LOSS_REFERENCES:
+            raise ValueError(f"loss_reference={loss_reference!r}; expected one of {LOSS_REFERENCES}")
+        for name, value in (("batch_size", batch_size), ("epochs", epochs), ("reward_every", reward_every)):
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.device = resolve_device(device)
+        self.seed = seed
+        if seed is not None:
+            seed_everything(seed)
+        self.splits = dataset if isinstance(dataset, DatasetSplits) else make_datasets(
+            dataset, root=data_root, download=download, val_size=val_size, seed=0 if seed is None else seed,
+            augment=augment)
+        if isinstance(model, str):
+            from pruning_env.models import create_model
+
+            c, h, _ = self.splits.input_size
+            model = create_model(model, num_classes=self.splits.num_classes, width=width, depth=depth,
+                                 image_size=h, channels=c, **(model_kwargs or {}))
+        if not (hasattr(model, "patch_state") and hasattr(model, "num_patches")):
+            raise TypeError(f"model must be a SimpleViT-like module with patch_state() and num_patches, "
+                            f"got {type(model).__name__}")
+        self.model = model.to(self.device)
+        self.n_patches = int(model.num_patches)
+        if not 1 <= int(n_keep) <= self.n_patches:
+            raise ValueError(f"n_keep must be in 1..{self.n_patches}, got {n_keep}")
+        if len(self.splits.train) < batch_size:
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(self.splits.train)} training images")
+        self.batch_size = int(batch_size)
+        self.epochs = int(epochs)
+        self.lr = float(lr)
+        self.action_mode = action_mode
+        self.binarize = binarize
+        self.n_keep = int(n_keep)
+        self.loss_weight = float(loss_weight)
+        self.patch_weight = float(patch_weight)
+        self.reward_every = int(reward_every)
+        self.loss_reference = loss_reference
+        self.same_batch_next_state = bool(same_batch_next_state)
+        self.num_workers = int(num_workers)
+        self.time_info = bool(time_info)
+        self.observe = bool(observe)
+        self.train_time = 0.0
+        self.state_time = 0.0
+        self._initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.batches_per_epoch = len(self.splits.train) // self.batch_size
+        self.total_steps = self.epochs * self.batches_per_epoch
+
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(self.batch_size, self.n_patches), dtype=np.float32)
+        if action_mode == "scores":
+            self.action_space = spaces.Box(-np.inf, np.inf, shape=(self.n_patches,), dtype=np.float32)
+        else:
+            self.action_space = spaces.MultiBinary(self.n_patches)
+
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.state: Optional[torch.Tensor] = None
+        self._loader = None
+        self._iter = None
+        self._batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._episode = 0
+        self.loss_ref: Optional[float] = None
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ helpers
+    def action_to_mask(self, action: Any) -> torch.Tensor:
+        """The bool keep-mask (N,) on the env's device that ``action`` stands for (see the class docstring)."""
+        a = torch.as_tensor(np.asarray(action), device=self.device).reshape(-1)
+        if a.numel() != self.n_patches:
+            raise ValueError(f"action has {a.numel()} entries; this env has {self.n_patches} patches")
+        if self.action_mode == "mask":
+            mask = a > 0.5 if a.dtype.is_floating_point else a != 0
+            return mask if bool(mask.any()) else torch.ones_like(mask)
+        a = a.float()
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError("score action contains NaN or inf")
+        return mean_threshold_mask(a) if self.binarize == "mean" else topk_mask(a, self.n_keep)
+
+    def patch_reward(self, kept: int) -> float:
+        """The patch-count term -|k - k*| / z* with z* = N - k* dropped patches wanted (unweighted)."""
+        z_star = max(self.n_patches - self.n_keep, 1)
+        return -abs(int(kept) - self.n_keep) / z_star
+
+    def compute_state(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-patch state (B, N) of images ``x`` with the current ViT (no gradients; zeros if not ``observe``)."""
+        if not self.observe:
+            return torch.zeros(x.shape[0], self.n_patches, device=x.device)
+        return self.model.patch_state(x)
+
+    def _new_epoch_iterator(self) -> None:
+        self._iter = iter(self._loader)
+
+    def _next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(self._iter)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _timed_state(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        state = self.compute_state(x)
+        _sync(self.device)
+        return state, time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        """Start a training run: initial ViT weights (unless ``options["keep_model"]``), fresh Adam, epoch 0.
+
+        ``seed`` seeds everything (torch, numpy, python, data order), so a seeded reset repeats exactly.
+        """
+        super().reset(seed=seed)
+        options = options or {}
+        if seed is not None:
+            seed_everything(seed)
+            data_seed = seed
+        else:
+            base = 0 if self.seed is None else self.seed
+            data_seed = base + 1000 * self._episode
+        self._episode += 1
+        if not options.get("keep_model", False):
+            self.model.load_state_dict(self._initial_state)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        self._loader = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=data_seed,
+                                   num_workers=self.num_workers, drop_last=True,
+                                   pin_memory=self.device.type == "cuda")
+        self._new_epoch_iterator()
+        self.loss_ref = None
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.global_step = 0
+        self._batch = self._next_batch()
+        self.state, state_time = self._timed_state(self._batch[0])
+        self.train_time = 0.0
+        self.state_time = state_time
+        info = {"epoch": 0, "state_time": state_time} if self.time_info else {"epoch": 0}
+        return self.state.cpu().numpy().astype(np.float32), info
+
+    def step(self, action: Any):
+        """One ViT training step on the current batch with the patches ``action`` keeps; see the class docstring."""
+        if self._batch is None or self.optimizer is None:
+            raise RuntimeError("call reset() before step()")
+        if self.epoch >= self.epochs:
+            raise RuntimeError("the training run is over (terminated); call reset()")
+        empty = self.action_mode == "mask" and not bool(np.asarray(action).astype(bool).any())
+        mask = self.action_to_mask(action)
+        kept = int(mask.sum())
+        x, y = self._batch
+        self.batch_in_epoch += 1
+        self.global_step += 1
+
+        self.model.train()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        logits = self.model(x, keep=None if kept == self.n_patches else mask)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        _sync(self.device)
+        step_time = time.perf_counter() - t0
+
+        reward_step = self.batch_in_epoch % self.reward_every == 0
+        self.train_time += step_time
+        info: Dict[str, Any] = {"kept": kept, "reward_step": reward_step,
+                                "epoch": self.epoch, "batch": self.batch_in_epoch, "global_step": self.global_step,
+                                "mask": mask.cpu().numpy().astype(bool), "empty_mask": empty}
+        loss_value = float(loss.detach())
+        info["loss"] = loss_value
+        reward = 0.0
+        if self.loss_reference == "first_step" and self.loss_ref is None:
+            self.loss_ref = loss_value
+        if reward_step:
+            if self.loss_ref is None:
+                self.loss_ref = loss_value
+            r_loss = self.loss_ref / max(loss_value, 1e-12)
+            r_patch = self.patch_reward(kept)
+            reward = self.loss_weight * r_loss + self.patch_weight * r_patch
+            info.update(r_loss=r_loss, r_patch=r_patch)
+        state_time = 0.0
+        if reward_step and self.same_batch_next_state:
+            same, dt = self._timed_state(x)
+            state_time += dt
+            info["next_state_same_batch"] = same.cpu().numpy().astype(np.float32)
+
+        epoch_end = self.batch_in_epoch == self.batches_per_epoch
+        terminated = False
+        if epoch_end:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            terminated = self.epoch >= self.epochs
+            if not terminated:
+                self._new_epoch_iterator()
+        if terminated:
+            # no next batch: the terminal observation is the same batch after the update
+            self.state, dt = self._timed_state(x)
+        else:
+            self._batch = self._next_batch()
+            self.state, dt = self._timed_state(self._batch[0])
+        state_time += dt
+        self.state_time += state_time
+        info["epoch_end"] = epoch_end
+        if self.time_info:
+            info.update(step_time=step_time, state_time=state_time)
+        return self.state.cpu().numpy().astype(np.float32), float(reward), terminated, False, info
+
+    def close(self) -> None:
+        self._iter = None
+        self._loader = None
+
+
+# ---------------------------------------------------------------------------------------------- registration
+#: The offline quickstart: embedded digits, a CPU-sized ViT, reward every batch, two epochs.
+QUICKSTART_KWARGS = dict(dataset="digits", width=0.25, depth=2, batch_size=64, epochs=2, reward_every=1,
+                         n_keep=30)
+
+PATCH_ENV_IDS = {
+    # the notebook's CIFAR-10 configuration (needs CIFAR-10 under data_root, or download=True)
+    "RLPatch-vit-cifar10": dict(dataset="cifar10", width=1.0, depth=6, batch_size=128, epochs=100,
+                                reward_every=50, n_keep=30),
+    "RLPatch-quickstart": QUICKSTART_KWARGS,
+}
+
+
+def register_patch_envs() -> None:
+    """Register the patch-selection env ids with Gymnasium (idempotent)."""
+    for env_id, kwargs in PATCH_ENV_IDS.items():
+        if env_id not in gym.registry:
+            gym.register(id=env_id, entry_point="pruning_env.envs.patch_env:PatchSelectEnv", kwargs=dict(kwargs))
+
+
+__all__ = ["PatchSelectEnv", "mean_threshold_mask", "topk_mask", "random_topk_mask", "register_patch_envs",
+           "PATCH_ENV_IDS"]

@@ -1,0 +1,182 @@
+"""Channel importance criteria (small callables) and their reduction onto dependency groups.
+
+A criterion scores every element of a parameter; a group's score for channel j sums the scores of all elements
+that channel j owns in every member, follower (BatchNorm gamma and beta included) and consumer of the group.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pruning_env.pruning.graph import DependencyGraph
+from pruning_env.pruning.surgery import handler_for
+
+__all__ = ["Importance", "TaylorImportance", "MagnitudeImportance", "RandomImportance", "CRITERIA",
+           "make_criterion", "accumulate_gradients", "group_importance"]
+
+
+class Importance:
+    """Element-wise score of a parameter tensor; ``needs_grad`` asks for accumulated gradients."""
+
+    needs_grad: bool = False
+
+    def __call__(self, weight: torch.Tensor, grad: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TaylorImportance(Importance):
+    """First-order Taylor estimate of the loss change, ``|w * dL/dw|`` (Molchanov et al.; the authors' default)."""
+
+    needs_grad = True
+
+    def __call__(self, weight: torch.Tensor, grad: Optional[torch.Tensor]) -> torch.Tensor:
+        if grad is None:
+            return torch.zeros_like(weight)
+        return (weight * grad).abs()
+
+
+class MagnitudeImportance(Importance):
+    """``|w|`` (p=1) or ``w**2`` (p=2, no square root, as the authors' l2)."""
+
+    def __init__(self, p: int = 1) -> None:
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 or 2, got {p}")
+        self.p = p
+
+    def __call__(self, weight: torch.Tensor, grad: Optional[torch.Tensor]) -> torch.Tensor:
+        return weight.abs() if self.p == 1 else weight * weight
+
+
+class RandomImportance(Importance):
+    """Uniform random scores from a seeded generator (a sanity baseline)."""
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self.generator = torch.Generator()
+        self.generator.manual_seed(0 if seed is None else int(seed))
+
+    def __call__(self, weight: torch.Tensor, grad: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.rand(weight.shape, generator=self.generator, dtype=torch.float64)
+
+
+#: Criterion names accepted by :meth:`Pruner.compute_importance`.
+CRITERIA = ("taylor", "l1", "l2", "random")
+
+
+def make_criterion(criterion: Any, seed: Optional[int] = None) -> Importance:
+    """An :class:`Importance` from a name in :data:`CRITERIA` or an existing instance."""
+    if isinstance(criterion, Importance):
+        return criterion
+    if criterion == "taylor":
+        return TaylorImportance()
+    if criterion == "l1":
+        return MagnitudeImportance(1)
+    if criterion == "l2":
+        return MagnitudeImportance(2)
+    if criterion == "random":
+        return RandomImportance(seed)
+    raise ValueError(f"unknown importance criterion {criterion!r}; expected one of {CRITERIA} or an Importance")
+
+
+def _scored_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
+    """(layer name, parameter name, dim, 'out'|'in') for every parameter slice a group owns."""
+    out = []
+    for name, spec in graph.specs.items():
+        handler = handler_for(spec.module)
+        for side, layout, pairs in (("out", spec.out_layout, handler.out_tensors(spec.module)),
+                                    ("in", spec.in_layout, handler.in_tensors(spec.module))):
+            if layout is None or all(s.source is None for s in layout):
+                continue
+            for pname, dim in pairs:
+                if isinstance(spec.module._parameters.get(pname), torch.Tensor):
+                    out.append((name, pname, dim, side))
+    return out
+
+
+def _as_batches(batches: Any) -> Iterable:
+    if (isinstance(batches, (tuple, list)) and len(batches) == 2 and isinstance(batches[0], torch.Tensor)
+            and isinstance(batches[1], torch.Tensor) and batches[1].dim() == 1 and batches[0].dim() > 1
+            and batches[0].shape[0] == batches[1].shape[0]):
+        return [tuple(batches)]  # a single (x, y) batch
+    return batches
+
+
+def accumulate_gradients(model: nn.Module, graph: DependencyGraph, batches: Any, train_mode: bool = False,
+                         max_batches: Optional[int] = None, progress: bool = False
+                         ) -> Dict[Tuple[str, str], torch.Tensor]:
+    """Gradients of the summed cross-entropy over ``batches`` for every parameter the groups own.
+
+    Uses ``torch.autograd.grad``: ``.grad`` fields and weights stay as they were. In eval mode (default) BatchNorm
+    statistics are untouched; ``train_mode=True`` reproduces the authors' side effect (running statistics move by
+    one momentum step per batch, dropout is active).
+
+    :param model: the model the graph was built from.
+    :param graph: its dependency graph.
+    :param batches: iterable of ``(x, y)`` batches (a DataLoader works) or a single ``(x, y)`` pair.
+    :param train_mode: run the forward passes in train mode (mutates BatchNorm statistics).
+    :param max_batches: stop after this many batches.
+    :param progress: show a progress bar.
+    """
+    keys = sorted({(n, p) for n, p, _, _ in _scored_tensors(graph)})
+    modules = dict(model.named_modules())
+    params = [modules[n]._parameters[p] for n, p in keys]
+    flags = [p.requires_grad for p in params]
+    device = params[0].device if params else torch.device("cpu")
+    grads: List[Optional[torch.Tensor]] = [None] * len(params)
+    was_training = model.training
+    model.train(train_mode)
+    n = 0
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # callers often sit inside torch.no_grad (e.g. an env step)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        iterator = _as_batches(batches)
+        for x, y in tqdm(iterator, desc="importance", disable=not progress, leave=False):
+            if max_batches is not None and n >= max_batches:
+                break
+            logits = model(x.to(device))
+            if isinstance(logits, (tuple, list)):  # aux heads: the main logits come first
+                logits = logits[0]
+            loss = F.cross_entropy(logits, y.to(device))
+            gs = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [g if acc is None else (acc if g is None else acc + g) for acc, g in zip(grads, gs)]
+            n += 1
+    finally:
+        torch.set_grad_enabled(grad_mode)
+        model.train(was_training)
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    if n == 0:
+        raise ValueError("the calibration batches were empty; Taylor importance needs at least one (x, y) batch")
+    return {k: g for k, g in zip(keys, grads) if g is not None}
+
+
+@torch.no_grad()
+def group_importance(graph: DependencyGraph, criterion: Importance,
+                     grads: Optional[Dict[Tuple[str, str], torch.Tensor]] = None) -> List[np.ndarray]:
+    """Per-group channel scores: the criterion summed over every parameter slice each channel owns.
+
+    :param graph: the dependency graph (its model supplies the weights).
+    :param criterion: an element-wise :class:`Importance`.
+    :param grads: accumulated gradients keyed by (layer name, parameter name), when the criterion needs them.
+    """
+    scores = [torch.zeros(g.num_channels, dtype=torch.float64) for g in graph.groups]
+    for name, pname, dim, side in _scored_tensors(graph):
+        spec = graph.specs[name]
+        weight = spec.module._parameters[pname].detach()
+        grad = None if grads is None else grads.get((name, pname))
+        elem = criterion(weight, grad)
+        per_feature = elem.double().transpose(0, dim).reshape(elem.shape[dim], -1).sum(1).cpu()
+        layout = spec.out_layout if side == "out" else spec.in_layout
+        offset = 0
+        for seg in layout:
+            if seg.source is not None:
+                chunk = per_feature[offset:offset + seg.features]
+                scores[seg.source] += chunk.view(seg.channels, seg.block).sum(1)
+            offset += seg.features
+    return [s.numpy() for s in scores]

@@ -1,0 +1,259 @@
+"""The Pruner: groups of a model, cached importance, plans from sparsity vectors, analytic costs and surgery.
+
+One Pruner serves every candidate pruned from the same model state: trace and importance happen once, each
+candidate then costs one ``plan`` (argsort) and one ``apply`` (index_select) or one ``plan_cost`` (a dot product).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pruning_env.costs import Cost
+from pruning_env.pruning.graph import DependencyGraph, Group, Layout
+from pruning_env.pruning.importance import Importance, accumulate_gradients, group_importance, make_criterion
+from pruning_env.pruning.surgery import build_pruned_model
+
+__all__ = ["Pruner", "PrunePlan"]
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare plans with np.array_equal on .kept
+class PrunePlan:
+    """Kept channel indices (sorted, in the current model's numbering) for every group, in group order."""
+
+    kept: Tuple[np.ndarray, ...]
+
+    @property
+    def num_kept(self) -> np.ndarray:
+        """Kept channels per group."""
+        return np.array([len(k) for k in self.kept], dtype=np.int64)
+
+    @classmethod
+    def from_indices(cls, kept: Sequence[Iterable[int]]) -> "PrunePlan":
+        """A plan from explicit kept indices per group (sorted and de-duplicated here)."""
+        return cls(tuple(np.unique(np.asarray(list(k), dtype=np.int64)) for k in kept))
+
+
+class Pruner:
+    """Structured channel pruning of one model state.
+
+    :param model: the model to prune; never modified (only its eval/train flag is toggled and restored).
+    :param example_input: one input batch for tracing, e.g. ``torch.randn(1, 3, 32, 32)``.
+    :param ignore: layer names (or modules) whose output channels are never removed.
+    :param min_channels: floor on kept channels per group (at least 1).
+    :param round_to: round kept channels of sparsity plans to a multiple of this (8 suits GPUs); 1 = off.
+    :param graph: a prebuilt :class:`DependencyGraph` of ``model`` (skips the trace).
+    """
+
+    def __init__(self, model: nn.Module, example_input: Any, ignore: Iterable[Union[str, nn.Module]] = (),
+                 min_channels: int = 1, round_to: int = 1, graph: Optional[DependencyGraph] = None) -> None:
+        if int(min_channels) < 1:
+            raise ValueError(f"min_channels must be >= 1 (a layer cannot lose every channel), got {min_channels}")
+        if int(round_to) < 1:
+            raise ValueError(f"round_to must be >= 1, got {round_to}")
+        self.model = model
+        self.example_input = example_input
+        self.ignore = tuple(ignore)
+        self.min_channels = int(min_channels)
+        self.round_to = int(round_to)
+        self.graph = graph if graph is not None else DependencyGraph.build(model, example_input, self.ignore)
+        self.importance: Optional[List[np.ndarray]] = None
+        self.importance_criterion: Optional[str] = None
+        self._arange_cache: Dict[int, torch.Tensor] = {}
+        self._key_cache: Dict[int, Tuple[str, ...]] = {}
+
+    # ---- groups --------------------------------------------------------------------------------------------
+    @property
+    def groups(self) -> List[Group]:
+        """Prunable groups in execution order of their first producer."""
+        return self.graph.groups
+
+    @property
+    def group_names(self) -> List[str]:
+        """Readable, unique group names."""
+        return [g.name for g in self.graph.groups]
+
+    @property
+    def num_channels(self) -> np.ndarray:
+        """Current widths of the groups, shape ``(n_groups,)``."""
+        return self.graph.num_channels
+
+    @property
+    def layer_counts(self) -> np.ndarray:
+        """Prunable conv/linear layers per group (the authors' cluster size), shape ``(n_groups,)``."""
+        return self.graph.layer_counts
+
+    @property
+    def n_groups(self) -> int:
+        """Number of groups (the length of every per-group vector)."""
+        return len(self.graph.groups)
+
+    # ---- importance ----------------------------------------------------------------------------------------
+    def compute_importance(self, batches: Any = None, criterion: Union[str, Importance] = "taylor",
+                           train_mode: bool = False, max_batches: Optional[int] = None, seed: Optional[int] = None,
+                           progress: bool = False) -> List[np.ndarray]:
+        """Score every channel of every group and cache the result for all later plans.
+
+        :param batches: calibration ``(x, y)`` batches from the training split (needed for ``"taylor"``).
+        :param criterion: ``"taylor"`` (sum of ``|w * dL/dw|`` over the whole group, BatchNorm included),
+            ``"l1"``, ``"l2"``, ``"random"`` or an :class:`Importance` instance.
+        :param train_mode: compute gradients in train mode, as the authors did; this moves the model's
+            BatchNorm running statistics (one momentum step per batch), so it is off by default.
+        :param max_batches: use at most this many batches.
+        :param seed: seed of the ``"random"`` criterion.
+        :param progress: show a progress bar over the batches.
+        :return: one score array per group (higher = more important).
+        """
+        crit = make_criterion(criterion, seed)
+        grads = None
+        if crit.needs_grad:
+            if batches is None:
+                raise ValueError(f"criterion {criterion!r} needs calibration batches of (x, y); pass `batches`")
+            grads = accumulate_gradients(self.model, self.graph, batches, train_mode, max_batches, progress)
+        self.importance = group_importance(self.graph, crit, grads)
+        self.importance_criterion = criterion if isinstance(criterion, str) else type(criterion).__name__
+        return self.importance
+
+    # ---- plans ---------------------------------------------------------------------------------------------
+    def _vector(self, values: Any, what: str) -> np.ndarray:
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim == 0:
+            arr = np.full(self.n_groups, float(arr))
+        if arr.shape != (self.n_groups,):
+            raise ValueError(f"{what} must be a scalar or have one entry per group ({self.n_groups}), "
+                             f"got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{what} must be finite, got {arr}")
+        return arr
+
+    def keep_counts(self, sparsity: Any) -> np.ndarray:
+        """Kept channels per group for a per-group sparsity vector (fraction of channels removed).
+
+        Removed = round(sparsity * width); then the kept count is rounded to a multiple of ``round_to`` and
+        clipped to ``[min_channels, width]``.
+
+        :param sparsity: scalar or array of shape ``(n_groups,)`` with values in ``[0, 1]``.
+        """
+        s = self._vector(sparsity, "sparsity")
+        if np.any(s < 0) or np.any(s > 1):
+            raise ValueError(f"sparsity values must lie in [0, 1], got min {s.min():.3g}, max {s.max():.3g}")
+        n = self.num_channels
+        kept = n - np.floor(s * n + 0.5).astype(np.int64)
+        if self.round_to > 1:
+            r = self.round_to
+            kept = np.maximum(np.round(kept / r).astype(np.int64) * r, r)
+        return np.clip(np.maximum(kept, self.min_channels), 1, n).astype(np.int64)
+
+    def plan(self, sparsity: Any = None, keep: Any = None) -> PrunePlan:
+        """Kept indices per group: the least important channels go first.
+
+        :param sparsity: per-group fraction of channels to remove (see :meth:`keep_counts`).
+        :param keep: alternatively, kept channels per group (clipped to ``[min_channels, width]``, no rounding).
+        """
+        counts = self._counts(sparsity, keep)
+        if self.importance is None:
+            if np.array_equal(counts, self.num_channels):
+                return PrunePlan(tuple(np.arange(n, dtype=np.int64) for n in counts))
+            raise RuntimeError("no importance yet: call compute_importance(batches, criterion='taylor') "
+                               "(or criterion='l1' without data) before planning")
+        kept = []
+        for imp, k in zip(self.importance, counts):
+            order = np.argsort(-imp, kind="stable")  # ties keep the lower index
+            kept.append(np.sort(order[:k]))
+        return PrunePlan(tuple(kept))
+
+    def _counts(self, sparsity: Any, keep: Any) -> np.ndarray:
+        if (sparsity is None) == (keep is None):
+            raise ValueError("pass exactly one of `sparsity` (fraction removed per group) or `keep` (channels kept)")
+        if sparsity is not None:
+            return self.keep_counts(sparsity)
+        k = self._vector(keep, "keep")
+        if np.any(k != np.round(k)):
+            raise ValueError(f"keep must hold whole channel counts, got {k}")
+        n = self.num_channels
+        return np.clip(np.maximum(k.astype(np.int64), self.min_channels), 1, n)
+
+    def _check(self, plan: PrunePlan) -> None:
+        if not isinstance(plan, PrunePlan):
+            raise TypeError(f"expected a PrunePlan (from Pruner.plan), got {type(plan).__name__}")
+        if len(plan.kept) != self.n_groups:
+            raise ValueError(f"plan has {len(plan.kept)} groups, the model has {self.n_groups}")
+        for g, (k, n) in enumerate(zip(plan.kept, self.num_channels)):
+            if len(k) == 0 or k[0] < 0 or k[-1] >= n or np.any(np.diff(k) <= 0):
+                raise ValueError(f"plan for group {g} ({self.groups[g].name!r}) must be sorted, unique, non-empty "
+                                 f"indices in [0, {n}), got {k}")
+
+    # ---- costs ---------------------------------------------------------------------------------------------
+    def plan_cost(self, plan: Optional[PrunePlan] = None, *, sparsity: Any = None, keep: Any = None) -> Cost:
+        """MACs per image and params of the model a plan (or sparsity / keep vector) would build.
+
+        Analytic (no model is built), equal to ``count_costs(self.apply(plan), input_size)``.
+        """
+        if plan is not None:
+            if sparsity is not None or keep is not None:
+                raise ValueError("pass a plan or a sparsity / keep vector, not both")
+            counts = plan.num_kept
+        else:
+            counts = self._counts(sparsity, keep)
+        macs, params = self.graph.costs.evaluate(counts)
+        return Cost(macs=int(macs), params=int(params))
+
+    # ---- surgery -------------------------------------------------------------------------------------------
+    def _arange(self, n: int) -> torch.Tensor:
+        t = self._arange_cache.get(n)
+        if t is None:
+            t = self._arange_cache[n] = torch.arange(n, dtype=torch.long)
+        return t
+
+    def _layout_index(self, layout: Optional[Layout], kept: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+        if layout is None or all(s.source is None or kept[s.source] is None for s in layout):
+            return None
+        parts = []
+        offset = 0
+        for seg in layout:
+            idx = None if seg.source is None else kept[seg.source]
+            if idx is None:
+                parts.append(self._arange(seg.features) + offset)
+            elif seg.block == 1:
+                parts.append(idx + offset)
+            else:
+                parts.append((idx[:, None] * seg.block + self._arange(seg.block)).reshape(-1) + offset)
+            offset += seg.features
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def apply(self, plan: PrunePlan) -> nn.Module:
+        """Build the pruned model: a new, smaller, dense ``nn.Module`` (the source model is left untouched).
+
+        The result keeps the module classes (picklable with ``torch.save``, scriptable where the source is),
+        shares no tensor with the source and has the source's train/eval flag.
+        """
+        self._check(plan)
+        n = self.num_channels
+        kept: List[Optional[torch.Tensor]] = [
+            None if len(k) == c else torch.from_numpy(np.ascontiguousarray(k, dtype=np.int64))
+            for k, c in zip(plan.kept, n)
+        ]
+        slices = {}
+        for name, spec in self.graph.specs.items():
+            out_idx = self._layout_index(spec.out_layout, kept)
+            in_idx = None if spec.role in ("norm", "depthwise") else self._layout_index(spec.in_layout, kept)
+            if out_idx is not None or in_idx is not None:
+                slices[name] = (out_idx, in_idx)
+        return build_pruned_model(self.model, slices, self._key_cache)
+
+    def child(self, model: nn.Module, plan: PrunePlan) -> "Pruner":
+        """A Pruner for ``model = self.apply(plan)`` without re-tracing, for iterative pruning.
+
+        Same settings and the same groups (names, order, members) with the plan's widths; importance is not
+        carried over (it must be recomputed on the new model state).
+
+        :param model: the model :meth:`apply` built from ``plan``.
+        :param plan: the plan it was built from.
+        """
+        self._check(plan)
+        graph = self.graph.derive(model, plan.num_kept)
+        return Pruner(model, self.example_input, ignore=self.ignore, min_channels=self.min_channels,
+                      round_to=self.round_to, graph=graph)

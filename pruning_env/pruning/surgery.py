@@ -1,0 +1,205 @@
+"""Physical channel removal: per-layer-type handlers in one table, and a fast builder of the pruned copy.
+
+The builder shallow-copies the module tree (same classes, so pickling and scripting keep working) and gives every
+copy fresh tensors: sliced with ``index_select`` where channels go, cloned elsewhere; the source is never touched.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "HANDLERS", "handler_for",
+           "build_pruned_model"]
+
+Index = Optional[torch.Tensor]  # kept indices along a dimension; None keeps everything
+
+
+class LayerHandler:
+    """How one layer type is sliced. ``out_idx`` indexes its output channels, ``in_idx`` its input features."""
+
+    def out_tensors(self, module: nn.Module) -> List[Tuple[str, int]]:
+        """(tensor name, dim) pairs that follow the output channels (parameters first, then buffers)."""
+        raise NotImplementedError
+
+    def in_tensors(self, module: nn.Module) -> List[Tuple[str, int]]:
+        """(tensor name, dim) pairs that follow the input channels."""
+        return []
+
+    def set_shape(self, module: nn.Module, n_out: Optional[int], n_in: Optional[int]) -> None:
+        """Update the shape attributes (``out_channels`` ...) of the already sliced copy (plain attributes,
+        written to ``__dict__`` to skip ``nn.Module.__setattr__``)."""
+        raise NotImplementedError
+
+    def slice(self, module: nn.Module, out_idx: Index, in_idx: Index) -> Dict[str, torch.Tensor]:
+        """New data for every tensor of ``module`` that changes (the others are cloned by the builder)."""
+        result: Dict[str, torch.Tensor] = {}
+        dims: Dict[str, List[Tuple[int, torch.Tensor]]] = {}
+        if out_idx is not None:
+            for name, dim in self.out_tensors(module):
+                dims.setdefault(name, []).append((dim, out_idx))
+        if in_idx is not None:
+            for name, dim in self.in_tensors(module):
+                dims.setdefault(name, []).append((dim, in_idx))
+        for name, cuts in dims.items():
+            t = getattr(module, name)
+            if t is None:
+                continue
+            t = t.detach()
+            if len(cuts) == 2 and t.dim() == 2 and [d for d, _ in cuts] == [0, 1]:
+                # one gather of the final block beats two copies for large linear weights
+                rows, cols = cuts[0][1].to(t.device), cuts[1][1].to(t.device)
+                result[name] = t[rows[:, None], cols]
+                continue
+            for dim, idx in cuts:
+                t = t.index_select(dim, idx.to(t.device))
+            result[name] = t
+        return result
+
+
+class ConvHandler(LayerHandler):
+    """Conv1d/2d/3d with ``groups == 1``, or depthwise (``groups == in == out``: channels follow the input)."""
+
+    def out_tensors(self, module: nn.Conv2d) -> List[Tuple[str, int]]:
+        return [("weight", 0), ("bias", 0)]
+
+    def in_tensors(self, module: nn.Conv2d) -> List[Tuple[str, int]]:
+        # a depthwise weight is (C, 1, k, k): its channels are already cut through dim 0
+        return [] if module.groups > 1 else [("weight", 1)]
+
+    def set_shape(self, module: nn.Conv2d, n_out: Optional[int], n_in: Optional[int]) -> None:
+        if module.groups > 1:
+            n = n_out if n_out is not None else module.out_channels
+            module.__dict__.update(in_channels=n, out_channels=n, groups=n)
+            return
+        if n_out is not None:
+            module.__dict__["out_channels"] = n_out
+        if n_in is not None:
+            module.__dict__["in_channels"] = n_in
+
+
+class LinearHandler(LayerHandler):
+    """Linear: rows follow output neurons, columns follow input features (incl. flattened conv blocks)."""
+
+    def out_tensors(self, module: nn.Linear) -> List[Tuple[str, int]]:
+        return [("weight", 0), ("bias", 0)]
+
+    def in_tensors(self, module: nn.Linear) -> List[Tuple[str, int]]:
+        return [("weight", 1)]
+
+    def set_shape(self, module: nn.Linear, n_out: Optional[int], n_in: Optional[int]) -> None:
+        if n_out is not None:
+            module.__dict__["out_features"] = n_out
+        if n_in is not None:
+            module.__dict__["in_features"] = n_in
+
+
+class BatchNormHandler(LayerHandler):
+    """BatchNorm1d/2d/3d: affine parameters and running statistics follow the channels."""
+
+    def out_tensors(self, module: nn.BatchNorm2d) -> List[Tuple[str, int]]:
+        return [("weight", 0), ("bias", 0), ("running_mean", 0), ("running_var", 0)]
+
+    def set_shape(self, module: nn.BatchNorm2d, n_out: Optional[int], n_in: Optional[int]) -> None:
+        if n_out is not None:
+            module.__dict__["num_features"] = n_out
+
+
+_CONV = ConvHandler()
+_LINEAR = LinearHandler()
+_NORM = BatchNormHandler()
+#: The handler table, keyed by layer type (subclasses are found through the MRO). Extend it to add a layer.
+HANDLERS: Dict[type, LayerHandler] = {
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
+    nn.Linear: _LINEAR,
+    nn.BatchNorm1d: _NORM,
+    nn.BatchNorm2d: _NORM,
+    nn.BatchNorm3d: _NORM,
+}
+
+
+def handler_for(module: nn.Module) -> LayerHandler:
+    """The handler registered for ``type(module)`` or its nearest registered base class."""
+    for cls in type(module).__mro__:
+        h = HANDLERS.get(cls)
+        if h is not None:
+            return h
+    raise KeyError(f"no pruning handler for layer type {type(module).__name__}; registered: "
+                   f"{sorted(c.__name__ for c in HANDLERS)}")
+
+
+def _registry_keys(module: nn.Module) -> Tuple[str, ...]:
+    # registries (parameters, buffers, children, hooks) must not be shared between source and copy
+    return tuple(k for k, v in module.__dict__.items() if k[0] == "_" and isinstance(v, (dict, set)))
+
+
+def _shallow_copy(module: nn.Module, keys: Tuple[str, ...]) -> nn.Module:
+    new = module.__class__.__new__(module.__class__)
+    state = module.__dict__.copy()
+    for key in keys:
+        state[key] = state[key].copy()  # keeps the subclass (OrderedDict), much faster than copy.copy
+    object.__setattr__(new, "__dict__", state)  # nn.Module.__setattr__ would inspect the dict first
+    return new
+
+
+@torch.no_grad()
+def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
+                       key_cache: Optional[Dict[int, Tuple[str, ...]]] = None) -> nn.Module:
+    """A new model with the same module classes where layer ``name`` is cut to ``slices[name] = (out, in)``.
+
+    :param model: the source model; it is not modified and shares no tensor with the result.
+    :param slices: kept output / input indices (or None = all) per layer name; layers not listed are cloned.
+    :param key_cache: a dict kept between calls on the same model (speeds up repeated builds).
+    :return: the pruned model (root attribute ``zoo_config`` becomes ``pruned_from``: it no longer rebuilds it).
+    """
+    keys_of = {} if key_cache is None else key_cache
+    memo: Dict[int, nn.Module] = {}
+    tensor_memo: Dict[int, torch.Tensor] = {}
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        key = id(t)
+        if key not in tensor_memo:
+            tensor_memo[key] = t.detach().clone()
+        return tensor_memo[key]
+
+    def rec(module: nn.Module, name: str) -> nn.Module:
+        if id(module) in memo:
+            return memo[id(module)]
+        keys = keys_of.get(id(module))
+        if keys is None:
+            keys = keys_of[id(module)] = _registry_keys(module)
+        new = _shallow_copy(module, keys)
+        memo[id(module)] = new
+        for child_name, child in module._modules.items():
+            if child is not None:
+                new._modules[child_name] = rec(child, f"{name}.{child_name}" if name else child_name)
+        cut = slices.get(name)
+        sliced: Dict[str, torch.Tensor] = {}
+        if cut is not None:
+            handler = handler_for(module)
+            sliced = handler.slice(module, cut[0], cut[1])
+            handler.set_shape(new, None if cut[0] is None else int(cut[0].numel()),
+                              None if cut[1] is None else int(cut[1].numel()))
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            if pname in sliced:
+                new._parameters[pname] = nn.Parameter(sliced[pname], requires_grad=p.requires_grad)
+            else:
+                key = id(p)
+                if key not in tensor_memo:  # tied parameters stay tied in the copy
+                    tensor_memo[key] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                new._parameters[pname] = tensor_memo[key]
+        for bname, b in module._buffers.items():
+            if b is not None:
+                new._buffers[bname] = sliced[bname] if bname in sliced else fresh(b)
+        return new
+
+    root = rec(model, "")
+    config = root.__dict__.pop("zoo_config", None)
+    if config is not None:
+        root.pruned_from = dict(config)
+    return root

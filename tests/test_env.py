@@ -1,0 +1,296 @@
+"""Tests of PruneEnv: Gymnasium and SB3 checkers, seeding, termination at the target, the reward formula,
+look-ahead / snapshot semantics, bad inputs and the source model's safety.
+
+A tiny conv net on generated data keeps each test to a fraction of a second; zoo models are in test_env_registration.py.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from pruning_env.costs import count_costs
+from pruning_env.data import preload
+from pruning_env.envs.prune_env import GLOBAL_FEATURES, GROUP_FEATURES, PruneEnv
+from pruning_env.training import evaluate
+
+
+class TinyNet(nn.Module):
+    """conv-bn-relu x2 (the second pair closes a residual add), pool, fc hidden, classifier."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 16, 3, padding=1, stride=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc1 = nn.Linear(16, 20)
+        self.fc2 = nn.Linear(20, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(x + self.bn3(self.conv3(x)))
+        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convs are far faster on one thread than on two contended ones (OpenMP spin-waits)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def synthetic_splits():
+    """Generated 16x16 images: a quarter of the conftest set's compute (the box is shared by many)."""
+    from pruning_env.data import make_synthetic
+
+    return make_synthetic(n_train=160, n_test=32, num_classes=10, image_size=16, seed=0)
+
+
+def make_env(splits, **kwargs):
+    torch.manual_seed(0)
+    defaults = dict(model=TinyNet(), dataset=splits, reward_samples=24, calibration_size=16, seed=0,
+                    record_timings=False, recovery_batch_size=16)
+    defaults.update(kwargs)
+    return PruneEnv(**defaults)
+
+
+@pytest.fixture
+def env(synthetic_splits):
+    return make_env(synthetic_splits)
+
+
+def test_spaces_and_groups(env):
+    assert env.n_groups == len(env.group_names) == 3  # conv1, residual (conv2+conv3), fc1
+    assert env.action_space.shape == (env.n_groups,)
+    assert env.observation_space.shape == (len(GROUP_FEATURES) * env.n_groups + len(GLOBAL_FEATURES),)
+    assert sorted(env.layer_counts.tolist()) == [1, 1, 2]
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    assert info["step"] == 0 and info["flops_reduction"] == 0.0 and info["channel_sparsity"] == 0.0
+    assert env.step_filter_budget == int((env.layer_counts * env.original_channels).sum() * 0.5 / 1)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(action_mode="distribution", budget="flops", n_steps=2)])
+def test_gymnasium_check_env(synthetic_splits, kwargs):
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(make_env(synthetic_splits, **kwargs), skip_render_check=True)
+
+
+def test_sb3_check_env(synthetic_splits):
+    from stable_baselines3.common.env_checker import check_env
+
+    with pytest.warns(UserWarning):  # SB3 recommends a symmetric [-1, 1] action Box; agents rescale
+        check_env(make_env(synthetic_splits, n_steps=2, budget="channels"), warn=True)
+
+
+def rollout(env, seed, n_max=20):
+    obs, _ = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    trace = [obs]
+    for _ in range(n_max):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        trace.append((obs, reward, terminated, truncated, info))
+        if terminated or truncated:
+            break
+    return trace
+
+
+def test_seeding_makes_runs_equal(synthetic_splits):
+    from gymnasium.utils.env_checker import data_equivalence
+
+    kw = dict(n_steps=3, budget="flops", recovery="kd", recovery_batches=1)
+    a = rollout(make_env(synthetic_splits, **kw), seed=7)
+    b = rollout(make_env(synthetic_splits, **kw), seed=7)
+    assert len(a) == len(b) == 4
+    assert data_equivalence(a, b, exact=True)
+
+
+@pytest.mark.parametrize("metric", ["flops", "channels", "params"])
+def test_random_episode_terminates_at_target(synthetic_splits, metric):
+    env = make_env(synthetic_splits, target=0.4, target_metric=metric, max_step_sparsity=0.3)
+    trace = rollout(env, seed=3)
+    *_, (obs, reward, terminated, truncated, info) = trace
+    assert terminated and not truncated
+    assert info["target_progress"] >= 0.4 - env.target_tolerance
+    key = {"flops": "flops_reduction", "channels": "channel_sparsity", "params": "params_reduction"}[metric]
+    assert info[key] == pytest.approx(info["target_progress"])
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(env.action_space.sample())
+
+
+@pytest.mark.parametrize("mode", ["sparsity", "distribution"])
+def test_budget_meets_cumulative_goal(synthetic_splits, mode):
+    env = make_env(synthetic_splits, model=TinyNet(), action_mode=mode, budget="flops", n_steps=2, target=0.5)
+    trace = rollout(env, seed=1)
+    assert len(trace) == 3  # exactly n_steps
+    first, last = trace[1][4], trace[2][4]
+    assert not trace[1][2] and trace[2][2]
+    # channel granularity of a 12-16-20 channel net: within a few percent of the cumulative goals
+    assert abs(first["flops_reduction"] - 0.25) < 0.06
+    assert abs(last["flops_reduction"] - 0.5) < 0.06
+
+
+def test_distribution_channel_budget_is_authors_m(synthetic_splits):
+    env = make_env(synthetic_splits, action_mode="distribution", target_metric="channels", n_steps=4, target=0.4)
+    env.reset(seed=0)
+    filter_num = int((env.layer_counts * env.original_channels).sum())
+    m = int(filter_num * 0.4 / 4)
+    assert env.step_filter_budget == m
+    _, _, _, _, info = env.step(np.ones(env.n_groups, dtype=np.float32))
+    removed = env.original_channels - info["kept_channels"]
+    assert abs(int((env.layer_counts * removed).sum()) - m) <= int(env.layer_counts.max())
+
+
+def test_reward_matches_formula_and_measurements(synthetic_splits):
+    env = make_env(synthetic_splits, alpha=0.3, beta=0.7)
+    env.reset(seed=0)
+    _, reward, _, _, info = env.step(np.full(env.n_groups, 0.5, dtype=np.float32))
+    assert reward == pytest.approx(info["accuracy"] + 0.3 * info["flops_reduction"] + 0.7 * info["params_reduction"])
+    cost0 = count_costs(env.original_model, input_size=env.input_size)
+    cost = count_costs(env.model, input_size=env.input_size)
+    assert (info["macs"], info["params"]) == (cost.macs, cost.params)
+    assert info["flops_reduction"] == pytest.approx(1 - cost.macs / cost0.macs)
+    assert info["params_reduction"] == pytest.approx(1 - cost.params / cost0.params)
+    x, y = preload(synthetic_splits.val, n=24, seed=0)
+    assert info["accuracy"] == pytest.approx(evaluate(env.model, (x, y))["top1"])
+    assert info["kept_channels"].tolist() == env.current_channels.tolist()
+    np.testing.assert_allclose(info["group_sparsity"], 1 - env.current_channels / env.original_channels)
+    expected = 1 - (env.layer_counts * env.current_channels).sum() / (env.layer_counts * env.original_channels).sum()
+    assert info["channel_sparsity"] == pytest.approx(expected)
+
+
+def test_lookahead_leaves_state_unchanged_and_step_reuses_it(env):
+    obs0, _ = env.reset(seed=0)
+    weights0 = copy.deepcopy(env.model.state_dict())
+    action = np.array([0.5, 0.2, 0.7], dtype=np.float32)
+    reward, info = env.evaluate_action(action)
+    env.evaluate_action(np.zeros(env.n_groups, dtype=np.float32))
+    np.testing.assert_array_equal(env.restore(env.snapshot()), obs0)
+    assert env.step_index == 0 and env.current_channels.tolist() == env.original_channels.tolist()
+    assert all(torch.equal(weights0[k], v) for k, v in env.model.state_dict().items())
+    assert info["lookahead"] and not info["cached"] and env.n_evaluations == 2
+    _, reward_step, _, _, info_step = env.step(action)
+    assert info_step["cached"] and reward_step == reward and env.n_evaluations == 2
+    assert info_step["kept_channels"].tolist() == info["kept_channels"].tolist()
+
+
+def test_snapshot_restore_round_trip(synthetic_splits):
+    env = make_env(synthetic_splits, n_steps=3, budget="channels")
+    env.reset(seed=0)
+    snap = env.snapshot()
+    obs_a, r_a, *_ = env.step(np.full(env.n_groups, 0.3, dtype=np.float32))
+    env.step(np.full(env.n_groups, 0.3, dtype=np.float32))
+    env.restore(snap)
+    assert env.step_index == 0 and env.current_channels.tolist() == env.original_channels.tolist()
+    obs_b, r_b, *_ = env.step(np.full(env.n_groups, 0.3, dtype=np.float32))
+    np.testing.assert_array_equal(obs_a, obs_b)
+    assert r_a == r_b
+    with pytest.raises(TypeError, match="snapshot"):
+        env.restore("not a snapshot")
+
+
+def test_bad_inputs(env):
+    good = np.full(env.n_groups, 0.3, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(good)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.evaluate_action(good)
+    env.reset(seed=0)
+    for bad in (np.zeros(env.n_groups + 1), np.zeros((2, env.n_groups)), 0.5, []):
+        with pytest.raises(ValueError, match="shape"):
+            env.step(bad)
+    for value in (np.nan, np.inf, -np.inf):
+        a = good.copy()
+        a[1] = value
+        with pytest.raises(ValueError, match="NaN/inf"):
+            env.evaluate_action(a)
+    with pytest.raises(ValueError, match="numeric"):
+        env.step(["a", "b", "c"])
+    # values outside the space are clipped (documented): 5 acts as max_step_sparsity, -1 as 0
+    _, info_hi = env.evaluate_action(np.array([5.0, -1.0, 0.3]))
+    _, info_ok = env.evaluate_action(np.array([env.max_step_sparsity, 0.0, 0.3]))
+    assert info_hi["kept_channels"].tolist() == info_ok["kept_channels"].tolist()
+    assert env.step_index == 0  # nothing above advanced the episode
+    env.step(np.full(env.n_groups, 0.9))
+    assert env.snapshot().terminated
+    with pytest.raises(RuntimeError, match="episode is over"):
+        env.step(good)
+    with pytest.raises(RuntimeError, match="episode is over"):
+        env.evaluate_action(good)
+
+
+def test_constructor_rejects_bad_arguments(synthetic_splits):
+    for kwargs, match in [(dict(action_mode="nope"), "action_mode"), (dict(budget="latency"), "budget"),
+                          (dict(target=1.5), "target"), (dict(n_steps=0), "n_steps"),
+                          (dict(recovery="sgd"), "recovery"), (dict(target_metric="acc"), "target_metric")]:
+        with pytest.raises(ValueError, match=match):
+            make_env(synthetic_splits, **kwargs)
+    with pytest.raises(ValueError, match="7 outputs but dataset 'synthetic' has 10 classes"):
+        make_env(synthetic_splits, model=TinyNet(num_classes=7))
+
+
+def test_source_model_is_never_modified(synthetic_splits):
+    torch.manual_seed(0)
+    source = TinyNet()
+    before = copy.deepcopy(source.state_dict())
+    env = make_env(synthetic_splits, model=source, n_steps=2, budget="flops", recovery="kd", recovery_batches=2)
+    original_before = copy.deepcopy(env.original_model.state_dict())
+    rollout(env, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
+    assert all(torch.equal(original_before[k], v) for k, v in env.original_model.state_dict().items())
+    env.reset(seed=0)
+    assert env.model is not env.original_model
+    assert all(torch.equal(original_before[k], v) for k, v in env.model.state_dict().items())
+
+
+def test_train_mode_importance_nudges_bn_of_the_state_not_the_original(synthetic_splits):
+    # the authors' side effect (spec §9.2): BN running stats of the pruned-from model move once per state
+    env = make_env(synthetic_splits, importance_train_mode=True)
+    original_before = copy.deepcopy(env.original_model.state_dict())
+    env.reset(seed=0)
+    assert not torch.equal(env.model.bn1.running_mean, env.original_model.bn1.running_mean)
+    assert all(torch.equal(original_before[k], v) for k, v in env.original_model.state_dict().items())
+
+
+def test_recovery_reports_accuracy_and_timings(synthetic_splits):
+    env = make_env(synthetic_splits, n_steps=2, budget="flops", recovery="ce", recovery_batches=1,
+                   record_timings=True)
+    env.reset(seed=0)
+    _, _, terminated, _, info = env.step(np.full(env.n_groups, 0.5))
+    assert not terminated and 0.0 <= info["accuracy_recovered"] <= 1.0
+    assert info["time_prune"] > 0 and info["time_eval"] > 0 and info["time_importance"] > 0
+    assert info["time_recovery"] > 0
+    _, _, terminated, _, info = env.step(np.full(env.n_groups, 0.5))
+    assert terminated and "accuracy_recovered" not in info  # no recovery after the final step
+
+
+def test_budget_free_episode_is_truncated_by_max_steps(synthetic_splits):
+    env = make_env(synthetic_splits, target=0.9, max_steps=2)
+    env.reset(seed=0)
+    _, _, terminated, truncated, _ = env.step(np.full(env.n_groups, 0.01))
+    assert not terminated and not truncated
+    _, _, terminated, truncated, _ = env.step(np.full(env.n_groups, 0.01))
+    assert truncated and not terminated
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(synthetic_splits):
+    runs = {}
+    for device in ("cpu", "cuda"):
+        env = make_env(synthetic_splits, device=device, n_steps=2, budget="flops", amp=False)
+        runs[device] = rollout(env, seed=0)[1:]
+        assert next(env.model.parameters()).device.type == device
+    for cpu, cuda in zip(runs["cpu"], runs["cuda"]):
+        # channel counts follow from the action and the budget; which channels go may differ by float noise
+        assert cpu[4]["flops_reduction"] == pytest.approx(cuda[4]["flops_reduction"], abs=0.02)
+        assert cpu[1] == pytest.approx(cuda[1], abs=0.1)

@@ -1,0 +1,159 @@
+"""Registered ids end to end: ``gym.make("RLPrune-vgg19-cifar100")`` on a generated CIFAR-100 folder read by
+the real torchvision loader, clear errors for missing data or weights, and the offline quickstart episode.
+
+torchvision's ``CIFAR100(download=False)`` checks the md5 of ``train``, ``test`` and ``meta``
+(``_check_integrity`` and ``_load_meta``). The generated files cannot match the published checksums, so the
+tests monkeypatch the class's ``train_list`` / ``test_list`` / ``meta`` to the md5 of the generated files:
+the integrity check still runs (on our files) and every other line of torchvision's loader is the real one.
+"""
+import hashlib
+import pickle
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import pruning_env
+from pruning_env.envs.registration import QUICKSTART_KWARGS, prunable_models, prune_env_ids
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small convs are far faster on one thread than on two contended ones."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar100(root, n_train: int = 48, n_test: int = 16, seed: int = 0) -> dict:
+    """Write CIFAR-100's python-version pickles (``cifar-100-python/{train,test,meta}``) with random images.
+
+    :return: md5 of each written file, by file name.
+    """
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = rng.integers(0, 100, n)
+        entry = {"filenames": [f"img{i}.png" for i in range(n)], "batch_label": f"{name} batch",
+                 "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(),
+                 "data": rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"fine{i}" for i in range(100)],
+                     "coarse_label_names": [f"coarse{i}" for i in range(20)]}, f)
+    return {name: _md5(folder / name) for name in ("train", "test", "meta")}
+
+
+@pytest.fixture
+def cifar100_root(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR100
+
+    md5 = write_cifar100(tmp_path / "data")
+    monkeypatch.setattr(CIFAR100, "train_list", [["train", md5["train"]]])
+    monkeypatch.setattr(CIFAR100, "test_list", [["test", md5["test"]]])
+    monkeypatch.setattr(CIFAR100, "meta", {**CIFAR100.meta, "md5": md5["meta"]})
+    return tmp_path / "data"
+
+
+def test_ids_are_registered_on_import():
+    ids = prune_env_ids()
+    for env_id in ("RLPrune-vgg19-cifar100", "RLPrune-vgg19-cifar10", "RLPrune-resnet56-cifar100",
+                   "RLPrune-quickstart"):
+        assert env_id in ids and env_id in gym.registry
+    assert gym.spec("RLPrune-vgg19-cifar100").kwargs == {"model": "vgg19", "dataset": "cifar100"}
+    assert not any("vit" in env_id for env_id in ids)
+    assert "RLPatch-quickstart" in gym.registry
+    assert pruning_env.PruneEnv is pruning_env.envs.prune_env.PruneEnv
+
+
+def test_make_vgg19_cifar100_from_torchvision_folder(cifar100_root):
+    env = gym.make("RLPrune-vgg19-cifar100", pretrained=False, data_root=str(cifar100_root), device="cpu",
+                   val_size=16, calibration_size=8, reward_samples=None)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    assert env.unwrapped.splits.num_classes == 100 and len(env.unwrapped.splits.test) == 16
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    assert np.isfinite(reward) and 0.0 <= info["accuracy"] <= 1.0
+    # the module:id form imports the package itself
+    env2 = gym.make("pruning_env:RLPrune-vgg19-cifar100", pretrained=False, data_root=str(cifar100_root),
+                    width=0.0625, val_size=16, calibration_size=8, device="cpu")
+    assert env2.unwrapped.n_groups == env.unwrapped.n_groups
+    env.close()
+    env2.close()
+
+
+def test_missing_dataset_error_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-100-python.*download"):
+        gym.make("RLPrune-vgg19-cifar100", pretrained=False, data_root=str(tmp_path / "nothing"))
+
+
+def test_missing_checkpoint_error_names_the_command(cifar100_root, tmp_path):
+    path = tmp_path / "ckpt" / "vgg19_cifar100.pt"
+    with pytest.raises(FileNotFoundError) as err:
+        gym.make("RLPrune-vgg19-cifar100", data_root=str(cifar100_root), val_size=16, checkpoint=str(path),
+                 width=0.25)
+    message = str(err.value)
+    assert str(path) in message
+    assert f"python -m pruning_env.pretrain --model vgg19 --dataset cifar100 --width 0.25 --out {path}" in message
+
+
+def test_pretrained_checkpoint_is_loaded(cifar100_root, tmp_path):
+    from pruning_env.checkpoint import save_checkpoint
+    from pruning_env.models import create_model
+
+    torch.manual_seed(3)
+    net = create_model("vgg11", num_classes=100, width=0.0625)
+    path = save_checkpoint(net, tmp_path / "vgg11.pt")
+    env = gym.make("RLPrune-vgg11-cifar100", data_root=str(cifar100_root), val_size=16, calibration_size=8,
+                   checkpoint=str(path), width=0.0625, device="cpu").unwrapped
+    for key, value in net.state_dict().items():
+        assert torch.equal(env.original_model.state_dict()[key], value)
+    bad = save_checkpoint(create_model("vgg11", num_classes=10, width=0.0625), tmp_path / "vgg11_c10.pt")
+    with pytest.raises(ValueError, match="10 outputs but dataset 'cifar100' has 100 classes"):
+        gym.make("RLPrune-vgg11-cifar100", data_root=str(cifar100_root), val_size=16, checkpoint=str(bad),
+                 device="cpu")
+
+
+def test_quickstart_runs_a_random_episode_offline(tmp_path):
+    checkpoint = tmp_path / "quickstart.pt"
+    env = gym.make("RLPrune-quickstart", checkpoint=str(checkpoint), auto_pretrain_epochs=1, device="cpu",
+                   reward_samples=100, calibration_size=16)
+    assert checkpoint.is_file()  # pretrained on first use
+    obs, info = env.reset(seed=0)
+    env.action_space.seed(0)
+    steps = 0
+    terminated = truncated = False
+    while not (terminated or truncated):
+        obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        steps += 1
+    assert terminated and steps == QUICKSTART_KWARGS["n_steps"]
+    assert info["flops_reduction"] == pytest.approx(QUICKSTART_KWARGS["target"], abs=0.03)
+    assert reward == pytest.approx(info["accuracy"] + 0.25 * info["flops_reduction"]
+                                   + 0.25 * info["params_reduction"])
+
+
+@pytest.mark.parametrize("model", prunable_models())
+def test_every_zoo_model_runs_two_budgeted_steps(model):
+    from pruning_env.data import make_synthetic
+    from pruning_env.envs.prune_env import PruneEnv
+    from pruning_env.envs.registration import MODEL_KWARGS
+
+    splits = make_synthetic(n_train=48, n_test=8, num_classes=10, seed=0)
+    # CIFAR ResNets start at 16 channels: at width 1/16 a single channel is left and 50% is out of reach
+    width = 0.25 if model.startswith("resnet") else 0.0625
+    env = PruneEnv(model=model, dataset=splits, pretrained=False, width=width, reward_samples=8,
+                   calibration_size=4, action_mode="distribution", budget="flops", n_steps=2, device="cpu",
+                   **MODEL_KWARGS.get(model, {}))
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    infos = [env.step(env.action_space.sample())[4] for _ in range(2)]
+    assert env.snapshot().terminated
+    assert infos[1]["flops_reduction"] == pytest.approx(0.5, abs=0.05)

@@ -1,0 +1,142 @@
+"""Dependency-group discovery: structure of the groups, names and order, ignored layers, refused constructs.
+
+Offline, on hand-written tiny nets and torchvision models built without weights.
+"""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from pruning_env.pruning import DependencyGraph, Pruner, UnsupportedModelError
+from test_pruning_nets import ChannelShuffleNet, ChannelSliceNet, mixed_net
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # two OpenMP threads on a shared 2-core box can be 100x slower than one; restore afterwards
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _by_member(pruner):
+    return {m: g for g in pruner.groups for m in g.members}
+
+
+def test_mixed_net_groups_cover_every_construct():
+    p = Pruner(mixed_net(), torch.randn(1, 3, 16, 16))
+    groups = _by_member(p)
+    # residual: projection shortcut, identity add (in place), and the inverted-residual projection share indices
+    res = groups["block1_b.0"]
+    assert set(res.members) == {"block1_b.0", "block1_short.0", "block2_b.0", "project.0"}
+    assert res.kind == "residual" and res.layer_count == 4
+    assert res.name.startswith("block1_b residual (block1_b.0+block1_short.0+block2_b.0+...")
+    # squeeze-excitation: the expand conv and the SE excitation conv are tied; the depthwise conv follows them
+    se = groups["expand.0"]
+    assert set(se.members) == {"expand.0", "se.fc2"} and se.kind == "se"
+    assert {"expand.1", "dw.0", "dw.1"} <= set(se.followers)
+    assert {"se.fc1", "project.0"} <= set(se.consumers)
+    # concat: each branch is its own group; the BN after the concat follows all three inputs
+    assert groups["branch1"].members == ("branch1",) and "cat_bn" in groups["branch1"].followers
+    assert "cat_bn" in res.followers and "head_conv.0" in res.consumers
+    # conv -> flatten (4x4) -> linear, and a hidden linear layer
+    assert groups["head_conv.0"].consumers == ("fc1",)
+    assert groups["fc1"].consumers == ("fc2",)
+    # the classifier is never a member; the depthwise conv is never a member
+    assert "fc2" not in groups and "dw.0" not in groups
+    assert list(p.layer_counts) == [g.layer_count for g in p.groups]
+    assert list(p.num_channels) == [g.num_channels for g in p.groups]
+    assert len(set(p.group_names)) == p.n_groups
+
+
+def test_group_order_follows_execution_and_is_stable():
+    net = mixed_net()
+    x = torch.randn(2, 3, 16, 16)
+    a, b = Pruner(net, x), Pruner(net, x)
+    assert a.group_names == b.group_names
+    assert a.group_names[0] == "stem.0"  # first producer in execution order
+    assert a.group_names[-1] == "fc1"
+
+
+def test_trace_leaves_model_untouched():
+    net = mixed_net().train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    Pruner(net, torch.randn(1, 3, 16, 16))
+    assert net.training  # the train/eval flag is restored
+    for m in net.modules():
+        assert m.training
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not net._forward_hooks and all(not m._forward_pre_hooks for m in net.modules())
+
+
+def test_ignored_layers_keep_their_outputs():
+    net = mixed_net()
+    p = Pruner(net, torch.randn(1, 3, 16, 16), ignore=["stem", "fc1"])
+    members = {m for g in p.groups for m in g.members}
+    assert "stem.0" not in members and "fc1" not in members
+    with pytest.raises(ValueError, match="not a module name"):
+        Pruner(net, torch.randn(1, 3, 16, 16), ignore=["no_such_layer"])
+
+
+def test_ignoring_one_residual_member_freezes_the_whole_residual_group():
+    p = Pruner(mixed_net(), torch.randn(1, 3, 16, 16), ignore=["block1_short.0"])
+    members = {m for g in p.groups for m in g.members}
+    assert not members & {"block1_b.0", "block1_short.0", "block2_b.0", "project.0"}
+
+
+@pytest.mark.parametrize("cls, op", [(ChannelShuffleNet, "view"), (ChannelSliceNet, "__getitem__")])
+def test_unsupported_constructs_raise_naming_the_producer(cls, op):
+    with pytest.raises(UnsupportedModelError, match=op) as err:
+        Pruner(cls(), torch.randn(1, 3, 8, 8))
+    assert "conv1" in str(err.value)
+    # the escape hatch named in the message works
+    Pruner(cls(), torch.randn(1, 3, 8, 8), ignore=["conv1"])
+
+
+def test_unsupported_layer_on_pruned_channels_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 3))
+    with pytest.raises(UnsupportedModelError, match="group_norm"):
+        Pruner(net, torch.randn(1, 3, 8, 8))
+
+
+def test_grouped_conv_keeps_its_channels():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                        nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    p = Pruner(net, torch.randn(1, 3, 12, 12))
+    assert [g.members for g in p.groups] == [("4",)]
+
+
+@pytest.mark.parametrize("name, n_groups, example", [
+    ("resnet18", 12, ("conv1", ["conv1", "layer1.0.conv2", "layer1.1.conv2"])),
+    ("mobilenet_v3_small", 27, ("features.0.0", ["features.0.0", "features.1.block.1.fc2"])),
+])
+def test_torchvision_groups(name, n_groups, example):
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    p = Pruner(model, torch.randn(1, 3, 32, 32))
+    assert p.n_groups == n_groups
+    assert list(_by_member(p)[example[0]].members) == example[1]
+    classifier = "fc" if name == "resnet18" else "classifier.3"
+    assert classifier not in _by_member(p)
+
+
+def test_densenet_concat_followers_and_googlenet_branches():
+    dn = torchvision.models.densenet121(num_classes=10).eval()
+    g = _by_member(Pruner(dn, torch.randn(1, 3, 32, 32)))
+    conv2 = g["features.denseblock1.denselayer1.conv2"]
+    # a dense layer's output is normalised by every later layer of its block and by the transition
+    assert "features.denseblock1.denselayer6.norm1" in conv2.followers
+    assert "features.transition1.norm" in conv2.followers
+    gn = torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False).eval()
+    g = _by_member(Pruner(gn, torch.randn(1, 3, 32, 32)))
+    assert g["inception3a.branch4.1.conv"].consumers[:1] == ("inception3b.branch1.conv",)
+
+
+def test_graph_build_is_reusable_by_pruner():
+    net = mixed_net()
+    graph = DependencyGraph.build(net, torch.randn(1, 3, 16, 16))
+    p = Pruner(net, torch.randn(1, 3, 16, 16), graph=graph)
+    assert p.graph is graph and np.array_equal(p.num_channels, graph.num_channels)
