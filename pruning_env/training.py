@@ -27,7 +27,12 @@ def _logits(output) -> torch.Tensor:
     return output
 
 
-def _batches(data: EvalData, batch_size: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+def iter_batches(data: EvalData, batch_size: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of a DataLoader, a Dataset (in order) or preloaded ``(x, y)`` tensors.
+
+    :param data: what to iterate.
+    :param batch_size: batch size for datasets and tensors (a DataLoader keeps its own).
+    """
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
         for i in range(0, len(x), batch_size):
@@ -63,7 +68,7 @@ def evaluate(model: nn.Module, data: EvalData, device: Union[str, torch.device, 
     n = 0
     use_amp = amp and device.type == "cuda"
     try:
-        for x, y in _batches(data, batch_size):
+        for x, y in iter_batches(data, batch_size):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if channels_last and x.dim() == 4:

@@ -2,7 +2,6 @@
 
 Nothing here downloads anything; ../shared data is never required.
 """
-import os
 
 import pytest
 import torch

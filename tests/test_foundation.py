@@ -3,8 +3,6 @@
 All offline, on generated data or the embedded digits set.
 """
 import json
-import math
-import pickle
 
 import numpy as np
 import pytest

@@ -15,15 +15,6 @@ from pruning_env.models.mobilenetv3 import LARGE_CFG, SMALL_CFG
 CNN_NAMES = [n for n in list_models() if not n.startswith("vit")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these tiny models spend more time synchronising threads than computing, badly so on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_every_family_is_registered():
     expected = {"vgg11", "vgg13", "vgg16", "vgg19", "resnet20", "resnet32", "resnet56", "resnet110",
                 "googlenet", "densenet121", "mobilenetv3_large", "mobilenetv3_small"}

@@ -12,15 +12,6 @@ from pruning_env.pruning import DependencyGraph, Pruner, UnsupportedModelError
 from test_pruning_nets import ChannelShuffleNet, ChannelSliceNet, mixed_net
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two OpenMP threads on a shared 2-core box can be 100x slower than one; restore afterwards
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _by_member(pruner):
     return {m: g for g in pruner.groups for m in g.members}
 

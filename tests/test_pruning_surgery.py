@@ -16,15 +16,6 @@ from pruning_env.pruning import Pruner, PrunePlan
 from test_pruning_nets import check_built, mixed_net, random_plan, zeroed_copy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two OpenMP threads on a shared 2-core box can be 100x slower than one; restore afterwards
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _torchvision(name):
     if name == "googlenet":
         return torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False)

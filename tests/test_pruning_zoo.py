@@ -9,14 +9,6 @@ from pruning_env.pruning import Pruner, UnsupportedModelError
 from test_pruning_nets import check_built, random_plan, zeroed_copy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _zoo_names():
     from pruning_env.models import list_models
 

@@ -10,27 +10,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
-from pruning_env.data import make_loader
+from pruning_env.training import iter_batches
 from pruning_env.envs.patch_env import mean_threshold_mask, random_topk_mask
 from pruning_env.models.vit import vit_macs
 
 #: ``mask_fn(model, x) -> bool mask (N,) or None``: which patches a test batch keeps.
 MaskFn = Callable[[nn.Module, torch.Tensor], Optional[torch.Tensor]]
-
-
-def _batches(data, batch_size: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and torch.is_tensor(data[0]):
-        x, y = data
-        for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size], y[i:i + batch_size]
-    elif isinstance(data, DataLoader):
-        yield from data
-    elif isinstance(data, Dataset):
-        yield from make_loader(data, batch_size=batch_size, shuffle=False)
-    else:
-        raise TypeError(f"data must be a DataLoader, a Dataset or an (x, y) tensor pair, got {type(data).__name__}")
 
 
 @torch.no_grad()
@@ -53,7 +39,7 @@ def evaluate_patches(model: nn.Module, data, mask_fn: Optional[MaskFn] = None,
     correct = n = 0
     loss_sum = kept_sum = 0.0
     try:
-        for x, y in _batches(data, batch_size):
+        for x, y in iter_batches(data, batch_size):
             x, y = x.to(device), y.to(device)
             keep = mask_fn(model, x) if mask_fn is not None else None
             kept = model.num_patches if keep is None else int(keep.sum())
