@@ -26,6 +26,7 @@ from agents.config import ConfigError, load_config
 from agents.registry import AGENTS, build_agent, build_env
 from pruning_env.checkpoint import atomic_save, atomic_write_text, rng_state, seed_everything, set_rng_state
 from pruning_env.costs import count_costs
+from pruning_env.export import export_torchscript
 from pruning_env.training import evaluate, finetune
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
@@ -59,16 +60,16 @@ def save_run_checkpoint(path: Path, agent: BasePruningAgent, cfg: Dict[str, Any]
 def load_run_checkpoint(path: Path, agent: BasePruningAgent, cfg: Dict[str, Any], agent_name: str) -> str:
     """Restore agent, env and RNG from ``path``; returns the phase the run was in."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a train_agent.py checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a train_agent.py checkpoint")
     if ckpt["agent_name"] != agent_name:
-        raise ValueError(f"{path} is a run of agent {ckpt['agent_name']!r}, not {agent_name!r}; pass "
-                         f"--agent {ckpt['agent_name']}")
+        raise ConfigError(f"{path} is a run of agent {ckpt['agent_name']!r}, not {agent_name!r}; pass "
+                          f"--agent {ckpt['agent_name']}")
     saved, now = _comparable(ckpt["config"]), _comparable(cfg)
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        raise ValueError(f"the config differs from the one the checkpoint was made with (sections {diff}); "
-                         f"resume with the same config and overrides")
+        raise ConfigError(f"the config differs from the one the checkpoint was made with (sections {diff}); "
+                          f"resume with the same config and overrides")
     env = agent.penv
     env.reset(seed=None if cfg["seed"] is None else int(cfg["seed"]))
     agent.load_state_dict(ckpt["agent"])
@@ -81,8 +82,9 @@ def load_run_checkpoint(path: Path, agent: BasePruningAgent, cfg: Dict[str, Any]
 
 
 def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The parts of a config that change results (not the output folder or progress bars)."""
-    return {k: v for k, v in cfg.items() if k not in ("run", "name")}
+    """The parts of a config that change results (not the output folder or progress bars; the agent is
+    checked on its own, so the run folder's config.yaml, which names it, resumes too)."""
+    return {k: v for k, v in cfg.items() if k not in ("run", "name", "agent")}
 
 
 def _format_cell(value: Any) -> Any:
@@ -149,27 +151,6 @@ def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> Non
     plt.close(fig)
 
 
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
-    """Script (or, failing that, trace) ``model`` and save it; checks that outputs match. Returns the method."""
-    model = copy.deepcopy(model).cpu().eval()
-    example = example.cpu()
-    try:
-        scripted, method = torch.jit.script(model), "script"
-    except Exception:  # data-dependent Python in forward: tracing is exact for these static CNNs
-        scripted, method = torch.jit.trace(model, example), "trace"
-    with torch.no_grad():
-        ref, out = model(example), scripted(example)
-    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    if not torch.allclose(ref, out, atol=1e-4, rtol=1e-4):
-        raise RuntimeError(f"TorchScript ({method}) outputs differ from the module's by "
-                           f"{(ref - out).abs().max().item():.3g}")
-    tmp = path.with_name(path.name + ".tmp")
-    torch.jit.save(scripted, str(tmp))
-    tmp.replace(path)
-    return method
-
-
 def _model_report(model: torch.nn.Module, splits: Any, input_size, device, batch_size: int) -> Dict[str, Any]:
     cost = count_costs(model, input_size, device=device)
     val = evaluate(model, splits.val, device, batch_size=batch_size)
@@ -199,15 +180,29 @@ def run(cfg: Dict[str, Any], agent_name: Optional[str] = None, run_dir: Optional
 
     seed_everything(int(cfg["seed"]))
     t_start = time.perf_counter()
-    env = build_env(cfg, name)
-    agent, learn_kwargs = build_agent(cfg, name, env, tensorboard_log=str(run_dir / "tb"))
+    try:
+        env = build_env(cfg, name)
+    except (TypeError, ValueError, FileNotFoundError) as err:  # bad env settings in the config
+        raise ConfigError(f"env of agent {name!r}: {err}") from err
+    try:
+        agent, learn_kwargs = build_agent(cfg, name, env, tensorboard_log=str(run_dir / "tb"))
+    except (TypeError, ValueError) as err:  # bad agent arguments in the config
+        raise ConfigError(f"agents.{name}: {err}") from err
+    if cfg.get("budget") is not None and AGENTS[name].sb3_algo is None and AGENTS[name].budget_arg is None:
+        print(f"note: budget={cfg['budget']} does not apply to {name!r} (its evaluations are set by its own "
+              f"arguments, see docs/agents.md)", file=sys.stderr)
     phase = "new"
     resumable = isinstance(agent, BasePruningAgent) and type(agent).learn is BasePruningAgent.learn
+    if resume and not ckpt_path.is_file():
+        print(f"no checkpoint in {run_dir}: starting a new run", file=sys.stderr)
     if resume and ckpt_path.is_file():
         if not resumable:
-            raise ValueError(f"--resume is supported for the agents driven by BasePruningAgent.learn "
-                             f"(rl_pruner, uniform, global_taylor, random_search), not {name!r}; rerun without it")
+            raise ConfigError(f"--resume is supported for the agents driven by BasePruningAgent.learn "
+                              f"(rl_pruner, uniform, global_taylor, random_search), not {name!r}; rerun without it")
         phase = load_run_checkpoint(ckpt_path, agent, cfg, name)
+        if phase == "search" and not agent._episode_active and agent.episodes > 0 \
+                and learn_kwargs.get("total_timesteps") is None:
+            phase = "search_done"  # killed after the last step's checkpoint: the episode is complete
         print(f"resumed {run_dir} from its checkpoint ({phase}, step {agent.num_timesteps})", file=sys.stderr)
     cbs: List[BaseCallback] = []
     if resumable:
@@ -295,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: overrides may come before and after the options (``a=1 --resume b=2``)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -305,7 +301,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = args.name or (cfg["name"] if args.agent is None else f"{cfg['name']}_{agent}")
     cfg["name"] = name
     run_dir = Path(cfg["run"]["out_dir"]) / name
-    metrics = run(cfg, agent, run_dir, resume=args.resume)
+    try:
+        metrics = run(cfg, agent, run_dir, resume=args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     o, p = metrics["original"], metrics["pruned"]
     print(f"\n{agent} on {metrics['dataset']}: FLOPs -{metrics['flops_reduction']:.1%}, params "
           f"-{metrics['params_reduction']:.1%}, {metrics['n_evaluations']} evaluations, "

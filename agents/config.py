@@ -93,6 +93,22 @@ def _signature_keys(fn: Any) -> List[str]:
     return [n for n, p in params.items() if n not in ("self", "env") and p.kind is not p.VAR_KEYWORD]
 
 
+#: agent arguments that train_agent.py sets itself (top-level ``seed``, the run folder's ``tb/``)
+RUN_SET = ("seed", "tensorboard_log")
+
+
+def sb3_keys(algo: str) -> set:
+    """Keys an ``agents.{algo}`` section (or ``configs/sb3/{algo}.yaml``) may hold: the SB3 algorithm's
+    constructor arguments plus ``n_timesteps``, ``noise_type``, ``noise_std``, ``action_floor``, ``config``, ``env``."""
+    from agents.sb3_baselines import sb3_algorithms
+
+    algos = sb3_algorithms()
+    if algo not in algos:
+        raise ConfigError(f"SB3 algorithm {algo!r} is not available (sb3-contrib missing?); have {sorted(algos)}")
+    own = set(_signature_keys(algos[algo].__init__)) - {"_init_setup_model"} - set(RUN_SET)
+    return own | {"n_timesteps", "noise_type", "noise_std", "action_floor", "config", "env"}
+
+
 def validate(cfg: Dict[str, Any], source: str = "config") -> Dict[str, Any]:
     """Fill defaults and check every key and the obvious value ranges; returns the completed config.
 
@@ -135,10 +151,15 @@ def validate(cfg: Dict[str, Any], source: str = "config") -> Dict[str, Any]:
             raise ConfigError(f"{source}: agents.{name} must be a mapping of constructor arguments")
         spec = AGENTS[name]
         env_over = kwargs.get("env", {}) or {}
+        if not isinstance(env_over, dict):
+            raise ConfigError(f"{source}: agents.{name}.env must be a mapping of PruneEnv arguments")
         _check_keys(env_over, env_keys - {"id"}, f"{source}: agents.{name}.env")
+        # seed and the TensorBoard folder come from the top level and the run folder
         if spec.sb3_algo is None:
-            allowed = set(_signature_keys(agent_class(name).__init__)) | {"env"}
-            _check_keys(kwargs, allowed, f"{source}: agents.{name}")
+            allowed = set(_signature_keys(agent_class(name).__init__)) - set(RUN_SET) | {"env"}
+        else:
+            allowed = sb3_keys(spec.sb3_algo)
+        _check_keys(kwargs, allowed, f"{source}: agents.{name}")
 
     ft = dict(FINETUNE_DEFAULTS)
     _check_keys(out["finetune"], FINETUNE_DEFAULTS, f"{source}: finetune")
@@ -188,5 +209,5 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Union[Sequen
     return cfg
 
 
-__all__ = ["load_config", "validate", "parse_overrides", "apply_overrides", "ConfigError", "FINETUNE_DEFAULTS",
-           "RUN_DEFAULTS", "TOP_LEVEL"]
+__all__ = ["load_config", "validate", "parse_overrides", "apply_overrides", "sb3_keys", "ConfigError",
+           "FINETUNE_DEFAULTS", "RUN_DEFAULTS", "TOP_LEVEL", "RUN_SET"]

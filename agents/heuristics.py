@@ -156,12 +156,17 @@ class RandomSearch(BasePruningAgent):
         return self.rng.dirichlet(np.full(env.n_groups, self.concentration))
 
     def _choose_action(self, obs: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
+        env = self.penv
         best_reward, best_action = -np.inf, None
         for _ in range(self.n_candidates):
             action = self._random_action()
-            reward, _ = self.penv.evaluate_action(action)
+            reward, _ = env.evaluate_action(action)
             if reward > best_reward:
                 best_reward, best_action = reward, action
+            elif int(getattr(env, "lookahead_cache", 0)) >= 2:
+                # a free look-up that keeps the best candidate in the env's LRU cache, so that stepping it
+                # reuses the built model instead of evaluating it again (the budget stays n_candidates)
+                env.evaluate_action(best_action)
         self._best_action = best_action
         return best_action, {"best_candidate_reward": float(best_reward)}
 

@@ -97,8 +97,14 @@ def sb3_hyperparams(algo: str, cfg_agent: Dict[str, Any], env_id: Optional[str])
     """Zoo hyperparameters of ``algo`` with the config's per-agent overrides applied."""
     from agents.sb3_baselines import load_zoo_hyperparams
 
+    from agents.config import ConfigError, sb3_keys
+
     path = cfg_agent.get("config") or SB3_CONFIG_DIR / f"{algo}.yaml"
     hp = load_zoo_hyperparams(algo, path, env_id)
+    allowed = sb3_keys(algo) - {"config", "env"}
+    bad = sorted(set(hp) - allowed)
+    if bad:
+        raise ConfigError(f"{path}: unknown {algo} hyperparameters {bad}; valid keys: {', '.join(sorted(allowed))}")
     hp.update({k: v for k, v in cfg_agent.items() if k not in ("config", "env")})
     return hp
 

@@ -238,7 +238,8 @@ def render_markdown(meta: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         "= `pruning_env.training.evaluate` of the very model that look-ahead built, on the same preloaded "
         "validation tensors with the same settings: the floor any reward must pay. Look-ahead / plain is the "
         "median of the per-action ratios. Step = `env.step(a)` from the reset state without a preceding "
-        "look-ahead, for fresh actions; a non-final step also traces the pruned model and computes its Taylor "
+        "look-ahead, for fresh actions; a non-final step also derives the next state's groups (`Pruner.child`, "
+        "no re-trace) and computes its Taylor "
         "importance (100 calibration images) for the next state, a final one (free sparsity mode overshooting "
         "the target in one step) skips that. "
         f"Target: look-ahead / plain <= 1.15. Benchmark wall time {meta['wall_s']:.0f} s.",

@@ -35,6 +35,9 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
     :param dataset: dataset name for :func:`pruning_env.data.make_datasets`.
     :param width: channel multiplier.
     :param epochs: training epochs (authors: 250).
+    :param val_size: images held out from training for validation (count, fraction, or None for 10%); the
+        checkpoint records the count (``meta["val_size"]``) with ``dataset`` and ``seed``, and ``PruneEnv``
+        then measures its reward on exactly these held-out images.
     :param out: checkpoint path (default ``checkpoints/{model}[_wW]_{dataset}.pt``).
     :param amp: mixed precision; defaults to on for CUDA.
     :param resume: continue from ``{out}.state`` written after every epoch.
@@ -75,8 +78,10 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
                   f"val acc {val['top1']:.4f}", file=sys.stderr)
         if val["top1"] > best_acc:
             best_acc, best_state = val["top1"], copy.deepcopy(net.state_dict())
+            # dataset, split seed and held-out count pin down the validation split: PruneEnv rebuilds exactly it
             save_checkpoint(net, out, dataset=dataset, epoch=epoch + 1, val_top1=best_acc, seed=seed,
-                            recipe={"lr": lr, "epochs": epochs, "batch_size": batch_size, "warmup_ratio": warmup_ratio})
+                            val_size=len(splits.val), recipe={"lr": lr, "epochs": epochs, "batch_size": batch_size,
+                                                              "warmup_ratio": warmup_ratio})
         atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
                      "best_state": best_state, "log": log, "loader_rng": loader.generator.get_state(),
@@ -84,6 +89,7 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
     net.load_state_dict(best_state)
     test = evaluate(net, splits.test, dev, batch_size=512)
     summary = {"model": model, "width": width, "dataset": dataset, "num_classes": splits.num_classes,
+               "val_size": len(splits.val), "seed": seed,
                "best_val_top1": best_acc, "test_top1": test["top1"], "test_top5": test["top5"],
                "epochs": epochs, "train_time_s": time.time() - t0, "device": str(dev), "log": log}
     atomic_write_text(json.dumps(summary, indent=2), out.with_suffix(".json"))

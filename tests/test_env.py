@@ -199,6 +199,29 @@ def test_snapshot_restore_round_trip(synthetic_splits):
         env.restore("not a snapshot")
 
 
+def test_model_is_traced_once_and_steps_derive_the_groups(synthetic_splits, monkeypatch):
+    from pruning_env.pruning.graph import DependencyGraph
+
+    traces = []
+    build = DependencyGraph.build.__func__
+
+    def counted_build(cls, *args, **kwargs):
+        traces.append(1)
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DependencyGraph, "build", classmethod(counted_build))
+    env = make_env(synthetic_splits, n_steps=3, budget="flops")
+    for episode in range(2):
+        env.reset(seed=episode)
+        snap = env.snapshot()
+        env.step(np.full(env.n_groups, 0.3, dtype=np.float32))
+        env.restore(snap)
+        while not env.snapshot().terminated:
+            env.step(np.array([0.5, 0.2, 0.4], dtype=np.float32))
+    assert len(traces) == 1  # the original model, at construction; every pruned state derives its groups
+    assert env.snapshot().step_index == 3
+
+
 def test_bad_inputs(env):
     good = np.full(env.n_groups, 0.3, dtype=np.float32)
     with pytest.raises(RuntimeError, match="reset"):

@@ -8,6 +8,7 @@ the integrity check still runs (on our files) and every other line of torchvisio
 """
 import hashlib
 import pickle
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -144,16 +145,88 @@ def test_quickstart_runs_a_random_episode_offline(tmp_path):
 def test_every_zoo_model_runs_two_budgeted_steps(model):
     from pruning_env.data import make_synthetic
     from pruning_env.envs.prune_env import PruneEnv
-    from pruning_env.envs.registration import MODEL_KWARGS
 
     splits = make_synthetic(n_train=48, n_test=8, num_classes=10, seed=0)
     # CIFAR ResNets start at 16 channels: at width 1/16 a single channel is left and 50% is out of reach
     width = 0.25 if model.startswith("resnet") else 0.0625
     env = PruneEnv(model=model, dataset=splits, pretrained=False, width=width, reward_samples=8,
-                   calibration_size=4, action_mode="distribution", budget="flops", n_steps=2, device="cpu",
-                   **MODEL_KWARGS.get(model, {}))
+                   calibration_size=4, action_mode="distribution", budget="flops", n_steps=2, device="cpu")
     env.reset(seed=0)
     env.action_space.seed(0)
     infos = [env.step(env.action_space.sample())[4] for _ in range(2)]
     assert env.snapshot().terminated
     assert infos[1]["flops_reduction"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_registering_ids_does_not_load_the_envs(monkeypatch):
+    # entry points are strings: registering must not import the env modules (the patch env pulls in
+    # torchvision), so `import pruning_env` stays light; a None entry in sys.modules makes any such import fail
+    from pruning_env.envs import patch_env, registration
+
+    for module in ("pruning_env.envs.patch_env", "pruning_env.envs.prune_env", "pruning_env.data", "torchvision"):
+        monkeypatch.setitem(sys.modules, module, None)
+    for env_id in ("RLPatch-quickstart", "RLPatch-vit-cifar10", "RLPrune-quickstart"):
+        monkeypatch.delitem(gym.registry, env_id)
+    registration.register_envs()
+    assert {"RLPatch-quickstart", "RLPatch-vit-cifar10", "RLPrune-quickstart"} <= set(gym.registry)
+    assert gym.spec("RLPatch-quickstart").entry_point == "pruning_env.envs.patch_env:PatchSelectEnv"
+    assert gym.spec("RLPatch-quickstart").kwargs == patch_env.QUICKSTART_KWARGS == registration.PATCH_QUICKSTART_KWARGS
+    assert patch_env.register_patch_envs is registration.register_patch_envs
+
+
+def test_depthwise_group_at_one_channel_keeps_the_groups_across_steps():
+    """MobileNetV3 without a channel floor: a depthwise conv left with one channel looks like a plain conv to a
+    trace, so the env derives each state's groups from the previous state's instead of re-tracing."""
+    from pruning_env.costs import count_costs
+    from pruning_env.data import make_synthetic
+    from pruning_env.envs.prune_env import PruneEnv
+    from pruning_env.pruning import Pruner
+
+    splits = make_synthetic(n_train=40, n_test=8, num_classes=10, seed=0)
+    env = PruneEnv(model="mobilenetv3_small", dataset=splits, pretrained=False, width=0.25, reward_samples=8,
+                   val_size=8, calibration_size=4, max_step_sparsity=0.95, target=0.99, device="cpu",
+                   record_timings=False)
+    env.reset(seed=0)
+    groups = env.snapshot().pruner.groups
+    modules = dict(env.model.named_modules())
+    depthwise = np.array([any(modules[f].groups > 1 for f in g.followers if isinstance(modules[f], torch.nn.Conv2d))
+                          for g in groups])
+    assert depthwise.sum() >= 5
+    action = np.where(depthwise, 0.95, 0.3).astype(np.float32)  # depthwise groups go to one channel at once
+    for step in range(3):
+        reward, look = env.evaluate_action(action)
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert not (terminated or truncated)
+        state = env.snapshot()
+        assert [g.name for g in state.pruner.groups] == env.group_names and obs.shape == env.observation_space.shape
+        assert np.array_equal(info["kept_channels"], env.current_channels)
+        assert info["macs"] == look["macs"] == count_costs(env.model, env.input_size).macs
+        assert info["params"] == count_costs(env.model, env.input_size).params
+        assert np.sum(env.current_channels[depthwise] == 1) >= 5
+    # the case really arises: a fresh trace of the pruned model no longer finds the same groups
+    assert Pruner(env.model, torch.zeros(1, *env.input_size)).n_groups != env.n_groups
+
+
+def test_env_takes_the_validation_split_from_the_checkpoint(tmp_path, monkeypatch):
+    from pruning_env.checkpoint import read_meta, save_checkpoint
+    from pruning_env.data import make_datasets
+    from pruning_env.envs import prune_env
+    from pruning_env.models import create_model
+    from pruning_env.pretrain import pretrain
+
+    path = pretrain("vgg11", "synthetic", width=0.0625, epochs=1, batch_size=64, val_size=0.15, seed=4,
+                    out=tmp_path / "vgg11.pt", device="cpu", progress=False)
+    meta = read_meta(path)
+    assert meta["dataset"] == "synthetic" and meta["seed"] == 4 and meta["val_size"] == round(256 * 0.15)
+    kwargs = dict(model="vgg11", dataset="synthetic", width=0.0625, checkpoint=str(path), reward_samples=8,
+                  calibration_size=4, device="cpu")
+    env = prune_env.PruneEnv(**kwargs)
+    assert env.val_size == meta["val_size"] and env.split_seed == 4
+    held_out = make_datasets("synthetic", val_size=meta["val_size"], seed=4, augment=False).val
+    assert torch.equal(env.splits.val.images, held_out.images)  # exactly the images pretraining never saw
+    with pytest.warns(UserWarning, match="pretrained holding out 38"):
+        prune_env.PruneEnv(**kwargs, val_size=20)
+    # an older checkpoint without the count falls back to the default
+    old = save_checkpoint(create_model("vgg11", num_classes=10, width=0.0625), tmp_path / "old.pt", seed=4)
+    monkeypatch.setattr(prune_env, "DEFAULT_VAL_SIZE", 30)
+    assert prune_env.PruneEnv(**{**kwargs, "checkpoint": str(old)}).val_size == 30

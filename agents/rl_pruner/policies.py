@@ -63,22 +63,28 @@ def initial_distribution(channels: Sequence[int], layer_counts: Sequence[int],
 
 def sample_action(pd: np.ndarray, rng: np.random.Generator, noise_var: float = 0.04,
                   eligible: Optional[Sequence[bool]] = None,
-                  lower_bound: float = PROBABILITY_LOWER_BOUND) -> np.ndarray:
-    """One noisy action (spec §2.3): ``a = PD + σ·u·ξ``, floored at ``lower_bound``, normalised, adjusted.
+                  lower_bound: float = PROBABILITY_LOWER_BOUND,
+                  noise_scale: Optional[Sequence[float]] = None) -> np.ndarray:
+    """One noisy action (spec §2.3): ``a = PD + σ·u·s·ξ``, floored at ``lower_bound``, normalised, adjusted.
 
-    ``ξ ~ N(0, I)`` has one entry per **group** and ``u ~ U(0, 1)`` is one scalar per sample (the authors draw
-    ``ξ`` per layer and then average it over a cluster; for single-layer groups the two agree).
-    ``noise_var`` is, as in the authors' code, a standard-deviation multiplier.
+    ``ξ ~ N(0, I)`` has one entry per **group** and ``u ~ U(0, 1)`` is one scalar per sample. ``noise_var`` is,
+    as in the authors' code, a standard-deviation multiplier. The authors draw ``ξ`` per *layer* and average
+    it over a cluster of ``k`` coupled layers, so a group's total moves by ``σ·u·√k·N(0, 1)``:
+    ``noise_scale = √layer_counts`` reproduces that exactly (up to the per-layer floor); None means 1 for
+    every group (the same for single-layer groups).
 
     :param pd: current pruning distribution.
     :param rng: the agent's generator (draw order: ``ξ`` then ``u``).
     :param noise_var: σ.
     :param eligible: groups that may still lose channels.
     :param lower_bound: floor after adding the noise.
+    :param noise_scale: per-group multiplier ``s`` of the noise.
     """
     pd = np.asarray(pd, dtype=np.float64)
     xi = rng.standard_normal(pd.shape)
     u = rng.random()
+    if noise_scale is not None:
+        xi = xi * np.asarray(noise_scale, dtype=np.float64).reshape(pd.shape)
     a = np.maximum(pd + noise_var * u * xi, lower_bound)
     return adjust_distribution(a / a.sum(), eligible)
 

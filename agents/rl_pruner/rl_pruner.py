@@ -31,10 +31,11 @@ class RLPrunerAgent(BasePruningAgent):
     4. steps the env with the chosen action (the env reuses the candidate it already built).
 
     Deviations from the authors (all documented in docs/agents.md): the PD has one entry per group (coupled
-    layers share one value, as the authors' cluster equalisation makes them anyway) and the noise one ξ per
-    group; the buffer fills empty rows first; the collapse guard compares with the accuracy of the model the
-    candidates were pruned from and, after a resample, remembers the new model's accuracy
-    (``faithful_collapse_guard=True`` restores the authors' stale-accuracy bug).
+    layers share one value, as the authors' cluster equalisation makes them anyway) and the noise is drawn per
+    group with the per-layer variance (``layer_noise``; the floor applies per group); the buffer fills empty
+    rows first; the collapse guard compares with the accuracy of the model the candidates were pruned from
+    and, after a resample, remembers the new model's accuracy (``faithful_collapse_guard=True`` restores the
+    authors' stale-accuracy bug).
 
     :param env: ``PruneEnv`` in ``action_mode="distribution"`` (None only to ``load``/``predict``).
     :param sample_num: candidates per RL epoch, and the replay-buffer size (authors: 10).
@@ -51,6 +52,8 @@ class RLPrunerAgent(BasePruningAgent):
     :param collapse_threshold: relative accuracy drop that triggers the collapse guard (authors: 0.1).
     :param faithful_collapse_guard: reproduce the authors' guard exactly, bug included (spec §9.17).
     :param probability_lower_bound: floor of PD entries (authors: 1e-5).
+    :param layer_noise: draw the noise per member layer as the authors do, so a group of ``k`` coupled layers
+        moves by ``σ·u·√k·ξ``; False draws one ``ξ`` per group (same for single-layer groups, e.g. VGG).
     :param seed: seeds the noise and the ε-greedy draws.
     :param verbose: 1 prints a line per pruning step.
     :param tensorboard_log: TensorBoard folder.
@@ -60,14 +63,15 @@ class RLPrunerAgent(BasePruningAgent):
     _init_keys = BasePruningAgent._init_keys + (
         "sample_num", "lr_epoch", "sample_step", "noise_var", "step_length", "ppo", "ppo_clip",
         "discount_factor", "greedy_epsilon", "explore_strategy", "explore_fraction", "collapse_threshold",
-        "faithful_collapse_guard", "probability_lower_bound")
+        "faithful_collapse_guard", "probability_lower_bound", "layer_noise")
 
     def __init__(self, env: Any = None, sample_num: int = 10, lr_epoch: int = 10, sample_step: int = 1,
                  noise_var: float = 0.04, step_length: float = 0.1, ppo: bool = True, ppo_clip: float = 0.25,
                  discount_factor: float = 0.9, greedy_epsilon: float = 0.4, explore_strategy: str = "cosine",
                  explore_fraction: float = 0.1, collapse_threshold: float = 0.1,
                  faithful_collapse_guard: bool = False,
-                 probability_lower_bound: float = PROBABILITY_LOWER_BOUND, seed: Optional[int] = None,
+                 probability_lower_bound: float = PROBABILITY_LOWER_BOUND, layer_noise: bool = True,
+                 seed: Optional[int] = None,
                  verbose: int = 0, tensorboard_log: Optional[Union[str, Path]] = None) -> None:
         for name, value in (("sample_num", sample_num), ("lr_epoch", lr_epoch), ("sample_step", sample_step)):
             if int(value) < 1:
@@ -80,6 +84,7 @@ class RLPrunerAgent(BasePruningAgent):
             raise ValueError(f"step_length must be in (0, 1], got {step_length}")
         self.sample_num, self.lr_epoch, self.sample_step = int(sample_num), int(lr_epoch), int(sample_step)
         self.noise_var, self.step_length = float(noise_var), float(step_length)
+        self.layer_noise = bool(layer_noise)
         self.ppo, self.ppo_clip = bool(ppo), float(ppo_clip)
         self.discount_factor = float(discount_factor)
         self.greedy_epsilon, self.explore_strategy = float(greedy_epsilon), explore_strategy
@@ -111,6 +116,13 @@ class RLPrunerAgent(BasePruningAgent):
     def _width_proportional(self, channels: np.ndarray) -> np.ndarray:
         return initial_distribution(channels, self.penv.layer_counts, self._eligible())
 
+    # ---------------------------------------------------------------- §2.3 the action noise
+    def _sample(self, eligible: Optional[np.ndarray]) -> np.ndarray:
+        scale = None
+        if self.layer_noise and self.env is not None:
+            scale = np.sqrt(np.asarray(self.penv.layer_counts, dtype=np.float64))
+        return sample_action(self.pd, self.rng, self.noise_var, eligible, self.probability_lower_bound, scale)
+
     # ---------------------------------------------------------------- §2.5 Q of one action
     def _q_value(self, action: np.ndarray, depth: int) -> Tuple[float, Dict[str, Any]]:
         """``Q = R`` at the last level; otherwise ``R + γ max_j Q(child_j)`` with fresh noise per child."""
@@ -124,7 +136,7 @@ class RLPrunerAgent(BasePruningAgent):
         if not (terminated or truncated):
             eligible = self._eligible()
             for _ in range(self.sample_num):
-                child = sample_action(self.pd, self.rng, self.noise_var, eligible, self.probability_lower_bound)
+                child = self._sample(eligible)
                 q_child, _ = self._q_value(child, depth - 1)
                 best_child = q_child if best_child is None else max(best_child, q_child)
         env.restore(snap)
@@ -139,15 +151,36 @@ class RLPrunerAgent(BasePruningAgent):
             eligible = self._eligible()
             epoch_best = -np.inf
             for _ in range(self.sample_num):
-                action = sample_action(self.pd, self.rng, self.noise_var, eligible, self.probability_lower_bound)
+                action = self._sample(eligible)
                 q, info = self._q_value(action, self.sample_step)
                 self.buffer.offer(q, action, {"accuracy": float(info["accuracy"]), "reward": float(info["reward"])})
+                self._keep_buffer_cached()
                 epoch_best = max(epoch_best, q)
             if epoch_best > best_q:
                 best_q = epoch_best
                 self.pd = update_distribution(self.pd, self.buffer.best().action, self.step_length, self.ppo,
                                               self.ppo_clip, eligible, self.probability_lower_bound)
         return best_q
+
+    def _ensure_cache(self) -> None:
+        """Make the env keep at least ``sample_num + 1`` look-ahead candidates, so that the buffered ones
+        (see :meth:`_keep_buffer_cached`) are never evicted."""
+        env = self.penv
+        if self.sample_step == 1 and hasattr(env, "lookahead_cache"):
+            env.lookahead_cache = max(int(env.lookahead_cache), self.sample_num + 1)
+
+    def _keep_buffer_cached(self) -> None:
+        """Touch the buffered candidates (free look-ups of already built models) so that the env's LRU cache
+        still holds them when one is stepped: the authors step the pruned copy they kept in the buffer, so the
+        chosen candidate must not cost a second evaluation. A deeper look-ahead (``sample_step > 1``) steps
+        its candidates, which takes them out of the cache; there the chosen one is rebuilt once per step."""
+        if self.sample_step != 1:
+            return
+        env = self.penv
+        if int(getattr(env, "lookahead_cache", 0)) <= len(self.buffer):
+            return  # too small to hold them all: touching could only evict and rebuild
+        for entry in self.buffer.entries:
+            env.evaluate_action(entry.action)
 
     # ---------------------------------------------------------------- §2.9 ε-greedy over the buffer
     def _select(self):
@@ -159,6 +192,7 @@ class RLPrunerAgent(BasePruningAgent):
     def _choose_action(self, obs: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
         if self.pd is None:
             self.pd = self._width_proportional(self.penv.original_channels)
+        self._ensure_cache()
         best_q = self._sampling_phase()
         chosen, explored = self._select()
         accuracy = chosen.payload["accuracy"]
@@ -213,7 +247,7 @@ class RLPrunerAgent(BasePruningAgent):
             raise RuntimeError("the agent has no pruning distribution yet: give it an env or load a saved agent")
         if deterministic:
             return self.pd.copy(), state
-        return sample_action(self.pd, self.rng, self.noise_var, None, self.probability_lower_bound), state
+        return self._sample(None), state
 
     def _extra_state(self) -> Dict[str, Any]:
         return {"pd": None if self.pd is None else self.pd.copy(), "epsilon": self.epsilon, "t": self.t,

@@ -17,6 +17,9 @@ from gymnasium import spaces
 
 from pruning_env.checkpoint import resolve_device, seed_everything
 from pruning_env.data import DatasetSplits, make_datasets, make_loader
+# the ids live in the light registration module (this one pulls in torchvision); re-exported for old imports
+from pruning_env.envs.registration import PATCH_ENV_IDS, register_patch_envs
+from pruning_env.envs.registration import PATCH_QUICKSTART_KWARGS as QUICKSTART_KWARGS
 
 ACTION_MODES = ("scores", "mask")
 BINARIZE_RULES = ("mean", "topk")
@@ -345,25 +348,5 @@ class PatchSelectEnv(gym.Env):
         self._loader = None
 
 
-# ---------------------------------------------------------------------------------------------- registration
-#: The offline quickstart: embedded digits, a CPU-sized ViT, reward every batch, two epochs.
-QUICKSTART_KWARGS = dict(dataset="digits", width=0.25, depth=2, batch_size=64, epochs=2, reward_every=1,
-                         n_keep=30)
-
-PATCH_ENV_IDS = {
-    # the notebook's CIFAR-10 configuration (needs CIFAR-10 under data_root, or download=True)
-    "RLPatch-vit-cifar10": dict(dataset="cifar10", width=1.0, depth=6, batch_size=128, epochs=100,
-                                reward_every=50, n_keep=30),
-    "RLPatch-quickstart": QUICKSTART_KWARGS,
-}
-
-
-def register_patch_envs() -> None:
-    """Register the patch-selection env ids with Gymnasium (idempotent)."""
-    for env_id, kwargs in PATCH_ENV_IDS.items():
-        if env_id not in gym.registry:
-            gym.register(id=env_id, entry_point="pruning_env.envs.patch_env:PatchSelectEnv", kwargs=dict(kwargs))
-
-
 __all__ = ["PatchSelectEnv", "mean_threshold_mask", "topk_mask", "random_topk_mask", "register_patch_envs",
-           "PATCH_ENV_IDS"]
+           "PATCH_ENV_IDS", "QUICKSTART_KWARGS"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from pruning_env.training import evaluate, finetune
 ACTION_MODES = ("sparsity", "distribution")
 METRICS = ("flops", "channels", "params")
 RECOVERY_MODES = (None, "kd", "ce")
+#: validation images held out when neither the caller nor the checkpoint says (10% of CIFAR's training set)
+DEFAULT_VAL_SIZE = 5000
 #: per-group observation features, in order
 GROUP_FEATURES = ("original_channels", "remaining_fraction", "flops_share", "params_share", "importance",
                   "position")
@@ -43,6 +46,7 @@ class _Candidate:
     """A pruned model built from one state and one action, with everything the reward needs."""
 
     model: nn.Module
+    plan: Any  # pruning_env.pruning.PrunePlan the model was built from (the next state's pruner derives from it)
     keep: np.ndarray
     cost: Cost
     accuracy: float
@@ -182,7 +186,9 @@ class PruneEnv(gym.Env):
     :param alpha: weight of the FLOPs reduction in the reward.
     :param beta: weight of the params reduction in the reward.
     :param reward_samples: validation images the reward is measured on (None = all).
-    :param val_size: images held out from training for validation (a count or a fraction).
+    :param val_size: images held out from training for validation (a count or a fraction). None takes the
+        count stored in the checkpoint (``pruning_env.pretrain`` records it), so the reward images are exactly
+        the ones held out from pretraining, else ``DEFAULT_VAL_SIZE`` (5000, 10% of CIFAR).
     :param calibration_size: training images per calibration batch for the importance criterion.
     :param calibration_batches: calibration batches.
     :param importance: importance criterion passed to ``Pruner.compute_importance``.
@@ -222,7 +228,7 @@ class PruneEnv(gym.Env):
                  auto_pretrain_epochs: int = 0, data_root: Union[str, Path] = "data", download: bool = False,
                  action_mode: str = "sparsity", budget: Optional[str] = None, target: float = 0.5,
                  target_metric: str = "flops", n_steps: int = 1, alpha: float = 0.25, beta: float = 0.25,
-                 reward_samples: Optional[int] = 1000, val_size: Union[int, float, None] = 5000,
+                 reward_samples: Optional[int] = 1000, val_size: Union[int, float, None] = None,
                  calibration_size: int = 100, calibration_batches: int = 1, importance: str = "taylor",
                  importance_train_mode: bool = False, min_channels: int = 1, round_to: int = 1,
                  max_step_sparsity: float = 0.9, recovery: Optional[str] = None, recovery_batches: int = 0,
@@ -280,9 +286,12 @@ class PruneEnv(gym.Env):
         self.amp = cuda and bool(amp)
         self.channels_last = cuda and bool(channels_last)
 
-        self.val_size = val_size
-        self.split_seed = self._split_seed(split_seed, model, dataset, width, checkpoint, pretrained)
-        self.splits = self._load_data(dataset, data_root, download, val_size)
+        meta = self._checkpoint_meta(model, dataset, width, checkpoint, pretrained)
+        # the checkpoint's split (seed and held-out count) by default: reward images were never trained on
+        self.split_seed = int(split_seed if split_seed is not None else meta.get("seed", self.seed))
+        self.val_size = val_size if val_size is not None else meta.get("val_size", DEFAULT_VAL_SIZE)
+        self.splits = self._load_data(dataset, data_root, download, self.val_size)
+        self._warn_split_mismatch(meta, dataset)
         self.input_size = tuple(self.splits.input_size)
         net = self._load_model(model, dataset, width, checkpoint, pretrained, auto_pretrain_epochs, data_root,
                                download)
@@ -304,10 +313,10 @@ class PruneEnv(gym.Env):
         self.layer_counts = np.asarray(probe.layer_counts, dtype=np.int64).copy()
         self.step_filter_budget = step_channel_budget(self.original_channels, self.layer_counts, self.target,
                                                       self.n_steps)
-        g_macs, g_params = _group_costs(self.original_model, self._members, self.input_size, self.device)
         self._macs_scale = max(float(self.original_cost.macs), 1.0)
         self._params_scale = max(float(self.original_cost.params), 1.0)
-        del probe
+        # the initial state (built at the first reset) reuses the probe: its model is a private copy already
+        self._probe: Optional[Any] = probe
 
         self.action_space = spaces.Box(0.0, 1.0, shape=(self.n_groups,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(GROUP_FEATURES) * self.n_groups
@@ -324,24 +333,28 @@ class PruneEnv(gym.Env):
         ds_name = dataset if isinstance(dataset, str) else dataset.name
         return Path(checkpoint) if checkpoint is not None else default_checkpoint_path(model, ds_name, width)
 
-    def _split_seed(self, split_seed, model, dataset, width, checkpoint, pretrained) -> int:
-        """Seed of the train/validation split: the checkpoint's training seed when known, so that the reward
-        images were held out from pretraining too."""
-        if split_seed is not None:
-            return int(split_seed)
-        if isinstance(model, str) and pretrained:
-            path = self._checkpoint_path(model, dataset, width, checkpoint)
-            if path.is_file():
-                from pruning_env.checkpoint import read_meta
+    def _checkpoint_meta(self, model, dataset, width, checkpoint, pretrained) -> Dict[str, Any]:
+        """Metadata of the checkpoint that will be loaded (empty when none is, or it has none)."""
+        if not (isinstance(model, str) and pretrained):
+            return {}
+        path = self._checkpoint_path(model, dataset, width, checkpoint)
+        if not path.is_file():
+            return {}
+        from pruning_env.checkpoint import read_meta
 
-                try:
-                    meta = read_meta(path)
-                except Exception:  # an unreadable file gets its precise error from load_model
-                    meta = {}
-                if "seed" in meta:
-                    return int(meta["seed"])
-            return self.seed
-        return self.seed
+        try:
+            return read_meta(path)
+        except Exception:  # an unreadable file gets its precise error from load_model
+            return {}
+
+    def _warn_split_mismatch(self, meta: Dict[str, Any], dataset) -> None:
+        """Warn when the validation split differs from the one the checkpoint was pretrained with."""
+        held_out = meta.get("val_size")
+        same_data = isinstance(dataset, str) and meta.get("dataset") == dataset
+        if held_out is not None and same_data and len(self.splits.val) != int(held_out):
+            warnings.warn(f"val_size={self.val_size!r} holds out {len(self.splits.val)} images but the checkpoint "
+                          f"was pretrained holding out {int(held_out)}: some reward images were trained on. Leave "
+                          f"val_size unset to use the checkpoint's split", stacklevel=3)
 
     def _load_data(self, dataset, data_root, download, val_size) -> DatasetSplits:
         if isinstance(dataset, DatasetSplits):
@@ -471,20 +484,18 @@ class PruneEnv(gym.Env):
                               amp=self.amp, channels_last=self.channels_last)["top1"])
 
     def _make_state(self, model: nn.Module, channels: np.ndarray, cost: Cost, accuracy: float, step_index: int,
-                    final: bool) -> Tuple[_State, float]:
-        """Build a state; its pruner and importance only when the episode can go on from it."""
+                    final: bool, pruner: Any = None) -> Tuple[_State, float]:
+        """Build a state; its pruner and importance only when the episode can go on from it.
+
+        :param pruner: the state's pruner: traced for the initial state, ``parent.child(model, plan)`` after a
+            step (same groups without a re-trace), None at final states.
+        """
         t0 = time.perf_counter()
-        pruner, importance = None, np.zeros(self.n_groups)
+        importance = np.zeros(self.n_groups)
         stuck = False
-        if not final:
-            pruner = self._make_pruner(model)
-            names = [g.name for g in pruner.groups]
-            if names != self.group_names:
-                changed = sorted(set(names) ^ set(self.group_names))
-                raise RuntimeError(f"re-tracing the pruned model gave different groups ({len(self.group_names)} -> "
-                                   f"{len(names)}; differing: {changed[:6]}); the action vector would no longer "
-                                   f"line up. A depthwise conv pruned to one channel re-traces as a plain conv: "
-                                   f"use min_channels=2 for such models")
+        if final:
+            pruner = None
+        else:
             result = pruner.compute_importance(self._calibration, criterion=self.importance_criterion,
                                                train_mode=self.importance_train_mode)
             importance = _importance_means(result, pruner, self.n_groups)
@@ -596,7 +607,7 @@ class PruneEnv(gym.Env):
         t2 = time.perf_counter()
         self._episode_evaluations += 1
         self.total_evaluations += 1
-        return _Candidate(model=model, keep=keep, cost=cost, accuracy=accuracy, step_budget=step_budget,
+        return _Candidate(model=model, plan=plan, keep=keep, cost=cost, accuracy=accuracy, step_budget=step_budget,
                           time_prune=t1 - t0, time_eval=t2 - t1)
 
     def _candidate(self, state: _State, a: np.ndarray) -> Tuple[_Candidate, bool]:
@@ -678,9 +689,13 @@ class PruneEnv(gym.Env):
         t_imp = 0.0
         if self._initial_state is None:
             # every episode starts from the same state: trace and score it once (states are immutable)
-            model = copy.deepcopy(self.original_model).eval()
-            self._initial_state, t_imp = self._make_state(model, self.original_channels, self.original_cost,
-                                                          self.original_accuracy, 0, final=False)
+            t0 = time.perf_counter()
+            probe, self._probe = self._probe, None
+            pruner = probe if probe is not None else self._make_pruner(copy.deepcopy(self.original_model).eval())
+            t_trace = time.perf_counter() - t0
+            self._initial_state, t_imp = self._make_state(pruner.model, self.original_channels, self.original_cost,
+                                                          self.original_accuracy, 0, final=False, pruner=pruner)
+            t_imp += t_trace
         self._state = self._initial_state
         self._episode_evaluations = 0
         info = self._info(self._state.accuracy, self.original_cost, self.original_channels, 0, 0,
@@ -723,7 +738,10 @@ class PruneEnv(gym.Env):
             accuracy = self._recover(model)
             time_recovery = time.perf_counter() - t0
             extra["accuracy_recovered"] = accuracy
-        new_state, t_imp = self._make_state(model, cand.keep, cand.cost, accuracy, step_index, final)
+        # the pruned model's groups come from the parent's (no re-trace): the action vector keeps its meaning even
+        # where a trace could not tell the structure apart (a depthwise conv left with one channel)
+        pruner = None if final else state.pruner.child(model, cand.plan)
+        new_state, t_imp = self._make_state(model, cand.keep, cand.cost, accuracy, step_index, final, pruner)
         self._state = new_state
         info = self._info(cand.accuracy, cand.cost, cand.keep, step_index, self._episode_evaluations,
                           0.0 if cached else cand.time_prune, t_imp, 0.0 if cached else cand.time_eval,
@@ -762,7 +780,8 @@ class PruneEnv(gym.Env):
         """Release the models and cached tensors."""
         self._state = None
         self._initial_state = None
+        self._probe = None
         super().close()
 
 
-__all__ = ["PruneEnv", "ACTION_MODES", "METRICS", "GROUP_FEATURES", "GLOBAL_FEATURES"]
+__all__ = ["PruneEnv", "ACTION_MODES", "METRICS", "GROUP_FEATURES", "GLOBAL_FEATURES", "DEFAULT_VAL_SIZE"]

@@ -1,0 +1,503 @@
+"""Compare an original and a pruned model: test accuracy, MACs and params, file size, measured latency and
+throughput (CPU, and CUDA when available), with optional TorchScript / ONNX export checked against the module.
+
+    python evaluate.py runs/quickstart                       # a run folder written by train_agent.py
+    python evaluate.py runs/quickstart --export torchscript onnx --max-test 1000
+    python evaluate.py --original A.pt --pruned B.pt --dataset cifar100 --data-root data
+
+Writes evaluation.md and evaluation.json into the run folder (or --out) and prints the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from tqdm.auto import tqdm
+
+from pruning_env.checkpoint import atomic_write_text, load_model, resolve_device, seed_everything
+from pruning_env.costs import count_costs
+from pruning_env.data import DatasetSplits, make_datasets, preload
+from pruning_env.export import (EXPORT_HINT, export_onnx, export_torchscript, max_abs_diff, quiet_jit)
+from pruning_env.training import _logits, evaluate
+
+FORMAT = "rl-prune-evaluation/1"
+EXPORT_FORMATS = ("torchscript", "onnx")
+TRAIN_HINT = ("python train_agent.py  (offline quickstart, writes runs/quickstart) or "
+              "python train_agent.py --config configs/X.yaml --name NAME  (writes runs/NAME)")
+#: images evaluated per progress-bar update (several batches, so the bar costs nothing measurable)
+_ACCURACY_CHUNK = 1024
+
+
+class EvaluationError(Exception):
+    """A user-facing problem (missing file, wrong dataset); ``main`` turns it into a one-line exit message."""
+
+
+# ----------------------------------------------------------------------------------------------------------- inputs
+
+def read_run_settings(run_dir: Path) -> Dict[str, Any]:
+    """Data settings, input size and seed of a run folder, from metrics.json (or config.yaml if the run did not
+    finish writing metrics).
+
+    :param run_dir: a folder written by ``train_agent.py``.
+    :return: dict with the keys it could find among ``dataset``, ``data_root``, ``val_size``, ``split_seed``,
+        ``input_size``, ``seed``.
+    """
+    settings: Dict[str, Any] = {}
+    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.yaml"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        data = metrics.get("data") or {}
+        settings.update({k: data[k] for k in ("dataset", "data_root", "val_size", "split_seed") if k in data})
+        settings.setdefault("dataset", metrics.get("dataset"))
+        if metrics.get("input_size"):
+            settings["input_size"] = tuple(int(v) for v in metrics["input_size"])
+        if metrics.get("seed") is not None:
+            settings["seed"] = int(metrics["seed"])
+    elif config_path.is_file():
+        cfg = yaml.safe_load(config_path.read_text()) or {}
+        env = cfg.get("env") or {}
+        settings.update({k: env[k] for k in ("dataset", "data_root", "val_size", "split_seed") if k in env})
+        if cfg.get("seed") is not None:
+            settings["seed"] = int(cfg["seed"])
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def resolve_inputs(args: argparse.Namespace) -> Tuple[Path, Path, Dict[str, Any], Optional[Path], Path]:
+    """(original path, pruned path, data settings, run folder or None, output folder) from the CLI arguments."""
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is not None:
+        if not run_dir.is_dir():
+            raise EvaluationError(f"run folder not found: {run_dir}. Create it with: {TRAIN_HINT}")
+        settings = read_run_settings(run_dir)
+        original = Path(args.original) if args.original else run_dir / "original_model.pt"
+        pruned = Path(args.pruned) if args.pruned else run_dir / "pruned_model.pt"
+        resume = f"python train_agent.py --config {run_dir / 'config.yaml'} --name {run_dir.name} --resume"
+        for path, role in ((original, "original"), (pruned, "pruned")):
+            if not path.is_file():
+                raise EvaluationError(f"{role} model not found: {path}. The run did not finish; complete it with: "
+                                      f"{resume}  (or start a new one with: {TRAIN_HINT})")
+    else:
+        if not (args.original and args.pruned):
+            raise EvaluationError("give a run folder (python evaluate.py runs/NAME) or both --original A.pt and "
+                                  "--pruned B.pt (with --dataset NAME)")
+        settings = {}
+        original, pruned = Path(args.original), Path(args.pruned)
+        for path, flag in ((original, "--original"), (pruned, "--pruned")):
+            if not path.is_file():
+                raise EvaluationError(f"{flag} model not found: {path}. Pretrained models come from "
+                                      f"python -m pruning_env.pretrain, pruned ones from: {TRAIN_HINT}")
+    for key in ("dataset", "data_root", "val_size", "split_seed", "seed"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if not settings.get("dataset"):
+        raise EvaluationError("no dataset known: pass --dataset NAME (cifar10, cifar100, npz:PATH, "
+                              "imagefolder:PATH, digits, synthetic)")
+    out = Path(args.out) if args.out else (run_dir if run_dir is not None else pruned.parent)
+    return original, pruned, settings, run_dir, out
+
+
+def load_splits(settings: Dict[str, Any]) -> DatasetSplits:
+    """The dataset of a run with its split settings (the test split is what we report on).
+
+    :param settings: ``dataset`` and optionally ``data_root``, ``val_size``, ``split_seed``.
+    """
+    name = settings["dataset"]
+    try:
+        return make_datasets(name, root=settings.get("data_root", "data"), download=False,
+                             val_size=settings.get("val_size"), seed=int(settings.get("split_seed", 0)),
+                             augment=False)
+    except (FileNotFoundError, ValueError) as err:
+        raise EvaluationError(f"cannot load dataset {name!r} (data_root {settings.get('data_root', 'data')!r}): "
+                              f"{err}. Pass --dataset / --data-root to point at the data the run used.") from err
+
+
+def load_models(original: Path, pruned: Path) -> Tuple[nn.Module, nn.Module]:
+    """Both models on CPU in eval mode (zoo checkpoints, pickled modules or TorchScript files)."""
+    models = []
+    for path in (original, pruned):
+        with warnings.catch_warnings(), quiet_jit():
+            # load_model lets torch.load dispatch TorchScript archives to torch.jit.load, which is intended here
+            warnings.filterwarnings("ignore", message=".*TorchScript archive", category=UserWarning)
+            try:
+                model = load_model(path, map_location="cpu")
+            except (FileNotFoundError, ValueError) as err:
+                raise EvaluationError(str(err)) from err
+            except Exception as err:  # unpickling errors of files that are not models at all
+                raise EvaluationError(f"cannot load {path} as a model ({type(err).__name__}: {err}); expected "
+                                      f"a .pt written by train_agent.py / pruning_env.pretrain or a TorchScript "
+                                      f"file") from err
+        models.append(model.cpu().eval())
+    return models[0], models[1]
+
+
+# ----------------------------------------------------------------------------------------------------- measurements
+
+def model_costs(model: nn.Module, input_size: Sequence[int]) -> Dict[str, Optional[int]]:
+    """MACs per image and params via :func:`pruning_env.costs.count_costs` (MACs need an eager module: a
+    TorchScript model reports ``None``, since hooks cannot see inside it)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return {"macs": None, "params": sum(p.numel() for p in model.parameters())}
+    cost = count_costs(model, tuple(input_size), device="cpu")
+    return {"macs": int(cost.macs), "params": int(cost.params)}
+
+
+def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int,
+                desc: str = "accuracy", progress: bool = True) -> Dict[str, float]:
+    """Top-1 / top-5 / loss of ``model`` on preloaded test tensors via :func:`pruning_env.training.evaluate`,
+    in chunks so that a progress bar can follow (the chunk results are exact, weighted by their size)."""
+    totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0}
+    n = 0
+    with tqdm(total=len(x), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, len(x), _ACCURACY_CHUNK):
+            part = evaluate(model, (x[start:start + _ACCURACY_CHUNK], y[start:start + _ACCURACY_CHUNK]), device,
+                            batch_size=batch_size)
+            for key in totals:
+                totals[key] += part[key] * part["n"]
+            n += part["n"]
+            bar.update(part["n"])
+    return {**{k: v / n for k, v in totals.items()}, "n": n}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_forward(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, desc: str = "timing",
+                 progress: bool = True) -> List[float]:
+    """Seconds of each of ``repeats`` forward passes on ``x`` after ``warmup`` untimed ones; on CUDA the device
+    is synchronised around every pass so that the time covers the kernels, not just their launch.
+
+    :param model: the model, already on ``x``'s device and in eval mode.
+    :param x: the input batch.
+    """
+    device = x.device
+    for _ in range(warmup):
+        model(x)
+    _sync(device)
+    times = []
+    for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        _sync(device)
+        start = time.perf_counter()
+        model(x)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_speed(model: nn.Module, input_size: Sequence[int], device: torch.device, batch_size: int = 256,
+                  repeats: int = 30, warmup: int = 5, seed: int = 0, desc: str = "",
+                  progress: bool = True) -> Dict[str, float]:
+    """Batch-1 latency (median and p90, ms) and throughput (images/s at ``batch_size``, from the median batch
+    time) of ``model`` on ``device``, on seeded random inputs (speed does not depend on the values).
+
+    :param model: the model (a copy is moved to ``device``; the original stays where it is).
+    :param input_size: ``(C, H, W)``.
+    :param repeats: timed passes for each of the two measurements.
+    :param warmup: untimed passes before each measurement (allocator, cuDNN autotuning, thread pools).
+    """
+    runner = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+    runner.eval()
+    g = torch.Generator().manual_seed(seed)
+    one = torch.randn(1, *input_size, generator=g).to(device)
+    batch = torch.randn(batch_size, *input_size, generator=g).to(device)
+    lat = np.asarray(time_forward(runner, one, repeats, warmup, f"{desc} {device.type} batch 1", progress)) * 1e3
+    thr = np.asarray(time_forward(runner, batch, repeats, warmup, f"{desc} {device.type} batch {batch_size}",
+                                  progress))
+    if runner is not model:
+        del runner
+        torch.cuda.empty_cache()
+    return {"latency_ms_median": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
+            "latency_ms_mean": float(lat.mean()), "batch_size": int(batch_size),
+            "batch_ms_median": float(np.median(thr) * 1e3),
+            "throughput_ips": float(batch_size / np.median(thr)), "repeats": int(repeats), "warmup": int(warmup)}
+
+
+def machine_info(threads: int) -> Dict[str, Any]:
+    """What the timings were measured on (they mean nothing without it)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else float(a) / float(b)
+
+
+def compare(original: nn.Module, pruned: nn.Module, x: torch.Tensor, y: torch.Tensor, input_size: Sequence[int],
+            device: torch.device, speed_devices: Sequence[torch.device] = (), batch_size: int = 256,
+            repeats: int = 30, warmup: int = 5, seed: int = 0, progress: bool = True) -> Dict[str, Any]:
+    """Measure both models and their ratios (pruned / original).
+
+    :param original: the unpruned model (CPU, eval).
+    :param pruned: the pruned model (CPU, eval).
+    :param x: test images (already normalised), ``y`` their labels.
+    :param input_size: ``(C, H, W)`` for the cost model and the timing inputs.
+    :param device: where accuracy is measured.
+    :param speed_devices: where latency / throughput are measured (empty: skip timing).
+    :return: ``{"original": {...}, "pruned": {...}, "ratios": {...}}``.
+    """
+    report: Dict[str, Any] = {}
+    for role, model in (("original", original), ("pruned", pruned)):
+        entry: Dict[str, Any] = dict(model_costs(model, input_size))
+        runner = model if device.type == "cpu" else copy.deepcopy(model).to(device)
+        acc = accuracy_on(runner, x, y, device, batch_size, f"{role} test accuracy", progress)
+        del runner
+        entry.update(top1=acc["top1"], top5=acc["top5"], loss=acc["loss"], n_test=acc["n"])
+        entry["speed"] = {}
+        for dev in speed_devices:
+            entry["speed"][dev.type] = measure_speed(model, input_size, dev, batch_size, repeats, warmup, seed,
+                                                     role, progress)
+        report[role] = entry
+    o, p = report["original"], report["pruned"]
+    ratios: Dict[str, Any] = {
+        "macs": _ratio(p["macs"], o["macs"]), "params": _ratio(p["params"], o["params"]),
+        "top1_delta": p["top1"] - o["top1"], "top5_delta": p["top5"] - o["top5"],
+        "speedup_theoretical": _ratio(o["macs"], p["macs"]), "speedup": {},
+    }
+    for dev in o["speed"]:
+        so, sp = o["speed"][dev], p["speed"][dev]
+        ratios["speedup"][dev] = {"latency": _ratio(so["latency_ms_median"], sp["latency_ms_median"]),
+                                  "throughput": _ratio(sp["throughput_ips"], so["throughput_ips"])}
+    report["ratios"] = ratios
+    return report
+
+
+def run_exports(pruned: nn.Module, example: torch.Tensor, formats: Sequence[str], out_dir: Path,
+                stem: str) -> Dict[str, Dict[str, Any]]:
+    """Export ``pruned`` to each format as ``out_dir/{stem}.ts|.onnx``; every file is checked against the module.
+
+    :param example: a batch of real test images for tracing and for the output check.
+    """
+    results: Dict[str, Dict[str, Any]] = {}
+    for fmt in formats:
+        if fmt == "torchscript":
+            path = out_dir / f"{stem}.ts"
+            method = export_torchscript(pruned, example, path)
+            with quiet_jit():
+                diff = max_abs_diff(pruned, torch.jit.load(str(path), map_location="cpu"), example)
+            results[fmt] = {"path": str(path), "method": method, "max_abs_diff": diff, "checked_with": "torch.jit"}
+        elif fmt == "onnx":
+            path = out_dir / f"{stem}.onnx"
+            outcome = export_onnx(pruned, example, path)
+            results[fmt] = {"path": str(path), "method": f"{outcome.exporter} exporter",
+                            "max_abs_diff": outcome.max_abs_diff, "checked_with": "onnxruntime"}
+        else:
+            raise EvaluationError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
+        results[fmt]["file_mb"] = path.stat().st_size / 1e6
+        results[fmt]["examples"] = int(example.shape[0])
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------- report
+
+def _num(v: Optional[float], unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    for div, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}{unit}".rstrip()
+    return f"{v:.3g} {unit}".rstrip()
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def _x(v: Optional[float], word: str = "") -> str:
+    return "n/a" if v is None else f"{v:.2f}x{(' ' + word) if word else ''}"
+
+
+def format_markdown(result: Dict[str, Any]) -> str:
+    """The evaluation as a markdown page: settings, the comparison table, the speedup line, the exports."""
+    o, p, r = result["original"], result["pruned"], result["ratios"]
+    data, machine = result["data"], result["machine"]
+    lines = [f"# Evaluation: {result['run_dir'] or result['pruned']['path']}", ""]
+    lines.append(f"- original: `{o['path']}`; pruned: `{p['path']}`")
+    subset = f" (a seeded subset of {data['max_test']})" if data.get("max_test") else ""
+    lines.append(f"- dataset: `{data['dataset']}`, test split, {o['n_test']} images{subset}; input "
+                 f"{'x'.join(map(str, result['input_size']))}; accuracy measured on {result['settings']['device']}")
+    gpu = f", GPU {machine['cuda']}" if machine.get("cuda") else ""
+    lines.append(f"- machine: {machine['cpu']}, {machine['cpu_count']} logical cores, torch threads: "
+                 f"{machine['torch_threads']}{gpu}; torch {machine['torch']}")
+    lines += ["", "| | original | pruned | pruned / original |", "|---|---:|---:|---:|"]
+    lines.append(f"| test top-1 | {_pct(o['top1'])} | {_pct(p['top1'])} | {100 * r['top1_delta']:+.2f} pp |")
+    lines.append(f"| test top-5 | {_pct(o['top5'])} | {_pct(p['top5'])} | {100 * r['top5_delta']:+.2f} pp |")
+    macs_note = "" if r["macs"] is None else f"{r['macs']:.3f} ({_x(r['speedup_theoretical'], 'fewer')})"
+    lines.append(f"| MACs / image | {_num(o['macs'])} | {_num(p['macs'])} | {macs_note or 'n/a'} |")
+    lines.append(f"| params | {_num(o['params'])} | {_num(p['params'])} | {r['params']:.3f} |")
+    lines.append(f"| file size | {o['file_mb']:.2f} MB | {p['file_mb']:.2f} MB | {r['file_size']:.3f} |")
+    for dev in o["speed"]:
+        so, sp, su = o["speed"][dev], p["speed"][dev], r["speedup"][dev]
+        name = dev.upper()
+        lines.append(f"| {name} latency, batch 1, median | {so['latency_ms_median']:.3f} ms | "
+                     f"{sp['latency_ms_median']:.3f} ms | {_x(su['latency'], 'faster')} |")
+        lines.append(f"| {name} latency, batch 1, p90 | {so['latency_ms_p90']:.3f} ms | {sp['latency_ms_p90']:.3f} ms"
+                     f" | {_x(_ratio(so['latency_ms_p90'], sp['latency_ms_p90']), 'faster')} |")
+        lines.append(f"| {name} throughput, batch {so['batch_size']} | {so['throughput_ips']:,.0f} img/s | "
+                     f"{sp['throughput_ips']:,.0f} img/s | {_x(su['throughput'])} |")
+    lines.append("")
+    if o["macs"] is None or p["macs"] is None:
+        lines += ["MACs n/a: a TorchScript model hides its layers from the cost model (count_costs); evaluate the "
+                  "eager .pt file for MACs.", ""]
+    if o["speed"]:
+        measured = "; ".join(f"{dev.upper()} {_x(s['latency'])} at batch 1, {_x(s['throughput'])} at batch "
+                             f"{o['speed'][dev]['batch_size']}" for dev, s in r["speedup"].items())
+        lines.append(f"Measured speedup: {measured}; theoretical (MACs ratio): {_x(r['speedup_theoretical'])}. "
+                     f"Timings: median of {result['settings']['repeats']} passes after "
+                     f"{result['settings']['warmup']} warm-up passes.")
+    else:
+        lines.append(f"Theoretical speedup (MACs ratio): {_x(r['speedup_theoretical'])}; latency not measured "
+                     f"(--no-latency).")
+    if result["exports"]:
+        lines += ["", "| export of the pruned model | file | size | max abs diff vs module |", "|---|---|---:|---:|"]
+        for fmt, e in result["exports"].items():
+            label = "TorchScript" if fmt == "torchscript" else "ONNX"
+            lines.append(f"| {label} ({e['method']}) | `{Path(e['path']).name}` | {e['file_mb']:.2f} MB | "
+                         f"{e['max_abs_diff']:.2e} ({e['checked_with']}, {e['examples']} test images) |")
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python evaluate.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="run folder written by train_agent.py (runs/NAME)")
+    p.add_argument("--original", help="original model file (default RUN_DIR/original_model.pt); zoo checkpoints, "
+                                      "pickled modules and TorchScript files are accepted")
+    p.add_argument("--pruned", help="pruned model file (default RUN_DIR/pruned_model.pt)")
+    p.add_argument("--dataset", help="dataset (default: the run's): cifar10, cifar100, npz:PATH, imagefolder:PATH, "
+                                     "digits, synthetic")
+    p.add_argument("--data-root", dest="data_root", help="folder with the CIFAR files (default: the run's, or data)")
+    p.add_argument("--val-size", dest="val_size", type=int, help="validation images held out (default: the run's)")
+    p.add_argument("--split-seed", dest="split_seed", type=int, help="seed of the data split (default: the run's)")
+    p.add_argument("--max-test", dest="max_test", type=int, help="evaluate a seeded subset of N test images")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="accuracy device; timings on CPU and CUDA (auto, when available), or only this one")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256,
+                   help="batch size for accuracy and throughput (default 256)")
+    p.add_argument("--repeats", type=int, default=30, help="timed forward passes per measurement (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed passes before each measurement (default 5)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for the measurements (default: torch's)")
+    p.add_argument("--no-latency", dest="latency", action="store_false", help="skip latency / throughput")
+    p.add_argument("--export", nargs="+", choices=EXPORT_FORMATS, default=[],
+                   help=f"also export the pruned model and check its outputs (ONNX needs {EXPORT_HINT})")
+    p.add_argument("--seed", type=int, help="seed of the test subset and timing inputs (default: the run's, or 0)")
+    p.add_argument("--out", help="folder for evaluation.md/json and exports (default: RUN_DIR, or the pruned "
+                                 "model's folder)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for key in ("batch_size", "repeats", "threads", "max_test"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise EvaluationError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    if args.warmup < 0:
+        raise EvaluationError(f"--warmup must be 0 or more, got {args.warmup}")
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """Evaluate as the parsed CLI arguments say, write evaluation.md / evaluation.json, return the result."""
+    t_start = time.perf_counter()
+    _validate(args)
+    original_path, pruned_path, settings, run_dir, out_dir = resolve_inputs(args)
+    try:
+        device = resolve_device(None if args.device == "auto" else args.device)
+    except RuntimeError as err:
+        raise EvaluationError(f"{err} (--device {args.device})") from err
+    seed = int(settings.get("seed", 0))
+    seed_everything(seed)
+    splits = load_splits(settings)
+    input_size = tuple(settings.get("input_size") or splits.input_size)
+    if tuple(splits.input_size) != input_size:
+        raise EvaluationError(f"the run used inputs {input_size} but dataset {settings['dataset']!r} gives "
+                              f"{tuple(splits.input_size)}; pass the run's --dataset")
+    original, pruned = load_models(original_path, pruned_path)
+    x, y = preload(splits.test, n=args.max_test, seed=seed)
+    for path, model in ((original_path, original), (pruned_path, pruned)):
+        with torch.inference_mode():
+            classes = _logits(model(x[:2])).shape[1]
+        if classes != splits.num_classes:
+            raise EvaluationError(f"{path} predicts {classes} classes but dataset {settings['dataset']!r} has "
+                                  f"{splits.num_classes}; pass the dataset the model was trained on (--dataset)")
+
+    speed_devices: List[torch.device] = []
+    if args.latency:
+        if args.device in ("auto", "cpu"):
+            speed_devices.append(torch.device("cpu"))
+        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
+            speed_devices.append(torch.device("cuda"))
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = compare(original, pruned, x, y, input_size, device, speed_devices, args.batch_size, args.repeats,
+                         args.warmup, seed, args.progress)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads_before)
+    for role, path in (("original", original_path), ("pruned", pruned_path)):
+        result[role] = {"path": str(path), "file_mb": path.stat().st_size / 1e6, **result[role]}
+    result["ratios"]["file_size"] = _ratio(result["pruned"]["file_mb"], result["original"]["file_mb"])
+    try:
+        exports = run_exports(pruned, x[:8], args.export, out_dir, pruned_path.stem) if args.export else {}
+    except (ImportError, RuntimeError) as err:  # missing optional dependency, or an unfaithful export
+        raise EvaluationError(str(err)) from err
+    result = {
+        "format": FORMAT, "run_dir": None if run_dir is None else str(run_dir), "out_dir": str(out_dir),
+        "data": {"dataset": settings["dataset"], "data_root": settings.get("data_root", "data"),
+                 "val_size": settings.get("val_size"), "split_seed": int(settings.get("split_seed", 0)),
+                 "n_test": int(len(x)), "max_test": args.max_test},
+        "input_size": list(input_size),
+        "settings": {"device": str(device), "speed_devices": [d.type for d in speed_devices],
+                     "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
+                     "threads": threads, "seed": seed},
+        "machine": machine_info(threads),
+        **result, "exports": exports,
+    }
+    result["seconds"] = time.perf_counter() - t_start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(format_markdown(result), out_dir / "evaluation.md")
+    atomic_write_text(json.dumps(result, indent=2), out_dir / "evaluation.json")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point; user errors exit with a one-line message naming the bad input and the fix."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except EvaluationError as err:
+        raise SystemExit(f"error: {err}") from None
+    out = Path(result["out_dir"])
+    print(format_markdown(result))
+    print(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
