@@ -140,6 +140,22 @@ def test_budget_meets_cumulative_goal(synthetic_splits, mode):
     assert abs(last["flops_reduction"] - 0.5) < 0.06
 
 
+def test_budget_is_met_when_the_named_groups_cannot_carry_it(synthetic_splits):
+    # only one group named: even at max_step_sparsity it cannot remove half the FLOPs alone, so the env
+    # raises the other groups to a common floor instead of silently missing the budget
+    env = make_env(synthetic_splits, model=TinyNet(), action_mode="sparsity", budget="flops", n_steps=1,
+                   target=0.5)
+    env.reset(seed=0)
+    action = np.zeros(env.n_groups, dtype=np.float32)
+    action[-1] = 1.0
+    _, _, terminated, _, info = env.step(action)
+    assert terminated
+    assert abs(info["flops_reduction"] - 0.5) < 0.06
+    # the named group is pruned hardest
+    removed = 1.0 - info["kept_channels"] / env.original_channels
+    assert removed[-1] == removed.max()
+
+
 def test_distribution_channel_budget_is_authors_m(synthetic_splits):
     env = make_env(synthetic_splits, action_mode="distribution", target_metric="channels", n_steps=4, target=0.4)
     env.reset(seed=0)

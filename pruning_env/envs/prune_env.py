@@ -137,7 +137,8 @@ class PruneEnv(gym.Env):
       ``[0, max_step_sparsity]`` (values outside the space are clipped, not rejected). With ``budget`` set
       (``"flops"``, ``"channels"`` or ``"params"``) the whole vector is rescaled by one scalar (bisection on
       the analytic cost) so that the step meets its cumulative goal exactly (up to channel granularity); an
-      all-zero action then counts as uniform.
+      all-zero action then counts as uniform, and when the named groups cannot carry the goal even at
+      ``max_step_sparsity`` the other groups are raised to a common sparsity floor (never a missed budget).
     * ``"distribution"``: the authors' way (spec §2.1-2.4). The entries are clipped at 0, groups already at
       their channel floor are zeroed, and the rest is normalised (all zero means uniform). The distribution
       splits this step's budget of ``M`` layer-channels with :func:`distribution_to_counts`. For a channel
@@ -572,7 +573,19 @@ class PruneEnv(gym.Env):
             # below this bracket width no group's removed count can move by more than 1/100 of a channel
             tol = 1e-2 / max(float((s * current).max()), 1e-12)
             scale, _ = bisect_increasing(lambda x: reduction(keep_at(x)), goal, 0.0, hi, iters=60, tol=tol)
-            return keep_at(scale), float(scale)
+            if reduction(keep_at(scale)) >= goal - 1e-9 or scale < hi:
+                return keep_at(scale), float(scale)
+            # the groups the action names are all at max_step_sparsity and the goal is still out of reach:
+            # raise every group's sparsity to a common floor, as little as needed, instead of missing the budget
+            top = np.clip(hi * s, 0.0, self.max_step_sparsity)
+
+            def keep_floor(f: float) -> np.ndarray:
+                return self._keep_counts(pruner, np.maximum(top, f), current)
+
+            tol = 1e-2 / max(float(current.max()), 1.0)
+            f, _ = bisect_increasing(lambda x: reduction(keep_floor(x)), goal, 0.0, self.max_step_sparsity,
+                                     iters=60, tol=tol)
+            return keep_floor(f), float(hi)
 
         floor = self._floor_keep(pruner, current)
         max_remove = current - floor
