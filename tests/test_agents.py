@@ -15,35 +15,12 @@ from agents.rl_pruner import (RLPrunerAgent, TopKBuffer, adjust_distribution, ep
                               sample_action, update_distribution)
 from pruning_env.envs.budget import distribution_to_counts
 from pruning_env.envs.prune_env import PruneEnv
-
-
-class TinyNet(nn.Module):
-    """conv1 | conv2+conv3 (a residual add: one group of two layers) | fc1 | classifier."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(12)
-        self.conv2 = nn.Conv2d(12, 16, 3, padding=1, stride=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(16)
-        self.fc1 = nn.Linear(16, 20)
-        self.fc2 = nn.Linear(20, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        x = torch.relu(x + self.bn3(self.conv3(x)))
-        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.fc2(torch.relu(self.fc1(x)))
+from tiny import TinyNet, tiny_splits
 
 
 @pytest.fixture(scope="module")
 def splits():
-    from pruning_env.data import make_synthetic
-
-    return make_synthetic(n_train=160, n_test=32, num_classes=10, image_size=16, seed=0)
+    return tiny_splits()
 
 
 def make_env(splits, **kwargs):

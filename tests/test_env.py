@@ -8,51 +8,18 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from pruning_env.costs import count_costs
 from pruning_env.data import preload
 from pruning_env.envs.prune_env import GLOBAL_FEATURES, GROUP_FEATURES, PruneEnv
 from pruning_env.training import evaluate
-
-
-class TinyNet(nn.Module):
-    """conv-bn-relu x2 (the second pair closes a residual add), pool, fc hidden, classifier."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(12)
-        self.conv2 = nn.Conv2d(12, 16, 3, padding=1, stride=2, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
-        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(16)
-        self.fc1 = nn.Linear(16, 20)
-        self.fc2 = nn.Linear(20, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        x = torch.relu(x + self.bn3(self.conv3(x)))
-        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs are far faster on one thread than on two contended ones (OpenMP spin-waits)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from tiny import TinyNet, tiny_splits
 
 
 @pytest.fixture
 def synthetic_splits():
     """Generated 16x16 images: a quarter of the conftest set's compute (the box is shared by many)."""
-    from pruning_env.data import make_synthetic
-
-    return make_synthetic(n_train=160, n_test=32, num_classes=10, image_size=16, seed=0)
+    return tiny_splits()
 
 
 def make_env(splits, **kwargs):

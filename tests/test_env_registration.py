@@ -19,15 +19,6 @@ import pruning_env
 from pruning_env.envs.registration import QUICKSTART_KWARGS, prunable_models, prune_env_ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs are far faster on one thread than on two contended ones."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _md5(path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
