@@ -24,7 +24,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from agents.config import load_config, parse_overrides  # noqa: E402
-from benchmarks.compare_agents import DEFAULT_CONFIG, fmt, load_unit, mean_std, run_unit, unit_config  # noqa: E402
+from benchmarks.compare_agents import (DEFAULT_CONFIG, failures_section, fmt, load_unit, mean_std, run_unit,  # noqa: E402
+                                       unit_config)
 from pruning_env.checkpoint import atomic_write_text  # noqa: E402
 
 #: per-run numbers aggregated over seeds: (key, label, reader of metrics.json)
@@ -247,14 +248,7 @@ def render_markdown(meta: Dict[str, Any], summary: List[Dict[str, Any]], same: L
                   "that differs between them changed no decision of the search:", ""]
         lines += [f"- seed {g['seed']}: {', '.join(g['cells'])}" for g in same]
         lines.append("")
-    if failures or missing:
-        lines += ["## Missing or failed units", ""]
-        for unit, tb in failures.items():
-            last = tb.strip().splitlines()[-1] if tb.strip() else "?"
-            lines.append(f"- `{unit}` failed: `{last}` (traceback in the JSON)")
-        for unit in missing:
-            lines.append(f"- `{unit}` not run (yet)")
-        lines.append("")
+    lines += failures_section(failures, missing, "the JSON")
     lines += ["![reward ablation](ablate_reward.png)", "",
               f"Wall time: {meta['units_wall_s'] / 60:.1f} min summed over the {meta['n_units']} finished units "
               f"(each unit's `seconds.total`).", "", f"Command: `{meta['command']}`", ""]

@@ -349,19 +349,27 @@ def render_markdown(meta: Dict[str, Any], summary: Dict[str, Any], verdicts: Lis
                              f"{e['last_quarter_std']:.4f} | {e['improvement']:+.4f} | {num(e['welch_t'], '+.2f')} | "
                              f"{e['best_training_reward']:.4f} | {e['final_deterministic_reward']:.4f} |")
         lines += ["", meta["sb3_statement"], ""]
-    if failures or missing:
-        lines += ["## Missing or failed units", ""]
-        for unit, tb in failures.items():
-            last = tb.strip().splitlines()[-1] if tb.strip() else "?"
-            lines.append(f"- `{unit}` failed: `{last}` (traceback in the run folder's error.txt and the JSON)")
-        for unit in missing:
-            lines.append(f"- `{unit}` not run (yet)")
-        lines.append("")
+    lines += failures_section(failures, missing, "the run folder's error.txt and the JSON")
     lines += ["![test accuracy vs FLOPs reduction](compare_agents.png)", "",
               f"Benchmark wall time: {meta['units_wall_s'] / 60:.1f} min summed over the "
               f"{meta['n_units']} finished units (each unit's `seconds.total`).", "",
               f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
+
+
+def failures_section(failures: Dict[str, str], missing: Sequence[str], where: str) -> List[str]:
+    """Markdown lines listing failed units (last traceback line) and units not run yet; empty when none.
+
+    :param where: where the full tracebacks are, for the reader.
+    """
+    if not failures and not missing:
+        return []
+    lines = ["## Missing or failed units", ""]
+    for unit, tb in failures.items():
+        last = tb.strip().splitlines()[-1] if tb.strip() else "?"
+        lines.append(f"- `{unit}` failed: `{last}` (traceback in {where})")
+    lines += [f"- `{unit}` not run (yet)" for unit in missing]
+    return lines + [""]
 
 
 def statement(summary: Dict[str, Any], verdicts: List[Dict[str, Any]]) -> str:
