@@ -16,6 +16,13 @@ import torch.nn as nn
 PathLike = Union[str, os.PathLike]
 
 
+def _default_mode(path: str) -> None:
+    """Give a mkstemp file (0600) the mode a plain ``open`` would have: 0666 minus the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file.
 
@@ -30,6 +37,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -45,6 +53,7 @@ def atomic_write_text(text: str, path: PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    _default_mode(tmp)
     os.replace(tmp, path)
     return path
 
