@@ -24,7 +24,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from agents.common.base import BasePruningAgent
 from agents.config import ConfigError, load_config
 from agents.registry import AGENTS, build_agent, build_env
-from pruning_env.checkpoint import atomic_save, atomic_write_text, rng_state, seed_everything, set_rng_state
+from pruning_env.checkpoint import (atomic_path, atomic_save, atomic_write_text, rng_state, seed_everything,
+                                    set_rng_state)
 from pruning_env.costs import count_costs
 from pruning_env.export import export_torchscript
 from pruning_env.training import evaluate, finetune
@@ -98,14 +99,11 @@ def write_steps_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     keys: List[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _format_cell(row.get(k, "")) for k in keys})
-    tmp.replace(path)
 
 
 def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> None:

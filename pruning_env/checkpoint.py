@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -16,46 +17,47 @@ import torch.nn as nn
 PathLike = Union[str, os.PathLike]
 
 
-def _default_mode(path: str) -> None:
-    """Give a mkstemp file (0600) the mode a plain ``open`` would have: 0666 minus the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+@contextmanager
+def atomic_path(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it only when the block succeeds: a crash never leaves half
+    a file. The file gets the mode a plain ``open`` would give (0666 minus the umask), not mkstemp's 0600.
+
+    :param path: destination; parent folders are created.
+    :param suffix: suffix of the temporary name (exporters that look at the extension need the real one).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file.
+    """``torch.save`` to a temporary file in the same folder, then rename (see :func:`atomic_path`).
 
     :param obj: anything ``torch.save`` accepts.
     :param path: destination; parent folders are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def atomic_write_text(text: str, path: PathLike) -> Path:
-    """Write a text file atomically (same folder temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    with os.fdopen(fd, "w") as f:
+    """Write a text file atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    _default_mode(tmp)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def default_checkpoint_path(model: str, dataset: str, width: float = 1.0, root: PathLike = "checkpoints") -> Path:

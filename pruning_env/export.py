@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from pruning_env.checkpoint import PathLike, atomic_path
 from pruning_env.training import _logits
 
-PathLike = Union[str, os.PathLike]
 #: default tolerance of the output checks (float32 kernels of different runtimes differ by ~1e-6)
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -32,21 +30,6 @@ def quiet_jit() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`?torch\.jit\.", category=FutureWarning)
         yield
-
-
-@contextmanager
-def _atomic_target(path: PathLike, suffix: str) -> Iterator[Path]:
-    """A temporary path in the destination folder that replaces ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _cpu_eval_copy(model: nn.Module) -> nn.Module:
@@ -107,7 +90,7 @@ def export_torchscript(model: nn.Module, example: torch.Tensor, path: PathLike, 
             scripted, method = torch.jit.script(module), "script"
         except Exception:  # data-dependent Python in forward: tracing is exact for these static CNNs
             scripted, method = torch.jit.trace(module, example), "trace"
-        with _atomic_target(path, ".ts") as tmp:
+        with atomic_path(path, ".ts") as tmp:
             torch.jit.save(scripted, str(tmp))
             # check the bytes on disk, not the in-memory object: that is what a user deploys
             reloaded = torch.jit.load(str(tmp), map_location="cpu")
@@ -172,7 +155,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: PathLike, atol: f
     if example.shape[0] < 2:
         example = example.repeat(2, *([1] * (example.dim() - 1)))
     names = dict(input_names=["input"], output_names=["logits"])
-    with _atomic_target(path, ".onnx") as tmp:
+    with atomic_path(path, ".onnx") as tmp:
         try:
             # one self-contained file (weights inline, fine below ONNX's 2 GB limit): a side-car .data file
             # would keep the temporary name after the atomic rename
