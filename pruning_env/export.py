@@ -4,11 +4,10 @@ same outputs as the module: used by ``train_agent.py`` (pruned_model.ts) and ``e
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
