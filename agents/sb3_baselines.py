@@ -117,9 +117,10 @@ class SymmetricAction(gym.ActionWrapper):
     """SB3's symmetric box [-1, 1] to the env's per-group sparsities [floor, 1]: ``floor + (1 - floor)(x + 1)/2``.
 
     The floor keeps every group's value positive. The env rescales a sparsity action by one scalar to meet the
-    step's budget, so a group sent exactly 0 can never be pruned; a policy that clips most groups to -1 (SB3's
-    Gaussian policies often do) would then miss the budget and be rewarded for a model that was pruned less.
-    With a positive floor the budget is always reachable, as it is for random search's U(0, 1) actions.
+    step's budget, so a group sent exactly 0 takes no part in that scale: when a policy clips most groups to -1
+    (SB3's Gaussian policies often do), the env's fallback (a common sparsity floor for all groups) decides
+    where the rest of the budget goes. With a positive floor the policy's own action carries the budget, as
+    random search's U(0, 1) actions do.
 
     :param env: the env (or wrapper) with a ``Box(0, 1)`` action space.
     :param floor: smallest value sent to the env (0 gives the plain linear map of ``RescaleAction``).
