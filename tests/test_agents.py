@@ -7,15 +7,13 @@ import math
 
 import numpy as np
 import pytest
-import torch
 import torch.nn as nn
 
 from agents.heuristics import GlobalTaylorPruner, RandomSearch, UniformPruner
 from agents.rl_pruner import (RLPrunerAgent, TopKBuffer, adjust_distribution, epsilon_at, initial_distribution,
                               sample_action, update_distribution)
 from pruning_env.envs.budget import distribution_to_counts
-from pruning_env.envs.prune_env import PruneEnv
-from tiny import TinyNet, tiny_splits
+from tiny import tiny_env, tiny_splits
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +22,8 @@ def splits():
 
 
 def make_env(splits, **kwargs):
-    torch.manual_seed(0)
-    defaults = dict(model=TinyNet(), dataset=splits, reward_samples=24, calibration_size=16, seed=0,
-                    record_timings=False, action_mode="distribution", n_steps=2, target=0.5, alpha=0.0, beta=0.0)
-    defaults.update(kwargs)
-    return PruneEnv(**defaults)
+    return tiny_env(splits, **{**dict(action_mode="distribution", n_steps=2, target=0.5, alpha=0.0, beta=0.0),
+                               **kwargs})
 
 
 def strip_times(history):

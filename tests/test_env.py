@@ -11,9 +11,9 @@ import torch
 
 from pruning_env.costs import count_costs
 from pruning_env.data import preload
-from pruning_env.envs.prune_env import GLOBAL_FEATURES, GROUP_FEATURES, PruneEnv
+from pruning_env.envs.prune_env import GLOBAL_FEATURES, GROUP_FEATURES
 from pruning_env.training import evaluate
-from tiny import TinyNet, tiny_splits
+from tiny import TinyNet, tiny_env, tiny_splits
 
 
 @pytest.fixture
@@ -23,11 +23,7 @@ def synthetic_splits():
 
 
 def make_env(splits, **kwargs):
-    torch.manual_seed(0)
-    defaults = dict(model=TinyNet(), dataset=splits, reward_samples=24, calibration_size=16, seed=0,
-                    record_timings=False, recovery_batch_size=16)
-    defaults.update(kwargs)
-    return PruneEnv(**defaults)
+    return tiny_env(splits, **{"recovery_batch_size": 16, **kwargs})
 
 
 @pytest.fixture

@@ -28,6 +28,17 @@ class TinyNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+def tiny_env(splits, **kwargs):
+    """A seeded PruneEnv over a fresh TinyNet with small reward and calibration sets; ``kwargs`` override."""
+    from pruning_env.envs.prune_env import PruneEnv
+
+    torch.manual_seed(0)
+    defaults = dict(model=TinyNet(), dataset=splits, reward_samples=24, calibration_size=16, seed=0,
+                    record_timings=False)
+    defaults.update(kwargs)
+    return PruneEnv(**defaults)
+
+
 def tiny_splits():
     """Generated 16x16 images, 10 classes: a quarter of the conftest set's compute."""
     from pruning_env.data import make_synthetic
