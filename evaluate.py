@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import time
 import warnings
@@ -26,7 +24,8 @@ import torch.nn as nn
 import yaml
 from tqdm.auto import tqdm
 
-from pruning_env.checkpoint import atomic_write_text, load_model, resolve_device, seed_everything
+from pruning_env.checkpoint import load_model
+from pruning_env.runtime import atomic_write_text, machine_info, resolve_device, seed_everything, sync
 from pruning_env.costs import count_costs
 from pruning_env.data import DatasetSplits, make_datasets, preload
 from pruning_env.export import (EXPORT_HINT, export_onnx, export_torchscript, max_abs_diff, quiet_jit)
@@ -170,10 +169,6 @@ def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
     return {**{k: v / n for k, v in totals.items()}, "n": n}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @torch.inference_mode()
 def time_forward(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, desc: str = "timing",
@@ -187,13 +182,13 @@ def time_forward(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, d
     device = x.device
     for _ in range(warmup):
         model(x)
-    _sync(device)
+    sync(device)
     times = []
     for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         model(x)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -225,20 +220,6 @@ def measure_speed(model: nn.Module, input_size: Sequence[int], device: torch.dev
             "batch_ms_median": float(np.median(thr) * 1e3),
             "throughput_ips": float(batch_size / np.median(thr)), "repeats": int(repeats), "warmup": int(warmup)}
 
-
-def machine_info(threads: int) -> Dict[str, Any]:
-    """What the timings were measured on (they mean nothing without it)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:

@@ -24,8 +24,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from agents.common.base import BasePruningAgent
 from agents.config import ConfigError, load_config
 from agents.registry import AGENTS, build_agent, build_env
-from pruning_env.checkpoint import (atomic_path, atomic_save, atomic_write_text, rng_state, seed_everything,
-                                    set_rng_state)
+from pruning_env.runtime import atomic_path, atomic_save, atomic_write_text, rng_state, seed_everything, set_rng_state
 from pruning_env.costs import count_costs
 from pruning_env.export import export_torchscript
 from pruning_env.training import evaluate, finetune

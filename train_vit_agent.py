@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 import yaml
 
 from agents.vit_ddqn import AllPatches, RandomPatches, ViTDDQN
 from agents.vit_ddqn.evaluation import (agent_mask_fn, evaluate_patches, images_per_second, mean_gflops,
                                         random_mask_fn)
-from pruning_env.checkpoint import atomic_write_text, resolve_device, save_checkpoint, seed_everything
+from pruning_env.checkpoint import save_checkpoint
+from pruning_env.runtime import atomic_write_text, resolve_device, seed_everything, sync
 from pruning_env.data import preload
 from pruning_env.envs.patch_env import PatchSelectEnv
 from pruning_env.models.vit import state_macs, vit_gflops
@@ -106,10 +106,6 @@ def build_agent(policy: str, env: PatchSelectEnv, agent_kwargs: Dict[str, Any], 
     return ViTDDQN(env, **kwargs)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def run_training(config: Dict[str, Any]) -> Dict[str, Any]:
     """Train the ViT through the patch env with the configured policy and evaluate it on the test split.
@@ -141,19 +137,19 @@ def run_training(config: Dict[str, Any]) -> Dict[str, Any]:
     def on_step(locals_: Dict[str, Any], _globals: Dict[str, Any]) -> bool:
         info = locals_["info"]
         if info.get("epoch_end") and ev["val_each_epoch"]:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             res = evaluate_patches(model, val, None, device, ev["batch_size"])
-            _sync(device)
+            sync(device)
             eval_time[0] += time.perf_counter() - t0
             history.append({"epoch": info["epoch"] + 1, "val_top1": res["top1"], "val_loss": res["loss"],
                             "train_loss_last": info["loss"]})
         return True
 
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     agent.learn(total_timesteps=env.total_steps, callback=on_step, progress_bar=bool(cfg["progress"]))
-    _sync(device)
+    sync(device)
     train_time = time.perf_counter() - t0 - eval_time[0]
 
     kept = np.asarray(agent.kept_history)

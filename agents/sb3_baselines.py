@@ -16,7 +16,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from agents.common.base import BasePruningAgent, make_callback, unwrap_env
-from pruning_env.checkpoint import atomic_save
+from pruning_env.runtime import atomic_save
 
 
 def sb3_algorithms() -> Dict[str, type]:

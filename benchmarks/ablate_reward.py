@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from agents.config import load_config, parse_overrides  # noqa: E402
 from benchmarks.compare_agents import (DEFAULT_CONFIG, failures_section, fmt, load_unit, mean_std, run_unit,  # noqa: E402
                                        unit_config)
-from pruning_env.checkpoint import atomic_write_text  # noqa: E402
+from pruning_env.runtime import atomic_write_text  # noqa: E402
 
 #: per-run numbers aggregated over seeds: (key, label, reader of metrics.json)
 METRICS = (

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from pruning_env.checkpoint import atomic_write_text  # noqa: E402
+from pruning_env.runtime import atomic_write_text  # noqa: E402
 from train_vit_agent import run_training  # noqa: E402
 
 POLICY_LABELS = {"full": "all patches (plain ViT)", "faithful": "faithful agent (notebook)",

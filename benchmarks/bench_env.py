@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from pruning_env.checkpoint import atomic_write_text, default_checkpoint_path, resolve_device  # noqa: E402
+from pruning_env.checkpoint import default_checkpoint_path  # noqa: E402
+from pruning_env.runtime import atomic_write_text, resolve_device, sync  # noqa: E402
 from pruning_env.envs.prune_env import PruneEnv  # noqa: E402
 from pruning_env.training import evaluate  # noqa: E402
 
@@ -56,10 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _actions(n_groups: int, count: int, seed: int) -> List[np.ndarray]:
     """Distinct moderate actions (a look-ahead cache hit would time nothing)."""
@@ -85,27 +82,27 @@ def bench_config(env: PruneEnv, repeats: int) -> Dict[str, Any]:
         root.candidates.clear()
         t0 = time.perf_counter()
         env.evaluate_action(actions[i])
-        _sync(device)
+        sync(device)
         cold = time.perf_counter() - t0
         root.candidates.clear()
         t0 = time.perf_counter()
         _, info = env.evaluate_action(actions[i])
-        _sync(device)
+        sync(device)
         total = time.perf_counter() - t0
         cand = root.candidates[actions[i].astype(np.float32).tobytes()]
         # the floor: the same evaluation of the same pruned model on the same images, nothing else
         t0 = time.perf_counter()
         evaluate(cand.model, env._val, device=device, batch_size=env.eval_batch_size, amp=env.amp,
                  channels_last=env.channels_last)
-        _sync(device)
+        sync(device)
         plain = time.perf_counter() - t0
         # a plain pass over a model with shapes never seen before: the floor of a cold look-ahead
         fresh = root.pruner.apply(root.pruner.plan(keep=env._keep_for(root, actions[2 * repeats + i])[0]))
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         evaluate(fresh, env._val, device=device, batch_size=env.eval_batch_size, amp=env.amp,
                  channels_last=env.channels_last)
-        _sync(device)
+        sync(device)
         plain_cold = time.perf_counter() - t0
         rows.append(dict(cold=cold, total=total, prune=info["time_prune"], eval=info["time_eval"], plain=plain,
                          ratio=total / plain, plain_cold=plain_cold))
@@ -114,7 +111,7 @@ def bench_config(env: PruneEnv, repeats: int) -> Dict[str, Any]:
         root.candidates.clear()
         t0 = time.perf_counter()
         _, _, terminated, _, info = env.step(actions[repeats + i])
-        _sync(device)
+        sync(device)
         step.append(dict(total=time.perf_counter() - t0, prune=info["time_prune"],
                          importance=info["time_importance"], eval=info["time_eval"], terminated=terminated))
     med = lambda rs, k: float(np.median([r[k] for r in rs]))  # noqa: E731
@@ -151,7 +148,7 @@ def main(argv=None) -> int:
             build = time.perf_counter() - t0
             t0 = time.perf_counter()
             env.reset(seed=0)
-            _sync(device)
+            sync(device)
             first_reset = time.perf_counter() - t0
             row = dict(config=name, reward_samples=len(env._val[1]), n_groups=env.n_groups, env_build_s=build,
                        first_reset_s=first_reset, original_accuracy=env.original_accuracy,

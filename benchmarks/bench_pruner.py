@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from pruning_env.checkpoint import atomic_write_text  # noqa: E402
+from pruning_env.runtime import atomic_write_text  # noqa: E402
 from pruning_env.costs import count_costs  # noqa: E402
 from pruning_env.models import create_model  # noqa: E402
 from pruning_env.pruning import Pruner  # noqa: E402

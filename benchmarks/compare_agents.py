@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from agents.config import load_config  # noqa: E402
 from agents.registry import AGENTS, env_kwargs  # noqa: E402
-from pruning_env.checkpoint import atomic_write_text  # noqa: E402
+from pruning_env.runtime import atomic_write_text  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "bench_cpu_vgg19w025_npz.yaml"
 #: the evaluation budget the issue asks for (RL-Pruner: 3 steps x 10 samples x 10 RL epochs)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pruning_env.checkpoint import PathLike, atomic_path
+from pruning_env.runtime import PathLike, atomic_path
 from pruning_env.training import _logits
 
 #: default tolerance of the output checks (float32 kernels of different runtimes differ by ~1e-6)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from pruning_env.checkpoint import (atomic_save, atomic_write_text, default_checkpoint_path, resolve_device,
-                                    rng_state, save_checkpoint, seed_everything, set_rng_state)
+from pruning_env.checkpoint import default_checkpoint_path, save_checkpoint
+from pruning_env.runtime import atomic_save, atomic_write_text, resolve_device, rng_state, seed_everything, set_rng_state
 from pruning_env.data import make_datasets, make_loader
 from pruning_env.models import create_model, list_models
 from pruning_env.training import evaluate, make_sgd, train_epoch, warmup_cosine

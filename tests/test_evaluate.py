@@ -12,7 +12,8 @@ import torch
 # evaluate.py is a script at the repo root, not in the package: make it importable under plain `pytest` too
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402
-from pruning_env.checkpoint import atomic_save, save_checkpoint  # noqa: E402
+from pruning_env.checkpoint import save_checkpoint  # noqa: E402
+from pruning_env.runtime import atomic_save  # noqa: E402
 from pruning_env.costs import count_costs  # noqa: E402
 from pruning_env.data import make_synthetic  # noqa: E402
 from pruning_env.export import EXPORT_HINT, export_onnx, export_torchscript, max_abs_diff, quiet_jit  # noqa: E402

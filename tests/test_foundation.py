@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pruning_env.checkpoint import (atomic_save, default_checkpoint_path, load_model, read_meta,
-                                    save_checkpoint, seed_everything)
+from pruning_env.checkpoint import default_checkpoint_path, load_model, read_meta, save_checkpoint
+from pruning_env.runtime import atomic_save, seed_everything
 from pruning_env.data import make_datasets, make_synthetic, preload
 from pruning_env.training import evaluate, finetune, kd_loss, warmup_cosine
 

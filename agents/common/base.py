@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
 
-from pruning_env.checkpoint import atomic_save
+from pruning_env.runtime import atomic_save
 
 #: what ``learn(callback=...)`` accepts, as in SB3
 MaybeCallback = Union[None, Callable, BaseCallback, Sequence[BaseCallback]]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pruning_env.checkpoint import atomic_save, resolve_device
+from pruning_env.runtime import atomic_save, resolve_device
 
 #: ``callback(locals_, globals_) -> bool``, SB3's functional-callback convention: return False to stop.
 Callback = Optional[Callable[[Dict[str, Any], Dict[str, Any]], Optional[bool]]]

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from pruning_env.checkpoint import resolve_device, seed_everything
+from pruning_env.runtime import resolve_device, seed_everything, sync
 from pruning_env.data import DatasetSplits, make_datasets, make_loader
 # the ids live in the light registration module (this one pulls in torchvision); re-exported for old imports
 from pruning_env.envs.registration import PATCH_ENV_IDS, register_patch_envs
@@ -63,10 +63,6 @@ def random_topk_mask(n: int, k: int, generator: Optional[torch.Generator] = None
     mask[torch.randperm(n, generator=generator)[:k]] = True
     return mask.to(device)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PatchSelectEnv(gym.Env):
@@ -236,10 +232,10 @@ class PatchSelectEnv(gym.Env):
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _timed_state(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         state = self.compute_state(x)
-        _sync(self.device)
+        sync(self.device)
         return state, time.perf_counter() - t0
 
     # ------------------------------------------------------------------ gym API
@@ -289,14 +285,14 @@ class PatchSelectEnv(gym.Env):
         self.global_step += 1
 
         self.model.train()
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         logits = self.model(x, keep=None if kept == self.n_patches else mask)
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        _sync(self.device)
+        sync(self.device)
         step_time = time.perf_counter() - t0
 
         reward_step = self.batch_in_epoch % self.reward_every == 0

@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 from gymnasium import spaces
 
-from pruning_env.checkpoint import default_checkpoint_path, load_model, resolve_device
+from pruning_env.checkpoint import default_checkpoint_path, load_model
+from pruning_env.runtime import resolve_device, sync
 from pruning_env.costs import Cost, count_costs, layer_macs
 from pruning_env.data import DatasetSplits, make_datasets, preload
 from pruning_env.envs.budget import (bisect_increasing, channel_sparsity, charged, cumulative_goal,
@@ -476,10 +477,6 @@ class PruneEnv(gym.Env):
                                f"after {state.step_index} steps; call reset() to start a new one")
         return state
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _evaluate(self, model: nn.Module) -> float:
         return float(evaluate(model, self._val, device=self.device, batch_size=self.eval_batch_size,
                               amp=self.amp, channels_last=self.channels_last)["top1"])
@@ -500,7 +497,7 @@ class PruneEnv(gym.Env):
             result = pruner.compute_importance(self._calibration, criterion=self.importance_criterion,
                                                train_mode=self.importance_train_mode)
             importance = _importance_means(result, pruner, self.n_groups)
-            self._sync()
+            sync(self.device)
             stuck = bool(np.all(self._floor_keep(pruner, channels) >= channels))
         time_importance = time.perf_counter() - t0
         g_macs, g_params = _group_costs(model, self._members, self.input_size, self.device)
@@ -614,7 +611,7 @@ class PruneEnv(gym.Env):
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model.eval()
-        self._sync()
+        sync(self.device)
         t1 = time.perf_counter()
         accuracy = self._evaluate(model)
         t2 = time.perf_counter()
