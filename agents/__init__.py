@@ -10,15 +10,13 @@ from typing import Any
 
 _LAZY = {
     "BasePruningAgent": "agents.common.base",
+    "PruneMonitor": "agents.common.monitor",
     "RLPrunerAgent": "agents.rl_pruner.rl_pruner",
     "UniformPruner": "agents.heuristics",
     "GlobalTaylorPruner": "agents.heuristics",
     "RandomSearch": "agents.heuristics",
     "SB3Agent": "agents.sb3_baselines",
     "AGENTS": "agents.registry",
-    "build_agent": "agents.registry",
-    "build_env": "agents.registry",
-    "load_config": "agents.config",
 }
 
 

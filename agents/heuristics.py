@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from agents.common.base import BasePruningAgent
-from pruning_env.envs.budget import cumulative_goal
+from pruning_env.envs.budget import bisect_increasing, cumulative_goal
 
 
 def _to_action(env: Any, removed_fraction: np.ndarray) -> np.ndarray:
@@ -24,17 +24,6 @@ def _to_action(env: Any, removed_fraction: np.ndarray) -> np.ndarray:
     removed = frac * np.asarray(env.current_channels, dtype=np.float64) * np.asarray(env.layer_counts)
     total = removed.sum()
     return removed / total if total > 0 else np.full(env.n_groups, 1.0 / env.n_groups)
-
-
-def current_pruner(env: Any) -> Any:
-    """The pruning engine of the env's current state (its cached per-channel importance included)."""
-    pruner = getattr(env, "pruner", None)
-    if pruner is None:
-        pruner = getattr(env.snapshot(), "pruner", None)
-    if pruner is None:
-        raise RuntimeError("the env exposes no pruner for its current state (episode over?); global Taylor "
-                           "needs PruneEnv's per-channel importance")
-    return pruner
 
 
 class UniformPruner(BasePruningAgent):
@@ -91,35 +80,22 @@ class GlobalTaylorPruner(BasePruningAgent):
                 deterministic: bool = True) -> Tuple[np.ndarray, Any]:
         """The global-threshold action for the env's current state."""
         env = self.penv
-        pruner = current_pruner(env)
+        pruner = env.pruner
+        if pruner is None:
+            raise RuntimeError("the env's episode is over (no pruner for a final state); reset it before predict()")
         if pruner.importance is None:
             raise RuntimeError("the env's pruner has no importance scores for this state")
         scores = [np.asarray(s, dtype=np.float64) / max(float(np.mean(s)), 1e-12) for s in pruner.importance]
-        current = np.asarray(env.current_channels)
-        metric = env.budget or env.target_metric
         goal = cumulative_goal(env.target, env.step_index + 1, env.n_steps)
-        original = env.original_cost
 
         def reduction(threshold: float) -> float:
-            keep = current - np.floor(self.removed_fractions(threshold, scores) * current + 0.5).astype(np.int64)
-            keep = np.maximum(keep, 1)
-            if metric == "channels":
-                k = np.asarray(env.layer_counts)
-                return 1.0 - float((k * keep).sum()) / float((k * env.original_channels).sum())
-            cost = pruner.plan_cost(keep=keep)
-            if metric == "params":
-                return 1.0 - cost.params / original.params
-            return 1.0 - cost.macs / original.macs
+            # the engine's rounding and floor turn fractions into kept channels, as in the env's own steps
+            return env.reduction(pruner.keep_counts(self.removed_fractions(threshold, scores)))
 
-        lo, hi = 0.0, max(float(np.max(s)) for s in scores if s.size) + 1.0
-        for _ in range(50):  # smallest threshold reaching the goal: reduction grows with the threshold
-            mid = 0.5 * (lo + hi)
-            if reduction(mid) >= goal:
-                hi = mid
-            else:
-                lo = mid
-        self._threshold = hi
-        return _to_action(env, self.removed_fractions(hi, scores)), state
+        top = max(float(np.max(s)) for s in scores if s.size) + 1.0
+        # reduction grows with the threshold: the threshold whose plan is closest to the step's goal
+        self._threshold, _ = bisect_increasing(reduction, goal, 0.0, top, iters=50)
+        return _to_action(env, self.removed_fractions(self._threshold, scores)), state
 
     _threshold = float("nan")
 
@@ -160,13 +136,13 @@ class RandomSearch(BasePruningAgent):
         best_reward, best_action = -np.inf, None
         for _ in range(self.n_candidates):
             action = self._random_action()
-            reward, _ = env.evaluate_action(action)
+            reward, _ = self.env.evaluate_action(action)
             if reward > best_reward:
                 best_reward, best_action = reward, action
             elif int(getattr(env, "lookahead_cache", 0)) >= 2:
                 # a free look-up that keeps the best candidate in the env's LRU cache, so that stepping it
                 # reuses the built model instead of evaluating it again (the budget stays n_candidates)
-                env.evaluate_action(best_action)
+                self.env.evaluate_action(best_action)
         self._best_action = best_action
         return best_action, {"best_candidate_reward": float(best_reward)}
 
@@ -178,4 +154,4 @@ class RandomSearch(BasePruningAgent):
         return self._random_action(), state
 
 
-__all__ = ["UniformPruner", "GlobalTaylorPruner", "RandomSearch", "current_pruner"]
+__all__ = ["UniformPruner", "GlobalTaylorPruner", "RandomSearch"]

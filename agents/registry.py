@@ -1,15 +1,15 @@
-"""The table of pruning agents that train_agent.py and the benchmarks can run: one entry per agent kind, with
-the env settings it needs and how the shared evaluation budget maps onto its arguments.
+"""The table of pruning agents that the run layer (``rl_prune``) and the benchmarks can run: one entry per agent
+kind, with the env settings it needs and how the shared evaluation budget maps onto its arguments.
 
-Adding an agent is one ``AGENTS`` entry; ``build_env`` and ``build_agent`` do the rest from a config.
+Adding an agent is one ``AGENTS`` entry; ``rl_prune.pipeline.build_env`` / ``build_agent`` do the rest from a
+config.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 #: zoo-style hyperparameter files of the SB3 baselines
 SB3_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "sb3"
@@ -24,6 +24,8 @@ class AgentSpec:
         those that are not forced).
     :param sb3_algo: SB3 algorithm name for SB3 baselines (hyperparameters from ``configs/sb3/{algo}.yaml``).
     :param budget_arg: for search agents, the constructor argument that receives ``budget / n_steps``.
+    :param kwargs: constructor arguments of this entry (a mode of a class another entry also uses); the
+        config's ``agents.NAME`` overrides them.
     :param description: one line for ``--help`` and docs.
     """
 
@@ -32,6 +34,7 @@ class AgentSpec:
     sb3_algo: Optional[str] = None
     budget_arg: Optional[str] = None
     description: str = ""
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 def _sb3(algo: str, description: str) -> AgentSpec:
@@ -42,6 +45,10 @@ def _sb3(algo: str, description: str) -> AgentSpec:
 AGENTS: Dict[str, AgentSpec] = {
     "rl_pruner": AgentSpec("agents.rl_pruner:RLPrunerAgent", {"action_mode": "distribution"},
                            description="faithful RL-Pruner (pruning distribution, look-ahead, PPO-style clip)"),
+    "rl_pruner_improved": AgentSpec("agents.rl_pruner:RLPrunerAgent", {"action_mode": "distribution"},
+                                    kwargs={"collapse_reference": "reset_candidate"},
+                                    description="RL-Pruner whose collapse guard compares with the width-proportional "
+                                                "reset point (docs/agents.md)"),
     "uniform": AgentSpec("agents.heuristics:UniformPruner", description="same sparsity for every group"),
     "global_taylor": AgentSpec("agents.heuristics:GlobalTaylorPruner",
                                description="globally least important channels (Torch-Pruning global pruning)"),
@@ -55,85 +62,16 @@ AGENTS: Dict[str, AgentSpec] = {
     "trpo": _sb3("trpo", "sb3-contrib TRPO"),
 }
 
+
 def agent_class(name: str) -> type:
-    """The class of agent ``name``."""
+    """The class of agent ``name``.
+
+    :param name: a key of :data:`AGENTS`, e.g. ``"rl_pruner"``.
+    """
     if name not in AGENTS:
         raise ValueError(f"unknown agent {name!r}; choose from {', '.join(AGENTS)}")
     module, _, cls = AGENTS[name].target.partition(":")
     return getattr(importlib.import_module(module), cls)
 
 
-def env_kwargs(cfg: Dict[str, Any], name: str) -> Dict[str, Any]:
-    """PruneEnv keyword arguments for agent ``name`` under config ``cfg``: the registered id's defaults, then
-    the config's ``env``, then the agent's own settings (e.g. one-step episodes for SB3), then
-    ``agents.NAME.env``."""
-    spec = AGENTS[name]
-    base = dict(cfg.get("env", {}))
-    kwargs: Dict[str, Any] = {}
-    env_id = base.pop("id", None)
-    if env_id is not None:
-        import gymnasium as gym
-
-        import pruning_env  # noqa: F401  (registers the ids)
-
-        kwargs.update(copy.deepcopy(gym.spec(env_id).kwargs))
-    kwargs.update(base)
-    kwargs.update(spec.env)
-    kwargs.update(dict((cfg.get("agents", {}).get(name) or {}).get("env", {}) or {}))
-    if cfg.get("device") is not None:
-        kwargs["device"] = cfg["device"]
-    kwargs.setdefault("seed", cfg.get("seed", 0))
-    return kwargs
-
-
-def build_env(cfg: Dict[str, Any], name: str) -> Any:
-    """The PruneEnv for agent ``name`` under config ``cfg``."""
-    from pruning_env.envs.prune_env import PruneEnv
-
-    return PruneEnv(**env_kwargs(cfg, name))
-
-
-def sb3_hyperparams(algo: str, cfg_agent: Dict[str, Any], env_id: Optional[str]) -> Dict[str, Any]:
-    """Zoo hyperparameters of ``algo`` with the config's per-agent overrides applied."""
-    from agents.sb3_baselines import load_zoo_hyperparams
-
-    from agents.config import ConfigError, sb3_keys
-
-    path = cfg_agent.get("config") or SB3_CONFIG_DIR / f"{algo}.yaml"
-    hp = load_zoo_hyperparams(algo, path, env_id)
-    allowed = sb3_keys(algo) - {"config", "env"}
-    bad = sorted(set(hp) - allowed)
-    if bad:
-        raise ConfigError(f"{path}: unknown {algo} hyperparameters {bad}; valid keys: {', '.join(sorted(allowed))}")
-    hp.update({k: v for k, v in cfg_agent.items() if k not in ("config", "env")})
-    return hp
-
-
-def build_agent(cfg: Dict[str, Any], name: str, env: Any,
-                tensorboard_log: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
-    """The agent and the keyword arguments of its ``learn`` call.
-
-    The config's ``budget`` (evaluations) becomes ``total_timesteps`` of an SB3 baseline and
-    ``budget // n_steps`` look-aheads per step of a search agent.
-    """
-    spec = AGENTS[name]
-    cls = agent_class(name)
-    cfg_agent = dict(cfg.get("agents", {}).get(name) or {})
-    budget = cfg.get("budget")
-    seed = cfg.get("seed", 0)
-    learn: Dict[str, Any] = {}
-    if spec.sb3_algo is not None:
-        hp = sb3_hyperparams(spec.sb3_algo, cfg_agent, cfg.get("env", {}).get("id"))
-        n_timesteps = int(hp.pop("n_timesteps", 1000))
-        learn["total_timesteps"] = int(budget) if budget is not None else n_timesteps
-        agent = cls(env, algo=spec.sb3_algo, seed=seed, tensorboard_log=tensorboard_log, **hp)
-        return agent, learn
-    kwargs = {k: v for k, v in cfg_agent.items() if k != "env"}
-    if spec.budget_arg is not None and budget is not None:
-        kwargs[spec.budget_arg] = max(1, int(budget) // int(env.n_steps))
-    agent = cls(env, seed=seed, tensorboard_log=tensorboard_log, **kwargs)
-    return agent, learn
-
-
-__all__ = ["AGENTS", "AgentSpec", "agent_class", "build_env", "build_agent", "env_kwargs", "sb3_hyperparams",
-           "SB3_CONFIG_DIR"]
+__all__ = ["AGENTS", "AgentSpec", "agent_class", "SB3_CONFIG_DIR"]

@@ -7,16 +7,17 @@ as random search keeps its best candidate. Hyperparameters come from ``configs/s
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import gymnasium as gym
 import numpy as np
 
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
-from agents.common.base import BasePruningAgent, make_callback, unwrap_env
-from pruning_env.runtime import atomic_save
+from agents.common.base import BasePruningAgent, make_callback
+from agents.common.save_util import load_agent, save_agent
 
 
 def sb3_algorithms() -> Dict[str, type]:
@@ -35,54 +36,6 @@ def sb3_algorithms() -> Dict[str, type]:
 
 #: the off-policy algorithms, whose zoo configs may name an action noise
 OFF_POLICY = ("sac", "td3", "ddpg")
-
-
-class EpisodeTracker(gym.Wrapper):
-    """Records every env step (the per-step history) and keeps the best finished episode's pruned model."""
-
-    def __init__(self, env: gym.Env) -> None:
-        super().__init__(env)
-        self.history: List[Dict[str, Any]] = []
-        self.best: Optional[Dict[str, Any]] = None
-        self.episodes = 0
-        self.evaluations_done = 0
-        self._actions: List[np.ndarray] = []
-        self._finished = True  # no episode is being counted
-
-    @property
-    def n_evaluations(self) -> int:
-        """Evaluations over all episodes (finished ones plus the current one)."""
-        current = 0 if self._finished else unwrap_env(self.env).n_evaluations
-        return self.evaluations_done + current
-
-    def reset(self, **kwargs):
-        if not self._finished:  # an episode abandoned midway still spent its evaluations
-            self.evaluations_done += unwrap_env(self.env).n_evaluations
-        self._actions = []
-        out = self.env.reset(**kwargs)
-        self._finished = False
-        return out
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self._actions.append(np.asarray(action, dtype=np.float64).copy())
-        row = {"timestep": len(self.history) + 1, "episode": self.episodes, "step": int(info["step"])}
-        for key in ("reward", "accuracy", "flops_reduction", "params_reduction", "channel_sparsity", "macs",
-                    "params"):
-            row[key] = float(info[key])
-        row["n_evaluations"] = self.n_evaluations
-        row["kept_channels"] = [int(k) for k in np.asarray(info["kept_channels"])]
-        self.history.append(row)
-        if terminated or truncated:
-            if self.best is None or float(reward) > self.best["reward"]:
-                self.best = {"reward": float(reward), "episode": self.episodes, "model": unwrap_env(self.env).model,
-                             "info": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in info.items()},
-                             "actions": [a.tolist() for a in self._actions]}
-            self.episodes += 1
-            self.evaluations_done += unwrap_env(self.env).n_evaluations
-            self._finished = True
-            self._actions = []
-        return obs, reward, terminated, truncated, info
 
 
 class StopAtTimesteps(BaseCallback):
@@ -159,8 +112,13 @@ def _action_noise(name: Optional[str], std: float, dim: int):
 class SB3Agent(BasePruningAgent):
     """A Stable-Baselines3 algorithm behind the pruning agents' surface.
 
-    :param env: ``PruneEnv(action_mode="sparsity", budget=...)``; it is wrapped in an :class:`EpisodeTracker`
-        and :class:`SymmetricAction` (SB3's Gaussian and tanh policies expect a symmetric box).
+    The env goes through the agents' :class:`~agents.common.monitor.PruneMonitor` (which SB3 takes as its
+    ``Monitor``, so episode returns reach SB3's logger too) and :class:`SymmetricAction` (SB3's Gaussian and
+    tanh policies expect a symmetric box); ``history``, ``best`` and ``n_evaluations`` come from the monitor,
+    as for every agent. A run cannot resume it mid-search (``supports_resume`` is False: SB3's rollout and
+    replay buffers are not part of a run checkpoint).
+
+    :param env: ``PruneEnv(action_mode="sparsity", budget=...)``.
     :param algo: ``"ppo"``, ``"a2c"``, ``"sac"``, ``"td3"``, ``"ddpg"`` or ``"trpo"``.
     :param policy: SB3 policy name.
     :param noise_type: off-policy exploration noise, ``"normal"`` or ``"ornstein-uhlenbeck"`` (zoo style).
@@ -173,6 +131,9 @@ class SB3Agent(BasePruningAgent):
     """
 
     action_mode = "sparsity"
+    supports_resume = False
+    #: name of SB3's own model zip inside the agent file
+    MODEL_PART = "sb3_model.zip"
 
     def __init__(self, env: Any = None, algo: str = "ppo", policy: str = "MlpPolicy",
                  noise_type: Optional[str] = None, noise_std: float = 0.1, action_floor: float = ACTION_FLOOR,
@@ -190,17 +151,20 @@ class SB3Agent(BasePruningAgent):
         self.action_floor = float(action_floor)
         self.hyperparams = dict(hyperparams)
         self.device = device
-        super().__init__(env, seed=seed, verbose=verbose, tensorboard_log=tensorboard_log)
         self.model = None
-        if env is not None:
-            self._build(env)
+        self.wrapped: Optional[SymmetricAction] = None
+        super().__init__(env, seed=seed, verbose=verbose, tensorboard_log=tensorboard_log)
 
-    def _build(self, env: Any) -> None:
-        self.tracker = EpisodeTracker(env)
-        self.wrapped = SymmetricAction(self.tracker, self.action_floor)
+    def set_env(self, env: Any) -> None:
+        """Attach a (new) env; a model built or loaded before keeps its weights (SB3's ``set_env``)."""
+        super().set_env(env)
+        self.wrapped = SymmetricAction(self.env, self.action_floor)
+        if self.model is not None:
+            self.model.set_env(self.wrapped)
+            return
         kwargs = copy.deepcopy(self.hyperparams)  # SB3 edits policy_kwargs in place (e.g. DDPG's n_critics)
         if self.noise_type is not None:
-            kwargs["action_noise"] = _action_noise(self.noise_type, self.noise_std, env.action_space.shape[0])
+            kwargs["action_noise"] = _action_noise(self.noise_type, self.noise_std, self.wrapped.action_space.shape[0])
         cls = sb3_algorithms()[self.algo]
         self.model = cls(self.policy, self.wrapped, seed=self.seed, verbose=self.verbose,
                          tensorboard_log=self.tensorboard_log, device=self.device, **kwargs)
@@ -210,10 +174,6 @@ class SB3Agent(BasePruningAgent):
                 "action_floor": self.action_floor, "seed": self.seed, "verbose": self.verbose,
                 "tensorboard_log": self.tensorboard_log,
                 "device": self.device, **self.hyperparams}
-
-    @property
-    def n_evaluations(self) -> int:
-        return self.tracker.n_evaluations if self.model is not None else 0
 
     def learn(self, total_timesteps: Optional[int] = None, callback: Any = None, log_interval: int = 1,
               tb_log_name: Optional[str] = None, reset_num_timesteps: bool = True,
@@ -243,27 +203,10 @@ class SB3Agent(BasePruningAgent):
                 action, _ = self.model.predict(obs, deterministic=True)
                 obs, _, terminated, truncated, _ = self.wrapped.step(action)
                 done = terminated or truncated
-            # SB3's vectorised env shares this env: give it a fresh episode so a later learn() can go on
-            self.model._last_obs = self.model.get_env().reset()
-            self.model._last_episode_starts = np.ones((self.model.get_env().num_envs,), dtype=bool)
+            # SB3's vectorised env shares this env: make SB3 reset it before it collects again
+            self.model.set_env(self.model.get_env(), force_reset=True)
         self.num_timesteps = self.model.num_timesteps
         return self
-
-    @property
-    def history(self) -> List[Dict[str, Any]]:  # type: ignore[override]
-        return self.tracker.history if self.model is not None else self._history
-
-    @history.setter
-    def history(self, value: List[Dict[str, Any]]) -> None:
-        self._history = value
-
-    @property
-    def best(self) -> Optional[Dict[str, Any]]:  # type: ignore[override]
-        return self.tracker.best if self.model is not None else self._best
-
-    @best.setter
-    def best(self, value: Optional[Dict[str, Any]]) -> None:
-        self._best = value
 
     def predict(self, observation: Any = None, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> Tuple[np.ndarray, Any]:
@@ -273,47 +216,34 @@ class SB3Agent(BasePruningAgent):
         action, state = self.model.predict(observation, state, episode_start, deterministic)
         return to_sparsity(action, self.action_floor), state
 
-    @staticmethod
-    def _files(path: Union[str, Path]) -> Tuple[Path, Path]:
-        """(results file, SB3 zip) of a save path: ``x.pt`` -> ``x.pt`` + ``x.zip``; ``x.zip`` -> ``x.pt`` +
-        ``x.zip`` (the two files never collide)."""
-        path = Path(path)
-        meta = path.with_suffix(".pt") if path.suffix == ".zip" else path
-        return meta, path.with_suffix(".zip")
-
     def save(self, path: Union[str, Path]) -> Path:
-        """SB3's zip of the model (``path`` with ``.zip``) plus a small file with the tracker's results
-        (``path``, or ``path`` with ``.pt`` when it ends in ``.zip``); returns the latter."""
+        """One agent file (:mod:`agents.common.save_util`): constructor arguments, the record, and SB3's own
+        model zip as a part."""
         if self.model is None:
             raise RuntimeError("no SB3 model to save: give the agent an env first")
-        path, zip_path = self._files(path)
-        self.model.save(zip_path)
-        best = None if self.tracker.best is None else {k: v for k, v in self.tracker.best.items() if k != "model"}
-        return atomic_save({"format": "rl-prune-sb3/1", "params": self.get_parameters(),
-                            "history": self.tracker.history, "best": best}, path)
+        buffer = io.BytesIO()
+        self.model.save(buffer)
+        state = {"num_timesteps": self.num_timesteps, "record": self._record_state(include_model=False)}
+        return save_agent(path, self, self.get_parameters(), state, files={self.MODEL_PART: buffer.getvalue()})
 
     @classmethod
     def load(cls, path: Union[str, Path], env: Any = None, **kwargs: Any) -> "SB3Agent":
-        """Rebuild an agent written by :meth:`save` (``env`` is needed to keep learning)."""
-        import torch
+        """Rebuild an agent written by :meth:`save` (``env`` is needed to keep learning).
 
-        path, zip_path = cls._files(path)
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(payload, dict) or payload.get("format") != "rl-prune-sb3/1":
-            raise ValueError(f"{path} is not an SB3Agent file (written by SB3Agent.save)")
-        params = dict(payload["params"])
+        :param path: the saved file.
+        :param env: env to attach.
+        :param kwargs: constructor arguments that override the saved ones.
+        """
+        saved_cls, parts = load_agent(path, cls)
+        params = dict(parts.data["params"])
         params.update(kwargs)
-        agent = cls(env=None, **params)
+        agent = saved_cls(env=None, **params)
         algo_cls = sb3_algorithms()[agent.algo]
+        agent.model = algo_cls.load(io.BytesIO(parts.files[cls.MODEL_PART]), device=agent.device)
+        agent.num_timesteps = int(parts.data["state"]["num_timesteps"])
+        agent.record.load_state_dict(parts.data["state"]["record"])
         if env is not None:
-            agent._build(env)
-            agent.model = algo_cls.load(zip_path, env=agent.wrapped, device=agent.device)
-            agent.tracker.history = list(payload["history"])
-        else:
-            agent.model = algo_cls.load(zip_path, device=agent.device)
-            agent.tracker = EpisodeTracker.__new__(EpisodeTracker)
-            agent.tracker.history, agent.tracker.best = list(payload["history"]), payload["best"]
-            agent.tracker.evaluations_done, agent.tracker._finished = 0, True
+            agent.set_env(env)
         return agent
 
 
@@ -336,5 +266,5 @@ def load_zoo_hyperparams(algo: str, path: Union[str, Path], env_id: Optional[str
     return copy.deepcopy(dict(data[section]))
 
 
-__all__ = ["SB3Agent", "EpisodeTracker", "StopAtTimesteps", "SymmetricAction", "to_sparsity", "ACTION_FLOOR",
+__all__ = ["SB3Agent", "StopAtTimesteps", "SymmetricAction", "to_sparsity", "ACTION_FLOOR",
            "sb3_algorithms", "load_zoo_hyperparams", "OFF_POLICY"]

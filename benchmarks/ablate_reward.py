@@ -5,7 +5,7 @@ where the learned pruning distribution decides how FLOPs, params and accuracy tr
     python benchmarks/ablate_reward.py --alphas 0 0.5 --betas 0 0.5 --seeds 2 --set finetune.epochs=0
 With a FLOPs budget (the comparison task) the FLOPs reduction is fixed and α does nothing, so every unit here
 uses the authors' setting: ``target_metric=channels`` (channel budget), ``action_mode=distribution``.
-Each (α, β, seed) is one ``train_agent.run`` into ``{out-dir}/a{α}_b{β}_s{seed}/``; finished units are skipped.
+Each (α, β, seed) is one ``rl_prune.pipeline.run`` into ``{out-dir}/a{α}_b{β}_s{seed}/``; finished units are skipped.
 """
 from __future__ import annotations
 
@@ -13,20 +13,19 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+from pruning_env.runtime import atomic_write_text
+from rl_prune.config import load_config, parse_overrides
+from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, run_unit, unit_config,
+                            unit_failure)
 
-from agents.config import load_config, parse_overrides  # noqa: E402
-from benchmarks.compare_agents import (DEFAULT_CONFIG, failures_section, fmt, load_unit, mean_std, run_unit,  # noqa: E402
-                                       unit_config)
-from pruning_env.runtime import atomic_write_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 #: per-run numbers aggregated over seeds: (key, label, reader of metrics.json)
 METRICS = (
@@ -44,7 +43,7 @@ METRICS = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="train_agent.py YAML config of the task")
+    p.add_argument("--config", default=str(BENCH_CONFIG), help="train_agent.py YAML config of the task")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="FLOPs-reduction weights α")
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.25, 0.5], help="params-reduction weights β")
     p.add_argument("--sparsity", type=float, default=0.3,
@@ -150,8 +149,8 @@ def write_report(args: argparse.Namespace, seeds: List[int], wall_s: float) -> P
                 m = load_unit(run_dir)
                 if m is not None:
                     cells.setdefault((a, b), []).append(m)
-                elif (run_dir / "error.txt").is_file():
-                    failures[run_dir.name] = (run_dir / "error.txt").read_text()
+                elif unit_failure(run_dir) is not None:
+                    failures[run_dir.name] = unit_failure(run_dir)
                 else:
                     missing.append(run_dir.name)
     if not cells:
@@ -166,12 +165,12 @@ def write_report(args: argparse.Namespace, seeds: List[int], wall_s: float) -> P
         summary.append(row)
     ref = next(iter(cells.values()))[0]
     cfg = load_config(args.config, ablation_overrides(args, args.alphas[0], args.betas[0]))
-    ft = cfg["finetune"]
-    ft_text = ("none (finetune.epochs=0): test top-1 after FT equals before FT" if int(ft["epochs"]) == 0 else
+    ft = asdict(cfg.finetune)
+    ft_text = ("none (finetune.epochs=0): test top-1 after FT equals before FT" if ft["epochs"] == 0 else
                f"the comparison's KD fine-tune ({', '.join(f'{k} {v}' for k, v in ft.items())})")
     meta = {"config": str(args.config), "alphas": args.alphas, "betas": args.betas, "seeds": seeds,
             "sparsity": args.sparsity, "overrides": args.overrides, "finetune": ft_text,
-            "rl_pruner": cfg["agents"].get("rl_pruner", {}), "env": {k: v for k, v in cfg["env"].items()},
+            "rl_pruner": cfg.agents.get("rl_pruner", {}), "env": dict(cfg.env),
             "threads": args.threads, "torch": torch.__version__, "device": ref["device"],
             "original_test_top1": ref["original"]["test_top1"],
             "units_wall_s": float(sum(m["seconds"]["total"] for runs in cells.values() for m in runs)),
@@ -274,9 +273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for a, b, seed in bar:
             name = unit_name(a, b, seed)
             bar.set_postfix(unit=name)
-            cfg = unit_config(args.config, "rl_pruner", seed, load_config(args.config)["budget"] or 300,
-                              ablation_overrides(args, a, b))
-            cfg["name"] = name
+            cfg = unit_config(args.config, "rl_pruner", seed, load_config(args.config).budget or 300,
+                              {**ablation_overrides(args, a, b), "name": name})
             status = run_unit(cfg, "rl_pruner", Path(args.out_dir) / name)
             if status["status"] != "skipped":
                 write_report(args, seeds, time.time() - t0)

@@ -16,12 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+from pruning_env.runtime import atomic_write_text
+from rl_prune.vit_run import run_training
 
-from pruning_env.runtime import atomic_write_text  # noqa: E402
-from train_vit_agent import run_training  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 POLICY_LABELS = {"full": "all patches (plain ViT)", "faithful": "faithful agent (notebook)",
                  "double_dqn": "double-DQN agent (top-k)", "random": "random masks (top-k)"}
@@ -210,7 +208,7 @@ def render(payload: Dict[str, Any], out: Path, stem: str) -> None:
           "\"random masks (same k)\": uniformly random k-subsets per batch with k = the agent's mean kept count "
           "(k* for the baselines). Train time: synchronised wall time of the joint loop (ViT steps, state "
           "passes, agent updates, data loading), validation excluded. GFLOPs analytic (2 x MACs, "
-          "`pruning_env.models.vit.vit_macs`, checked against FlopCounterMode in tests); the state pass runs "
+          "`pruning_env.costs.vit_macs`, checked against FlopCounterMode in tests); the state pass runs "
           "once per batch (twice on reward steps for the faithful agent).",
           "", f"Command: `{payload.get('command', 'python benchmarks/agentvit.py')}`"]
     atomic_write_text("\n".join(md) + "\n", out / f"{stem}.md")

@@ -19,14 +19,12 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+from pruning_env.checkpoint import default_checkpoint_path
+from pruning_env.envs.prune_env import PruneEnv
+from pruning_env.runtime import atomic_write_text, resolve_device, sync
+from pruning_env.training import evaluate
 
-from pruning_env.checkpoint import default_checkpoint_path  # noqa: E402
-from pruning_env.runtime import atomic_write_text, resolve_device, sync  # noqa: E402
-from pruning_env.envs.prune_env import PruneEnv  # noqa: E402
-from pruning_env.training import evaluate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "sparsity": dict(action_mode="sparsity", budget=None),
@@ -92,15 +90,15 @@ def bench_config(env: PruneEnv, repeats: int) -> Dict[str, Any]:
         cand = root.candidates[actions[i].astype(np.float32).tobytes()]
         # the floor: the same evaluation of the same pruned model on the same images, nothing else
         t0 = time.perf_counter()
-        evaluate(cand.model, env._val, device=device, batch_size=env.eval_batch_size, amp=env.amp,
+        evaluate(cand.model, env.task.reward_data, device=device, batch_size=env.eval_batch_size, amp=env.amp,
                  channels_last=env.channels_last)
         sync(device)
         plain = time.perf_counter() - t0
         # a plain pass over a model with shapes never seen before: the floor of a cold look-ahead
-        fresh = root.pruner.apply(root.pruner.plan(keep=env._keep_for(root, actions[2 * repeats + i])[0]))
+        fresh = env.pruner.apply(env.pruner.plan(keep=env.keep_for_action(actions[2 * repeats + i])))
         sync(device)
         t0 = time.perf_counter()
-        evaluate(fresh, env._val, device=device, batch_size=env.eval_batch_size, amp=env.amp,
+        evaluate(fresh, env.task.reward_data, device=device, batch_size=env.eval_batch_size, amp=env.amp,
                  channels_last=env.channels_last)
         sync(device)
         plain_cold = time.perf_counter() - t0
@@ -144,13 +142,14 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             env = PruneEnv(model=args.model, dataset=dataset, width=args.width, checkpoint=checkpoint,
                            auto_pretrain_epochs=args.pretrain_epochs, val_size=args.val_size, reward_samples=n,
-                           target=0.5, target_metric="flops", n_steps=2, device=str(device), seed=0, **kw)
+                           target=0.5, target_metric="flops", n_steps=2, device=str(device), seed=0,
+                           record_timings=True, **kw)
             build = time.perf_counter() - t0
             t0 = time.perf_counter()
             env.reset(seed=0)
             sync(device)
             first_reset = time.perf_counter() - t0
-            row = dict(config=name, reward_samples=len(env._val[1]), n_groups=env.n_groups, env_build_s=build,
+            row = dict(config=name, reward_samples=len(env.task.reward_data[1]), n_groups=env.n_groups, env_build_s=build,
                        first_reset_s=first_reset, original_accuracy=env.original_accuracy,
                        **bench_config(env, args.repeats))
             results.append(row)

@@ -23,15 +23,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
+from pruning_env.costs import count_costs
+from pruning_env.models import create_model
+from pruning_env.pruning import Pruner
+from pruning_env.runtime import atomic_write_text, sync
+from pruning_env.training import evaluate
 
-from pruning_env.runtime import atomic_write_text  # noqa: E402
-from pruning_env.costs import count_costs  # noqa: E402
-from pruning_env.models import create_model  # noqa: E402
-from pruning_env.pruning import Pruner  # noqa: E402
-from pruning_env.training import evaluate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,12 +66,10 @@ def _timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple:
     result = fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
         result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times), result
 
@@ -118,8 +114,7 @@ def bench_model(name: str, args: argparse.Namespace, calib: tuple, val: tuple) -
     for _ in range(r):
         t = time.perf_counter()
         pruned = pruner.apply(plan)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         ours.append(time.perf_counter() - t)
         tp_runs.append(_torch_pruning_build(model, pruner, plan, example))
     t_apply = statistics.median(ours)

@@ -1,45 +1,50 @@
-"""Every pruning agent on one PruneEnv task at the same evaluation budget, several seeds, the same final KD
-fine-tune: mean ± std table (markdown + JSON) and an accuracy-vs-FLOPs plot in benchmarks/results/.
+"""RL agents against the non-RL baselines on one PruneEnv task, at several FLOPs targets, at equal evaluation budgets
+and with the same final KD fine-tune: mean ± std tables, a verdict per target, markdown + JSON + plot.
 
-    python benchmarks/compare_agents.py                                   # all agents, 3 seeds, budget 300
-    python benchmarks/compare_agents.py --agents rl_pruner uniform --seeds 1 --threads 2
+    python benchmarks/compare_agents.py                                   # default agents, 50 % and 70 %, 5 seeds
+    python benchmarks/compare_agents.py --agents rl_pruner uniform --seeds 1 --targets 0.7
     python benchmarks/compare_agents.py --report-only                     # tables from the finished runs
-Each (agent, seed) is one ``train_agent.run`` into ``{out-dir}/{agent}_s{seed}/``; units whose metrics.json
-exists are skipped, so a killed benchmark continues where it stopped (rerun the same command).
+    python benchmarks/compare_agents.py --ft-check-epochs 3               # also: is the ranking stable vs FT length?
+
+Each (target, agent, seed) is one ``rl_prune.pipeline.run`` (``rl_prune.sweep.run_unit``) into
+``{out-dir}/t{target%}/{agent}_s{seed}/``; finished units are skipped, so a killed benchmark continues where it
+stopped (rerun the same command). Every agent's monitor stops look-aheads at the budget (``PruneMonitor``'s
+``max_evaluations``), and the env counts evaluations the same way for every agent.
 """
 from __future__ import annotations
 
 import argparse
-import csv
+import copy
 import json
 import math
-import os
 import platform
 import sys
 import time
-import traceback
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from agents.registry import AGENTS
+from pruning_env.runtime import atomic_write_text, seed_everything
+from pruning_env.training import evaluate, finetune
+from rl_prune.config import load_config
+from rl_prune.run_folder import RunFolder
+from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, num, run_unit, unit_config,
+                            unit_failure)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
-
-from agents.config import load_config  # noqa: E402
-from agents.registry import AGENTS, env_kwargs  # noqa: E402
-from pruning_env.runtime import atomic_write_text  # noqa: E402
-
-DEFAULT_CONFIG = ROOT / "configs" / "bench_cpu_vgg19w025_npz.yaml"
-#: the evaluation budget the issue asks for (RL-Pruner: 3 steps x 10 samples x 10 RL epochs)
-ISSUE_BUDGET = 300
-#: the baselines RL-Pruner has to beat at equal budget (the statement in the markdown)
+#: the agents compared by default (the SB3 baselines are left out on 2 CPU cores: see the results note)
+DEFAULT_AGENTS = ("rl_pruner", "rl_pruner_improved", "uniform", "global_taylor", "random_search")
+#: the non-RL baselines the best RL agent has to beat (uniform, global Taylor, random search at equal budget)
 BASELINES = ("uniform", "global_taylor", "random_search")
+#: the RL-Pruner entries (their collapse guard is reported)
+RL_PRUNER_AGENTS = ("rl_pruner", "rl_pruner_improved")
 #: per-run numbers aggregated over seeds: (key in the summary, label, how to read it from metrics.json)
 METRICS = (
-    ("reward_accuracy", "val acc before FT (reward)", lambda m: m["reward_accuracy"]),
+    ("reward_accuracy", "reward acc (val, estimator)", lambda m: m["reward_accuracy"]),
     ("test_before_ft", "test top-1 before FT", lambda m: m["pruned_before_finetune"]["test_top1"]),
     ("test_after_ft", "test top-1 after FT", lambda m: m["pruned"]["test_top1"]),
     ("flops_reduction", "FLOPs reduction", lambda m: m["flops_reduction"]),
@@ -48,168 +53,74 @@ METRICS = (
     ("search_s", "search s", lambda m: m["seconds"]["search"]),
     ("total_s", "total s", lambda m: m["seconds"]["total"]),
 )
+#: file a fine-tune-length check writes into a unit's run folder
+FT_CHECK_FILE = "ft_check.json"
+
+
+def is_rl(agent: str) -> bool:
+    """RL agents: RL-Pruner in any mode and the SB3 baselines.
+
+    :param agent: a key of :data:`agents.registry.AGENTS`.
+    """
+    return agent in RL_PRUNER_AGENTS or AGENTS[agent].sb3_algo is not None
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="train_agent.py YAML config of the task")
-    p.add_argument("--agents", nargs="+", default=list(AGENTS), choices=list(AGENTS), metavar="AGENT",
-                   help=f"agents to compare (default: all: {' '.join(AGENTS)})")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds, run as seeds 0..N-1 (default 3)")
+    p.add_argument("--config", default=str(BENCH_CONFIG), help="train_agent.py YAML config of the task")
+    p.add_argument("--agents", nargs="+", default=list(DEFAULT_AGENTS), choices=list(AGENTS), metavar="AGENT",
+                   help=f"agents to compare (default: {' '.join(DEFAULT_AGENTS)}; any of {' '.join(AGENTS)})")
+    p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7],
+                   help="FLOPs reductions to prune to (default 0.5 0.7)")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds, run as seeds 0..N-1 (default 5)")
     p.add_argument("--budget", type=int, default=None,
                    help="evaluations per agent (default: the config's budget, else 300)")
-    p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare"), help="run folders (one per agent/seed)")
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare"), help="run folders (per target/agent/seed)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where compare_agents.* go")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs of the final KD fine-tune, the same for every agent (default: the config's)")
+    p.add_argument("--ft-check-epochs", type=int, default=0,
+                   help="also fine-tune the searched models of the first --ft-check-seeds seeds for this many "
+                        "epochs (same recipe otherwise) and report whether the ranking changes (0: skip)")
+    p.add_argument("--ft-check-seeds", type=int, default=2, help="seeds in the fine-tune-length check (default 2)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables from finished runs")
     return p
 
 
-# ---------------------------------------------------------------------------------------------- running units
-def unit_config(config: str, agent: str, seed: int, budget: int, overrides: Optional[Dict[str, Any]] = None
-                ) -> Dict[str, Any]:
-    """The validated train_agent config of one (agent, seed) unit.
+def target_dir(out_dir: Path, target: float) -> Path:
+    """Run folders of one target: ``{out_dir}/t50`` for 0.5.
 
-    :param config: YAML file of the task.
-    :param agent: agent name (agents.registry.AGENTS).
-    :param seed: seed of the env, the agent and the fine-tune.
-    :param budget: evaluations for budgeted agents.
-    :param overrides: further dotted-key overrides (the ablation's env settings).
+    :param out_dir: the benchmark's ``--out-dir``.
+    :param target: the FLOPs reduction.
     """
-    over = {"seed": int(seed), "budget": int(budget), "agent": agent, "name": f"{agent}_s{seed}",
-            "run.progress": False}
-    over.update(overrides or {})
-    return load_config(config, over)
+    return Path(out_dir) / f"t{round(target * 100):d}"
 
 
-def run_unit(cfg: Dict[str, Any], agent: str, run_dir: Path) -> Dict[str, Any]:
-    """``train_agent.run`` of one unit, continuing a killed search from its checkpoint when it has one.
+def unit_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
+    """Config overrides of every unit of one target: the target, and the fine-tune length when given.
 
-    Returns ``{"status": "done" | "skipped" | "busy" | "failed", ...}``; a failure writes ``error.txt`` with
-    the traceback into the run folder and does not raise, so the other units go on. A unit another live
-    benchmark process is running (its ``unit.lock``) is left to it ("busy"), so two workers can share a queue.
+    :param args: the parsed command line.
+    :param target: the FLOPs reduction.
     """
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        return {"status": "skipped"}
-    lock = run_dir / "unit.lock"
-    if not _acquire(lock):
-        return {"status": "busy"}
-    try:
-        return _run_locked(cfg, agent, run_dir)
-    finally:
-        lock.unlink(missing_ok=True)
+    over: Dict[str, Any] = {"env.target": float(target)}
+    if args.finetune_epochs is not None:
+        over["finetune.epochs"] = int(args.finetune_epochs)
+    return over
 
 
-def _acquire(lock: Path) -> bool:
-    """Create ``lock`` holding this process id; False when a live process holds it (a dead one's is taken)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # left by a killed worker
-                continue
-            except PermissionError:  # alive, another user's
-                return False
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
-def _run_locked(cfg: Dict[str, Any], agent: str, run_dir: Path) -> Dict[str, Any]:
-    import train_agent
-
-    resume = (run_dir / "checkpoint.pt").is_file()
-    try:
-        try:
-            train_agent.run(cfg, agent, run_dir, resume=resume)
-        except ValueError as err:
-            if not (resume and "config differs" in str(err)):
-                raise
-            # a checkpoint of another config (e.g. a changed budget): start the unit again
-            print(f"{run_dir}: {err}; starting it again", file=sys.stderr)
-            train_agent.run(cfg, agent, run_dir, resume=False)
-    except Exception:  # any agent bug: record it, go on with the next unit
-        tb = traceback.format_exc()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(tb, run_dir / "error.txt")
-        print(f"\n{run_dir.name} FAILED:\n{tb}", file=sys.stderr, flush=True)
-        return {"status": "failed", "traceback": tb}
-    (run_dir / "error.txt").unlink(missing_ok=True)
-    return {"status": "done"}
-
-
-def load_unit(run_dir: Path) -> Optional[Dict[str, Any]]:
-    """metrics.json of a finished unit plus what its steps.csv says (collapse resets, per-step rewards)."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    rows: List[Dict[str, str]] = []
-    steps = run_dir / "steps.csv"
-    if steps.is_file():
-        with open(steps, newline="") as f:
-            rows = list(csv.DictReader(f))
-    metrics["_steps"] = rows
-    return metrics
-
-
-def collapse_resets(metrics: Dict[str, Any]) -> int:
-    """RL-Pruner collapse-guard resamples in the run (each costs another sampling phase of evaluations)."""
-    return sum(int(float(r.get("collapse_reset") or 0)) for r in metrics["_steps"])
-
-
-def learning_evidence(metrics: Dict[str, Any]) -> Dict[str, Any]:
-    """Did an SB3 baseline learn? Mean reward of the first vs last quarter of its training episodes (one-step
-    episodes: one row per evaluated model), and the reward of the final deterministic episode."""
+def collapse_stats(metrics: Dict[str, Any]) -> Dict[str, int]:
+    """RL-Pruner's collapse guard in one run: pruning steps, steps where it reset the PD, and steps where the
+    budget stopped the sampling early."""
     rows = metrics["_steps"]
-    n_train = min(int(metrics["timesteps"]), len(rows))
-    rewards = np.array([float(r["reward"]) for r in rows[:n_train]])
-    q = max(1, n_train // 4)
-    first, last = rewards[:q], rewards[-q:]
-    final = float(rows[-1]["reward"]) if len(rows) > n_train else float("nan")
-    # Welch t of last vs first quarter: > 2 means the late policy is clearly better than the early one
-    se = math.sqrt(first.var(ddof=1) / len(first) + last.var(ddof=1) / len(last)) if q > 1 else float("nan")
-    return {"episodes": n_train, "quarter": q, "first_quarter_mean": float(first.mean()),
-            "first_quarter_std": float(first.std(ddof=1)) if q > 1 else float("nan"),
-            "last_quarter_mean": float(last.mean()),
-            "last_quarter_std": float(last.std(ddof=1)) if q > 1 else float("nan"),
-            "improvement": float(last.mean() - first.mean()),
-            "welch_t": float((last.mean() - first.mean()) / se) if se and se > 0 else float("nan"),
-            "best_training_reward": float(rewards.max()), "final_deterministic_reward": final}
+    flag = lambda r, k: int(float(r.get(k) or 0))  # noqa: E731
+    return {"steps": len(rows), "resets": sum(flag(r, "collapse_reset") for r in rows),
+            "budget_stopped": sum(flag(r, "budget_stopped") for r in rows)}
 
 
 # ---------------------------------------------------------------------------------------------- summarising
-def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    """Mean and sample standard deviation (NaN for one value)."""
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else float("nan"), "n": len(a)}
-
-
-def num(value: float, spec: str) -> str:
-    """``format(value, spec)``, or "n/a" for NaN (one seed has no std)."""
-    return "n/a" if value is None or math.isnan(value) else format(value, spec)
-
-
-def fmt(stat: Dict[str, float], digits: int = 4, pct: bool = False) -> str:
-    """``mean ± std`` (just the mean for one seed)."""
-    scale, unit = (100.0, "") if pct else (1.0, "")
-    mean = stat["mean"] * scale
-    if math.isnan(stat["std"]):
-        return f"{mean:.{digits}f}{unit}"
-    return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}{unit}"
-
-
 def summarise(units: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Per-agent mean ± std of every :data:`METRICS` entry (plus RL-Pruner's collapse resets and the SB3
-    learning evidence)."""
+    """Per-agent mean ± std of every :data:`METRICS` entry (plus RL-Pruner's collapse-guard counts)."""
     out: Dict[str, Any] = {}
     for agent, runs in units.items():
         if not runs:
@@ -217,254 +128,339 @@ def summarise(units: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
         row: Dict[str, Any] = {"seeds": [m["seed"] for m in runs]}
         for key, _, get in METRICS:
             row[key] = mean_std([get(m) for m in runs])
-        if agent == "rl_pruner":
-            row["collapse_resets"] = [collapse_resets(m) for m in runs]
-        if AGENTS[agent].sb3_algo is not None:
-            row["learning"] = [dict(seed=m["seed"], **learning_evidence(m)) for m in runs]
+        if agent in RL_PRUNER_AGENTS:
+            row["collapse"] = [collapse_stats(m) for m in runs]
         out[agent] = row
     return out
 
 
-def verdict(summary: Dict[str, Any], key: str, other: str) -> Dict[str, Any]:
-    """RL-Pruner minus ``other`` on metric ``key``, against the seed noise (pooled standard deviation)."""
-    a, b = summary["rl_pruner"][key], summary[other][key]
+def pooled_std(a: Dict[str, float], b: Dict[str, float]) -> float:
+    """Pooled seed standard deviation of two :func:`mean_std` results (NaN with one seed).
+
+    :param a: one agent's statistic.
+    :param b: the other's.
+    """
+    if a["n"] < 2 or b["n"] < 2:
+        return float("nan")
+    return math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2))
+
+
+def compare(summary: Dict[str, Any], agent: str, other: str, key: str = "test_after_ft") -> Dict[str, Any]:
+    """``agent`` minus ``other`` on ``key`` against the pooled seed std, with a plain word.
+
+    :param summary: from :func:`summarise`.
+    :param agent: the RL agent.
+    :param other: the baseline.
+    :param key: a :data:`METRICS` key.
+    """
+    a, b = summary[agent][key], summary[other][key]
     diff = a["mean"] - b["mean"]
-    pooled = math.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2) if a["n"] > 1 and b["n"] > 1 else float("nan")
+    pooled = pooled_std(a, b)
     if math.isnan(pooled):
         word = "higher (one seed, noise unknown)" if diff > 0 else "not higher (one seed, noise unknown)"
-    elif pooled == 0:
-        word = "higher" if diff > 0 else ("equal" if diff == 0 else "lower")
     elif diff > pooled:
-        word = "higher, by more than the seed std"
+        word = "higher by more than one pooled std"
     elif diff < -pooled:
-        word = "lower, by more than the seed std"
+        word = "lower by more than one pooled std"
     else:
-        word = "within the seed std (no clear difference)"
-    return {"metric": key, "other": other, "diff": diff, "pooled_std": pooled,
+        word = "level (within one pooled std)"
+    return {"agent": agent, "other": other, "metric": key, "diff": diff, "pooled_std": pooled,
             "diff_over_std": diff / pooled if pooled and not math.isnan(pooled) else float("nan"), "verdict": word}
 
 
-def plot(units: Dict[str, List[Dict[str, Any]]], summary: Dict[str, Any], original_test: float, path: Path) -> None:
-    """Left: test top-1 after (o) and before (x) fine-tune vs FLOPs reduction per agent and seed; right: the
-    per-agent means with seed std."""
+def bar_verdict(summary: Dict[str, Any], target: float) -> Optional[Dict[str, Any]]:
+    """Best RL agent vs best non-RL baseline on test top-1 after fine-tune, against the issue's bar: more than
+    one pooled std better at 70 % (any target >= 0.6), at least level (not more than one std worse) below.
+
+    :param summary: from :func:`summarise`.
+    :param target: the FLOPs reduction of these runs.
+    """
+    rl = [a for a in summary if is_rl(a)]
+    base = [a for a in summary if a in BASELINES]
+    if not rl or not base:
+        return None
+    best_rl = max(rl, key=lambda a: summary[a]["test_after_ft"]["mean"])
+    best_base = max(base, key=lambda a: summary[a]["test_after_ft"]["mean"])
+    c = compare(summary, best_rl, best_base)
+    strict = target >= 0.6
+    if math.isnan(c["pooled_std"]):
+        met = None
+    else:
+        met = c["diff"] > c["pooled_std"] if strict else c["diff"] >= -c["pooled_std"]
+    c.update(bar="beats by more than one pooled std" if strict else "at least level (within one pooled std or "
+             "better)", met=met)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------- FT-length check
+def ft_check_unit(cfg: Any, agent: str, run_dir: Path, epochs: int, env: Any) -> Optional[Dict[str, Any]]:
+    """Fine-tune the unit's searched model (its run checkpoint's best episode, before fine-tuning) for
+    ``epochs`` epochs with the run's recipe otherwise, and store the test top-1 in ``ft_check.json``.
+
+    :param cfg: the unit's config.
+    :param agent: agent name.
+    :param run_dir: the finished unit's folder.
+    :param epochs: fine-tune epochs.
+    :param env: a PruneEnv of the task (its splits, original model and device).
+    """
+    path = run_dir / FT_CHECK_FILE
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    if str(epochs) in done:
+        return done[str(epochs)]
+    folder = RunFolder(run_dir)
+    if not (folder.is_finished and folder.has_checkpoint):
+        return None
+    best = folder.read_checkpoint().agent_state["record"]["best"]
+    model = copy.deepcopy(best["model"]).to(env.device)
+    ft = cfg.finetune
+    seed_everything(cfg.seed)
+    finetune(model, env.splits.train, val_data=env.splits.val, epochs=epochs, lr=ft.lr, min_lr=ft.min_lr,
+             warmup_ratio=ft.warmup_ratio, teacher=env.original_model if ft.teacher == "original" else None,
+             T=ft.T, soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=cfg.seed,
+             progress=False)
+    model.eval()
+    done[str(epochs)] = {"epochs": epochs, "test_top1": evaluate(model, env.splits.test, env.device)["top1"]}
+    atomic_write_text(json.dumps(done, indent=2), path)
+    return done[str(epochs)]
+
+
+def ft_check(args: argparse.Namespace, budget: int) -> None:
+    """Run :func:`ft_check_unit` on the first ``--ft-check-seeds`` seeds of every agent and target."""
+    from rl_prune.pipeline import build_env
+
+    for target in args.targets:
+        env = None
+        for seed in range(min(args.ft_check_seeds, args.seeds)):
+            for agent in args.agents:
+                run_dir = target_dir(Path(args.out_dir), target) / f"{agent}_s{seed}"
+                if load_unit(run_dir) is None:
+                    continue
+                cfg = unit_config(args.config, agent, seed, budget, unit_overrides(args, target))
+                if env is None:
+                    env = build_env(cfg, agent)
+                print(f"ft-check {run_dir.parent.name}/{run_dir.name}: {args.ft_check_epochs} epochs", flush=True)
+                ft_check_unit(cfg, agent, run_dir, args.ft_check_epochs, env)
+        if env is not None:
+            env.close()
+
+
+def ft_check_table(units: Dict[str, List[Dict[str, Any]]], out: Path, seeds: int) -> Optional[Dict[str, Any]]:
+    """Agents' mean test top-1 over the checked seeds with the run's fine-tune and with each checked length, and
+    whether the agents' order is the same."""
+    rows: Dict[str, Dict[str, List[float]]] = {}
+    lengths: set = set()
+    for agent, runs in units.items():
+        for m in runs:
+            if m["seed"] >= seeds:
+                continue
+            path = out / f"{agent}_s{m['seed']}" / FT_CHECK_FILE
+            if not path.is_file():
+                continue
+            checks = json.loads(path.read_text())
+            row = rows.setdefault(agent, {})
+            row.setdefault("run", []).append(m["pruned"]["test_top1"])
+            for k, v in checks.items():
+                row.setdefault(k, []).append(v["test_top1"])
+                lengths.add(k)
+    if not rows or not lengths:
+        return None
+    lengths_sorted = sorted(lengths, key=int)
+    complete = {a: r for a, r in rows.items() if all(len(r.get(k, [])) == len(r["run"]) for k in lengths_sorted)}
+    means = {a: {k: float(np.mean(v)) for k, v in r.items()} for a, r in complete.items()}
+    orders = {k: sorted(means, key=lambda a: -means[a][k]) for k in ["run"] + lengths_sorted}
+    return {"lengths": lengths_sorted, "means": means, "orders": orders,
+            "n_seeds": {a: len(r["run"]) for a, r in complete.items()},
+            "same_order": all(o == orders["run"] for o in orders.values()),
+            "same_best": len({o[0] for o in orders.values()}) == 1}
+
+
+# ---------------------------------------------------------------------------------------------- output
+def plot(per_target: Dict[str, Dict[str, Any]], path: Path) -> None:
+    """One row per target: test top-1 after (o) / before (x) fine-tune per run, and per-agent means ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    agents = [a for a in units if units[a]]
+    targets = [t for t in per_target if per_target[t]["summary"]]
+    if not targets:
+        return
+    fig, axes = plt.subplots(len(targets), 2, figsize=(14, 4.8 * len(targets)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.1, 1]})
     colors = plt.get_cmap("tab10")
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5), gridspec_kw={"width_ratios": [1.1, 1]})
-    for i, agent in enumerate(agents):
-        c = colors(i % 10)
-        for m in units[agent]:
-            ax.scatter(m["flops_reduction"], m["pruned"]["test_top1"], color=c, marker="o", s=40,
-                       label=agent if m is units[agent][0] else None)
-            ax.scatter(m["flops_reduction"], m["pruned_before_finetune"]["test_top1"], color=c, marker="x", s=40)
-    ax.axhline(original_test, color="k", ls="--", lw=1, label=f"original ({original_test:.3f})")
-    ax.set_xlabel("FLOPs reduction")
-    ax.set_ylabel("test top-1")
-    ax.set_title("per run: o after fine-tune, x before fine-tune")
-    ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below: points fill the axes
-    x = np.arange(len(agents))
-    after = [summary[a]["test_after_ft"] for a in agents]
-    before = [summary[a]["test_before_ft"] for a in agents]
-    nz = lambda s: 0.0 if math.isnan(s["std"]) else s["std"]  # noqa: E731
-    bx.bar(x - 0.2, [s["mean"] for s in before], 0.4, yerr=[nz(s) for s in before], color="#bbbbbb",
-           label="before fine-tune", capsize=3)
-    bx.bar(x + 0.2, [s["mean"] for s in after], 0.4, yerr=[nz(s) for s in after], color="#1f77b4",
-           label="after fine-tune", capsize=3)
-    bx.axhline(original_test, color="k", ls="--", lw=1, label="original")
-    bx.set_xticks(x)
-    bx.set_xticklabels(agents, rotation=40, ha="right")
-    bx.set_ylabel("test top-1 (mean ± std over seeds)")
-    bx.legend(fontsize=8)
+    for (ax, bx), t in zip(axes, targets):
+        units, summary, orig = per_target[t]["units"], per_target[t]["summary"], per_target[t]["original_test"]
+        agents = [a for a in units if units[a]]
+        for i, agent in enumerate(agents):
+            c = colors(i % 10)
+            for m in units[agent]:
+                ax.scatter(m["flops_reduction"], m["pruned"]["test_top1"], color=c, marker="o", s=40,
+                           label=agent if m is units[agent][0] else None)
+                ax.scatter(m["flops_reduction"], m["pruned_before_finetune"]["test_top1"], color=c, marker="x",
+                           s=40)
+        ax.axhline(orig, color="k", ls="--", lw=1, label=f"original ({orig:.3f})")
+        ax.set_xlabel("FLOPs reduction")
+        ax.set_ylabel("test top-1")
+        ax.set_title(f"target {t}: per run, o after fine-tune, x before")
+        ax.legend(fontsize=7, ncol=3)
+        x = np.arange(len(agents))
+        nz = lambda s: 0.0 if math.isnan(s["std"]) else s["std"]  # noqa: E731
+        after = [summary[a]["test_after_ft"] for a in agents]
+        before = [summary[a]["test_before_ft"] for a in agents]
+        bx.bar(x - 0.2, [s["mean"] for s in before], 0.4, yerr=[nz(s) for s in before], color="#bbbbbb",
+               label="before fine-tune", capsize=3)
+        bx.bar(x + 0.2, [s["mean"] for s in after], 0.4, yerr=[nz(s) for s in after], color="#1f77b4",
+               label="after fine-tune", capsize=3)
+        bx.axhline(orig, color="k", ls="--", lw=1, label="original")
+        bx.set_xticks(x)
+        bx.set_xticklabels(agents, rotation=30, ha="right")
+        bx.set_ylabel("test top-1 (mean ± seed std)")
+        bx.set_title(f"target {t}")
+        bx.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def render_markdown(meta: Dict[str, Any], summary: Dict[str, Any], verdicts: List[Dict[str, Any]],
-                    failures: Dict[str, str], missing: List[str]) -> str:
-    lines = [f"# Agent comparison at equal evaluation budget ({meta['task']})", "",
-             f"{meta['task_long']} Budget: {meta['budget']} evaluations per agent; seeds {meta['seeds']}; same "
-             f"final KD fine-tune for every agent ({meta['finetune']}). Device {meta['device']}, "
-             f"{meta['threads']} torch threads (2 shared CPU cores), torch {meta['torch']}.", "",
-             *([f"**Reduced budget:** {meta['budget']} evaluations instead of the issue's {ISSUE_BUDGET}, so "
-                f"that every agent and seed fits the time on 2 CPU cores shared with other jobs (the config's "
-                f"header lists what was cut and the settings for a free machine).", ""]
-               if meta["budget"] < ISSUE_BUDGET else []),
-             f"Original model: test top-1 **{meta['original_test_top1']:.4f}**, validation top-1 "
-             f"{meta['original_val_top1']:.4f}, {meta['original_macs'] / 1e6:.2f} M MACs, "
-             f"{meta['original_params'] / 1e6:.3f} M params.", "",
-             "| agent | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+def target_section(t: str, block: Dict[str, Any], budget: int) -> List[str]:
+    """Markdown of one target: table, the bar verdict, each RL agent vs each baseline, the collapse guard."""
+    summary = block["summary"]
+    lines = [f"## FLOPs reduction target {t}", ""]
+    if not summary:
+        return lines + ["No finished run yet.", ""]
+    lines += ["| agent | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
     digits = {"n_evaluations": 0, "search_s": 0, "total_s": 0}
     for agent, row in summary.items():
         cells = [fmt(row[key], digits.get(key, 4)) for key, _, _ in METRICS]
         lines.append(f"| {agent} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-    lines += ["", "Val acc before FT = top-1 on the fixed reward subset of the validation split (what the search "
-              "maximises; never the test set). Test top-1 on the held-out test split (20 % of the npz, 1034 "
-              "images). Evaluations used = models the env evaluated for the agent (look-aheads + uncached steps), "
-              "counted by the env: RL-Pruner's includes collapse-guard resamples and re-evaluations of a chosen "
-              "candidate that had left the env's look-ahead cache; the SB3 baselines' includes their final "
-              "deterministic episode (budget + 1); uniform and global Taylor need only one per pruning step. "
-              "The reward accuracy of a searching agent is the best of many noisy evaluations on the same "
-              "images (selection bias grows with the evaluations used); test top-1 before FT is the unbiased "
-              "measure of the same pruned model. Search and total seconds depend on the load of the shared "
-              "machine at the time of each run.", ""]
-    if "rl_pruner" in summary:
-        cr = summary["rl_pruner"]["collapse_resets"]
-        used = summary["rl_pruner"]["n_evaluations"]["mean"]
-        lines += [f"RL-Pruner collapse-guard resets per seed: {cr} (each resamples a whole step: "
-                  f"sample_num x lr_epoch more evaluations). It used {used:.0f} evaluations on average, "
-                  f"{used / meta['budget']:.2f}x the budget of {meta['budget']}"
-                  + (", so at \"equal budget\" it actually had more evaluations than the budgeted baselines."
-                     if used > meta["budget"] * 1.05 else "."), ""]
-    best = max(summary, key=lambda a: summary[a]["test_after_ft"]["mean"])
-    best_before = max(summary, key=lambda a: summary[a]["test_before_ft"]["mean"])
-    lines += [f"Highest mean test top-1 after fine-tune: {best} ({fmt(summary[best]['test_after_ft'])}); before "
-              f"fine-tune: {best_before} ({fmt(summary[best_before]['test_before_ft'])}).", ""]
-    if verdicts:
-        lines += ["## RL-Pruner vs the baselines at equal budget", ""]
-        lines += ["| metric | vs | RL-Pruner − baseline | pooled seed std | diff / std | verdict |",
-                  "|---|---|---|---|---|---|"]
-        for v in verdicts:
-            lines.append(f"| {v['metric']} | {v['other']} | {v['diff']:+.4f} | {num(v['pooled_std'], '.4f')} | "
-                         f"{num(v['diff_over_std'], '+.2f')} | {v['verdict']} |")
-        lines += ["", meta["statement"], ""]
-    sb3 = [(a, r["learning"]) for a, r in summary.items() if "learning" in r]
-    if sb3:
-        lines += ["## Do the SB3 baselines learn?", "",
-                  "One-step episodes (each one evaluated model): mean reward (= reward-subset accuracy, α = β = 0) "
-                  "of the first vs the last quarter of the training episodes, Welch t of the difference "
-                  "(> 2: clearly better late than early), and the reward of the final deterministic episode.", "",
-                  "| agent | seed | episodes | first quarter | last quarter | last − first | Welch t | best "
-                  "training reward | final deterministic |", "|---|---|---|---|---|---|---|---|---|"]
-        for agent, evs in sb3:
-            for e in evs:
-                lines.append(f"| {agent} | {e['seed']} | {e['episodes']} | {e['first_quarter_mean']:.4f} ± "
-                             f"{e['first_quarter_std']:.4f} | {e['last_quarter_mean']:.4f} ± "
-                             f"{e['last_quarter_std']:.4f} | {e['improvement']:+.4f} | {num(e['welch_t'], '+.2f')} | "
-                             f"{e['best_training_reward']:.4f} | {e['final_deterministic_reward']:.4f} |")
-        lines += ["", meta["sb3_statement"], ""]
-    lines += failures_section(failures, missing, "the run folder's error.txt and the JSON")
-    lines += ["![test accuracy vs FLOPs reduction](compare_agents.png)", "",
-              f"Benchmark wall time: {meta['units_wall_s'] / 60:.1f} min summed over the "
-              f"{meta['n_units']} finished units (each unit's `seconds.total`).", "",
+    lines.append("")
+    bar = block["bar"]
+    if bar is not None:
+        met = {True: "**met**", False: "**not met**", None: "undecided (one seed)"}[bar["met"]]
+        lines += [f"**Verdict at {t}:** best RL agent `{bar['agent']}` "
+                  f"({summary[bar['agent']]['test_after_ft']['mean']:.4f}) vs best non-RL baseline `{bar['other']}` "
+                  f"({summary[bar['other']]['test_after_ft']['mean']:.4f}) on test top-1 after fine-tune: "
+                  f"{bar['diff']:+.4f} = {num(bar['diff_over_std'], '+.2f')} pooled seed std "
+                  f"({num(bar['pooled_std'], '.4f')}): {bar['verdict']}. The bar ({bar['bar']}) is {met}.", ""]
+    if block["pairs"]:
+        lines += ["| RL agent | vs | metric | difference | pooled seed std | diff / std | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in block["pairs"]:
+            lines.append(f"| {v['agent']} | {v['other']} | {v['metric']} | {v['diff']:+.4f} | "
+                         f"{num(v['pooled_std'], '.4f')} | {num(v['diff_over_std'], '+.2f')} | {v['verdict']} |")
+        lines.append("")
+    for agent in RL_PRUNER_AGENTS:
+        if agent in summary:
+            cs = summary[agent]["collapse"]
+            lines.append(f"Collapse guard of `{agent}`: PD resets per seed {[c['resets'] for c in cs]} of "
+                         f"{[c['steps'] for c in cs]} steps; steps where the budget of {budget} stopped sampling "
+                         f"early {[c['budget_stopped'] for c in cs]}.")
+    lines.append("")
+    check = block.get("ft_check")
+    if check:
+        lines += [f"Fine-tune length check (seeds {check['n_seeds']}): mean test top-1 with the runs' fine-tune "
+                  f"and with {', '.join(check['lengths'])} epoch(s):", "",
+                  "| agent | run's fine-tune | " + " | ".join(f"{k} epochs" for k in check["lengths"]) + " |",
+                  "|---|---|" + "---|" * len(check["lengths"])]
+        for agent, m in check["means"].items():
+            lines.append(f"| {agent} | {m['run']:.4f} | " + " | ".join(f"{m[k]:.4f}" for k in check["lengths"])
+                         + " |")
+        lines += ["", f"Same order of agents with every length: {'yes' if check['same_order'] else 'no'}; same "
+                      f"best agent: {'yes' if check['same_best'] else 'no'} (orders: {check['orders']}).", ""]
+    return lines
+
+
+def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], failures: Dict[str, str],
+                    missing: List[str]) -> str:
+    lines = [f"# RL agents vs non-RL baselines at equal evaluation budget ({meta['task']})", "",
+             meta["task_long"], "",
+             f"Budget: **{meta['budget']} evaluations per agent**, enforced: every agent's `PruneMonitor` stops "
+             f"look-aheads at it and the env counts evaluations the same way for all (look-aheads plus steps that "
+             f"did not reuse a built model). Uniform and global Taylor need one evaluation per pruning step. Seeds "
+             f"{meta['seeds']}. The same final KD fine-tune for every agent ({meta['finetune']}). Reward accuracy "
+             f"estimator: `{meta['reward_estimator']}` (BN statistics from {meta['reward_train_images']} training "
+             f"images; accuracy on {meta['reward_samples']} validation images; never the test split). Device "
+             f"{meta['device']}, {meta['threads']} torch thread(s) per run on 2 CPU cores shared with other jobs, "
+             f"torch {meta['torch']}.", "",
+             f"Original model: test top-1 **{meta['original_test_top1']:.4f}**, validation top-1 "
+             f"{meta['original_val_top1']:.4f}, {meta['original_macs'] / 1e6:.2f} M MACs, "
+             f"{meta['original_params'] / 1e6:.3f} M params.", "",
+             "Pooled seed std = sqrt(((n1-1)s1² + (n2-1)s2²) / (n1+n2-2)) of the two agents' test top-1 after "
+             "fine-tune. Reward acc = the estimator's value on the validation subset for the best episode (what "
+             "the search maximises; biased upward by selection); test top-1 before FT is the same model measured "
+             "without bias.", ""]
+    for t, block in per_target.items():
+        lines += target_section(t, block, meta["budget"])
+    lines += failures_section(failures, missing, "the run folder's error.txt")
+    lines += ["![test accuracy per agent and target](compare_agents.png)", "",
+              f"Benchmark wall time: {meta['units_wall_s'] / 60:.1f} min summed over the {meta['n_units']} "
+              f"finished units (each unit's `seconds.total`).", "",
               f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
 
-def failures_section(failures: Dict[str, str], missing: Sequence[str], where: str) -> List[str]:
-    """Markdown lines listing failed units (last traceback line) and units not run yet; empty when none.
-
-    :param where: where the full tracebacks are, for the reader.
-    """
-    if not failures and not missing:
-        return []
-    lines = ["## Missing or failed units", ""]
-    for unit, tb in failures.items():
-        last = tb.strip().splitlines()[-1] if tb.strip() else "?"
-        lines.append(f"- `{unit}` failed: `{last}` (traceback in {where})")
-    lines += [f"- `{unit}` not run (yet)" for unit in missing]
-    return lines + [""]
-
-
-def statement(summary: Dict[str, Any], verdicts: List[Dict[str, Any]]) -> str:
-    """The plain sentence(s) on RL-Pruner vs each baseline, from the numbers."""
-    if "rl_pruner" not in summary:
-        return ""
-    parts = []
-    for other in BASELINES:
-        if other not in summary:
-            continue
-        v = {x["metric"]: x for x in verdicts if x["other"] == other}
-        after, reward = v["test_after_ft"], v["reward_accuracy"]
-        beats = after["diff"] > 0 and (math.isnan(after["pooled_std"]) or after["diff"] > after["pooled_std"])
-        parts.append(
-            f"**vs {other}: RL-Pruner {'beats' if beats else 'does not clearly beat'} it** on test top-1 after "
-            f"fine-tune ({summary['rl_pruner']['test_after_ft']['mean']:.4f} vs "
-            f"{summary[other]['test_after_ft']['mean']:.4f}, difference {after['diff']:+.4f} = "
-            f"{num(after['diff_over_std'], '+.2f')} pooled seed std); on the reward accuracy it is "
-            f"{reward['diff']:+.4f} ({num(reward['diff_over_std'], '+.2f')} std: {reward['verdict']}); "
-            f"evaluations used {summary['rl_pruner']['n_evaluations']['mean']:.0f} vs "
-            f"{summary[other]['n_evaluations']['mean']:.0f}.")
-    return " ".join(parts)
-
-
-def sb3_statement(summary: Dict[str, Any]) -> str:
-    """One sentence per SB3 baseline on whether its late episodes beat its early ones."""
-    parts = []
-    for agent, row in summary.items():
-        if "learning" not in row:
-            continue
-        ts = [e["welch_t"] for e in row["learning"]]
-        imp = [e["improvement"] for e in row["learning"]]
-        learned = sum(1 for t in ts if t > 2)
-        parts.append(f"{agent}: last-quarter reward − first-quarter reward {np.mean(imp):+.4f} on average; clearly "
-                     f"better late (Welch t > 2) in {learned} of {len(ts)} seeds.")
-    return ("Learning evidence: " + " ".join(parts)) if parts else ""
-
-
-def write_report(args: argparse.Namespace, seeds: List[int], budget: int, wall_s: float) -> Path:
-    """Gather every finished unit of ``--agents`` x seeds and write compare_agents.md|json|png."""
-    out_dir, results = Path(args.out_dir), Path(args.results)
-    units: Dict[str, List[Dict[str, Any]]] = {a: [] for a in args.agents}
+def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Path:
+    """Gather every finished unit of ``--agents`` x ``--targets`` x seeds; write compare_agents.md|json|png."""
+    results = Path(args.results)
     failures: Dict[str, str] = {}
     missing: List[str] = []
-    for agent in args.agents:
-        for seed in seeds:
-            run_dir = out_dir / f"{agent}_s{seed}"
-            m = load_unit(run_dir)
-            if m is not None:
-                units[agent].append(m)
-            elif (run_dir / "error.txt").is_file():
-                failures[run_dir.name] = (run_dir / "error.txt").read_text()
-            else:
-                missing.append(run_dir.name)
-    done = [m for runs in units.values() for m in runs]
+    per_target: Dict[str, Dict[str, Any]] = {}
+    done: List[Dict[str, Any]] = []
+    for target in args.targets:
+        out = target_dir(Path(args.out_dir), target)
+        units: Dict[str, List[Dict[str, Any]]] = {a: [] for a in args.agents}
+        for agent in args.agents:
+            for seed in seeds:
+                run_dir = out / f"{agent}_s{seed}"
+                m = load_unit(run_dir)
+                if m is not None:
+                    units[agent].append(m)
+                elif unit_failure(run_dir) is not None:
+                    failures[f"{out.name}/{run_dir.name}"] = unit_failure(run_dir)
+                else:
+                    missing.append(f"{out.name}/{run_dir.name}")
+        finished = [m for runs in units.values() for m in runs]
+        done += finished
+        summary = summarise(units)
+        pairs = [compare(summary, a, b) for a in summary if is_rl(a) for b in summary if b in BASELINES]
+        per_target[f"{target:g}"] = {
+            "units": units, "summary": summary, "pairs": pairs, "bar": bar_verdict(summary, target),
+            "ft_check": ft_check_table(units, out, args.ft_check_seeds),
+            "original_test": finished[0]["original"]["test_top1"] if finished else float("nan")}
     if not done:
         print("no finished units yet: nothing to report", file=sys.stderr)
         return results / "compare_agents.md"
-    summary = summarise(units)
-    verdicts: List[Dict[str, Any]] = []
-    if "rl_pruner" in summary:
-        for other in BASELINES:
-            if other in summary:
-                verdicts += [verdict(summary, k, other) for k in ("reward_accuracy", "test_before_ft", "test_after_ft")]
     ref = done[0]
-    cfg = load_config(args.config)
-    env = env_kwargs(cfg, "rl_pruner")  # the id's defaults resolved, as the runs saw them
+    cfg = load_config(args.config, unit_overrides(args, args.targets[0]))
+    env = cfg.env_kwargs(args.agents[0])
     meta = {
         "task": f"{env.get('model')} w{env.get('width')} on {ref['dataset']}",
         "task_long": (f"Task: {env.get('model')} width {env.get('width')} pretrained on `{ref['dataset']}` "
-                      f"(checkpoint `{env.get('checkpoint')}`), pruned to {ref['target']:.0%} "
-                      f"{ref['target_metric']} reduction (budget), reward = accuracy on "
-                      f"{env.get('reward_samples')} validation images + {ref['alpha']} · FLOPs reduction + "
-                      f"{ref['beta']} · params reduction. RL-Pruner and the heuristics prune in "
-                      f"{env.get('n_steps')} steps (distribution mode); the SB3 baselines use one-step episodes "
-                      f"in sparsity mode with the same FLOPs budget."),
-        "budget": budget, "seeds": seeds, "agents": args.agents, "config": str(args.config),
-        "finetune": ", ".join(f"{k} {v}" for k, v in cfg["finetune"].items()),
+                      f"(checkpoint `{env.get('checkpoint')}`), pruned to each target FLOPs reduction (budget), "
+                      f"reward = accuracy + {ref['alpha']} · FLOPs reduction + {ref['beta']} · params reduction. "
+                      f"RL-Pruner and the heuristics prune in {env.get('n_steps')} steps (distribution mode)."),
+        "budget": budget, "seeds": seeds, "targets": args.targets, "agents": args.agents, "config": str(args.config),
+        "reward_estimator": env.get("reward_estimator", "vanilla"),
+        "reward_train_images": env.get("reward_train_images", 256), "reward_samples": env.get("reward_samples"),
+        "finetune": ", ".join(f"{k} {v}" for k, v in asdict(cfg.finetune).items()),
         "device": ref["device"], "threads": args.threads, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "original_test_top1": ref["original"]["test_top1"], "original_val_top1": ref["original"]["val_top1"],
         "original_macs": ref["original"]["macs"], "original_params": ref["original"]["params"],
-        "units_wall_s": float(sum(m["seconds"]["total"] for m in done)), "n_units": len(done), "wall_s": wall_s,
+        "units_wall_s": float(sum(m["seconds"]["total"] for m in done)), "n_units": len(done),
         "command": "python benchmarks/compare_agents.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only"),
     }
-    meta["statement"] = statement(summary, verdicts)
-    meta["sb3_statement"] = sb3_statement(summary)
-    per_run = [{k: v for k, v in m.items() if not k.startswith("_") and k not in ("group_names", "actions")}
-               for m in done]
-    payload = {"meta": meta, "summary": summary, "verdicts": verdicts, "failures": failures, "missing": missing,
-               "runs": per_run}
+    payload = {"meta": meta, "failures": failures, "missing": missing,
+               "targets": {t: {"summary": b["summary"], "pairs": b["pairs"], "bar": b["bar"],
+                               "ft_check": b["ft_check"]} for t, b in per_target.items()},
+               "runs": [{k: v for k, v in m.items() if not k.startswith("_") and k not in ("group_names", "actions")}
+                        for m in done]}
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(payload, indent=2, default=float), results / "compare_agents.json")
-    plot(units, summary, meta["original_test_top1"], results / "compare_agents.png")
-    atomic_write_text(render_markdown(meta, summary, verdicts, failures, missing), results / "compare_agents.md")
+    plot(per_target, results / "compare_agents.png")
+    atomic_write_text(render_markdown(meta, per_target, failures, missing), results / "compare_agents.md")
     return results / "compare_agents.md"
 
 
@@ -473,23 +469,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.seeds < 1:
         print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
         return 2
+    bad = [t for t in args.targets if not 0.0 < t < 1.0]
+    if bad:
+        print(f"error: --targets must be FLOPs reductions in (0, 1), got {bad}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
-    budget = args.budget or load_config(args.config)["budget"] or 300
-    t0 = time.time()
+    budget = args.budget or load_config(args.config).budget or 300
     if not args.report_only:
         from tqdm.auto import tqdm
 
-        # seed-major order: a complete one-seed table exists as early as possible
-        units = [(agent, seed) for seed in seeds for agent in args.agents]
+        # seed-major order: a complete one-seed table for every target exists as early as possible
+        units: List[Tuple[int, float, str]] = [(s, t, a) for s in seeds for t in args.targets for a in args.agents]
         bar = tqdm(units, desc="compare", unit="run", dynamic_ncols=True)
-        for agent, seed in bar:
-            bar.set_postfix(unit=f"{agent}_s{seed}")
-            run_dir = Path(args.out_dir) / f"{agent}_s{seed}"
-            status = run_unit(unit_config(args.config, agent, seed, budget), agent, run_dir)
+        for seed, target, agent in bar:
+            run_dir = target_dir(Path(args.out_dir), target) / f"{agent}_s{seed}"
+            bar.set_postfix(unit=f"{run_dir.parent.name}/{run_dir.name}")
+            cfg = unit_config(args.config, agent, seed, budget, unit_overrides(args, target))
+            status = run_unit(cfg, agent, run_dir)
             if status["status"] != "skipped":
-                write_report(args, seeds, budget, time.time() - t0)
-    path = write_report(args, seeds, budget, time.time() - t0)
+                write_report(args, seeds, budget)
+        if args.ft_check_epochs > 0:
+            ft_check(args, budget)
+    path = write_report(args, seeds, budget)
     print(f"wrote {path} (.json, .png)")
     return 0
 

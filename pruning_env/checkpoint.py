@@ -41,22 +41,35 @@ def save_checkpoint(model: nn.Module, path: PathLike, **meta: Any) -> Path:
     return atomic_save(payload, path)
 
 
+def _read(path: Path, map_location: Union[str, torch.device]) -> Any:
+    """The object stored in a checkpoint file, or an error naming the file and what was expected."""
+    expected = "a file written by pruning_env.checkpoint.save_checkpoint, torch.save(model) or torch.jit.save"
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory, not a file; expected {expected}")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); expected {expected}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch reports garbage or truncated files as many error types, none naming the file
+        try:
+            return torch.jit.load(str(path), map_location=map_location)
+        except Exception:
+            raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated or "
+                             f"not a PyTorch file; expected {expected}") from err
+
+
 def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> nn.Module:
     """Load a model written by :func:`save_checkpoint`, a pickled ``nn.Module`` or a TorchScript file.
 
     :param path: checkpoint file.
     :param map_location: device for the tensors.
+    :raises FileNotFoundError: the file does not exist.
+    :raises ValueError: the path is a directory, or the file is empty, unreadable or holds no model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except RuntimeError as err:
-        try:
-            return torch.jit.load(str(path), map_location=map_location)
-        except Exception:
-            raise err
+    obj = _read(path, map_location)
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, dict) and obj.get("kind") == "zoo":
@@ -75,8 +88,11 @@ def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu") -
 
 
 def read_meta(path: PathLike) -> dict:
-    """The metadata stored by :func:`save_checkpoint` (empty for other files)."""
-    obj = torch.load(Path(path), map_location="cpu", weights_only=False)
+    """The metadata stored by :func:`save_checkpoint` (empty for other model files).
+
+    :param path: checkpoint file.
+    :raises FileNotFoundError: the file does not exist.
+    :raises ValueError: the path is a directory, or the file is empty or unreadable.
+    """
+    obj = _read(Path(path), "cpu")
     return dict(obj.get("meta", {})) if isinstance(obj, dict) else {}
-
-

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from pruning_env.runtime import PathLike, atomic_path
-from pruning_env.training import _logits
+from pruning_env.training import model_logits
 
 #: default tolerance of the output checks (float32 kernels of different runtimes differ by ~1e-6)
 DEFAULT_ATOL = 1e-4
@@ -36,7 +36,7 @@ def _cpu_eval_copy(model: nn.Module) -> nn.Module:
 
 
 def _as_tensor(output: object) -> torch.Tensor:
-    out = _logits(output)
+    out = model_logits(output)
     return (out if isinstance(out, torch.Tensor) else torch.from_numpy(np.asarray(out))).float()
 
 

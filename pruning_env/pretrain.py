@@ -1,19 +1,24 @@
-"""Base-model training: ``python -m pruning_env.pretrain --model vgg19 --dataset cifar100``.
+"""Base-model training: ``python -m pruning_env.pretrain --model vgg19 --dataset cifar100 [--recipe NAME]``.
 
-The authors' recipe is the default (spec 5.1): SGD 0.1, momentum 0.9, wd 5e-4, 10% linear warm-up then
-cosine to 1e-6, crop + flip + rotation; the best epoch by *validation* top-1 is kept (not test, spec §9.1).
+Two named recipes (see docs/training.md): ``authors`` (the default, spec 5.1) and ``small_data`` for a few
+thousand images; any flag overrides the recipe's value. The best epoch by *validation* top-1 is kept (spec §9.1).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from pruning_env.checkpoint import default_checkpoint_path, save_checkpoint
 from pruning_env.runtime import atomic_save, atomic_write_text, resolve_device, rng_state, seed_everything, set_rng_state
@@ -22,38 +27,126 @@ from pruning_env.models import create_model, list_models
 from pruning_env.training import evaluate, make_sgd, train_epoch, warmup_cosine
 
 
-def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0, epochs: int = 250,
-             lr: float = 0.1, batch_size: int = 256, warmup_ratio: float = 0.1, min_lr: float = 1e-6,
-             weight_decay: float = 5e-4, data_root: Union[str, Path] = "data", download: bool = False,
+@dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters of one pretraining recipe (SGD, momentum 0.9, linear warm-up then cosine)."""
+
+    epochs: int
+    """passes over the training split"""
+    lr: float
+    """peak learning rate"""
+    batch_size: int
+    """images per SGD step"""
+    warmup_ratio: float
+    """fraction of the steps with linear warm-up"""
+    min_lr: float
+    """learning rate at the end of the cosine"""
+    weight_decay: float
+    """L2 weight decay"""
+    rotation: bool
+    """random rotation by up to 15 degrees on top of crop + flip"""
+    head: Optional[str]
+    """classifier head for zoo models that offer a ``head`` option (VGG: ``mlp`` or ``linear``); None keeps the
+    model's own; models without the option keep theirs"""
+
+
+#: named recipes; ``authors`` is RL-Pruner's (spec 5.1), ``small_data`` the one for a few thousand images
+RECIPES: Dict[str, Recipe] = {
+    "authors": Recipe(epochs=250, lr=0.1, batch_size=256, warmup_ratio=0.1, min_lr=1e-6, weight_decay=5e-4,
+                      rotation=True, head=None),
+    "small_data": Recipe(epochs=100, lr=0.05, batch_size=128, warmup_ratio=0.3, min_lr=0.0, weight_decay=5e-4,
+                         rotation=False, head="linear"),
+}
+
+
+def get_recipe(name: str, **overrides: object) -> Recipe:
+    """The recipe called ``name`` with the fields in ``overrides`` that are not None replaced.
+
+    :param name: a key of :data:`RECIPES`.
+    :param overrides: field values, e.g. ``epochs=30``; None keeps the recipe's value.
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"recipe has no field(s) {unknown}; its fields are {sorted(fields)}")
+    return dataclasses.replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _without_rotation(dataset: Dataset) -> None:
+    """Drop the random rotation from a training split's augmentation (crop + flip remain)."""
+    transform = getattr(dataset, "transform", None)
+    if not isinstance(transform, v2.Compose):
+        raise ValueError(f"cannot remove the rotation from a {type(dataset).__name__} whose transform is "
+                         f"{type(transform).__name__}; expected a split from pruning_env.data.make_datasets")
+    dataset.transform = v2.Compose([t for t in transform.transforms if not isinstance(t, v2.RandomRotation)])
+
+
+def _build_model(model: str, num_classes: int, width: float, head: Optional[str]) -> nn.Module:
+    """A zoo model with the recipe's head where the model offers the option (it is recorded in zoo_config)."""
+    if head is None:
+        return create_model(model, num_classes=num_classes, width=width)
+    try:
+        return create_model(model, num_classes=num_classes, width=width, head=head)
+    except TypeError as err:
+        if "head" not in str(err):
+            raise
+        print(f"note: {model} has no head option; it keeps its own classifier", file=sys.stderr)
+        return create_model(model, num_classes=num_classes, width=width)
+
+
+def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0, epochs: Optional[int] = None,
+             lr: Optional[float] = None, batch_size: Optional[int] = None, warmup_ratio: Optional[float] = None,
+             min_lr: Optional[float] = None, weight_decay: Optional[float] = None,
+             data_root: Union[str, Path] = "data", download: bool = False,
              val_size: Union[int, float, None] = None, device: Optional[str] = None, seed: int = 1,
              out: Optional[Union[str, Path]] = None, workers: int = 0, amp: Optional[bool] = None,
-             resume: bool = False, progress: bool = True) -> Path:
+             resume: bool = False, progress: bool = True, recipe: str = "authors",
+             rotation: Optional[bool] = None, head: Optional[str] = None) -> Path:
     """Train a zoo model from scratch and save the best-validation checkpoint.
+
+    Hyper-parameters left at None come from ``recipe`` (:data:`RECIPES`); the checkpoint's ``meta["recipe"]``
+    records the recipe's name and every value used.
 
     :param model: zoo name (see ``list_models()``).
     :param dataset: dataset name for :func:`pruning_env.data.make_datasets`.
     :param width: channel multiplier.
     :param epochs: training epochs (authors: 250).
+    :param lr: peak learning rate.
+    :param batch_size: images per step.
+    :param warmup_ratio: fraction of the steps with linear warm-up.
+    :param min_lr: final learning rate of the cosine.
+    :param weight_decay: SGD weight decay.
     :param val_size: images held out from training for validation (count, fraction, or None for 10%); the
         checkpoint records the count (``meta["val_size"]``) with ``dataset`` and ``seed``, and ``PruneEnv``
         then measures its reward on exactly these held-out images.
     :param out: checkpoint path (default ``checkpoints/{model}[_wW]_{dataset}.pt``).
     :param amp: mixed precision; defaults to on for CUDA.
     :param resume: continue from ``{out}.state`` written after every epoch.
+    :param recipe: ``authors`` (default) or ``small_data``.
+    :param rotation: random rotation in the training augmentation (None: the recipe's choice).
+    :param head: classifier head of models that offer one, e.g. VGG's ``mlp`` or ``linear`` (None: the recipe's).
     :return: the checkpoint path.
     """
+    rc = get_recipe(recipe, epochs=epochs, lr=lr, batch_size=batch_size, warmup_ratio=warmup_ratio, min_lr=min_lr,
+                    weight_decay=weight_decay, rotation=rotation, head=head)
     dev = resolve_device(device)
     amp = (dev.type == "cuda") if amp is None else amp
     seed_everything(seed)
     splits = make_datasets(dataset, root=data_root, download=download, val_size=val_size, seed=seed)
-    net = create_model(model, num_classes=splits.num_classes, width=width).to(dev)
+    if not rc.rotation:
+        _without_rotation(splits.train)
+    net = _build_model(model, splits.num_classes, width, rc.head).to(dev)
+    epochs, batch_size = rc.epochs, rc.batch_size
+    recipe_meta = {"name": recipe, **dataclasses.asdict(rc)}
     out = Path(out) if out is not None else default_checkpoint_path(model, dataset, width)
     state_path = out.with_name(out.name + ".state")
     loader = make_loader(splits.train, batch_size=batch_size, shuffle=True, seed=seed, num_workers=workers,
                          drop_last=len(splits.train) > batch_size, pin_memory=dev.type == "cuda")
-    optimizer = make_sgd(net, lr, weight_decay=weight_decay)
+    optimizer = make_sgd(net, rc.lr, weight_decay=rc.weight_decay)
     steps = epochs * len(loader)
-    scheduler = warmup_cosine(optimizer, steps, int(round(steps * warmup_ratio)), min_lr)
+    scheduler = warmup_cosine(optimizer, steps, int(round(steps * rc.warmup_ratio)), rc.min_lr)
     start, best_acc, best_state, log = 0, -1.0, None, []
     if resume and state_path.is_file():
         st = torch.load(state_path, map_location=dev, weights_only=False)
@@ -79,8 +172,7 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
             best_acc, best_state = val["top1"], copy.deepcopy(net.state_dict())
             # dataset, split seed and held-out count pin down the validation split: PruneEnv rebuilds exactly it
             save_checkpoint(net, out, dataset=dataset, epoch=epoch + 1, val_top1=best_acc, seed=seed,
-                            val_size=len(splits.val), recipe={"lr": lr, "epochs": epochs, "batch_size": batch_size,
-                                                              "warmup_ratio": warmup_ratio})
+                            val_size=len(splits.val), recipe=recipe_meta)
         atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
                      "best_state": best_state, "log": log, "loader_rng": loader.generator.get_state(),
@@ -90,7 +182,8 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
     summary = {"model": model, "width": width, "dataset": dataset, "num_classes": splits.num_classes,
                "val_size": len(splits.val), "seed": seed,
                "best_val_top1": best_acc, "test_top1": test["top1"], "test_top5": test["top5"],
-               "epochs": epochs, "train_time_s": time.time() - t0, "device": str(dev), "log": log}
+               "epochs": epochs, "recipe": recipe_meta, "train_time_s": time.time() - t0, "device": str(dev),
+               "log": log}
     atomic_write_text(json.dumps(summary, indent=2), out.with_suffix(".json"))
     if state_path.is_file():
         state_path.unlink()
@@ -117,12 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar100",
                    help="cifar10 | cifar100 | npz:PATH | imagefolder:PATH | digits | synthetic")
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-    p.add_argument("--epochs", type=int, default=250)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps with linear warm-up")
-    p.add_argument("--min-lr", type=float, default=1e-6)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--recipe", default="authors", choices=sorted(RECIPES),
+                   help="named hyper-parameters (docs/training.md): authors (RL-Pruner's, for CIFAR-100) or "
+                        "small_data (a few thousand images); the flags below override single values")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (authors 250, small_data 100)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (authors 0.1, small_data 0.05)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (authors 256, small_data 128)")
+    p.add_argument("--warmup-ratio", type=float, default=None,
+                   help="fraction of steps with linear warm-up (authors 0.1, small_data 0.3)")
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate (authors 1e-6, small_data 0)")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (both recipes 5e-4)")
+    p.add_argument("--rotation", action=argparse.BooleanOptionalAction, default=None,
+                   help="random rotation up to 15 degrees on top of crop + flip (authors on, small_data off)")
+    p.add_argument("--head", default=None, choices=["mlp", "linear"],
+                   help="classifier head of models that offer one (VGG): the authors' 3-layer dropout mlp or one "
+                        "linear layer (authors: the model's own, small_data linear)")
     p.add_argument("--data-root", default="data", help="folder holding torchvision's CIFAR files")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs network)")
     p.add_argument("--val-size", type=float, default=None,
@@ -149,7 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, min_lr=args.min_lr,
                  weight_decay=args.weight_decay, data_root=args.data_root, download=args.download,
                  val_size=val_size, device=args.device, seed=args.seed, out=args.out, workers=args.workers,
-                 amp=False if args.no_amp else None, resume=args.resume)
+                 amp=False if args.no_amp else None, resume=args.resume, recipe=args.recipe,
+                 rotation=args.rotation, head=args.head)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

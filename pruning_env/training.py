@@ -18,8 +18,12 @@ from pruning_env.data import make_loader
 EvalData = Union[DataLoader, Dataset, Tuple[torch.Tensor, torch.Tensor]]
 
 
-def _logits(output) -> torch.Tensor:
-    """Models with auxiliary heads return tuples; the main logits come first (fixes spec §9.23)."""
+def model_logits(output) -> torch.Tensor:
+    """The main logits of a model's output: models with auxiliary heads return tuples whose first item is
+    the main logits (fixes spec §9.23), Hugging Face-style outputs carry ``.logits``.
+
+    :param output: what ``model(x)`` returned.
+    """
     if isinstance(output, (tuple, list)):
         return output[0]
     if hasattr(output, "logits"):
@@ -74,7 +78,7 @@ def evaluate(model: nn.Module, data: EvalData, device: Union[str, torch.device, 
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                logits = _logits(model(x))
+                logits = model_logits(model(x))
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             k = min(5, logits.shape[1])
@@ -162,10 +166,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            logits = _logits(model(x))
+            logits = model_logits(model(x))
             if teacher is not None:
                 with torch.no_grad():
-                    t_logits = _logits(teacher(x))
+                    t_logits = model_logits(teacher(x))
                 loss = kd_loss(logits.float(), t_logits.float(), y, T=T, soft_weight=soft_weight)
             else:
                 loss = F.cross_entropy(logits.float(), y)

@@ -5,10 +5,14 @@ A three-group conv net on generated 16x16 images keeps every env-driven test to 
 """
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch.nn as nn
 
+from agents.common.base import BasePruningAgent
+from agents.common.monitor import PruneMonitor
+from agents.common.save_util import load_parts, read_meta, save_parts
 from agents.heuristics import GlobalTaylorPruner, RandomSearch, UniformPruner
 from agents.rl_pruner import (RLPrunerAgent, TopKBuffer, adjust_distribution, epsilon_at, initial_distribution,
                               sample_action, update_distribution)
@@ -186,7 +190,7 @@ def test_env_applies_count_matching(splits):
 
 
 # ----------------------------------------------------------------------------------------------- collapse guard
-class ScriptedEnv:
+class ScriptedEnv(gym.Env):
     """A stand-in PruneEnv whose candidate accuracy comes from ``acc(step, call_in_step, action)``."""
 
     action_mode = "distribution"
@@ -220,7 +224,7 @@ class ScriptedEnv:
     def step_index(self):
         return self._step
 
-    def reset(self, seed=None):
+    def reset(self, seed=None, options=None):
         self._step, self._evals, self._cache, self._calls = 0, 0, {}, 0
         return np.zeros(3, dtype=np.float32), {}
 
@@ -378,7 +382,7 @@ def test_global_taylor_prunes_least_important_first(splits):
     # 64 layer-channels (12 + 2 x 16 + 20): the goal of 15 % is 9.6, which group 0 alone can give
     env = make_env(splits, action_mode="sparsity", budget="channels", n_steps=1, target=0.15)
     env.reset(seed=0)
-    pruner = env.snapshot().pruner
+    pruner = env.pruner
     n0, n1, n2 = env.original_channels
     # group 0: one dominant channel and many negligible ones (far below their group mean); groups 1 and 2:
     # spread between 2/3 and 4/3 of their mean, whatever their absolute scale
@@ -413,3 +417,63 @@ def test_random_search_uses_exactly_its_budget(splits, mode):
     for row in agent.history:
         assert row["accuracy"] == pytest.approx(row["best_candidate_reward"])
     np.testing.assert_array_equal(agent.predict()[0], agent._best_action)
+
+
+# ----------------------------------------------------------------------------------------------- recorder
+def test_monitor_records_steps_best_episode_and_evaluations(splits):
+    env = PruneMonitor(make_env(splits, n_steps=2))
+    env.reset(seed=0)
+    env.evaluate_action(np.array([0.2, 0.5, 0.3]))
+    env.evaluate_action(np.array([0.2, 0.5, 0.3]))  # cached: free
+    env.step(np.array([0.2, 0.5, 0.3]))  # reuses the look-ahead's model
+    assert env.n_evaluations == 1 and env.episode_active and env.best is None
+    env.annotate({"note": 1.5})
+    _, reward, terminated, _, _ = env.step(np.array([0.4, 0.3, 0.3]))
+    assert terminated and not env.episode_active and env.episodes == 1
+    assert [row["step"] for row in env.history] == [1, 2] and env.history[0]["note"] == 1.5
+    assert [row["n_evaluations"] for row in env.history] == [1, 2]
+    assert env.best["reward"] == reward and env.best["episode"] == 0 and len(env.best["actions"]) == 2
+    assert env.best["model"] is env.unwrapped.model
+    env.reset(seed=1)
+    env.step(np.array([0.2, 0.5, 0.3]))
+    env.reset(seed=2)  # an abandoned episode's evaluations still count
+    assert env.n_evaluations == 3 and env.episodes == 1 and len(env.history) == 3
+
+
+def test_agent_checkpoint_state_resumes_exactly(splits):
+    whole = RLPrunerAgent(make_env(splits, n_steps=3), sample_num=2, lr_epoch=2, seed=5)
+    whole.learn()
+    cut = RLPrunerAgent(make_env(splits, n_steps=3), sample_num=2, lr_epoch=2, seed=5)
+    cut.learn(total_timesteps=1)
+    assert cut.supports_resume and cut.episode_active
+    state = cut.checkpoint_state()
+    resumed = RLPrunerAgent(make_env(splits, n_steps=3), sample_num=2, lr_epoch=2, seed=5)
+    resumed.restore_checkpoint_state(state)
+    assert resumed.episode_active and resumed.n_evaluations == cut.n_evaluations
+    resumed.learn(reset_num_timesteps=False)
+    assert strip_times(resumed.history) == strip_times(whole.history)
+    assert resumed.n_evaluations == whole.n_evaluations and resumed.num_timesteps == 3
+    assert resumed.best["reward"] == whole.best["reward"] and resumed.best["model"] is not None
+
+
+def test_save_format_checks_kind_version_and_class(splits, tmp_path):
+    path = save_parts(tmp_path / "x.bin", "run-checkpoint", 2, {"a": np.arange(3)}, files={"blob": b"raw"},
+                      info={"phase": "search"})
+    parts = load_parts(path, "run-checkpoint", 2)
+    assert parts.data["a"].tolist() == [0, 1, 2] and parts.files == {"blob": b"raw"}
+    assert read_meta(path)["info"] == {"phase": "search"} and parts.meta["format"] == "rl-prune"
+    with pytest.raises(ValueError, match="expected a 'agent' file"):
+        load_parts(path, "agent", 2)
+    with pytest.raises(ValueError, match="of version 2; this code reads version 1"):
+        load_parts(path, "run-checkpoint", 1)
+    (tmp_path / "old.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="old.pt is not an 'rl-prune' file"):
+        load_parts(tmp_path / "old.pt", "agent", 1)
+    agent = UniformPruner(make_env(splits, action_mode="sparsity", budget="flops", n_steps=1))
+    agent.learn()
+    saved = agent.save(tmp_path / "uniform.pt")
+    assert read_meta(saved)["info"]["class"] == "agents.heuristics:UniformPruner"
+    loaded = BasePruningAgent.load(saved)  # the saved class, through the base
+    assert isinstance(loaded, UniformPruner) and loaded.history == agent.history and loaded.n_evaluations == 1
+    with pytest.raises(ValueError, match="holds a UniformPruner, not a RandomSearch"):
+        RandomSearch.load(saved)

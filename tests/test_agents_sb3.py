@@ -7,8 +7,10 @@ A three-group conv net on generated 16x16 images keeps each env step to a few mi
 import numpy as np
 import pytest
 
-from agents.registry import build_agent
+from agents.common.save_util import AGENT_KIND, AGENT_VERSION, load_parts
 from agents.sb3_baselines import SB3Agent, StopAtTimesteps, load_zoo_hyperparams, sb3_algorithms, to_sparsity
+from rl_prune.config import PruneRunConfig
+from rl_prune.pipeline import build_agent
 from tiny import tiny_env, tiny_splits
 
 
@@ -48,7 +50,7 @@ def test_sb3_learns_and_counts_evaluations(splits, algo, tmp_path):
     agent.learn(total_timesteps=24)
     # one-step episodes: every timestep is one evaluated model; the final deterministic episode adds one
     assert agent.num_timesteps == 24
-    assert len(agent.history) == 25 and agent.tracker.episodes == 25
+    assert len(agent.history) == 25 and agent.episodes == 25
     assert agent.n_evaluations == 25
     assert [row["n_evaluations"] for row in agent.history] == list(range(1, 26))
     for row in agent.history:
@@ -59,7 +61,9 @@ def test_sb3_learns_and_counts_evaluations(splits, algo, tmp_path):
     action, _ = agent.predict(obs, deterministic=True)
     assert action.shape == (3,) and np.all((action >= 0) & (action <= 1))
     path = agent.save(tmp_path / f"{algo}.pt")
-    assert path.is_file() and path.with_suffix(".zip").is_file()
+    # one agent file, SB3's own zip inside it
+    assert path == tmp_path / f"{algo}.pt" and path.is_file()
+    assert SB3Agent.MODEL_PART in load_parts(path, AGENT_KIND, AGENT_VERSION).files
     loaded = SB3Agent.load(path, env=make_env(splits))
     np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], action, atol=1e-6)
     assert loaded.history == agent.history and loaded.algo == algo
@@ -92,9 +96,9 @@ def test_learn_twice_continues(splits, tmp_path):
     agent.learn(total_timesteps=6, reset_num_timesteps=False)
     assert agent.num_timesteps == 16
     assert agent.n_evaluations == 16 + 2  # two final deterministic episodes
-    # a save path ending in .zip keeps SB3's zip and the results file apart
+    # any suffix: one file, written where asked
     path = agent.save(tmp_path / "sac.zip")
-    assert path.suffix == ".pt" and (tmp_path / "sac.zip").is_file()
+    assert path == tmp_path / "sac.zip" and path.is_file()
     assert SB3Agent.load(tmp_path / "sac.zip").algo == "sac"
 
 
@@ -122,7 +126,7 @@ def test_sb3_rejects_bad_arguments(splits):
 def test_registry_maps_budget_and_zoo_file(splits):
     hp = load_zoo_hyperparams("ppo", "configs/sb3/ppo.yaml")
     assert hp["n_steps"] == 16 and "n_timesteps" in hp
-    cfg = {"seed": 0, "budget": 40, "agents": {"ppo": {"n_steps": 8, "batch_size": 8}}, "env": {}}
+    cfg = PruneRunConfig(seed=0, budget=40, agents={"ppo": {"n_steps": 8, "batch_size": 8}})
     agent, learn = build_agent(cfg, "ppo", make_env(splits))
     assert learn == {"total_timesteps": 40}
     assert agent.model.n_steps == 8 and agent.model.learning_rate == hp["learning_rate"]

@@ -1,7 +1,7 @@
 """AgentViT tests: SimpleViT masking, state and analytic FLOPs; the patch env (checkers, reward); the agent's
 replay, exploration, Polyak and double-DQN targets on hand-made numbers; a tiny offline joint run.
 """
-import importlib.util
+import json
 import math
 import random
 from pathlib import Path
@@ -16,10 +16,14 @@ from gymnasium.utils.env_checker import check_env
 from torch.utils.flop_counter import FlopCounterMode
 
 from agents.vit_ddqn import AllPatches, RandomPatches, ReplayBuffer, Transition, ViTDDQN, epsilon_at, polyak_update
+from pruning_env.costs import state_macs, vit_macs
 from pruning_env.envs.patch_env import (PatchSelectEnv, mean_threshold_mask, random_topk_mask, register_patch_envs,
                                         topk_mask)
 from pruning_env.models import create_model
-from pruning_env.models.vit import SimpleViT, posemb_sincos_2d, state_macs, vit_macs
+from pruning_env.models.vit import SimpleViT, posemb_sincos_2d
+from rl_prune.cli import vit_main
+from rl_prune.config import ViTRunConfig, load_config
+from rl_prune.vit_run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,7 +270,7 @@ def test_faithful_target_is_elementwise_without_action():
     assert torch.allclose(agent.compute_targets([t]), 0.5 + 0.95 * torch.tensor([[1.0, 2.0, 3.0]] * 2))
 
 
-def test_agent_learns_on_reward_steps_with_schedules(synthetic_splits):
+def test_agent_updates_on_reward_steps_with_schedules(synthetic_splits):
     env = tiny_env(synthetic_splits, reward_every=1)
     agent = ViTDDQN(env, mode="faithful", batch_size=2, target_update_interval=2, exploration_decay=3.0,
                     skip_first_epoch=True, hidden=(16,), seed=0)
@@ -296,21 +300,13 @@ def test_agent_save_load_roundtrip_and_baselines(tmp_path, synthetic_splits):
 
 
 # ------------------------------------------------------------------------------------------------ joint run
-def _trainer():
-    spec = importlib.util.spec_from_file_location("train_vit_agent", ROOT / "train_vit_agent.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tiny_joint_run_offline(tmp_path):
-    trainer = _trainer()
     config = {"policy": "double_dqn", "seed": 0, "device": "cpu", "out": str(tmp_path), "progress": False,
               "env": {"dataset": "synthetic", "width": 0.125, "depth": 1, "batch_size": 32, "epochs": 2,
                       "reward_every": 1, "n_keep": 16},
               "agent": {"exploration_decay": 5, "skip_first_epoch": False, "hidden": [16]},
               "eval": {"throughput": False}}
-    res = trainer.run_training(config)
+    res = run_training(config)
     assert [h["epoch"] for h in res["history"]] == [1, 2]
     assert res["train_mean_kept"] == 16 and res["agent_updates"] > 0 and res["train_time_s"] > 0
     assert set(res["test"]) == {"all", "agent", "random"} and res["eval_kept"] == 16
@@ -320,15 +316,33 @@ def test_tiny_joint_run_offline(tmp_path):
     from pruning_env.checkpoint import load_model
 
     assert isinstance(load_model(tmp_path / "vit.pt"), SimpleViT)
-    full = trainer.run_training({**config, "policy": "full", "agent": {}, "out": None})
+    full = run_training({**config, "policy": "full", "agent": {}, "out": None})
     assert full["train_mean_kept"] == 64 and full["state_gflops_per_image"] == 0.0
 
 
 def test_config_errors_name_the_bad_key():
-    trainer = _trainer()
-    with pytest.raises(ValueError, match="unknown env key"):
-        trainer.validate_config({"env": {"epochz": 3}})
-    with pytest.raises(ValueError, match="policy="):
-        trainer.validate_config({"policy": "ppo"})
+    with pytest.raises(ValueError, match="unknown key env.epochz"):
+        load_config(data={"env": {"epochz": 3}}, schema=ViTRunConfig)
+    with pytest.raises(ValueError, match="policy must be one of .*'ppo'"):
+        load_config(data={"policy": "ppo"}, schema=ViTRunConfig)
     for path in sorted((ROOT / "configs" / "agentvit").glob("*.yaml")):
-        trainer.load_config(str(path))
+        load_config(path, schema=ViTRunConfig)
+
+
+def test_vit_cli_flags_and_overrides_share_one_grammar(tmp_path, capsys):
+    """The flags are shorthands for config keys; key=value sets any key; a bad one exits 2 with one line."""
+    assert vit_main(["env.epochz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "unknown key env.epochz" in err and err.count("\n") == 1
+    assert vit_main(["--policy", "full", "eval.batch_size=0"]) == 2
+    assert "eval.batch_size must be >= 1, got 0" in capsys.readouterr().err
+    assert vit_main(["eval.throughput_batch=2.5"]) == 2
+    assert "eval.throughput_batch must be an integer" in capsys.readouterr().err
+    out = tmp_path / "full"
+    assert vit_main(["--policy", "full", "--dataset", "synthetic", "--width", "0.125", "--depth", "1",
+                     "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--out", str(out), "--no-progress",
+                     "env.n_keep=16", "eval.throughput=false"]) == 0
+    saved = json.loads((out / "results.json").read_text())["config"]
+    assert saved["policy"] == "full" and saved["agent"] == {} and saved["progress"] is False
+    assert saved["env"]["epochs"] == 1 and saved["env"]["n_keep"] == 16 and saved["eval"]["throughput"] is False
+    assert saved["env"]["reward_every"] == 1  # merged over the quickstart's env

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pruning_env.envs.budget import (bisect_increasing, channel_sparsity, charged, cumulative_goal,
-                                     distribution_to_counts, filter_num, normalize_distribution,
+                                     distribution_to_counts, filter_num, keep_for_action, normalize_distribution,
                                      step_channel_budget)
 
 
@@ -116,3 +116,81 @@ def test_bisect_tolerance_bounds_the_number_of_calls():
     x, _ = bisect_increasing(fn, 0.3, 0.0, 1.0, iters=60, tol=1e-3)
     assert abs(x - 0.3) <= 1e-3
     assert len(calls) <= 2 + 11  # ends, then ceil(log2(1 / 1e-3)) halvings
+
+
+# ---- keep_for_action: the env's action -> kept channels mapping, on a hand-made 3-group "model" whose cost is
+# linear in the kept channels (group g costs WEIGHT[g] per kept channel)
+CURRENT = np.array([12, 16, 20])
+LAYERS = np.array([1, 2, 1])
+WEIGHT = np.array([3.0, 1.0, 0.5])
+
+
+def keep_counts(sparsity, min_channels=1):
+    """The Pruner's rule: removed = round(s * width), kept at least ``min_channels``."""
+    s = np.asarray(sparsity, dtype=np.float64)
+    return np.maximum(CURRENT - np.floor(s * CURRENT + 0.5).astype(np.int64), min_channels)
+
+
+def linear_reduction(keep):
+    return 1.0 - float((WEIGHT * keep).sum() / (WEIGHT * CURRENT).sum())
+
+
+def channel_reduction(keep):
+    return channel_sparsity(keep, CURRENT, LAYERS)
+
+
+def test_keep_for_action_without_budget_is_the_clipped_sparsity():
+    step = keep_for_action([0.5, 2.0, -1.0], "sparsity", CURRENT, LAYERS, keep_counts, max_step_sparsity=0.9)
+    assert step.keep.tolist() == [6, 2, 20] and step.budget == 1.0 and step.goal is None and step.reachable
+
+
+@pytest.mark.parametrize("mode", ["sparsity", "distribution"])
+@pytest.mark.parametrize("reduction", [linear_reduction, channel_reduction])
+@pytest.mark.parametrize("action", [[0.2, 0.5, 0.9], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+def test_keep_for_action_meets_the_goal_within_one_channel(mode, reduction, action):
+    goal = 0.4
+    step = keep_for_action(action, mode, CURRENT, LAYERS, keep_counts, reduction=reduction, goal=goal,
+                           max_step_sparsity=0.9)
+    assert step.reachable and step.goal == goal and step.reached == pytest.approx(reduction(step.keep))
+    assert np.all(step.keep >= 1) and np.all(step.keep <= CURRENT)
+    # within the granularity of the metric: one channel of the costliest group (both sides of the goal)
+    one_channel = max(np.max(WEIGHT) / (WEIGHT * CURRENT).sum(), LAYERS.max() / (LAYERS * CURRENT).sum())
+    assert abs(step.reached - goal) <= 2 * one_channel
+
+
+def test_keep_for_action_distribution_prunes_where_the_distribution_says():
+    step = keep_for_action([0.0, 0.0, 1.0], "distribution", CURRENT, LAYERS, keep_counts, reduction=channel_reduction,
+                           goal=0.1, max_step_sparsity=0.9)
+    assert step.keep[:2].tolist() == CURRENT[:2].tolist() and step.keep[2] < CURRENT[2]
+
+
+def test_keep_for_action_channel_budget_is_met_when_the_named_group_saturates():
+    # the authors' fixed M puts 90% of the budget on group 2 (20 channels, floor 1): capped at 19 removed, a fixed
+    # M misses a 50% channel goal; the mapping spreads the rest over the other groups instead
+    step = keep_for_action([0.05, 0.05, 0.9], "distribution", CURRENT, LAYERS, keep_counts, reduction=channel_reduction,
+                           goal=0.5, max_step_sparsity=0.9)
+    assert step.reachable and step.keep[2] == 1
+    assert abs(step.reached - 0.5) <= 2 * LAYERS.max() / (LAYERS * CURRENT).sum()
+
+
+@pytest.mark.parametrize("mode", ["sparsity", "distribution"])
+def test_keep_for_action_reports_an_unreachable_goal(mode):
+    # with a floor of 10 channels per group at most 1 - 30/48 of the channels can go
+    def floored(s):
+        return keep_counts(s, min_channels=10)
+
+    step = keep_for_action([0.3, 0.3, 0.3], mode, CURRENT, LAYERS, floored, reduction=channel_reduction, goal=0.6,
+                           max_step_sparsity=0.95)
+    assert not step.reachable and step.reached < 0.6
+    assert step.keep.tolist() == [10, 10, 10]  # as far as it goes
+
+
+def test_keep_for_action_rejects_inconsistent_arguments():
+    with pytest.raises(ValueError, match="one per group"):
+        keep_for_action([0.1, 0.2], "sparsity", CURRENT, LAYERS, keep_counts)
+    with pytest.raises(ValueError, match="reduction"):
+        keep_for_action([0.1, 0.2, 0.3], "sparsity", CURRENT, LAYERS, keep_counts, goal=0.3)
+    with pytest.raises(ValueError, match="distribution mode always has a budget"):
+        keep_for_action([0.1, 0.2, 0.3], "distribution", CURRENT, LAYERS, keep_counts)
+    with pytest.raises(ValueError, match="action_mode"):
+        keep_for_action([0.1, 0.2, 0.3], "scores", CURRENT, LAYERS, keep_counts)

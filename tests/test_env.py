@@ -296,3 +296,93 @@ def test_cuda_matches_cpu(synthetic_splits):
         # channel counts follow from the action and the budget; which channels go may differ by float noise
         assert cpu[4]["flops_reduction"] == pytest.approx(cuda[4]["flops_reduction"], abs=0.02)
         assert cpu[1] == pytest.approx(cuda[1], abs=0.1)
+
+
+def count_finetunes(monkeypatch):
+    """Record every recovery fine-tune (its teacher and its snapshot data) while running the real one."""
+    from pruning_env.envs import prune_env
+
+    calls = []
+    real = prune_env.finetune
+
+    def recorded(model, *args, **kwargs):
+        calls.append(kwargs)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(prune_env, "finetune", recorded)
+    return calls
+
+
+def test_lookahead_never_fine_tunes(synthetic_splits, monkeypatch):
+    calls = count_finetunes(monkeypatch)
+    env = make_env(synthetic_splits, n_steps=3, budget="flops", recovery="kd", recovery_batches=1)
+    env.reset(seed=0)
+    action = np.full(env.n_groups, 0.3, dtype=np.float32)
+    env.evaluate_action(action)
+    snap = env.snapshot()
+    # a depth-2 tree search (spec §2.5): children of children, scored without any recovery
+    _, _, _, _, info = env.lookahead_step(action)
+    assert info["lookahead"] and "accuracy_recovered" not in info and env.step_index == 1
+    env.evaluate_action(action)
+    env.lookahead_step(action)
+    env.restore(snap)
+    assert calls == []
+    _, _, _, _, info = env.step(action)
+    assert len(calls) == 1 and "accuracy_recovered" in info and not info["lookahead"]
+
+
+def test_recovery_period_recovers_every_nth_step(synthetic_splits, monkeypatch):
+    calls = count_finetunes(monkeypatch)
+    env = make_env(synthetic_splits, n_steps=5, budget="flops", recovery="ce", recovery_batches=1, recovery_period=2)
+    env.reset(seed=0)
+    recovered = ["accuracy_recovered" in env.step(np.full(env.n_groups, 0.3))[4] for _ in range(5)]
+    assert recovered == [False, True, False, True, False] and len(calls) == 2  # never after the final step
+
+
+def test_recovery_keeps_the_best_snapshot(synthetic_splits, monkeypatch):
+    calls = count_finetunes(monkeypatch)
+    # a learning rate that wrecks the model: the best snapshot is the one before recovery
+    env = make_env(synthetic_splits, n_steps=2, budget="flops", recovery="ce", recovery_epochs=1, recovery_lr=50.0,
+                   recovery_best_snapshot=True)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(np.full(env.n_groups, 0.3))
+    assert calls[0]["val_data"] is env.task.reward_data
+    assert info["accuracy_recovered"] >= info["accuracy"]
+    assert all(torch.isfinite(p).all() for p in env.model.parameters())
+
+
+def test_teacher_switch_follows_the_better_student(synthetic_splits, monkeypatch):
+    calls = count_finetunes(monkeypatch)
+    # an untrained original model (about 10% on 10 classes) is beaten by a few epochs of KD + CE recovery
+    env = make_env(synthetic_splits, n_steps=3, target=0.3, budget="flops", recovery="kd", recovery_epochs=3,
+                   recovery_lr=0.05, kd_soft_weight=0.25, teacher_switch=True, recovery_best_snapshot=True)
+    env.reset(seed=0)
+    snap = env.snapshot()
+    _, _, _, _, info = env.step(np.full(env.n_groups, 0.3))
+    assert calls[0]["teacher"] is env.original_model
+    assert info["accuracy_recovered"] > env.original_accuracy and info["teacher_switched"]
+    env.step(np.full(env.n_groups, 0.3))
+    teacher = calls[1]["teacher"]
+    assert teacher is not env.original_model and teacher is not env.model  # a copy of step 1's student
+    # the teacher belongs to the trajectory: a restored state distils from its own teacher again
+    env.restore(snap)
+    env.step(np.full(env.n_groups, 0.3))
+    assert calls[2]["teacher"] is env.original_model
+
+
+def test_public_planning_api_for_agents(synthetic_splits):
+    env = make_env(synthetic_splits, n_steps=2, budget="flops")
+    env.reset(seed=0)
+    assert env.pruner is env.snapshot().pruner and env.pruner.n_groups == env.n_groups
+    np.testing.assert_array_equal(env.group_importance, env.pruner.group_importance())
+    assert env.group_importance.shape == (env.n_groups,) and np.all(env.group_importance > 0)
+    action = np.array([0.5, 0.2, 0.7], dtype=np.float32)
+    keep = env.keep_for_action(action)
+    assert env.n_evaluations == 0  # no model built or evaluated
+    _, info = env.evaluate_action(action)
+    assert keep.tolist() == info["kept_channels"].tolist()
+    env.step(action)
+    env.step(action)
+    assert env.pruner is None and np.all(env.group_importance == 0)
+    with pytest.raises(RuntimeError, match="episode is over"):
+        env.keep_for_action(action)

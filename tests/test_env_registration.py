@@ -201,7 +201,7 @@ def test_depthwise_group_at_one_channel_keeps_the_groups_across_steps():
 def test_env_takes_the_validation_split_from_the_checkpoint(tmp_path, monkeypatch):
     from pruning_env.checkpoint import read_meta, save_checkpoint
     from pruning_env.data import make_datasets
-    from pruning_env.envs import prune_env
+    from pruning_env.envs import prune_env, task
     from pruning_env.models import create_model
     from pruning_env.pretrain import pretrain
 
@@ -219,5 +219,28 @@ def test_env_takes_the_validation_split_from_the_checkpoint(tmp_path, monkeypatc
         prune_env.PruneEnv(**kwargs, val_size=20)
     # an older checkpoint without the count falls back to the default
     old = save_checkpoint(create_model("vgg11", num_classes=10, width=0.0625), tmp_path / "old.pt", seed=4)
-    monkeypatch.setattr(prune_env, "DEFAULT_VAL_SIZE", 30)
+    monkeypatch.setattr(task, "DEFAULT_VAL_SIZE", 30)
     assert prune_env.PruneEnv(**{**kwargs, "checkpoint": str(old)}).val_size == 30
+
+
+@pytest.mark.parametrize("model", prunable_models())
+def test_channel_budget_is_met_at_every_step_with_random_distributions(model):
+    """Issue 12: in distribution mode a channel target is met at every step (within channel granularity), as
+    FLOPs and params targets are; the authors' fixed per-step M ended short once groups hit their floor."""
+    from pruning_env.data import make_synthetic
+    from pruning_env.envs.prune_env import PruneEnv
+
+    splits = make_synthetic(n_train=48, n_test=8, num_classes=10, seed=0)
+    width = 0.25 if model.startswith("resnet") else 0.0625
+    env = PruneEnv(model=model, dataset=splits, pretrained=False, width=width, reward_samples=8, calibration_size=4,
+                   action_mode="distribution", target_metric="channels", target=0.5, n_steps=3, importance="l1",
+                   device="cpu")
+    # one step of the M' search can move a few groups at once: two of the largest group's layer-channels
+    granularity = 2 * env.layer_counts.max() / (env.layer_counts * env.original_channels).sum()
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    for step in range(1, 4):
+        _, _, terminated, truncated, info = env.step(rng.dirichlet(np.full(env.n_groups, 0.3)))
+        assert not info["budget_missed"]
+        assert abs(info["channel_sparsity"] - 0.5 * step / 3) <= granularity
+    assert terminated and not truncated

@@ -1,5 +1,6 @@
-"""Tests of evaluate.py and pruning_env.export on a tiny run folder built here (VGG-11 width 0.0625 on the
-generated ``synthetic`` set, half its channels pruned): report contents, exports checked against the module, errors.
+"""Tests of evaluate.py (rl_prune.evaluation, rl_prune.cli) and pruning_env.export on a tiny run folder built here
+(VGG-11 width 0.0625 on the generated ``synthetic`` set, half its channels pruned): report contents, exports checked
+against the module, errors.
 """
 import json
 import sys
@@ -9,16 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-# evaluate.py is a script at the repo root, not in the package: make it importable under plain `pytest` too
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import evaluate  # noqa: E402
-from pruning_env.checkpoint import save_checkpoint  # noqa: E402
-from pruning_env.runtime import atomic_save  # noqa: E402
-from pruning_env.costs import count_costs  # noqa: E402
-from pruning_env.data import make_synthetic  # noqa: E402
-from pruning_env.export import EXPORT_HINT, export_onnx, export_torchscript, max_abs_diff, quiet_jit  # noqa: E402
-from pruning_env.models import create_model  # noqa: E402
-from pruning_env.pruning import Pruner  # noqa: E402
+from pruning_env.checkpoint import save_checkpoint
+from pruning_env.costs import count_costs
+from pruning_env.data import make_synthetic
+from pruning_env.export import EXPORT_HINT, export_onnx, export_torchscript, max_abs_diff, quiet_jit
+from pruning_env.models import create_model
+from pruning_env.pruning import Pruner
+from pruning_env.runtime import atomic_save
+from rl_prune import evaluation
+from rl_prune.cli import evaluate_main
 
 FAST = ["--repeats", "2", "--warmup", "1", "--max-test", "64", "--batch-size", "32", "--no-progress"]
 
@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(run_dir):
-    assert evaluate.main([str(run_dir), *FAST, "--export", "torchscript", "--device", "cpu"]) == 0
+    assert evaluate_main([str(run_dir), *FAST, "--export", "torchscript", "--device", "cpu"]) == 0
     return json.loads((run_dir / "evaluation.json").read_text())
 
 
@@ -99,7 +99,7 @@ def test_explicit_models_onnx_export(run_dir, tmp_path):
     original = torch.load(run_dir / "original_model.pt", weights_only=False)
     save_checkpoint(original, tmp_path / "zoo.pt")
     out = tmp_path / "eval"
-    assert evaluate.main(["--original", str(tmp_path / "zoo.pt"), "--pruned", str(run_dir / "pruned_model.pt"),
+    assert evaluate_main(["--original", str(tmp_path / "zoo.pt"), "--pruned", str(run_dir / "pruned_model.pt"),
                           "--dataset", "synthetic", "--out", str(out), "--no-latency", "--export", "onnx",
                           *FAST]) == 0
     report = json.loads((out / "evaluation.json").read_text())
@@ -170,22 +170,22 @@ def test_unfaithful_export_is_rejected(tmp_path, monkeypatch):
 
 def test_errors_name_the_path_and_the_fix(tmp_path, run_dir):
     with pytest.raises(SystemExit, match=r"run folder not found: .*nope.*python train_agent.py"):
-        evaluate.main([str(tmp_path / "nope")])
+        evaluate_main([str(tmp_path / "nope")])
     half = tmp_path / "half"
     half.mkdir()
     (half / "original_model.pt").write_bytes((run_dir / "original_model.pt").read_bytes())
     with pytest.raises(SystemExit, match=r"pruned model not found: .*pruned_model.pt.*--resume"):
-        evaluate.main([str(half)])
+        evaluate_main([str(half)])
     with pytest.raises(SystemExit, match=r"--pruned model not found: .*missing.pt"):
-        evaluate.main(["--original", str(run_dir / "original_model.pt"), "--pruned", str(tmp_path / "missing.pt"),
+        evaluate_main(["--original", str(run_dir / "original_model.pt"), "--pruned", str(tmp_path / "missing.pt"),
                        "--dataset", "synthetic"])
     with pytest.raises(SystemExit, match=r"npz.*not found.*--data-root"):
-        evaluate.main([str(run_dir), "--dataset", f"npz:{tmp_path / 'absent.npz'}", "--out", str(tmp_path)])
+        evaluate_main([str(run_dir), "--dataset", f"npz:{tmp_path / 'absent.npz'}", "--out", str(tmp_path)])
 
 
 def test_wrong_dataset_is_named(run_dir, tmp_path, monkeypatch):
     """Models with 10 outputs evaluated on a 3-class dataset: the error names the model file and --dataset."""
-    monkeypatch.setattr(evaluate, "make_datasets",
+    monkeypatch.setattr(evaluation, "make_datasets",
                         lambda name, **kw: make_synthetic(num_classes=3, val_size=kw["val_size"], seed=kw["seed"]))
     with pytest.raises(SystemExit, match=r"original_model.pt predicts 10 classes .* has 3.*--dataset"):
-        evaluate.main([str(run_dir), "--out", str(tmp_path), *FAST])
+        evaluate_main([str(run_dir), "--out", str(tmp_path), *FAST])

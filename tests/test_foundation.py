@@ -105,6 +105,20 @@ def test_preload_is_a_fixed_subset():
     assert torch.allclose(full_x[0], s.val[0][0])
 
 
+def test_preload_augments_each_image_on_its_own():
+    # 32 copies of one image: a crop/flip/rotation shared by the batch would give 32 equal tensors
+    s = make_synthetic(n_train=50, val_size=5, seed=0, augment=True)
+    copies = s.train.images[:1].repeat(32, 1, 1, 1)
+    same = type(s.train)(copies, torch.zeros(32, dtype=torch.long), s.train.transform, augmented=True)
+    seed_everything(0)
+    x, _ = preload(same)
+    assert x.shape == (32, 3, 32, 32)
+    assert sum(not torch.equal(x[0], x[i]) for i in range(1, 32)) >= 16
+    # seeded: the same draws again
+    seed_everything(0)
+    assert torch.equal(preload(same)[0], x)
+
+
 def test_evaluate_counts_correct_predictions():
     class Oracle(nn.Module):
         def forward(self, x):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pruning_env.costs import count_costs
+from pruning_env.costs import Cost, Reductions, count_costs, reductions
 from pruning_env.models import create_model, list_models
 from pruning_env.models.mobilenetv3 import LARGE_CFG, SMALL_CFG
 
@@ -130,6 +130,15 @@ def test_cost_model_matches_flop_counter(name):
     for h in hooks:
         h.remove()
     assert count_costs(model).macs == flops // 2 + 2 * sum(bn_elements)
+
+
+def test_reductions_are_fractions_removed():
+    original = Cost(macs=1000, params=400)
+    assert reductions(Cost(macs=250, params=300), original) == Reductions(flops=0.75, params=0.25)
+    assert reductions(original, original) == Reductions(flops=0.0, params=0.0)
+    assert Cost(macs=3, params=1).flops == 6
+    with pytest.raises(TypeError, match="two Cost values"):
+        reductions((250, 300), original)
 
 
 def test_mobilenetv3_tables_chain_and_cifar_strides_end_at_4x4():

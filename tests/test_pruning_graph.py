@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from pruning_env.pruning import DependencyGraph, Pruner, UnsupportedModelError
+from pruning_env.pruning import DependencyGraph, Pruner, PrunePlan, UnsupportedModelError
 from test_pruning_nets import ChannelShuffleNet, ChannelSliceNet, mixed_net
 
 
@@ -94,11 +94,27 @@ def test_unsupported_layer_on_pruned_channels_is_refused():
         Pruner(net, torch.randn(1, 3, 8, 8))
 
 
-def test_grouped_conv_keeps_its_channels():
+def test_grouped_conv_that_changes_width_keeps_its_channels():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 12, 3, groups=2), nn.ReLU(),
+                        nn.Conv2d(12, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    p = Pruner(net, torch.randn(1, 3, 12, 12))
+    assert [g.members for g in p.groups] == [("4",)]
+
+
+def test_grouped_conv_with_equal_widths_is_pruned_by_whole_conv_groups():
+    """Issue 15: a grouped conv (in == out) follows its producer; whole conv groups go (4 channels each)."""
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
                         nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
     p = Pruner(net, torch.randn(1, 3, 12, 12))
-    assert [g.members for g in p.groups] == [("4",)]
+    assert [(g.members, g.followers, g.granularity) for g in p.groups] == [(("0",), ("2",), 4), (("4",), (), 1)]
+    p.compute_importance(criterion="l1")
+    assert p.keep_counts([0.3, 0.5]).tolist() == [4, 3]  # removes round(0.3 * 2) = 1 of the 2 conv groups
+    plan = p.plan(sparsity=[0.5, 0.0])
+    assert plan.kept[0].tolist() in ([0, 1, 2, 3], [4, 5, 6, 7])
+    small = p.apply(plan)
+    assert (small[2].in_channels, small[2].out_channels, small[2].groups) == (4, 4, 1)
+    with pytest.raises(ValueError, match="whole aligned blocks of 4"):
+        p.apply(PrunePlan.from_indices([[0, 1, 4, 5], range(6)]))
 
 
 @pytest.mark.parametrize("name, n_groups, example", [

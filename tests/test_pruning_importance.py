@@ -1,5 +1,6 @@
 """Importance criteria: Taylor sums |w * dL/dw| over the whole group (BatchNorm included), eval mode leaves the
-model untouched, train mode reproduces the authors' BatchNorm side effect, magnitude and random criteria.
+model untouched, train mode reproduces the authors' BatchNorm side effect, magnitude and random criteria, and the
+authors' filter-only Taylor and variance scores.
 """
 import copy
 
@@ -118,6 +119,48 @@ def test_importance_errors_name_the_problem():
     with pytest.raises(ValueError, match="calibration batches"):
         p.compute_importance(None, criterion="taylor")
     with pytest.raises(ValueError, match="unknown importance criterion"):
-        p.compute_importance(_batches(), criterion="variance")
+        p.compute_importance(_batches(), criterion="hessian")  # "variance" became a criterion (issue 12)
     with pytest.raises(ValueError, match="empty"):
         p.compute_importance([], criterion="taylor")
+
+
+class _Residual(nn.Module):
+    """conv1 -> BN; conv2(.) + conv3(.) tied by an add (one two-member group); pooled linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.conv3 = nn.Conv2d(6, 4, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return self.fc((self.conv2(h) + self.conv3(h)).mean((2, 3)))
+
+
+def test_authors_filter_taylor_and_variance_score_member_filters_only():
+    """``taylor_filter`` and ``variance`` are the authors' criteria (spec §4.3): each member's own filter, no
+    bias, BatchNorm or consumer, averaged over the members of a group."""
+    torch.manual_seed(0)
+    net = _Residual().eval()
+    batches = _batches()
+    p = Pruner(net, batches[0][0][:1])
+    assert [g.members for g in p.groups] == [("conv1",), ("conv2", "conv3")]
+    ref = copy.deepcopy(net)
+    sum(F.cross_entropy(ref(x), y) for x, y in batches).backward()
+
+    def taylor(m):
+        return (m.weight * m.weight.grad).abs().sum((1, 2, 3)).detach().double().numpy()
+
+    def var(m):
+        return m.weight.detach().double().flatten(1).var(1).numpy()
+
+    first, tied = p.compute_importance(batches, criterion="taylor_filter")
+    np.testing.assert_allclose(first, taylor(ref.conv1), rtol=1e-6)
+    np.testing.assert_allclose(tied, (taylor(ref.conv2) + taylor(ref.conv3)) / 2, rtol=1e-6)
+    first, tied = p.compute_importance(criterion="variance")
+    np.testing.assert_allclose(first, var(net.conv1), rtol=1e-12)
+    np.testing.assert_allclose(tied, (var(net.conv2) + var(net.conv3)) / 2, rtol=1e-12)
+    # our group-wide Taylor score differs: it adds the bias, BatchNorm and consumer terms
+    ours = p.compute_importance(batches, criterion="taylor")[0]
+    assert np.all(ours > taylor(ref.conv1))

@@ -2,7 +2,6 @@
 
 The nets cover every construct the tracer must handle and stay tiny (16x16 inputs, <= 24 channels).
 """
-import copy
 
 import numpy as np
 import torch
@@ -143,37 +142,12 @@ def check_built(model, pruner, x, plan):
     assert child.group_names == pruner.group_names
     assert np.array_equal(child.num_channels, plan.num_kept)
     assert child.plan_cost(keep=child.num_channels) == pruner.plan_cost(plan)
-    # ... and so does a fresh trace, unless a depthwise conv is down to one channel (then it looks like a
-    # plain conv, which is why child() derives the groups instead of re-tracing)
-    if plan.num_kept.min() > 1:
+    # ... and so does a fresh trace, unless a depthwise conv is down to one channel or a grouped conv to one
+    # conv group (then it looks like a plain conv, which is why child() derives the groups instead of re-tracing)
+    if np.all(plan.num_kept > pruner.granularity):
         fresh = Pruner(new, x[:1])
         assert fresh.group_names == pruner.group_names
         assert np.array_equal(fresh.num_channels, plan.num_kept)
     return new
 
 
-def zeroed_copy(model, pruner, plan):
-    """The source with the removed channels zeroed at their producers and followers (BN gamma/beta too)."""
-    ref = copy.deepcopy(model)
-    modules = dict(ref.named_modules())
-    with torch.no_grad():
-        for gi, (g, kept) in enumerate(zip(pruner.groups, plan.kept)):
-            removed = torch.as_tensor(np.setdiff1d(np.arange(g.num_channels), kept))
-            if removed.numel() == 0:
-                continue
-            for name in g.members:
-                modules[name].weight[removed] = 0
-                if modules[name].bias is not None:
-                    modules[name].bias[removed] = 0
-            for name in g.followers:
-                # followers after a concat see this group's channels at an offset inside their input
-                offset = 0
-                for seg in pruner.graph.specs[name].out_layout:
-                    if seg.source == gi:
-                        break
-                    offset += seg.features
-                m = modules[name]
-                m.weight[removed + offset] = 0
-                if m.bias is not None:
-                    m.bias[removed + offset] = 0
-    return ref

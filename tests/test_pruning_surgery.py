@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pruning_env.costs import count_costs
-from pruning_env.pruning import Pruner, PrunePlan
-from test_pruning_nets import check_built, mixed_net, random_plan, zeroed_copy
+from pruning_env.pruning import Pruner, PrunePlan, zeroed_copy
+from test_pruning_nets import check_built, mixed_net, random_plan
 
 
 def _torchvision(name):

@@ -1,12 +1,15 @@
-"""Every CNN of the model zoo prunes consistently (costs, shapes, prune == zero); the ViT is refused clearly.
+"""Every CNN of the model zoo prunes consistently (costs, shapes, prune == zero); the ViT's MLP hidden widths too.
 
 Zoo models are built at width 0.125 so the whole file runs in seconds.
 """
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
-from pruning_env.pruning import Pruner, UnsupportedModelError
-from test_pruning_nets import check_built, random_plan, zeroed_copy
+from pruning_env.costs import layer_macs
+from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
+from test_pruning_nets import check_built, random_plan
 
 
 def _zoo_names():
@@ -34,11 +37,78 @@ def test_zoo_models_prune_consistently(name):
         assert torch.equal(pruner.apply(pruner.plan(sparsity=0.0))(x), model(x))
 
 
-def test_vit_is_refused_with_a_clear_error():
+def test_vit_prunes_its_mlp_hidden_width_only():
+    """Issue 15: the ViT's MLP hidden widths are groups; attention (opaque) and the LayerNorm-ed embedding stay."""
     from pruning_env.models import create_model, list_models
     names = list_models("vit*")
     if not names:
         pytest.skip("no ViT registered in the zoo")
+    torch.manual_seed(0)
     model = create_model(names[0], num_classes=10, width=0.125).eval()
-    with pytest.raises(UnsupportedModelError, match="no prunable channel group.*token-wise linear"):
-        Pruner(model, torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    pruner = Pruner(model, x[:1])
+    assert [(g.members, g.consumers) for g in pruner.groups] == [
+        ((f"blocks.{i}.ff.net.1",), (f"blocks.{i}.ff.net.3",)) for i in range(len(model.blocks))]
+    pruner.compute_importance(criterion="l1")
+    plan = random_plan(pruner, 0, 0.9)
+    new = check_built(model, pruner, x, plan)
+    with torch.no_grad():
+        assert torch.allclose(new(x), zeroed_copy(model, pruner, plan)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_without_prunable_channels_is_refused_with_a_clear_error():
+    net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    with pytest.raises(UnsupportedModelError, match="no prunable channel group.*LayerNorm"):
+        Pruner(net, torch.randn(1, 8))
+
+def hooked_group_costs(model, pruner, input_size):
+    """Reference per-group costs by forward hooks on each group's members and followers (one batch-1 pass)."""
+    modules = dict(model.named_modules())
+    layers = [list(g.members) + list(g.followers) for g in pruner.groups]
+    macs = {}
+    handles = [modules[n].register_forward_hook(
+        lambda m, _i, out, n=n: macs.__setitem__(n, macs.get(n, 0) + layer_macs(m, out)))
+        for n in {n for group in layers for n in group}]
+    with torch.no_grad():
+        model(torch.zeros((1, *input_size)))
+    for h in handles:
+        h.remove()
+    g_macs = np.array([sum(macs.get(n, 0) for n in group) for group in layers], dtype=np.float64)
+    g_params = np.array([sum(p.numel() for n in group for p in modules[n].parameters(recurse=False))
+                         for group in layers], dtype=np.float64)
+    return g_macs, g_params
+
+
+@pytest.mark.parametrize("name", ["vgg11", "resnet56", "googlenet", "densenet121", "mobilenetv3_small"])
+def test_group_costs_equal_a_hook_count(name):
+    """Pruner.group_costs (analytic) equals hooks on the group's layers, before and after pruning."""
+    from pruning_env.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, width=0.125).eval()
+    pruner = Pruner(model, torch.randn(1, 3, 32, 32))
+    macs, params = pruner.group_costs()
+    assert macs.dtype == params.dtype == np.float64 and macs.shape == params.shape == (pruner.n_groups,)
+    ref_macs, ref_params = hooked_group_costs(model, pruner, (3, 32, 32))
+    np.testing.assert_array_equal(macs, ref_macs)
+    np.testing.assert_array_equal(params, ref_params)
+    assert np.all(macs > 0) and np.all(params > 0)
+    pruner.compute_importance(criterion="l1")
+    plan = random_plan(pruner, 0, 0.9)
+    pruned = pruner.apply(plan)
+    child = pruner.child(pruned, plan)
+    np.testing.assert_array_equal(np.stack(child.group_costs()),
+                                  np.stack(hooked_group_costs(pruned, child, (3, 32, 32))))
+
+
+def test_group_importance_is_the_mean_absolute_score():
+    from pruning_env.models import create_model
+
+    torch.manual_seed(0)
+    pruner = Pruner(create_model("vgg11", num_classes=10, width=0.125).eval(), torch.randn(1, 3, 32, 32))
+    np.testing.assert_array_equal(pruner.group_importance(), np.zeros(pruner.n_groups))
+    scores = pruner.compute_importance(criterion="l1")
+    expected = np.array([np.abs(s).mean() for s in scores])
+    np.testing.assert_allclose(pruner.group_importance(), expected, rtol=1e-12)
+    pruner.importance[0][0] = np.nan  # non-finite scores are skipped, not propagated
+    assert pruner.group_importance()[0] == pytest.approx(np.abs(scores[0][1:]).mean())

@@ -1,6 +1,9 @@
-"""Machinery shared by the pruning agents: the Stable-Baselines-like base class, callbacks and the
-per-step run logging (CSV / TensorBoard) used by train_agent.py.
+"""Machinery shared by the pruning agents: the Stable-Baselines-like base class and callbacks, the one recorder
+(:class:`PruneMonitor`) and the one versioned save format (:mod:`agents.common.save_util`).
 """
 from agents.common.base import BasePruningAgent, make_callback, unwrap_env
+from agents.common.monitor import PruneMonitor, PruneRecord
+from agents.common.save_util import load_parts, save_parts
 
-__all__ = ["BasePruningAgent", "make_callback", "unwrap_env"]
+__all__ = ["BasePruningAgent", "make_callback", "unwrap_env", "PruneMonitor", "PruneRecord", "save_parts",
+           "load_parts"]

@@ -2,24 +2,23 @@
 ``.save()``, ``Agent.load()``, SB3 callbacks and an SB3 logger (stdout / TensorBoard), on a :class:`PruneEnv`.
 
 Subclasses choose one action per pruning step (``_choose_action``), optionally scoring candidates with the
-env's look-ahead first; the base class runs the episode loop, counts evaluations and keeps the best episode.
+env's look-ahead first; the base class runs the episode loop through a :class:`PruneMonitor`, which records
+the history, the best episode and the evaluation count.
 """
 from __future__ import annotations
 
-import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, ConvertCallback
 
-from pruning_env.runtime import atomic_save
+from agents.common.monitor import PruneMonitor, PruneRecord, RecordView
+from agents.common.save_util import load_agent, save_agent
 
 #: what ``learn(callback=...)`` accepts, as in SB3
 MaybeCallback = Union[None, Callable, BaseCallback, Sequence[BaseCallback]]
-
-#: info keys copied into every per-step history row
-STEP_KEYS = ("reward", "accuracy", "flops_reduction", "params_reduction", "channel_sparsity", "macs", "params")
 
 
 def unwrap_env(env: Any) -> Any:
@@ -39,8 +38,43 @@ def make_callback(callback: MaybeCallback) -> Optional[BaseCallback]:
     raise TypeError(f"callback must be a BaseCallback, a list of them or a function, got {type(callback).__name__}")
 
 
-class BasePruningAgent:
+@contextmanager
+def callback_session(callback: MaybeCallback, agent: Any, locals_: Dict[str, Any],
+                     globals_: Dict[str, Any]) -> Iterator[Optional[BaseCallback]]:
+    """SB3's callback life cycle around a learning loop: the callback is converted (:func:`make_callback`),
+    initialised with ``agent`` and started; ``on_training_end`` runs when the loop returns.
+
+    :param callback: what ``learn(callback=...)`` received.
+    :param agent: the learning agent (``callback.model``).
+    :param locals_: ``learn``'s ``locals()``.
+    :param globals_: ``learn``'s ``globals()``.
+    """
+    cb = make_callback(callback)
+    if cb is not None:
+        cb.init_callback(agent)
+        cb.on_training_start(locals_, globals_)
+    yield cb
+    if cb is not None:
+        cb.on_training_end()
+
+
+def callback_on_step(callback: Optional[BaseCallback], locals_: Dict[str, Any]) -> bool:
+    """Run a callback's ``on_step`` with the loop's locals, as SB3's loops do; whether to go on (no callback: True).
+
+    :param callback: from :func:`make_callback`, already initialised (or None).
+    :param locals_: the learning loop's ``locals()``.
+    """
+    if callback is None:
+        return True
+    callback.update_locals(locals_)
+    return bool(callback.on_step())
+
+
+class BasePruningAgent(RecordView):
     """Base of the agents that drive :class:`pruning_env.envs.PruneEnv` one pruning step at a time.
+
+    The env is wrapped in a :class:`PruneMonitor` (``agent.env``), which owns ``history``, ``best``,
+    ``episodes`` and ``n_evaluations``; the agent reads them from there.
 
     :param env: a ``PruneEnv`` (or a wrapper of one) in the agent's ``action_mode``.
     :param seed: seeds the agent's own random draws (``self.rng``); also passed to ``env.reset``.
@@ -50,30 +84,26 @@ class BasePruningAgent:
 
     #: the env ``action_mode`` the agent's actions mean (None = either)
     action_mode: Optional[str] = None
+    #: whether a run can checkpoint this agent mid-search and resume it (:meth:`checkpoint_state`)
+    supports_resume: bool = True
     #: constructor arguments stored by ``save`` (subclasses extend it)
     _init_keys: Tuple[str, ...] = ("seed", "verbose", "tensorboard_log")
 
     def __init__(self, env: Any, seed: Optional[int] = None, verbose: int = 0,
                  tensorboard_log: Optional[Union[str, Path]] = None) -> None:
-        self.env = env
         self.seed = seed
         self.verbose = int(verbose)
         self.tensorboard_log = str(tensorboard_log) if tensorboard_log is not None else None
         self.rng = np.random.default_rng(seed)
         self.num_timesteps = 0
-        self.episodes = 0
-        self.history: List[Dict[str, Any]] = []
-        self.best: Optional[Dict[str, Any]] = None
+        self.record = PruneRecord()
+        self.env: Optional[PruneMonitor] = None
         self.logger = None
-        self._episode_active = False
-        self._episode_actions: List[np.ndarray] = []
         self._last_obs: Optional[np.ndarray] = None
-        self._evals_done = 0  # evaluations of finished episodes (and before a resume)
-        self._env_evals_at_start = 0  # env counter when this agent started counting the current episode
         if env is not None:
-            self._check_env(env)
+            self.set_env(env)
 
-    # ------------------------------------------------------------------ env helpers
+    # ------------------------------------------------------------------ env
     def _check_env(self, env: Any) -> None:
         base = unwrap_env(env)
         for attr in ("evaluate_action", "n_groups", "n_evaluations"):
@@ -90,28 +120,35 @@ class BasePruningAgent:
             raise RuntimeError(f"{type(self).__name__} has no env; pass env= to the constructor or load()")
         return unwrap_env(self.env)
 
-    def get_env(self) -> Any:
-        """The env the agent acts on (SB3 callbacks read it)."""
+    def get_env(self) -> Optional[PruneMonitor]:
+        """The monitored env the agent acts on (SB3 callbacks read it)."""
         return self.env
 
     def set_env(self, env: Any) -> None:
-        """Attach a (new) env, e.g. after :meth:`load`; the episode restarts on the next ``learn``."""
-        self._check_env(env)
-        self.env = env
-        self._episode_active = False
+        """Attach a (new) env, e.g. after :meth:`load`; the episode restarts on the next ``learn``.
 
+        :param env: a ``PruneEnv`` or a wrapper of one; a :class:`PruneMonitor` is used as it is (its record
+            becomes the agent's), anything else is wrapped in one that writes into the agent's record.
+        """
+        self._check_env(env)
+        if self.env is not None and self.env.episode_active:  # the abandoned episode's evaluations still count
+            self.record.evaluations_done = self.env.n_evaluations
+        if isinstance(env, PruneMonitor):
+            self.record = env.record
+        else:
+            env = PruneMonitor(env, self.record)
+        self.env = env
+
+    # ------------------------------------------------------------------ what the monitor recorded
     @property
     def n_evaluations(self) -> int:
         """Models evaluated by the env for this agent so far (look-aheads plus steps), over all episodes."""
-        current = 0
-        if self._episode_active and self.env is not None:
-            current = self.penv.n_evaluations - self._env_evals_at_start
-        return self._evals_done + current
+        return self.env.n_evaluations if self.env is not None else self.record.evaluations_done
 
-    def attach_resumed_env(self) -> None:
-        """Call after restoring the env to the state saved with this agent: the episode goes on and evaluation
-        counting continues from the saved total."""
-        self._env_evals_at_start = self.penv.n_evaluations
+    @property
+    def episode_active(self) -> bool:
+        """An episode is in progress: the next ``learn`` continues it instead of resetting the env."""
+        return self.env is not None and self.env.episode_active
 
     # ------------------------------------------------------------------ to override
     def _choose_action(self, obs: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -146,9 +183,6 @@ class BasePruningAgent:
         seed = None if self.seed is None else int(self.seed) + self.episodes
         obs, info = self.env.reset(seed=seed)
         self._last_obs = obs
-        self._episode_active = True
-        self._episode_actions = []
-        self._env_evals_at_start = self.penv.n_evaluations
         self._on_reset(obs, info)
 
     def learn(self, total_timesteps: Optional[int] = None, callback: MaybeCallback = None, log_interval: int = 1,
@@ -161,24 +195,26 @@ class BasePruningAgent:
         :param total_timesteps: pruning steps to take; episodes restart as needed. None = until the end of
             the current (or a new) episode.
         :param callback: SB3 callback(s) or ``f(locals, globals) -> bool``; ``on_step`` runs after every
-            pruning step and returning False stops learning.
+            pruning step and returning False stops.
         :param log_interval: dump the logger every this many steps.
         :param tb_log_name: TensorBoard run name (default: the class name).
         :param reset_num_timesteps: restart the step counter and the TensorBoard run.
         :param progress_bar: show a tqdm bar over pruning steps.
         """
-        from tqdm.auto import tqdm
-
         if self.env is None:
             raise RuntimeError(f"{type(self).__name__}.learn needs an env; pass env= or call set_env()")
-        if reset_num_timesteps and not self._episode_active:
+        if reset_num_timesteps and not self.episode_active:
             self.num_timesteps = 0
         self._setup_logger(tb_log_name or type(self).__name__, reset_num_timesteps)
-        cb = make_callback(callback)
-        if cb is not None:
-            cb.init_callback(self)
-            cb.on_training_start(locals(), globals())
-        if not self._episode_active:
+        with callback_session(callback, self, locals(), globals()) as cb:
+            self._learn_steps(total_timesteps, log_interval, progress_bar, cb)
+        return self
+
+    def _learn_steps(self, total_timesteps: Optional[int], log_interval: int, progress_bar: bool,
+                     cb: Optional[BaseCallback]) -> None:
+        from tqdm.auto import tqdm
+
+        if not self.episode_active:
             self._reset_env()
         bar_total = total_timesteps if total_timesteps is not None else self.penv.n_steps - self.penv.step_index
         bar = tqdm(total=bar_total, desc=type(self).__name__, unit="step", disable=not progress_bar,
@@ -186,129 +222,111 @@ class BasePruningAgent:
         taken = 0
         try:
             while total_timesteps is None or taken < total_timesteps:
-                if not self._episode_active:
+                if not self.episode_active:
                     self._reset_env()
-                t0 = time.perf_counter()
                 action, extra = self._choose_action(self._last_obs)
                 obs, reward, terminated, truncated, info = self.env.step(action)
                 self._last_obs = obs
-                self._episode_actions.append(np.asarray(action, dtype=np.float64).copy())
                 self._on_step(action, info)
                 self.num_timesteps += 1
                 taken += 1
-                row = self._record(info, extra, time.perf_counter() - t0)
-                if terminated or truncated:
-                    self._end_episode(info)
+                row = self.env.annotate(extra)
+                self._log_row(row, extra)
                 bar.update(1)
                 bar.set_postfix(acc=f"{row['accuracy']:.3f}", flops=f"{row['flops_reduction']:.3f}",
                                 evals=row["n_evaluations"])
                 if self.num_timesteps % max(1, log_interval) == 0:
                     self.logger.dump(step=self.num_timesteps)
-                if cb is not None:
-                    cb.update_locals(locals())
-                    if not cb.on_step():
-                        break
-                if total_timesteps is None and not self._episode_active:
+                if not callback_on_step(cb, locals()):
+                    break
+                if total_timesteps is None and not self.episode_active:
                     break
         finally:
             bar.close()
-        if cb is not None:
-            cb.on_training_end()
-        return self
 
-    def _record(self, info: Dict[str, Any], extra: Dict[str, Any], seconds: float) -> Dict[str, Any]:
-        row: Dict[str, Any] = {"timestep": self.num_timesteps, "episode": self.episodes, "step": int(info["step"])}
-        for key in STEP_KEYS:
-            row[key] = float(info[key]) if key in info else float("nan")
-        if "accuracy_recovered" in info:
-            row["accuracy_recovered"] = float(info["accuracy_recovered"])
-        row["n_evaluations"] = self.n_evaluations
-        row["seconds"] = seconds
-        row["kept_channels"] = [int(k) for k in np.asarray(info.get("kept_channels", []))]
-        row.update(extra)
-        self.history.append(row)
+    def _log_row(self, row: Dict[str, Any], extra: Dict[str, Any]) -> None:
         for key in ("reward", "accuracy", "flops_reduction", "params_reduction", "channel_sparsity"):
             self.logger.record(f"prune/{key}", row[key])
         self.logger.record("prune/n_evaluations", row["n_evaluations"])
         for key, value in extra.items():
             if np.isscalar(value):
                 self.logger.record(f"agent/{key}", value)
-        return row
-
-    def _end_episode(self, info: Dict[str, Any]) -> None:
-        reward = float(info["reward"])
-        if self.best is None or reward > self.best["reward"]:
-            self.best = {"reward": reward, "episode": self.episodes, "model": self.penv.model,
-                         "info": {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in info.items()},
-                         "actions": [a.tolist() for a in self._episode_actions]}
-        self._evals_done = self.n_evaluations
-        self._episode_active = False
-        self.episodes += 1
 
     # ------------------------------------------------------------------ persistence
     def get_parameters(self) -> Dict[str, Any]:
         """Constructor arguments of this agent (what ``save`` stores to rebuild it)."""
         return {k: getattr(self, k) for k in self._init_keys}
 
-    def state_dict(self, include_models: bool = False) -> Dict[str, Any]:
-        """Everything that changes while learning: counters, RNG state, history, subclass state.
-
-        :param include_models: also keep the best episode's pruned model (for run checkpoints).
-        """
-        best = None
-        if self.best is not None:
-            best = {k: v for k, v in self.best.items() if include_models or k != "model"}
-        return {"num_timesteps": self.num_timesteps, "episodes": self.episodes, "history": list(self.history),
-                "best": best, "rng": self.rng.bit_generator.state, "episode_active": self._episode_active,
-                "episode_actions": [a.copy() for a in self._episode_actions], "last_obs": self._last_obs,
-                "n_evaluations": self.n_evaluations,
+    def _agent_state(self) -> Dict[str, Any]:
+        """What changes while learning, apart from the record: counters, RNG state, subclass state."""
+        return {"num_timesteps": self.num_timesteps, "rng": self.rng.bit_generator.state, "last_obs": self._last_obs,
                 "extra": self._extra_state()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; call :meth:`attach_resumed_env` after restoring the env."""
+    def _load_agent_state(self, state: Dict[str, Any]) -> None:
         self.num_timesteps = int(state["num_timesteps"])
-        self.episodes = int(state["episodes"])
-        self.history = list(state["history"])
-        self.best = state["best"]
         self.rng.bit_generator.state = state["rng"]
-        self._episode_active = bool(state["episode_active"])
-        self._episode_actions = [np.asarray(a) for a in state["episode_actions"]]
         self._last_obs = state["last_obs"]
-        self._evals_done = int(state["n_evaluations"])
         self._load_extra_state(state["extra"])
 
+    def _record_state(self, include_model: bool) -> Dict[str, Any]:
+        """The record as plain data, the running episode's evaluations included in its count."""
+        state = self.record.state_dict(include_model)
+        state["evaluations_done"] = self.n_evaluations
+        return state
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """Everything a killed run needs to continue exactly: the agent's state, its record with the best
+        episode's model, and, mid-episode, the env's current state; always the env's RNG. Restore it with
+        :meth:`restore_checkpoint_state` on an agent built the same way (same config)."""
+        if not self.supports_resume:
+            raise RuntimeError(f"{type(self).__name__} cannot be checkpointed mid-run (supports_resume is False)")
+        env = self.penv
+        active = self.episode_active
+        return {"agent": self._agent_state(), "record": self._record_state(include_model=True),
+                "episode": self.env.episode_state() if active else None,
+                "env_state": env.snapshot() if active else None,
+                "env_rng": env.np_random.bit_generator.state}
+
+    def restore_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` returned: an episode in progress goes on with the next
+        ``learn`` (``reset_num_timesteps=False``), counting evaluations from the saved total.
+
+        :param state: a dict from :meth:`checkpoint_state` of an agent of this class on an env built the same way.
+        """
+        if not self.supports_resume:
+            raise RuntimeError(f"{type(self).__name__} cannot resume a checkpoint (supports_resume is False)")
+        env = self.penv
+        env.reset(seed=self.seed)  # a valid env to restore into; its RNG is set from the checkpoint below
+        self._load_agent_state(state["agent"])
+        self.record.load_state_dict(state["record"])
+        if state["env_state"] is not None:
+            env.restore(state["env_state"])
+            self.env.resume_episode(state["episode"])
+        else:
+            self.env.resume_episode({"actions": [], "rewards": [], "active": False})
+        env.np_random.bit_generator.state = state["env_rng"]
+
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the agent (constructor arguments and learned state, not the env) to ``path`` atomically."""
-        cls = type(self)
-        payload = {"format": "rl-prune-agent/1", "class": f"{cls.__module__}:{cls.__qualname__}",
-                   "params": self.get_parameters(), "state": self.state_dict()}
-        return atomic_save(payload, path)
+        """Write the agent (constructor arguments, learned state and record, not the env or models) to
+        ``path`` in the one agent format (:mod:`agents.common.save_util`)."""
+        state = {"agent": self._agent_state(), "record": self._record_state(include_model=False)}
+        return save_agent(path, self, self.get_parameters(), state)
 
     @classmethod
     def load(cls, path: Union[str, Path], env: Any = None, **kwargs: Any) -> "BasePruningAgent":
-        """Rebuild an agent written by :meth:`save`.
+        """Rebuild an agent written by :meth:`save`; it starts a new episode on its next ``learn``.
 
         :param path: the saved file.
         :param env: env to attach (needed to ``learn``; ``predict`` of a distribution agent works without).
         :param kwargs: constructor arguments that override the saved ones.
         """
-        import importlib
-
-        import torch
-
-        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-        if not isinstance(payload, dict) or payload.get("format") != "rl-prune-agent/1":
-            raise ValueError(f"{path} is not an agent saved by BasePruningAgent.save")
-        module, _, name = payload["class"].partition(":")
-        saved_cls = getattr(importlib.import_module(module), name)
-        if not issubclass(saved_cls, cls):
-            raise TypeError(f"{path} holds a {saved_cls.__name__}, not a {cls.__name__}")
-        params = dict(payload["params"])
+        saved_cls, parts = load_agent(path, cls)
+        params = dict(parts.data["params"])
         params.update(kwargs)
         agent = saved_cls(env=env, **params)
-        agent.load_state_dict(payload["state"])
-        agent._episode_active = False  # a loaded agent starts a new episode unless a run restores the env
+        agent._load_agent_state(parts.data["state"]["agent"])
+        agent.record.load_state_dict(parts.data["state"]["record"])
         return agent
 
 
-__all__ = ["BasePruningAgent", "make_callback", "unwrap_env", "MaybeCallback", "STEP_KEYS"]
+__all__ = ["BasePruningAgent", "make_callback", "callback_session", "callback_on_step", "unwrap_env", "MaybeCallback"]

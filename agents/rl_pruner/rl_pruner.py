@@ -12,8 +12,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from agents.common.base import BasePruningAgent
-from agents.rl_pruner.policies import (EXPLORE_STRATEGIES, PROBABILITY_LOWER_BOUND, TopKBuffer, epsilon_at,
-                                       initial_distribution, sample_action, update_distribution)
+from agents.rl_pruner.policies import (EXPLORE_STRATEGIES, PROBABILITY_LOWER_BOUND, BufferEntry, TopKBuffer,
+                                       epsilon_at, initial_distribution, sample_action, update_distribution)
+
+#: values of ``RLPrunerAgent(collapse_reference=...)``: the authors' reference and the improved one
+COLLAPSE_REFERENCES = ("previous", "reset_candidate")
 
 
 class RLPrunerAgent(BasePruningAgent):
@@ -51,6 +54,13 @@ class RLPrunerAgent(BasePruningAgent):
     :param explore_fraction: share of the pruning steps with exploration (authors: 0.1).
     :param collapse_threshold: relative accuracy drop that triggers the collapse guard (authors: 0.1).
     :param faithful_collapse_guard: reproduce the authors' guard exactly, bug included (spec §9.17).
+    :param collapse_reference: what the chosen candidate's accuracy is compared with: ``"previous"`` (authors:
+        the model the candidates were pruned from; fires at every step when one step costs more than
+        ``collapse_threshold`` of the accuracy anyway, e.g. a few large steps without recovery) or
+        ``"reset_candidate"`` (improved mode: the candidate of the width-proportional PD the guard would
+        reset to, one extra evaluation per step that also enters the buffer; the guard fires only when the
+        learned PD does worse than that reset point by more than ``collapse_threshold``, and then resets the
+        PD and takes that candidate instead of sampling the step again).
     :param probability_lower_bound: floor of PD entries (authors: 1e-5).
     :param layer_noise: draw the noise per member layer as the authors do, so a group of ``k`` coupled layers
         moves by ``σ·u·√k·ξ``; False draws one ``ξ`` per group (same for single-layer groups, e.g. VGG).
@@ -63,13 +73,13 @@ class RLPrunerAgent(BasePruningAgent):
     _init_keys = BasePruningAgent._init_keys + (
         "sample_num", "lr_epoch", "sample_step", "noise_var", "step_length", "ppo", "ppo_clip",
         "discount_factor", "greedy_epsilon", "explore_strategy", "explore_fraction", "collapse_threshold",
-        "faithful_collapse_guard", "probability_lower_bound", "layer_noise")
+        "faithful_collapse_guard", "collapse_reference", "probability_lower_bound", "layer_noise")
 
     def __init__(self, env: Any = None, sample_num: int = 10, lr_epoch: int = 10, sample_step: int = 1,
                  noise_var: float = 0.04, step_length: float = 0.1, ppo: bool = True, ppo_clip: float = 0.25,
                  discount_factor: float = 0.9, greedy_epsilon: float = 0.4, explore_strategy: str = "cosine",
                  explore_fraction: float = 0.1, collapse_threshold: float = 0.1,
-                 faithful_collapse_guard: bool = False,
+                 faithful_collapse_guard: bool = False, collapse_reference: str = "previous",
                  probability_lower_bound: float = PROBABILITY_LOWER_BOUND, layer_noise: bool = True,
                  seed: Optional[int] = None,
                  verbose: int = 0, tensorboard_log: Optional[Union[str, Path]] = None) -> None:
@@ -82,6 +92,11 @@ class RLPrunerAgent(BasePruningAgent):
             raise ValueError(f"ppo_clip must be in [0, 1), got {ppo_clip}")
         if not 0.0 < step_length <= 1.0:
             raise ValueError(f"step_length must be in (0, 1], got {step_length}")
+        if collapse_reference not in COLLAPSE_REFERENCES:
+            raise ValueError(f"collapse_reference must be one of {COLLAPSE_REFERENCES}, got {collapse_reference!r}")
+        if faithful_collapse_guard and collapse_reference != "previous":
+            raise ValueError("faithful_collapse_guard=True is the authors' guard: it needs "
+                             "collapse_reference='previous'")
         self.sample_num, self.lr_epoch, self.sample_step = int(sample_num), int(lr_epoch), int(sample_step)
         self.noise_var, self.step_length = float(noise_var), float(step_length)
         self.layer_noise = bool(layer_noise)
@@ -91,6 +106,7 @@ class RLPrunerAgent(BasePruningAgent):
         self.explore_fraction = float(explore_fraction)
         self.collapse_threshold = float(collapse_threshold)
         self.faithful_collapse_guard = bool(faithful_collapse_guard)
+        self.collapse_reference = collapse_reference
         self.probability_lower_bound = float(probability_lower_bound)
         super().__init__(env, seed=seed, verbose=verbose, tensorboard_log=tensorboard_log)
         self.buffer = TopKBuffer(self.sample_num)
@@ -126,12 +142,14 @@ class RLPrunerAgent(BasePruningAgent):
     # ---------------------------------------------------------------- §2.5 Q of one action
     def _q_value(self, action: np.ndarray, depth: int) -> Tuple[float, Dict[str, Any]]:
         """``Q = R`` at the last level; otherwise ``R + γ max_j Q(child_j)`` with fresh noise per child."""
-        env = self.penv
-        reward, info = env.evaluate_action(action)
+        reward, info = self.env.evaluate_action(action)
         if depth <= 1:
             return reward, info
+        # a deeper look-ahead steps the bare env (never fine-tuning: lookahead_step skips recovery) and restores
+        # it: the monitor counts its evaluations (the env's counter) but records no history row for it
+        env = self.penv
         snap = env.snapshot()
-        _, _, terminated, truncated, _ = env.step(action)
+        _, _, terminated, truncated, _ = env.lookahead_step(action)
         best_child = None
         if not (terminated or truncated):
             eligible = self._eligible()
@@ -144,13 +162,16 @@ class RLPrunerAgent(BasePruningAgent):
 
     # ---------------------------------------------------------------- §2.7 + §2.8 the RL epochs of one step
     def _sampling_phase(self) -> float:
-        """Fill the buffer with the step's best candidates and update the PD; returns the best Q."""
+        """Fill the buffer with the step's best candidates and update the PD; returns the best Q. Stops early
+        when the monitor's evaluation budget is spent (:meth:`_budget_allows`)."""
         self.buffer.clear()
         best_q = 0.0
         for _ in range(self.lr_epoch):
             eligible = self._eligible()
             epoch_best = -np.inf
             for _ in range(self.sample_num):
+                if not self._budget_allows(self._reserve):
+                    break
                 action = self._sample(eligible)
                 q, info = self._q_value(action, self.sample_step)
                 self.buffer.offer(q, action, {"accuracy": float(info["accuracy"]), "reward": float(info["reward"])})
@@ -160,7 +181,28 @@ class RLPrunerAgent(BasePruningAgent):
                 best_q = epoch_best
                 self.pd = update_distribution(self.pd, self.buffer.best().action, self.step_length, self.ppo,
                                               self.ppo_clip, eligible, self.probability_lower_bound)
+            if not self._budget_allows(self._reserve):
+                break
         return best_q
+
+    @property
+    def _reserve(self) -> int:
+        """Q values the sampling keeps for the improved guard's reset point (one per step)."""
+        return int(self.collapse_reference == "reset_candidate")
+
+    def _budget_allows(self, reserve: int = 0) -> bool:
+        """Whether one more Q value (``1 + K + ... + K^(sample_step-1)`` evaluations) fits the monitor's
+        evaluation budget, keeping one evaluation for each later pruning step (its fallback step may need it)
+        and ``reserve`` Q values more.
+
+        :param reserve: Q values to keep for later in this step (the improved guard's reset point).
+        """
+        left = self.env.evaluations_left
+        if left is None:
+            return True
+        cost = sum(self.sample_num ** d for d in range(self.sample_step))
+        later = max(0, int(self.penv.n_steps) - int(self.penv.step_index) - 1)
+        return left - later >= cost * (1 + reserve)
 
     def _ensure_cache(self) -> None:
         """Make the env keep at least ``sample_num + 1`` look-ahead candidates, so that the buffered ones
@@ -176,11 +218,10 @@ class RLPrunerAgent(BasePruningAgent):
         its candidates, which takes them out of the cache; there the chosen one is rebuilt once per step."""
         if self.sample_step != 1:
             return
-        env = self.penv
-        if int(getattr(env, "lookahead_cache", 0)) <= len(self.buffer):
+        if int(getattr(self.penv, "lookahead_cache", 0)) <= len(self.buffer):
             return  # too small to hold them all: touching could only evict and rebuild
         for entry in self.buffer.entries:
-            env.evaluate_action(entry.action)
+            self.env.evaluate_action(entry.action)
 
     # ---------------------------------------------------------------- §2.9 ε-greedy over the buffer
     def _select(self):
@@ -194,23 +235,51 @@ class RLPrunerAgent(BasePruningAgent):
             self.pd = self._width_proportional(self.penv.original_channels)
         self._ensure_cache()
         best_q = self._sampling_phase()
+        reference = self._offer_reset_candidate() if self.collapse_reference == "reset_candidate" else None
+        if not len(self.buffer):
+            # the evaluation budget is spent: step with the PD as it is (the step's one evaluation was kept)
+            self._chosen_accuracy = float("nan")
+            return self.pd.copy(), {"epsilon": self.epsilon, "best_q": float("nan"), "chosen_q": float("nan"),
+                                    "explored": 0, "collapse_reset": 0, "budget_stopped": 1,
+                                    "pd": [float(p) for p in self.pd]}
         chosen, explored = self._select()
         accuracy = chosen.payload["accuracy"]
         collapsed = False
-        # §2.10 collapse guard: a relative drop of more than 10 % resets the PD and samples the step again
-        prev = self.prev_accuracy
+        # §2.10 collapse guard: a relative drop of more than collapse_threshold resets the PD; the authors
+        # compare with the previous model and sample the step again, the improved mode with the reset point
+        if self.collapse_reference == "reset_candidate":
+            prev = None if reference is None else reference.payload["accuracy"]
+        else:
+            prev = self.prev_accuracy
         if prev is not None and prev > 0 and (prev - accuracy) / prev > self.collapse_threshold:
             collapsed = True
             self.pd = self._width_proportional(self.penv.current_channels)
-            best_q = self._sampling_phase()
+            if reference is not None:
+                chosen, explored = reference, False
+            elif self._budget_allows():
+                best_q = self._sampling_phase()
+                chosen, explored = self._select()
+            # else: the budget leaves no room to sample again; the chosen candidate (already built) is stepped
             stale = accuracy
-            chosen, explored = self._select()
             accuracy = stale if self.faithful_collapse_guard else chosen.payload["accuracy"]
         self._chosen_accuracy = accuracy
         extra = {"epsilon": self.epsilon, "best_q": float(best_q), "chosen_q": float(chosen.q),
                  "explored": int(explored), "collapse_reset": int(collapsed),
-                 "pd": [float(p) for p in self.pd]}
+                 "collapse_reference_accuracy": float(prev) if prev is not None else float("nan"),
+                 "budget_stopped": int(not self._budget_allows()), "pd": [float(p) for p in self.pd]}
         return chosen.action.copy(), extra
+
+    def _offer_reset_candidate(self) -> Optional[BufferEntry]:
+        """Improved collapse guard: score the width-proportional PD of the current widths (the point a reset
+        returns to) and offer it to the buffer; None when the budget has no room for it."""
+        if not self._budget_allows():
+            return None
+        action = self._width_proportional(self.penv.current_channels)
+        q, info = self._q_value(action, self.sample_step)
+        entry = BufferEntry(float(q), action, {"accuracy": float(info["accuracy"]), "reward": float(info["reward"])})
+        self.buffer.offer(entry.q, entry.action, entry.payload)
+        self._keep_buffer_cached()
+        return entry
 
     def _on_reset(self, obs: np.ndarray, info: Dict[str, Any]) -> None:
         env = self.penv
@@ -260,4 +329,4 @@ class RLPrunerAgent(BasePruningAgent):
         self.pd_history = list(state["pd_history"])
 
 
-__all__ = ["RLPrunerAgent"]
+__all__ = ["RLPrunerAgent", "COLLAPSE_REFERENCES"]

@@ -1,20 +1,24 @@
-"""Shared surface of the patch-selection agents (Stable-Baselines-like): ``Agent(env, ...)``, ``learn``,
-``predict``, ``save``, ``Agent.load``; subclasses only choose masks and, if they learn, update on steps.
+"""Base of the patch-selection agents, with their own (Stable-Baselines-like) surface: ``Agent(env, ...)``,
+``learn``, ``predict``, ``save``, ``Agent.load``; subclasses only choose masks and, if they learn, update on steps.
+
+It is not :class:`~agents.common.base.BasePruningAgent`: a patch env step is one ViT training batch, with no
+look-ahead, evaluation budget or pruned model to keep, so there is no pruning record to monitor. It shares
+the pruning agents' callbacks (:func:`~agents.common.base.make_callback`) and save format
+(:mod:`agents.common.save_util`).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 from tqdm.auto import tqdm
 
-from pruning_env.runtime import atomic_save, resolve_device
-
-#: ``callback(locals_, globals_) -> bool``, SB3's functional-callback convention: return False to stop.
-Callback = Optional[Callable[[Dict[str, Any], Dict[str, Any]], Optional[bool]]]
+from agents.common.base import MaybeCallback, callback_on_step, callback_session
+from agents.common.save_util import load_agent, save_agent
+from pruning_env.runtime import resolve_device
 
 
 def _unwrap(env):
@@ -94,6 +98,10 @@ class PatchAgent:
         return self.mask_for_states(states, deterministic).cpu().numpy().astype(np.int8)
 
     # ---------------------------------------------------------------- public surface
+    def get_env(self) -> Any:
+        """The env the agent acts on (SB3 callbacks read it)."""
+        return self.env
+
     def predict(self, observation: Any, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True):
         """The action for ``observation`` (B, N) in the env's action format, and ``None`` (no recurrent state).
@@ -104,7 +112,7 @@ class PatchAgent:
         with torch.no_grad():
             return self._to_action(self._as_states(observation), deterministic), None
 
-    def learn(self, total_timesteps: int, callback: Callback = None, progress_bar: bool = False,
+    def learn(self, total_timesteps: int, callback: MaybeCallback = None, progress_bar: bool = False,
               reset_num_timesteps: bool = True, tb_log_name: str = "agentvit") -> "PatchAgent":
         """Run ``total_timesteps`` env steps (ViT training batches), learning where the agent learns.
 
@@ -112,7 +120,8 @@ class PatchAgent:
         one is not reset, so ``env.model`` is the ViT trained by the final run.
 
         :param total_timesteps: env steps; ``env.total_steps`` is one full training run.
-        :param callback: ``callback(locals_, globals_)`` after every step; returning False stops.
+        :param callback: SB3 callback(s) or ``f(locals_, globals_) -> bool``, as for the pruning agents:
+            ``on_step`` runs after every env step and a false return (None included) stops.
         :param progress_bar: show a tqdm bar.
         :param reset_num_timesteps: restart the step counter (and the exploration schedule).
         """
@@ -121,6 +130,11 @@ class PatchAgent:
         if reset_num_timesteps:
             self.num_timesteps = 0
             self._last_obs = None
+        with callback_session(callback, self, locals(), globals()) as cb:
+            self._learn_steps(int(total_timesteps), progress_bar, cb)
+        return self
+
+    def _learn_steps(self, total_timesteps: int, progress_bar: bool, cb: Optional[BaseCallback]) -> None:
         bar = tqdm(total=int(total_timesteps), desc=type(self).__name__, disable=not progress_bar, leave=False)
         steps = 0
         try:
@@ -141,41 +155,33 @@ class PatchAgent:
                 bar.update(1)
                 if steps % 10 == 0:
                     bar.set_postfix(self._postfix(info))
-                if callback is not None and callback({"self": self, "info": info, "reward": reward,
-                                                      "num_timesteps": self.num_timesteps,
-                                                      "terminated": terminated}, {}) is False:
+                if not callback_on_step(cb, locals()):
                     break
         finally:
             bar.close()
-        return self
 
     def _postfix(self, info: Dict[str, Any]) -> Dict[str, str]:
         return {"epoch": str(info.get("epoch")), "kept": str(info.get("kept")), "loss": f"{info.get('loss', 0):.3f}"}
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write the agent (hyperparameters and learned state) to ``path`` atomically."""
-        payload = {"format": "agentvit-agent/1", "class": type(self).__name__,
-                   "init": {k: getattr(self, k) for k in self._init_keys},
-                   "num_timesteps": self.num_timesteps, "state": self._extra_state(), "saved_at": time.time()}
-        return atomic_save(payload, path)
+        """Write the agent (hyperparameters and learned state) to ``path`` in the one agent format
+        (:mod:`agents.common.save_util`)."""
+        params = {k: getattr(self, k) for k in self._init_keys}
+        return save_agent(path, self, params, {"num_timesteps": self.num_timesteps, "extra": self._extra_state()})
 
     @classmethod
     def load(cls, path: Union[str, Path], env=None, device: Union[str, torch.device, None] = None) -> "PatchAgent":
-        """Rebuild an agent written by :meth:`save`.
+        """Rebuild an agent written by :meth:`save` (of this class or a subclass).
 
         :param path: file from :meth:`save`.
         :param env: env to attach (needed for ``learn``; ``predict`` works without).
         :param device: where to put the agent's tensors.
         """
-        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-        if not isinstance(payload, dict) or payload.get("format") != "agentvit-agent/1":
-            raise ValueError(f"{path} is not an AgentViT agent file (expected one written by .save())")
-        if payload["class"] != cls.__name__:
-            raise ValueError(f"{path} holds a {payload['class']}, not a {cls.__name__}; load it with that class")
-        init = dict(payload["init"])
+        saved_cls, parts = load_agent(path, cls)
+        params = dict(parts.data["params"])
         if env is not None:
-            init.pop("n_patches", None)
-        agent = cls(env=env, device=device, **init)
-        agent.num_timesteps = int(payload["num_timesteps"])
-        agent._load_extra_state(payload["state"])
+            params.pop("n_patches", None)
+        agent = saved_cls(env=env, device=device, **params)
+        agent.num_timesteps = int(parts.data["state"]["num_timesteps"])
+        agent._load_extra_state(parts.data["state"]["extra"])
         return agent

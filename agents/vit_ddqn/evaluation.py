@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pruning_env.training import iter_batches
 from pruning_env.envs.patch_env import mean_threshold_mask, random_topk_mask
-from pruning_env.models.vit import vit_macs
+from pruning_env.costs import vit_macs
 
 #: ``mask_fn(model, x) -> bool mask (N,) or None``: which patches a test batch keeps.
 MaskFn = Callable[[nn.Module, torch.Tensor], Optional[torch.Tensor]]

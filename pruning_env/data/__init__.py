@@ -21,7 +21,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-DATASET_NAMES = ("cifar10", "cifar100", "npz:PATH", "imagefolder:PATH", "digits", "synthetic")
+DATASET_NAMES = ("cifar10", "cifar100", "fashionmnist", "imagenette", "npz:PATH", "imagefolder:PATH", "digits",
+                 "synthetic")
 
 
 @dataclass
@@ -45,9 +46,12 @@ class DatasetSplits:
 
 
 class ArrayDataset(Dataset):
-    """Images held as one uint8 tensor (N, C, H, W) with integer labels, and an optional tensor transform."""
+    """Images held as one uint8 tensor (N, C, H, W) with integer labels, and an optional tensor transform.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+    :param augmented: the transform draws random augmentations, so :func:`preload` applies it image by image.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None, augmented: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if len(images) != len(labels):
@@ -55,6 +59,7 @@ class ArrayDataset(Dataset):
         self.images = images
         self.labels = labels.long()
         self.transform = transform
+        self.augmented = bool(augmented)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -110,7 +115,7 @@ def _from_arrays(name, x_train, y_train, x_test, y_test, classes, mean, std, val
     eval_tf = _transforms(mean, std, size, False, flip)
     return DatasetSplits(
         name=name,
-        train=ArrayDataset(x_train[keep], y_train[keep], train_tf),
+        train=ArrayDataset(x_train[keep], y_train[keep], train_tf, augmented=augment),
         val=ArrayDataset(x_train[val_idx], y_train[val_idx], eval_tf),
         test=ArrayDataset(x_test, y_test, eval_tf),
         num_classes=len(classes),
@@ -154,9 +159,11 @@ def make_datasets(
 ) -> DatasetSplits:
     """Load a dataset and split it into train / validation / test.
 
-    :param name: ``cifar10``, ``cifar100``, ``npz:PATH``, ``imagefolder:PATH``, ``digits`` (embedded, offline)
-        or ``synthetic`` (generated; kwargs ``n_train``, ``n_test``, ``num_classes``, ``image_size``).
-    :param root: folder that holds (or will receive) torchvision's CIFAR files.
+    :param name: ``cifar10``, ``cifar100``, ``fashionmnist`` (1 channel, 28 px), ``imagenette`` (kwargs ``size``,
+        ``image_size``; :mod:`pruning_env.data.vision_extra`), ``npz:PATH``, ``imagefolder:PATH``, ``digits``
+        (embedded, offline) or ``synthetic`` (generated; kwargs ``n_train``, ``n_test``, ``num_classes``,
+        ``image_size``).
+    :param root: folder that holds (or will receive) torchvision's CIFAR, FashionMNIST or Imagenette files.
     :param download: let torchvision download CIFAR when missing (needs network).
     :param val_size: images held out from the training data for validation: a count, a fraction in (0, 1),
         or None for 10% (5,000 on CIFAR).
@@ -172,6 +179,11 @@ def make_datasets(
             key, _nhwc_to_tensor(train.data), torch.tensor(train.targets), _nhwc_to_tensor(test.data),
             torch.tensor(test.targets), train.classes, mean, std, val_size, seed, augment, flip=True,
         )
+    if key in ("fashionmnist", "imagenette"):
+        from pruning_env.data.vision_extra import load_fashion_mnist, load_imagenette
+
+        loader = load_fashion_mnist if key == "fashionmnist" else load_imagenette
+        return loader(root, download=download, val_size=val_size, seed=seed, augment=augment, **kwargs)
     if key.startswith("npz:"):
         return _load_npz(Path(name[4:]), val_size, seed, augment)
     if key.startswith("imagefolder:"):
@@ -187,14 +199,22 @@ def _load_npz(path: Path, val_size, seed: int, augment: bool) -> DatasetSplits:
     """Arrays ``x`` (N,H,W,C uint8) and ``y``; optional ``x_test``/``y_test``, else 20% is held out as test."""
     if not path.is_file():
         raise FileNotFoundError(f"npz dataset file not found: {path} (expected arrays 'x' (N,H,W,C uint8) and 'y')")
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("x", "y") if k not in f.files]
-        if missing:
-            raise ValueError(f"{path} lacks array(s) {missing}; it has {f.files} (expected 'x' N,H,W,C uint8 and 'y')")
-        x, y = f["x"], f["y"].astype(np.int64)
-        x_test = f["x_test"] if "x_test" in f.files else None
-        y_test = f["y_test"].astype(np.int64) if "y_test" in f.files else None
-        classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            files = list(f.files)
+            missing = [k for k in ("x", "y") if k not in files]
+            if not missing:
+                x, y = f["x"], f["y"].astype(np.int64)
+                x_test = f["x_test"] if "x_test" in files else None
+                y_test = f["y_test"].astype(np.int64) if "y_test" in files else None
+                classes = [str(c) for c in f["classes"]] if "classes" in files else None
+    except Exception as err:  # numpy reports garbage, empty or truncated files without naming them
+        raise ValueError(f"{path} is not a readable .npz archive ({type(err).__name__}: {err}); expected one "
+                         f"written by numpy.savez with arrays 'x' (N,H,W,C uint8) and 'y'") from err
+    if missing:
+        raise ValueError(f"{path} lacks array(s) {missing}; it has {files} (expected 'x' N,H,W,C uint8 and 'y')")
     if x.ndim != 4 or x.dtype != np.uint8:
         raise ValueError(f"{path}: 'x' must be uint8 with shape (N, H, W, C), got {x.dtype} {x.shape}")
     if x_test is None:
@@ -278,7 +298,8 @@ def preload(dataset: Dataset, n: Optional[int] = None, seed: int = 0,
             device: Union[str, torch.device] = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
     """A fixed, seeded subset of ``dataset`` as two tensors ``(x, y)``: the fast path for repeated evaluation.
 
-    :param dataset: usually ``splits.val`` (no augmentation, so the tensors are deterministic).
+    :param dataset: usually ``splits.val`` (no augmentation, so the tensors are deterministic); an augmented
+        split (calibration data) gets its random transform drawn per image, from torch's global RNG.
     :param n: number of items (all when None or larger than the dataset).
     :param seed: which subset.
     :param device: where the tensors live (keep them on the GPU for the reward path).
@@ -290,7 +311,14 @@ def preload(dataset: Dataset, n: Optional[int] = None, seed: int = 0,
         idx = np.sort(np.random.default_rng(seed).permutation(total)[:n])
     if isinstance(dataset, ArrayDataset):
         xs = dataset.images[torch.from_numpy(idx)]
-        x = dataset.transform(xs) if dataset.transform is not None else xs.float() / 255
+        if dataset.transform is None:
+            x = xs.float() / 255
+        elif dataset.augmented and len(xs):
+            # per image, as a DataLoader would: a random crop / flip / rotation drawn for each image, never one
+            # shared by the whole batch
+            x = torch.stack([dataset.transform(image) for image in xs])
+        else:
+            x = dataset.transform(xs)
         y = dataset.labels[torch.from_numpy(idx)]
     else:
         items = [dataset[int(i)] for i in idx]

@@ -1,5 +1,6 @@
-"""Gymnasium environments: ``PruneEnv`` (RL-Pruner channel pruning) and ``PatchSelectEnv`` (AgentViT patch
-selection), with their registered ids. The env classes are imported on first use to keep imports light.
+"""Gymnasium environments: ``PruneEnv`` (RL-Pruner channel pruning, configured by ``PruneEnvConfig``, working on
+a ``PruningTask``) and ``PatchSelectEnv`` (AgentViT patch selection), with their registered ids. The env classes
+are imported on first use to keep imports light.
 """
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pruning_env.envs.registration import prune_env_ids, register_envs
 
 _LAZY = {
     "PruneEnv": "pruning_env.envs.prune_env",
+    "PruneEnvConfig": "pruning_env.envs.config",
+    "PruningTask": "pruning_env.envs.task",
+    "keep_for_action": "pruning_env.envs.budget",
     "PatchSelectEnv": "pruning_env.envs.patch_env",
     "distribution_to_counts": "pruning_env.envs.budget",
 }
@@ -22,4 +26,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PruneEnv", "PatchSelectEnv", "distribution_to_counts", "register_envs", "prune_env_ids"]
+__all__ = ["PruneEnv", "PruneEnvConfig", "PruningTask", "keep_for_action", "PatchSelectEnv", "distribution_to_counts",
+           "register_envs", "prune_env_ids"]

@@ -1,11 +1,13 @@
-"""Pure budget arithmetic of the pruning env: distributions to per-group channel counts (RL-Pruner's count
-matching, spec §2.4), the authors' channel sparsity, cumulative per-step goals and monotone bisection.
+"""Pure budget arithmetic of the pruning env: the action -> kept-channels mapping (:func:`keep_for_action`),
+distributions to per-group channel counts (RL-Pruner's count matching, spec §2.4), the authors' channel
+sparsity, cumulative per-step goals and monotone bisection.
 
 Nothing here touches torch; every function works on NumPy arrays indexed by prunable group.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -198,5 +200,140 @@ def bisect_increasing(fn: Callable[[float], float], goal: float, lo: float, hi: 
     return (a, f(a)) if goal - f(a) <= f(b) - goal else (b, f(b))
 
 
-__all__ = ["normalize_distribution", "distribution_to_counts", "charged", "channel_sparsity", "filter_num",
-           "step_channel_budget", "cumulative_goal", "bisect_increasing"]
+@dataclass(frozen=True)
+class StepKeep:
+    """What one action does at one state: kept channels per group and how the step's budget was met.
+
+    :ivar keep: channels each group keeps after the step (int64, never above the current widths).
+    :ivar budget: the step's budget knob: the action scale (sparsity mode) or M, layer-channels removed
+        (distribution mode); 1.0 without a budget.
+    :ivar goal: the cumulative reduction the step aims at (None without a budget).
+    :ivar reached: the budget metric's reduction of ``keep`` (None without a budget).
+    :ivar reachable: False when no action could reach ``goal`` from this state (every group at its floor or at
+        ``max_step_sparsity`` falls short); the reached value is then the most this step can remove.
+    """
+
+    keep: np.ndarray
+    budget: float
+    goal: Optional[float] = None
+    reached: Optional[float] = None
+    reachable: bool = True
+
+
+def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, layer_counts: ArrayLike,
+                    keep_counts: Callable[[np.ndarray], np.ndarray],
+                    reduction: Optional[Callable[[np.ndarray], float]] = None, goal: Optional[float] = None,
+                    max_step_sparsity: float = 0.9) -> StepKeep:
+    """Kept channels per group for a validated action: the env's whole action -> budget mapping.
+
+    * ``"sparsity"``: entry g is the fraction of group g's current channels to remove, clipped to
+      ``[0, max_step_sparsity]``. With a budget the vector is rescaled by one scalar (bisection) so the
+      step's ``reduction`` is closest to ``goal``; an all-zero action counts as uniform; when the named
+      groups cannot carry the goal at ``max_step_sparsity`` every group is raised to a common sparsity floor.
+    * ``"distribution"``: the action (clipped at 0, groups at their floor zeroed, normalised) splits a budget
+      of M layer-channels with :func:`distribution_to_counts`; M is found by bisection so the step's
+      ``reduction`` is closest to ``goal``. When the distribution's groups all reach their floor short of the
+      goal, the remaining groups are pruned uniformly, as little as needed.
+
+    :param action: finite values, one per group.
+    :param action_mode: ``"sparsity"`` or ``"distribution"``.
+    :param current: current channels per group.
+    :param layer_counts: prunable layers per group (the charge of one removed channel).
+    :param keep_counts: the pruner's rule from a per-group sparsity vector (fractions of the current widths)
+        to kept channels (its ``min_channels`` floor and ``round_to`` rounding included).
+    :param reduction: cumulative reduction of the budget metric for a kept vector (None: no budget, only in
+        sparsity mode); must not decrease as fewer channels are kept.
+    :param goal: cumulative reduction the step must reach (with ``reduction``).
+    :param max_step_sparsity: largest fraction of a group removed in one step (sparsity mode).
+    """
+    a = np.asarray(action, dtype=np.float64).reshape(-1)
+    cur = np.asarray(current, dtype=np.int64).reshape(-1)
+    counts = _as_counts(layer_counts, cur.size)
+    if a.shape != cur.shape:
+        raise ValueError(f"action has {a.size} entries, expected one per group ({cur.size})")
+    if (reduction is None) != (goal is None):
+        raise ValueError("pass both `reduction` and `goal` (a budgeted step) or neither (budget-free)")
+    if action_mode not in ("sparsity", "distribution"):
+        raise ValueError(f"action_mode must be 'sparsity' or 'distribution', got {action_mode!r}")
+
+    def kept(sparsity: np.ndarray) -> np.ndarray:
+        return np.minimum(np.asarray(keep_counts(sparsity), dtype=np.int64), cur)
+
+    if reduction is None:
+        if action_mode == "distribution":
+            raise ValueError("distribution mode always has a budget: pass `reduction` and `goal`")
+        return StepKeep(kept(np.clip(a, 0.0, max_step_sparsity)), 1.0)
+
+    seen: Dict[bytes, float] = {}
+
+    def reached(keep: np.ndarray) -> float:
+        # many scales give the same kept counts: cost each distinct plan once
+        key = keep.tobytes()
+        if key not in seen:
+            seen[key] = float(reduction(keep))
+        return seen[key]
+
+    def result(keep: np.ndarray, knob: float, best: np.ndarray) -> StepKeep:
+        return StepKeep(keep, float(knob), float(goal), reached(keep), reached(best) >= goal - 1e-9)
+
+    if action_mode == "sparsity":
+        s = np.clip(a, 0.0, max_step_sparsity)
+        # entries a trillion times below the largest name no group (and would overflow the scale bracket)
+        s = np.where(s > s.max() * 1e-12, s, 0.0)
+        if not np.any(s > 0):
+            s = np.full(cur.size, max_step_sparsity)
+        hi = max_step_sparsity / float(s[s > 0].min())
+
+        def keep_at(scale: float) -> np.ndarray:
+            return kept(np.clip(scale * s, 0.0, max_step_sparsity))
+
+        # below this bracket width no group's removed count can move by more than 1/100 of a channel
+        tol = 1e-2 / max(float((s * cur).max()), 1e-12)
+        scale, _ = bisect_increasing(lambda x: reached(keep_at(x)), goal, 0.0, hi, iters=60, tol=tol)
+        if reached(keep_at(scale)) >= goal - 1e-9 or scale < hi:
+            return result(keep_at(scale), scale, keep_at(hi))
+        # the groups the action names are all at max_step_sparsity and the goal is still out of reach:
+        # raise every group's sparsity to a common floor, as little as needed, instead of missing the budget
+        top = np.clip(hi * s, 0.0, max_step_sparsity)
+
+        def keep_floor(f: float) -> np.ndarray:
+            return kept(np.maximum(top, f))
+
+        tol = 1e-2 / max(float(cur.max()), 1.0)
+        f, _ = bisect_increasing(lambda x: reached(keep_floor(x)), goal, 0.0, max_step_sparsity, iters=60, tol=tol)
+        return result(keep_floor(f), hi, keep_floor(max_step_sparsity))
+
+    floor = kept(np.ones(cur.size))
+    max_remove = cur - floor
+    dist = normalize_distribution(np.clip(a, 0.0, None), eligible=max_remove > 0)
+
+    def removed_by(d: np.ndarray, m: int, cap: np.ndarray) -> np.ndarray:
+        return distribution_to_counts(d, counts, m, cap)
+
+    def keep_for_budget(m: int) -> np.ndarray:
+        return cur - removed_by(dist, m, max_remove)
+
+    # the M at which every group the distribution names reaches its floor (rounding half-way included)
+    named = (dist > 0) & (max_remove > 0)
+    saturate = 0
+    if named.any():
+        saturate = int(min(np.ceil(((max_remove[named] + 1) * counts[named] / dist[named]).max()), 2 ** 40))
+    m, _ = bisect_increasing(lambda x: reached(keep_for_budget(int(x))), goal, 0, saturate, integer=True)
+    if reached(keep_for_budget(int(m))) >= goal - 1e-9 or int(m) < saturate:
+        return result(keep_for_budget(int(m)), m, keep_for_budget(saturate))
+    # the named groups are all at their floor short of the goal: prune the others uniformly, as little as needed
+    base = removed_by(dist, saturate, max_remove)
+    rest_cap = max_remove - base
+    rest = normalize_distribution(np.ones(cur.size), eligible=rest_cap > 0)
+
+    def keep_rest(m2: int) -> np.ndarray:
+        return cur - base - removed_by(rest, m2, rest_cap)
+
+    rest_hi = charged(rest_cap, counts) * 2 + int(counts.max()) * cur.size
+    m2, _ = bisect_increasing(lambda x: reached(keep_rest(int(x))), goal, 0, rest_hi, integer=True)
+    return result(keep_rest(int(m2)), saturate + charged(cur - keep_rest(int(m2)) - base, counts),
+                  keep_rest(rest_hi))
+
+
+__all__ = ["keep_for_action", "StepKeep", "normalize_distribution", "distribution_to_counts", "charged",
+           "channel_sparsity", "filter_num", "step_channel_budget", "cumulative_goal", "bisect_increasing"]

@@ -17,6 +17,7 @@ from gymnasium import spaces
 
 from pruning_env.runtime import resolve_device, seed_everything, sync
 from pruning_env.data import DatasetSplits, make_datasets, make_loader
+from pruning_env.training import warmup_cosine
 # the ids live in the light registration module (this one pulls in torchvision); re-exported for old imports
 from pruning_env.envs.registration import PATCH_ENV_IDS, register_patch_envs
 from pruning_env.envs.registration import PATCH_QUICKSTART_KWARGS as QUICKSTART_KWARGS
@@ -24,6 +25,8 @@ from pruning_env.envs.registration import PATCH_QUICKSTART_KWARGS as QUICKSTART_
 ACTION_MODES = ("scores", "mask")
 BINARIZE_RULES = ("mean", "topk")
 LOSS_REFERENCES = ("first_reward", "first_step")
+VIT_OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def mean_threshold_mask(scores: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,16 @@ class PatchSelectEnv(gym.Env):
     :param val_size: validation images held out from train (for the trainer's per-epoch evaluation).
     :param batch_size: ViT training batch (the notebook: 128); short final batches are dropped.
     :param epochs: passes over the training split per episode (the notebook: 100).
-    :param lr: ViT Adam learning rate (the notebook: 1e-3).
+    :param lr: ViT learning rate (the notebook: 1e-3); the peak value under ``lr_schedule="cosine"``.
+    :param optimizer: ViT optimiser, ``"adam"`` (the notebook) or ``"adamw"`` (decoupled weight decay; norms,
+        biases and 1-D parameters are not decayed).
+    :param weight_decay: ViT weight decay (the notebook: 0).
+    :param lr_schedule: ``"constant"`` (the notebook) or ``"cosine"``: linear warm-up over ``warmup_epochs``,
+        then cosine decay to ``min_lr`` at the end of the episode, stepped per batch.
+    :param warmup_epochs: warm-up length in epochs (may be fractional); cosine schedule only.
+    :param min_lr: final learning rate of the cosine schedule.
+    :param label_smoothing: label smoothing of the ViT's cross-entropy (the notebook: 0); the reward's
+        loss Lt is this smoothed loss.
     :param action_mode: ``"scores"`` or ``"mask"``.
     :param binarize: ``"mean"`` or ``"topk"`` (scores mode only).
     :param n_keep: target kept count k* (the notebook: 30 of 64).
@@ -125,7 +137,9 @@ class PatchSelectEnv(gym.Env):
     def __init__(self, model: Union[str, nn.Module] = "vit_tiny_patch4", dataset: Union[str, DatasetSplits] = "cifar10",
                  width: float = 1.0, depth: int = 6, model_kwargs: Optional[Dict[str, Any]] = None,
                  data_root: str = "data", download: bool = False, val_size: Union[int, float, None] = None,
-                 batch_size: int = 128, epochs: int = 100, lr: float = 1e-3, action_mode: str = "scores",
+                 batch_size: int = 128, epochs: int = 100, lr: float = 1e-3, optimizer: str = "adam",
+                 weight_decay: float = 0.0, lr_schedule: str = "constant", warmup_epochs: float = 0.0,
+                 min_lr: float = 0.0, label_smoothing: float = 0.0, action_mode: str = "scores",
                  binarize: str = "mean", n_keep: int = 30, loss_weight: float = 1.0, patch_weight: float = 20.0,
                  reward_every: int = 50, loss_reference: str = "first_reward", same_batch_next_state: bool = True,
                  augment: bool = True, observe: bool = True, time_info: bool = True, device: Optional[str] = None,
@@ -140,6 +154,16 @@ class PatchSelectEnv(gym.Env):
         for name, value in (("batch_size", batch_size), ("epochs", epochs), ("reward_every", reward_every)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if optimizer not in VIT_OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r}; expected one of {VIT_OPTIMIZERS}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={lr_schedule!r}; expected one of {LR_SCHEDULES}")
+        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs),
+                            ("min_lr", min_lr)):
+            if float(value) < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.device = resolve_device(device)
         self.seed = seed
         if seed is not None:
@@ -165,6 +189,12 @@ class PatchSelectEnv(gym.Env):
         self.batch_size = int(batch_size)
         self.epochs = int(epochs)
         self.lr = float(lr)
+        self.optimizer_name = optimizer
+        self.weight_decay = float(weight_decay)
+        self.lr_schedule = lr_schedule
+        self.warmup_epochs = float(warmup_epochs)
+        self.min_lr = float(min_lr)
+        self.label_smoothing = float(label_smoothing)
         self.action_mode = action_mode
         self.binarize = binarize
         self.n_keep = int(n_keep)
@@ -189,11 +219,11 @@ class PatchSelectEnv(gym.Env):
             self.action_space = spaces.MultiBinary(self.n_patches)
 
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
         self.state: Optional[torch.Tensor] = None
         self._loader = None
         self._iter = None
         self._batch: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self._episode = 0
         self.loss_ref: Optional[float] = None
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -224,6 +254,21 @@ class PatchSelectEnv(gym.Env):
             return torch.zeros(x.shape[0], self.n_patches, device=x.device)
         return self.model.patch_state(x)
 
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh ViT optimiser (and, for the cosine schedule, ``self.scheduler``) for one training run."""
+        if self.optimizer_name == "adam":
+            optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": self.weight_decay},
+                      {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+            optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        self.scheduler = None
+        if self.lr_schedule == "cosine":
+            warmup = int(round(self.warmup_epochs * self.batches_per_epoch))
+            self.scheduler = warmup_cosine(optimizer, self.total_steps, warmup, min_lr=self.min_lr)
+        return optimizer
+
     def _new_epoch_iterator(self) -> None:
         self._iter = iter(self._loader)
 
@@ -244,18 +289,17 @@ class PatchSelectEnv(gym.Env):
 
         ``seed`` seeds everything (torch, numpy, python, data order), so a seeded reset repeats exactly.
         """
+        # the first reset without a seed takes the constructor's; a later one draws its seed from np_random, so
+        # reset(seed=s) then reset() repeats exactly
+        if seed is None and self._np_random is None:
+            seed = self.seed
         super().reset(seed=seed)
         options = options or {}
-        if seed is not None:
-            seed_everything(seed)
-            data_seed = seed
-        else:
-            base = 0 if self.seed is None else self.seed
-            data_seed = base + 1000 * self._episode
-        self._episode += 1
+        data_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
+        seed_everything(data_seed)
         if not options.get("keep_model", False):
             self.model.load_state_dict(self._initial_state)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        self.optimizer = self._make_optimizer()
         self._loader = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=data_seed,
                                    num_workers=self.num_workers, drop_last=True,
                                    pin_memory=self.device.type == "cuda")
@@ -288,10 +332,12 @@ class PatchSelectEnv(gym.Env):
         sync(self.device)
         t0 = time.perf_counter()
         logits = self.model(x, keep=None if kept == self.n_patches else mask)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         sync(self.device)
         step_time = time.perf_counter() - t0
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -21,19 +19,15 @@ import torch
 import torch.nn as nn
 from gymnasium import spaces
 
-from pruning_env.checkpoint import default_checkpoint_path, load_model
+from pruning_env.costs import Cost, count_costs, reductions
+from pruning_env.envs.budget import StepKeep, channel_sparsity, cumulative_goal, keep_for_action, step_channel_budget
+from pruning_env.envs.config import PruneEnvConfig
+from pruning_env.envs.reward import logits_on, make_estimator
+from pruning_env.envs.task import PruningTask
+from pruning_env.pruning import Pruner, PrunePlan
 from pruning_env.runtime import resolve_device, sync
-from pruning_env.costs import Cost, count_costs, layer_macs
-from pruning_env.data import DatasetSplits, make_datasets, preload
-from pruning_env.envs.budget import (bisect_increasing, channel_sparsity, charged, cumulative_goal,
-                                     distribution_to_counts, normalize_distribution, step_channel_budget)
 from pruning_env.training import evaluate, finetune
 
-ACTION_MODES = ("sparsity", "distribution")
-METRICS = ("flops", "channels", "params")
-RECOVERY_MODES = (None, "kd", "ce")
-#: validation images held out when neither the caller nor the checkpoint says (10% of CIFAR's training set)
-DEFAULT_VAL_SIZE = 5000
 #: per-group observation features, in order
 GROUP_FEATURES = ("original_channels", "remaining_fraction", "flops_share", "params_share", "importance",
                   "position")
@@ -47,22 +41,21 @@ class _Candidate:
     """A pruned model built from one state and one action, with everything the reward needs."""
 
     model: nn.Module
-    plan: Any  # pruning_env.pruning.PrunePlan the model was built from (the next state's pruner derives from it)
-    keep: np.ndarray
+    plan: PrunePlan
+    step: StepKeep
     cost: Cost
     accuracy: float
-    step_budget: float
     time_prune: float
     time_eval: float
 
 
 @dataclass
 class _State:
-    """One node of the pruning trajectory. States are never modified after creation (except their
-    candidate cache), so a snapshot is just a reference."""
+    """One node of the pruning trajectory. States are never modified after creation (except their candidate
+    cache), so a snapshot is just a reference."""
 
     model: nn.Module
-    pruner: Any  # pruning_env.pruning.Pruner, None at terminal states (no further pruning possible)
+    pruner: Pruner  # the state's groups at its widths; importance only when the episode can go on from it
     channels: np.ndarray
     cost: Cost
     accuracy: float
@@ -72,253 +65,127 @@ class _State:
     group_macs: np.ndarray
     group_params: np.ndarray
     importance: np.ndarray
+    teacher: nn.Module  # the KD teacher of the next recovery (the original model until a teacher switch)
+    teacher_accuracy: Optional[float] = None
+    end_reason: Optional[str] = None
     candidates: "OrderedDict[bytes, _Candidate]" = field(default_factory=OrderedDict)
 
-
-def _importance_means(result: Any, pruner: Any, n_groups: int) -> np.ndarray:
-    """Mean channel importance per group from whatever ``compute_importance`` returned (or cached)."""
-    scores = result if result is not None else getattr(pruner, "importance", None)
-    if isinstance(scores, dict):
-        scores = [scores[g.name] if g.name in scores else scores.get(i) for i, g in enumerate(pruner.groups)]
-    means = np.zeros(n_groups)
-    if scores is None or len(scores) != n_groups:
-        return means
-    for i, s in enumerate(scores):
-        if s is None:
-            continue
-        v = s.detach().float().cpu().numpy() if isinstance(s, torch.Tensor) else np.asarray(s, dtype=np.float64)
-        v = v[np.isfinite(v)] if v.size else v
-        means[i] = float(np.abs(v).mean()) if v.size else 0.0
-    return means
+    @property
+    def over(self) -> bool:
+        return self.terminated or self.truncated
 
 
-def _group_costs(model: nn.Module, members: Sequence[Sequence[str]], input_size: Tuple[int, ...],
-                 device: torch.device) -> Tuple[np.ndarray, np.ndarray]:
-    """MACs and parameters of each group's member layers (the layers whose outputs the group prunes)."""
-    modules = dict(model.named_modules())
-    name_of = {id(m): n for n, m in modules.items()}
-    macs: Dict[str, int] = {}
-    wanted = {n for group in members for n in group if n in modules}
-
-    def hook(module, _inputs, output):
-        if isinstance(output, torch.Tensor):
-            name = name_of[id(module)]
-            macs[name] = macs.get(name, 0) + layer_macs(module, output)
-
-    handles = [modules[n].register_forward_hook(hook) for n in wanted]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *input_size), device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    g_macs = np.array([sum(macs.get(n, 0) for n in group) for group in members], dtype=np.float64)
-    g_params = np.array([sum(p.numel() for n in group if n in modules for p in modules[n].parameters(recurse=False))
-                         for group in members], dtype=np.float64)
-    return g_macs, g_params
+def _estimator_for(cfg: PruneEnvConfig) -> Optional[Any]:
+    """The config's reward estimator with its options bound; None for ``vanilla`` (the env's own fast top-1,
+    with AMP / channels-last)."""
+    name = cfg.reward_estimator
+    if name == "vanilla":
+        return None
+    options: Dict[str, Any] = {"batch_size": int(cfg.eval_batch_size)}
+    if name == "adaptive_bn":
+        options["n_images"] = int(cfg.reward_train_images)
+    elif name == "short_kd":
+        options.update(n_batches=int(cfg.reward_kd_batches), T=float(cfg.kd_T),
+                       soft_weight=float(cfg.kd_soft_weight))
+    else:
+        options["metric"] = cfg.reward_agreement
+    return make_estimator(name, **options)
 
 
 class PruneEnv(gym.Env):
     """Structured channel pruning of a pretrained CNN as a Gymnasium environment (RL-Pruner, spec §2-§3).
 
-    **Episode.** ``reset()`` starts from a fresh copy of the original model; each ``step(action)`` removes
-    channels from every prunable group (coupled layers, e.g. a residual add, form one group and share one
-    value) and returns the reward of the pruned model. The episode *terminates* when the target is reached:
-    with a budget (any ``budget``, and always in ``"distribution"`` mode) after exactly ``n_steps`` steps,
-    each step meeting the cumulative goal ``target * step / n_steps``; without a budget when the
-    ``target_metric`` reduction is within ``target_tolerance`` of ``target``. Budget-free episodes are
-    *truncated* after ``max_steps`` steps (default ``4 * n_steps + 6``) or when no channel can be removed.
+    Every setting is a field of :class:`~pruning_env.envs.config.PruneEnvConfig` (documented and validated
+    there); pass a config, keyword arguments (as ``gym.make`` does), or a config plus keyword overrides.
 
-    **Action.** ``Box(0, 1, (n_groups,), float32)``, two interpretations:
+    **Episode.** ``reset()`` starts from the original model; each ``step(action)`` removes channels from every
+    prunable group (coupled layers, e.g. a residual add, form one group and share one value) and returns the
+    reward of the pruned model. With a budget (any ``budget``, and always in ``"distribution"`` mode) every step
+    meets the cumulative goal ``target * step / n_steps`` (within channel granularity) and the episode
+    *terminates* after exactly ``n_steps`` steps; if the goal cannot be reached (every group at its floor or at
+    ``max_step_sparsity``) the info says ``budget_missed`` and an episode whose last step misses is *truncated*
+    with ``info["truncated_reason"]``; a budget target that no action can reach is refused at construction.
+    Without a budget the episode terminates when the ``target_metric`` reduction is within ``target_tolerance``
+    of ``target``, and is truncated (with the reason) after ``max_steps`` steps or when no channel can be removed.
 
-    * ``"sparsity"``: entry g is the fraction of group g's *current* channels removed at this step, clipped to
-      ``[0, max_step_sparsity]`` (values outside the space are clipped, not rejected). With ``budget`` set
-      (``"flops"``, ``"channels"`` or ``"params"``) the whole vector is rescaled by one scalar (bisection on
-      the analytic cost) so that the step meets its cumulative goal exactly (up to channel granularity); an
-      all-zero action then counts as uniform, and when the named groups cannot carry the goal even at
-      ``max_step_sparsity`` the other groups are raised to a common sparsity floor (never a missed budget).
-    * ``"distribution"``: the authors' way (spec §2.1-2.4). The entries are clipped at 0, groups already at
-      their channel floor are zeroed, and the rest is normalised (all zero means uniform). The distribution
-      splits this step's budget of ``M`` layer-channels with :func:`distribution_to_counts`. For a channel
-      budget ``M = int(filter_num * target / n_steps)`` (fixed, ``step_filter_budget``); for FLOPs or params
-      ``M`` is found by bisection so the step meets ``target * step / n_steps`` exactly.
-
-    NaN/inf entries or a wrong shape raise ``ValueError``; stepping before ``reset()`` or after the end of the
-    episode raises ``RuntimeError``.
+    **Action.** ``Box(0, 1, (n_groups,), float32)``, mapped to kept channels by
+    :func:`pruning_env.envs.budget.keep_for_action` (``"sparsity"``: fraction of each group's current channels
+    removed; ``"distribution"``: the authors' pruning distribution, spec §2.1-2.4). Values outside the space
+    are clipped; NaN/inf entries or a wrong shape raise ``ValueError``; stepping before ``reset()`` or after
+    the end raises ``RuntimeError``.
 
     **Reward.** ``accuracy + alpha * flops_reduction + beta * params_reduction``: top-1 (a fraction) of the
-    pruned model right after pruning (before any recovery, as the authors), on a fixed seeded subset of
-    ``reward_samples`` validation images held out from the training data; reductions are relative to the
-    original model (MACs by :func:`pruning_env.costs.count_costs`, the thop convention).
+    pruned model right after pruning (before any recovery), on a fixed seeded subset of ``reward_samples``
+    validation images held out from the training data; reductions relative to the original model. How the
+    accuracy is estimated is ``reward_estimator`` (``"vanilla"``: that top-1, the authors'; ``"adaptive_bn"``:
+    after re-estimating BatchNorm statistics on training images; ``"short_kd"``; ``"teacher_agreement"``); the
+    same estimator scores look-aheads, steps, the original model and recovered models.
 
-    **Recovery.** ``recovery="kd"`` (distillation from the original model, ``kd_soft_weight * T² * KL +
-    (1 - kd_soft_weight) * CE``, spec §5.2) or ``"ce"`` fine-tunes the pruned model after each non-final step
-    for ``recovery_batches`` batches (or ``recovery_epochs`` epochs); off by default.
+    **Recovery.** ``recovery="kd"`` / ``"ce"`` fine-tunes after every ``recovery_period``-th non-final step;
+    ``recovery_best_snapshot`` and ``teacher_switch`` complete the authors' procedure (spec §5.2, §9.16).
+    Look-aheads never fine-tune.
 
-    **Observation.** ``Box(0, 1, (6 * n_groups + 6,), float32)``: per group (grouped by feature, each a block
-    of ``n_groups``) ``GROUP_FEATURES`` = original channels / widest group, remaining fraction, MACs and params
-    of the group's member layers / original model totals, mean |importance| / largest group mean, position
-    in the network; then ``GLOBAL_FEATURES`` = step / n_steps, FLOPs reduction, params reduction, channel
-    sparsity, last accuracy (after recovery when on), target.
+    **Observation.** ``Box(0, 1, (6 * n_groups + 6,), float32)``: the per-group ``GROUP_FEATURES`` (each a
+    block of ``n_groups``) then the ``GLOBAL_FEATURES``.
 
-    **Look-ahead.** :meth:`evaluate_action` scores an action from the current state without advancing
-    (the importance of a state is computed once and reused); the last ``lookahead_cache`` candidates are kept
-    so ``step()`` with an identical action reuses the built model. :meth:`snapshot` / :meth:`restore` save
-    and return to a state for deeper trees (a snapshot is a cheap reference: states are never modified).
+    **Look-ahead.** :meth:`evaluate_action` scores an action from the current state without advancing; the last
+    ``lookahead_cache`` candidates are kept so ``step()`` with an identical action reuses the built model.
+    :meth:`lookahead_step` advances to the child without recovery, and :meth:`snapshot` / :meth:`restore` return
+    to a state (a cheap reference: states are never modified). For agents: :attr:`pruner`,
+    :attr:`group_importance` and :meth:`keep_for_action`.
 
-    :param model: zoo name (see :func:`pruning_env.models.list_models`) or an ``nn.Module`` (copied, never
-        modified); a module needs ``dataset`` as a name or :class:`DatasetSplits`.
-    :param dataset: dataset name for :func:`pruning_env.data.make_datasets` or ready splits.
-    :param width: zoo channel multiplier.
-    :param checkpoint: pretrained weights (default ``checkpoints/{model}[_wW]_{dataset}.pt``).
-    :param pretrained: load the checkpoint; False builds an untrained model (seeded) for tests.
-    :param auto_pretrain_epochs: when > 0 and the checkpoint is missing, train one first for this many
-        epochs (:func:`pruning_env.pretrain.ensure_pretrained`; the quickstart id uses it).
-    :param data_root: folder holding torchvision's CIFAR files.
-    :param download: let torchvision download CIFAR when missing.
-    :param action_mode: ``"sparsity"`` or ``"distribution"`` (see above).
-    :param budget: ``None``, ``"flops"``, ``"channels"`` or ``"params"``: rescale actions so each step meets
-        its cumulative goal; the episode's target is then measured in this metric.
-    :param target: fraction to remove by the end of the episode.
-    :param target_metric: ``"flops"``, ``"channels"`` (authors' sparsity) or ``"params"``.
-    :param n_steps: pruning steps per episode (1 = one-shot).
-    :param alpha: weight of the FLOPs reduction in the reward.
-    :param beta: weight of the params reduction in the reward.
-    :param reward_samples: validation images the reward is measured on (None = all).
-    :param val_size: images held out from training for validation (a count or a fraction). None takes the
-        count stored in the checkpoint (``pruning_env.pretrain`` records it), so the reward images are exactly
-        the ones held out from pretraining, else ``DEFAULT_VAL_SIZE`` (5000, 10% of CIFAR).
-    :param calibration_size: training images per calibration batch for the importance criterion.
-    :param calibration_batches: calibration batches.
-    :param importance: importance criterion passed to ``Pruner.compute_importance``.
-    :param importance_train_mode: compute importance with the model in train mode (authors' BN behaviour).
-    :param min_channels: channels every group keeps at least.
-    :param round_to: round kept channels to a multiple of this.
-    :param max_step_sparsity: largest fraction of a group removed in one step (sparsity mode).
-    :param recovery: ``None``, ``"kd"`` or ``"ce"``.
-    :param recovery_batches: training batches of recovery per step.
-    :param recovery_epochs: epochs of recovery per step (used when ``recovery_batches`` is 0).
-    :param recovery_lr: peak learning rate of recovery.
-    :param recovery_batch_size: batch size of recovery.
-    :param kd_T: distillation temperature.
-    :param kd_soft_weight: weight of the distillation term.
-    :param ignore_layers: layer names the pruner leaves untouched.
-    :param device: ``"cpu"``, ``"cuda"``; None picks CUDA when available.
-    :param amp: float16 autocast for the reward evaluation on CUDA. Off by default: every look-ahead candidate
-        has new layer shapes, and on an H100 with VGG-19 width 0.25 the per-shape kernel setup made AMP slower
-        (first pass 42 vs 27 ms, later passes 5.8 vs 4.5 ms for 1000 images); it pays off on wide models.
-    :param channels_last: channels-last evaluation on CUDA (off by default for the same reason).
-    :param eval_batch_size: batch size of the reward evaluation.
-    :param target_tolerance: how close to the target counts as reached (budget-free episodes).
-    :param max_steps: safety cap on budget-free episodes (then ``truncated``).
-    :param lookahead_cache: look-ahead candidates kept per state.
-    :param record_timings: fill ``time_*`` info keys with wall-clock seconds (0.0 when False, which makes
-        infos exactly repeatable, e.g. for Gymnasium's determinism checks).
-    :param seed: seed of the reward subset, the calibration batches and untrained weights (0 when None).
-    :param split_seed: seed of the train/validation split; None takes the ``seed`` stored in the checkpoint
-        (``pruning_env.pretrain`` records it), so reward images are never ones the model was trained on,
-        else ``seed``. Auto-pretraining uses the same split.
+    :param config: the settings (default: ``PruneEnvConfig()``).
+    :param kwargs: settings by name (override ``config``'s); see :class:`PruneEnvConfig`.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, model: Union[str, nn.Module] = "vgg19", dataset: Union[str, DatasetSplits] = "cifar100",
-                 width: float = 1.0, checkpoint: Optional[Union[str, Path]] = None, pretrained: bool = True,
-                 auto_pretrain_epochs: int = 0, data_root: Union[str, Path] = "data", download: bool = False,
-                 action_mode: str = "sparsity", budget: Optional[str] = None, target: float = 0.5,
-                 target_metric: str = "flops", n_steps: int = 1, alpha: float = 0.25, beta: float = 0.25,
-                 reward_samples: Optional[int] = 1000, val_size: Union[int, float, None] = None,
-                 calibration_size: int = 100, calibration_batches: int = 1, importance: str = "taylor",
-                 importance_train_mode: bool = False, min_channels: int = 1, round_to: int = 1,
-                 max_step_sparsity: float = 0.9, recovery: Optional[str] = None, recovery_batches: int = 0,
-                 recovery_epochs: int = 0, recovery_lr: float = 1e-3, recovery_batch_size: int = 128,
-                 kd_T: float = 2.0,
-                 kd_soft_weight: float = 0.75, ignore_layers: Sequence[str] = (),
-                 device: Optional[Union[str, torch.device]] = None, amp: bool = False,
-                 channels_last: bool = False, eval_batch_size: int = 500,
-                 target_tolerance: float = 0.005, max_steps: Optional[int] = None, lookahead_cache: int = 8,
-                 record_timings: bool = True, seed: Optional[int] = None, split_seed: Optional[int] = None,
-                 render_mode: Optional[str] = None):
+    def __init__(self, config: Optional[PruneEnvConfig] = None, **kwargs: Any) -> None:
         super().__init__()
-        if action_mode not in ACTION_MODES:
-            raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
-        if target_metric not in METRICS:
-            raise ValueError(f"target_metric must be one of {METRICS}, got {target_metric!r}")
-        if budget is not None and budget not in METRICS:
-            raise ValueError(f"budget must be None or one of {METRICS}, got {budget!r}")
-        if recovery not in RECOVERY_MODES:
-            raise ValueError(f"recovery must be one of {RECOVERY_MODES}, got {recovery!r}")
-        if not 0.0 < float(target) < 1.0:
-            raise ValueError(f"target must be a fraction in (0, 1), got {target}")
-        if int(n_steps) < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-        if not 0.0 < float(max_step_sparsity) < 1.0:
-            raise ValueError(f"max_step_sparsity must be in (0, 1), got {max_step_sparsity}")
-        if render_mode is not None:
-            raise ValueError(f"PruneEnv has no render modes, got render_mode={render_mode!r}")
+        if config is not None and not isinstance(config, PruneEnvConfig):
+            raise TypeError(f"config must be a PruneEnvConfig (or pass settings by name), got {type(config).__name__}")
+        if config is None or kwargs:
+            base = {} if config is None else {f.name: getattr(config, f.name) for f in fields(config)}
+            config = PruneEnvConfig.from_kwargs(**{**base, **kwargs})
+        self.config = cfg = config
         self.render_mode = None
-        self.action_mode = action_mode
-        self.target = float(target)
-        self.target_metric = target_metric
-        self.n_steps = int(n_steps)
-        # the metric each step is matched to: a budget always applies in distribution mode
-        self.budget = budget if budget is not None else (target_metric if action_mode == "distribution" else None)
-        self.episode_metric = self.budget or target_metric
-        self.alpha, self.beta = float(alpha), float(beta)
-        self.max_step_sparsity = float(max_step_sparsity)
-        self.importance_criterion = importance
-        self.importance_train_mode = bool(importance_train_mode)
-        self.min_channels, self.round_to = int(min_channels), int(round_to)
-        self.recovery = recovery
-        self.recovery_batches, self.recovery_epochs = int(recovery_batches), int(recovery_epochs)
-        self.recovery_lr, self.kd_T, self.kd_soft_weight = float(recovery_lr), float(kd_T), float(kd_soft_weight)
-        self.recovery_batch_size = int(recovery_batch_size)
-        self.ignore_layers = tuple(ignore_layers)
-        self.target_tolerance = float(target_tolerance)
-        self.max_steps = int(max_steps) if max_steps is not None else 4 * self.n_steps + 6
-        self.lookahead_cache = max(0, int(lookahead_cache))
-        self.record_timings = bool(record_timings)
-        self.eval_batch_size = int(eval_batch_size)
-        self.seed = 0 if seed is None else int(seed)
-        self.device = resolve_device(device)
+        self.action_mode, self.target, self.target_metric = cfg.action_mode, float(cfg.target), cfg.target_metric
+        self.n_steps = int(cfg.n_steps)
+        #: the metric each step is matched to (``budget``, or ``target_metric`` in distribution mode; None: free)
+        self.budget = cfg.step_metric
+        self.episode_metric = cfg.episode_metric
+        self.alpha, self.beta = float(cfg.alpha), float(cfg.beta)
+        self.max_step_sparsity = float(cfg.max_step_sparsity)
+        self.target_tolerance = float(cfg.target_tolerance)
+        self.max_steps = cfg.step_cap
+        self.lookahead_cache = int(cfg.lookahead_cache)
+        self.eval_batch_size = int(cfg.eval_batch_size)
+        self.device = resolve_device(cfg.device)
         cuda = self.device.type == "cuda"
-        self.amp = cuda and bool(amp)
-        self.channels_last = cuda and bool(channels_last)
+        self.amp = cuda and cfg.amp
+        self.channels_last = cuda and cfg.channels_last
 
-        meta = self._checkpoint_meta(model, dataset, width, checkpoint, pretrained)
-        # the checkpoint's split (seed and held-out count) by default: reward images were never trained on
-        self.split_seed = int(split_seed if split_seed is not None else meta.get("seed", self.seed))
-        self.val_size = val_size if val_size is not None else meta.get("val_size", DEFAULT_VAL_SIZE)
-        self.splits = self._load_data(dataset, data_root, download, self.val_size)
-        self._warn_split_mismatch(meta, dataset)
-        self.input_size = tuple(self.splits.input_size)
-        net = self._load_model(model, dataset, width, checkpoint, pretrained, auto_pretrain_epochs, data_root,
-                               download)
-        self.original_model = net.to(self.device).eval()
+        self.task = task = PruningTask.from_config(cfg, self.device)
+        self._estimator = _estimator_for(cfg)
+        self._teacher_logits: Optional[torch.Tensor] = None
+        self.splits, self.input_size = task.splits, task.input_size
+        self.val_size, self.split_seed = task.val_size, task.split_seed
+        self.original_model = task.model
         self.original_cost = count_costs(self.original_model, self.input_size, device=self.device)
-        self._example = torch.zeros((1, *self.input_size), device=self.device)
-        self._val = preload(self.splits.val, n=reward_samples, seed=self.seed, device=self.device)
-        self._calibration = self._calibration_batches(int(calibration_size), int(calibration_batches))
 
         probe = self._make_pruner(copy.deepcopy(self.original_model))
-        self.group_names: List[str] = [g.name for g in probe.groups]
+        self.group_names: List[str] = list(probe.group_names)
         self.n_groups = len(self.group_names)
         if self.n_groups == 0:
             raise ValueError("the model has no prunable channel group (every conv/linear is ignored or is the "
                              "classifier); nothing to prune")
-        # layers whose cost the group's channels carry: producers plus their BatchNorm/depthwise followers
-        self._members = [list(g.members) + list(getattr(g, "followers", ())) for g in probe.groups]
         self.original_channels = np.asarray(probe.num_channels, dtype=np.int64).copy()
         self.layer_counts = np.asarray(probe.layer_counts, dtype=np.int64).copy()
         self.step_filter_budget = step_channel_budget(self.original_channels, self.layer_counts, self.target,
                                                       self.n_steps)
-        self._macs_scale = max(float(self.original_cost.macs), 1.0)
-        self._params_scale = max(float(self.original_cost.params), 1.0)
+        self._refuse_unreachable_target(probe)
         # the initial state (built at the first reset) reuses the probe: its model is a private copy already
-        self._probe: Optional[Any] = probe
+        self._probe: Optional[Pruner] = probe
 
         self.action_space = spaces.Box(0.0, 1.0, shape=(self.n_groups,), dtype=np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(GROUP_FEATURES) * self.n_groups
@@ -331,106 +198,24 @@ class PruneEnv(gym.Env):
         self.total_evaluations = 0
 
     # ------------------------------------------------------------------ construction helpers
-    def _checkpoint_path(self, model, dataset, width, checkpoint) -> Path:
-        ds_name = dataset if isinstance(dataset, str) else dataset.name
-        return Path(checkpoint) if checkpoint is not None else default_checkpoint_path(model, ds_name, width)
+    def _make_pruner(self, model: nn.Module) -> Pruner:
+        return Pruner(model, torch.zeros((1, *self.input_size), device=self.device),
+                      ignore=self.config.ignore_layers, min_channels=self.config.min_channels,
+                      round_to=self.config.round_to)
 
-    def _checkpoint_meta(self, model, dataset, width, checkpoint, pretrained) -> Dict[str, Any]:
-        """Metadata of the checkpoint that will be loaded (empty when none is, or it has none)."""
-        if not (isinstance(model, str) and pretrained):
-            return {}
-        path = self._checkpoint_path(model, dataset, width, checkpoint)
-        if not path.is_file():
-            return {}
-        from pruning_env.checkpoint import read_meta
-
-        try:
-            return read_meta(path)
-        except Exception:  # an unreadable file gets its precise error from load_model
-            return {}
-
-    def _warn_split_mismatch(self, meta: Dict[str, Any], dataset) -> None:
-        """Warn when the validation split differs from the one the checkpoint was pretrained with."""
-        held_out = meta.get("val_size")
-        same_data = isinstance(dataset, str) and meta.get("dataset") == dataset
-        if held_out is not None and same_data and len(self.splits.val) != int(held_out):
-            warnings.warn(f"val_size={self.val_size!r} holds out {len(self.splits.val)} images but the checkpoint "
-                          f"was pretrained holding out {int(held_out)}: some reward images were trained on. Leave "
-                          f"val_size unset to use the checkpoint's split", stacklevel=3)
-
-    def _load_data(self, dataset, data_root, download, val_size) -> DatasetSplits:
-        if isinstance(dataset, DatasetSplits):
-            return dataset
-        if not isinstance(dataset, str):
-            raise TypeError(f"dataset must be a name or DatasetSplits, got {type(dataset).__name__}")
-        return make_datasets(dataset, root=data_root, download=download, val_size=val_size, seed=self.split_seed,
-                             augment=True)
-
-    def _load_model(self, model, dataset, width, checkpoint, pretrained, auto_pretrain_epochs, data_root,
-                    download) -> nn.Module:
-        if isinstance(model, nn.Module):
-            net = copy.deepcopy(model)  # the caller's module is never touched
-        elif not isinstance(model, str):
-            raise TypeError(f"model must be a zoo name or an nn.Module, got {type(model).__name__}")
-        elif pretrained:
-            ds_name = dataset if isinstance(dataset, str) else self.splits.name
-            path = self._checkpoint_path(model, dataset, width, checkpoint)
-            if not path.is_file() and auto_pretrain_epochs > 0:
-                from pruning_env.pretrain import ensure_pretrained
-
-                ensure_pretrained(model, ds_name, width=width, epochs=int(auto_pretrain_epochs), out=path,
-                                  data_root=data_root, download=download, device=str(self.device),
-                                  val_size=self.val_size, seed=self.split_seed)
-            if not path.is_file():
-                width_arg = "" if float(width) == 1.0 else f" --width {float(width):g}"
-                raise FileNotFoundError(
-                    f"pretrained checkpoint not found: {path}. Train it with `python -m pruning_env.pretrain "
-                    f"--model {model} --dataset {ds_name}{width_arg} --out {path}`, pass checkpoint=PATH, or use "
-                    f"pretrained=False for an untrained model")
-            net = load_model(path, map_location="cpu")
-        else:
-            from pruning_env.models import create_model
-
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                net = create_model(model, num_classes=self.splits.num_classes, width=width)
-        out = self._num_outputs(net)
-        if out is not None and out != self.splits.num_classes:
-            raise ValueError(f"the model has {out} outputs but dataset {self.splits.name!r} has "
-                             f"{self.splits.num_classes} classes; use a checkpoint trained on this dataset")
-        return net
-
-    def _num_outputs(self, net: nn.Module) -> Optional[int]:
-        cfg = getattr(net, "zoo_config", None)
-        if cfg is not None and "num_classes" in cfg:
-            return int(cfg["num_classes"])
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                out = net(torch.zeros((1, *self.input_size)))
-        except Exception:  # the pruner's trace gives the precise error later
-            return None
-        finally:
-            net.train(was_training)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
-
-    def _calibration_batches(self, size: int, n_batches: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        if size < 1 or n_batches < 1:
-            raise ValueError(f"calibration_size and calibration_batches must be >= 1, got {size}, {n_batches}")
-        # the train split is augmented with torch's global RNG: fork it so calibration is seeded and the
-        # caller's RNG stream is left alone
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1)
-            x, y = preload(self.splits.train, n=size * n_batches, seed=self.seed + 1, device=self.device)
-        return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
-
-    def _make_pruner(self, model: nn.Module):
-        from pruning_env.pruning import Pruner
-
-        return Pruner(model, self._example, ignore=self.ignore_layers, min_channels=self.min_channels,
-                      round_to=self.round_to)
+    def _refuse_unreachable_target(self, probe: Pruner) -> None:
+        """A budget whose target even every group at its channel floor cannot reach is refused before any
+        episode (a budget-free episode that cannot reach its target ends truncated instead)."""
+        if self.budget is None:
+            return
+        floor = np.minimum(probe.keep_counts(np.ones(self.n_groups)), self.original_channels)
+        most = self._metric(self.episode_metric, floor, probe.plan_cost(keep=floor))
+        if most < self.target - self.target_tolerance:
+            cfg = self.config
+            raise ValueError(f"target={self.target:g} ({self.episode_metric} reduction) is unreachable: with "
+                             f"min_channels={cfg.min_channels}, round_to={cfg.round_to} and "
+                             f"ignore_layers={list(cfg.ignore_layers)} every group at its floor removes only "
+                             f"{most:.4f}; lower target to at most {most:.4f} or lower min_channels / round_to")
 
     # ------------------------------------------------------------------ public properties
     @property
@@ -440,6 +225,18 @@ class PruneEnv(gym.Env):
         Treat it as read-only (copy it before training it yourself): states, snapshots and look-ahead
         candidates reference their models instead of copying them."""
         return self._require_state().model
+
+    @property
+    def pruner(self) -> Optional[Pruner]:
+        """The current state's :class:`~pruning_env.pruning.Pruner` (groups, cached importance, analytic costs);
+        None once the episode is over. Treat it as read-only."""
+        state = self._require_state()
+        return None if state.over else state.pruner
+
+    @property
+    def group_importance(self) -> np.ndarray:
+        """Mean |channel importance| per group at the current state (zeros at the end of an episode)."""
+        return self._require_state().importance.copy()
 
     @property
     def current_channels(self) -> np.ndarray:
@@ -464,6 +261,25 @@ class PruneEnv(gym.Env):
             self._original_accuracy = self._evaluate(self.original_model)
         return self._original_accuracy
 
+    def keep_for_action(self, action: Any) -> np.ndarray:
+        """Kept channels per group that ``step(action)`` would produce from the current state (no evaluation).
+
+        :param action: as for :meth:`step`.
+        """
+        state = self._require_active()
+        return self._step_keep(state, self._validate_action(action)).keep.copy()
+
+    def reduction(self, keep: Any, metric: Optional[str] = None) -> float:
+        """Cumulative reduction (vs. the original model) if the current state kept ``keep`` channels per group:
+        analytic cost, no evaluation (heuristics search their own kept vectors with it).
+
+        :param keep: channels per group, at most the current widths.
+        :param metric: ``"flops"``, ``"params"`` or ``"channels"``; default the step's budget metric, else
+            ``target_metric``.
+        """
+        state = self._require_active()
+        return self._reduction(state, np.asarray(keep, dtype=np.int64), metric or self.budget or self.target_metric)
+
     # ------------------------------------------------------------------ core
     def _require_state(self) -> _State:
         if self._state is None:
@@ -472,54 +288,85 @@ class PruneEnv(gym.Env):
 
     def _require_active(self) -> _State:
         state = self._require_state()
-        if state.terminated or state.truncated:
+        if state.over:
             raise RuntimeError(f"the episode is over (terminated={state.terminated}, truncated={state.truncated}) "
                                f"after {state.step_index} steps; call reset() to start a new one")
         return state
 
-    def _evaluate(self, model: nn.Module) -> float:
-        return float(evaluate(model, self._val, device=self.device, batch_size=self.eval_batch_size,
-                              amp=self.amp, channels_last=self.channels_last)["top1"])
+    def _evaluate(self, model: nn.Module, teacher: Optional[nn.Module] = None) -> float:
+        """The reward's accuracy term of ``model``: the config's ``reward_estimator`` on the reward images
+        (``vanilla``: plain top-1). BN statistics and KD batches come from ``task.estimator_data`` (training
+        images); ``model`` is left unchanged; the RNG streams of the caller are left alone.
 
-    def _make_state(self, model: nn.Module, channels: np.ndarray, cost: Cost, accuracy: float, step_index: int,
-                    final: bool, pruner: Any = None) -> Tuple[_State, float]:
-        """Build a state; its pruner and importance only when the episode can go on from it.
+        :param teacher: the KD / agreement teacher (default the original model).
+        """
+        if self._estimator is None:
+            return float(evaluate(model, self.task.reward_data, device=self.device, batch_size=self.eval_batch_size,
+                                  amp=self.amp, channels_last=self.channels_last)["top1"])
+        teacher = self.original_model if teacher is None else teacher
+        options: Dict[str, Any] = {}
+        if self.config.reward_estimator == "teacher_agreement" and teacher is self.original_model:
+            if self._teacher_logits is None:  # one teacher pass for every candidate
+                self._teacher_logits = logits_on(teacher, self.task.reward_data, self.eval_batch_size)
+            options["teacher_logits"] = self._teacher_logits
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(int(self.config.seed or 0))  # short_kd trains: the same estimate for the same model
+            return float(self._estimator(model, teacher, self.task.reward_data, self.task.estimator_data, **options))
+
+    def _make_state(self, model: nn.Module, pruner: Pruner, channels: np.ndarray, cost: Cost, accuracy: float,
+                    step_index: int, final: bool, teacher: nn.Module, teacher_accuracy: Optional[float],
+                    missed: bool = False) -> Tuple[_State, float]:
+        """Build a state; its importance only when the episode can go on from it.
 
         :param pruner: the state's pruner: traced for the initial state, ``parent.child(model, plan)`` after a
-            step (same groups without a re-trace), None at final states.
+            step (same groups without a re-trace).
+        :param missed: the step that led here could not reach its budget goal.
         """
         t0 = time.perf_counter()
         importance = np.zeros(self.n_groups)
-        stuck = False
+        end_reason = None
+        terminated = truncated = False
         if final:
-            pruner = None
+            terminated = not missed
+            truncated = missed
+            if missed:
+                end_reason = (f"the {self.budget} budget could not be met: no action reaches the target "
+                              f"{self.target:g} from here (every group at its channel floor or at "
+                              f"max_step_sparsity={self.max_step_sparsity:g})")
         else:
-            result = pruner.compute_importance(self._calibration, criterion=self.importance_criterion,
-                                               train_mode=self.importance_train_mode)
-            importance = _importance_means(result, pruner, self.n_groups)
+            pruner.compute_importance(self.task.calibration, criterion=self.config.importance,
+                                      train_mode=self.config.importance_train_mode)
+            importance = pruner.group_importance()
             sync(self.device)
-            stuck = bool(np.all(self._floor_keep(pruner, channels) >= channels))
+            if self.budget is None:
+                stuck = bool(np.all(self._floor_keep(pruner, channels) >= channels))
+                if stuck:
+                    truncated, end_reason = True, "every group is at its channel floor: nothing left to prune"
+                elif step_index >= self.max_steps:
+                    truncated, end_reason = True, f"max_steps={self.max_steps} reached short of the target"
         time_importance = time.perf_counter() - t0
-        g_macs, g_params = _group_costs(model, self._members, self.input_size, self.device)
-        truncated = False
-        terminated = final
-        if not final and self.budget is None:
-            truncated = stuck or step_index >= self.max_steps
-        state = _State(model=model, pruner=pruner, channels=np.asarray(channels, dtype=np.int64).copy(),
-                       cost=cost, accuracy=float(accuracy), step_index=step_index, terminated=terminated,
-                       truncated=truncated, group_macs=g_macs, group_params=g_params, importance=importance)
+        g_macs, g_params = pruner.group_costs()
+        state = _State(model=model, pruner=pruner, channels=np.asarray(channels, dtype=np.int64).copy(), cost=cost,
+                       accuracy=float(accuracy), step_index=step_index, terminated=terminated, truncated=truncated,
+                       group_macs=g_macs, group_params=g_params, importance=importance, teacher=teacher,
+                       teacher_accuracy=teacher_accuracy, end_reason=end_reason)
         return state, time_importance
 
-    def _floor_keep(self, pruner, channels: np.ndarray) -> np.ndarray:
+    def _floor_keep(self, pruner: Pruner, channels: np.ndarray) -> np.ndarray:
         """Fewest channels each group may keep (the pruner's floor and rounding)."""
         return np.minimum(np.asarray(pruner.keep_counts(np.full(self.n_groups, 1.0)), dtype=np.int64), channels)
 
+    def _reduction(self, state: _State, keep: np.ndarray, metric: str) -> float:
+        """Cumulative reduction in ``metric`` if ``state`` kept ``keep`` channels per group (analytic)."""
+        # the channel metric needs no cost: skip the analytic plan cost
+        cost = self.original_cost if metric == "channels" else state.pruner.plan_cost(keep=keep)
+        return self._metric(metric, keep, cost)
+
     def _metric(self, metric: str, keep: np.ndarray, cost: Cost) -> float:
-        if metric == "flops":
-            return 1.0 - cost.macs / self._macs_scale
-        if metric == "params":
-            return 1.0 - cost.params / self._params_scale
-        return channel_sparsity(keep, self.original_channels, self.layer_counts)
+        if metric == "channels":
+            return channel_sparsity(keep, self.original_channels, self.layer_counts)
+        r = reductions(cost, self.original_cost)
+        return r.flops if metric == "flops" else r.params
 
     def _validate_action(self, action: Any) -> np.ndarray:
         try:
@@ -537,75 +384,25 @@ class PruneEnv(gym.Env):
                              f"in [0, 1]")
         return a
 
-    def _keep_for(self, state: _State, a: np.ndarray) -> Tuple[np.ndarray, float]:
-        """Kept channels per group for a validated action, and the step's budget (scale or M)."""
-        pruner = state.pruner
-        current = state.channels
-        goal = cumulative_goal(self.target, state.step_index + 1, self.n_steps)
-        metric = self.budget
-
-        seen: Dict[bytes, float] = {}
+    def _step_keep(self, state: _State, a: np.ndarray) -> StepKeep:
+        """Kept channels per group for a validated action at ``state`` (see :func:`keep_for_action`)."""
+        pruner, metric = state.pruner, self.budget
+        if metric is None:
+            return keep_for_action(a, self.action_mode, state.channels, self.layer_counts, pruner.keep_counts,
+                                   max_step_sparsity=self.max_step_sparsity)
 
         def reduction(keep: np.ndarray) -> float:
-            # many scales give the same kept counts: cost each distinct plan once
-            key = keep.tobytes()
-            if key not in seen:
-                if metric == "channels":
-                    seen[key] = channel_sparsity(keep, self.original_channels, self.layer_counts)
-                else:
-                    seen[key] = self._metric(metric, keep, pruner.plan_cost(keep=keep))
-            return seen[key]
+            return self._reduction(state, keep, metric)
 
-        if self.action_mode == "sparsity":
-            s = np.clip(a, 0.0, self.max_step_sparsity)
-            if metric is None:
-                return self._keep_counts(pruner, s, current), 1.0
-            if not np.any(s > 0):
-                s = np.full(self.n_groups, self.max_step_sparsity)
-            hi = self.max_step_sparsity / float(s[s > 0].min())
-
-            def keep_at(scale: float) -> np.ndarray:
-                return self._keep_counts(pruner, np.clip(scale * s, 0.0, self.max_step_sparsity), current)
-
-            # below this bracket width no group's removed count can move by more than 1/100 of a channel
-            tol = 1e-2 / max(float((s * current).max()), 1e-12)
-            scale, _ = bisect_increasing(lambda x: reduction(keep_at(x)), goal, 0.0, hi, iters=60, tol=tol)
-            if reduction(keep_at(scale)) >= goal - 1e-9 or scale < hi:
-                return keep_at(scale), float(scale)
-            # the groups the action names are all at max_step_sparsity and the goal is still out of reach:
-            # raise every group's sparsity to a common floor, as little as needed, instead of missing the budget
-            top = np.clip(hi * s, 0.0, self.max_step_sparsity)
-
-            def keep_floor(f: float) -> np.ndarray:
-                return self._keep_counts(pruner, np.maximum(top, f), current)
-
-            tol = 1e-2 / max(float(current.max()), 1.0)
-            f, _ = bisect_increasing(lambda x: reduction(keep_floor(x)), goal, 0.0, self.max_step_sparsity,
-                                     iters=60, tol=tol)
-            return keep_floor(f), float(hi)
-
-        floor = self._floor_keep(pruner, current)
-        max_remove = current - floor
-        dist = normalize_distribution(np.clip(a, 0.0, None), eligible=max_remove > 0)
-
-        def keep_for_budget(m: int) -> np.ndarray:
-            return current - distribution_to_counts(dist, self.layer_counts, m, max_remove)
-
-        if metric == "channels":
-            m = self.step_filter_budget
-        else:
-            m, _ = bisect_increasing(lambda x: reduction(keep_for_budget(int(x))), goal, 0,
-                                     charged(max_remove, self.layer_counts), integer=True)
-        return keep_for_budget(int(m)), float(m)
-
-    def _keep_counts(self, pruner, sparsity: np.ndarray, current: np.ndarray) -> np.ndarray:
-        keep = np.asarray(pruner.keep_counts(sparsity), dtype=np.int64)
-        return np.minimum(keep, current)
+        return keep_for_action(a, self.action_mode, state.channels, self.layer_counts, pruner.keep_counts,
+                               reduction=reduction, goal=cumulative_goal(self.target, state.step_index + 1,
+                                                                         self.n_steps),
+                               max_step_sparsity=self.max_step_sparsity)
 
     def _build_candidate(self, state: _State, a: np.ndarray) -> _Candidate:
         t0 = time.perf_counter()
-        keep, step_budget = self._keep_for(state, a)
-        plan = state.pruner.plan(keep=keep)
+        step = self._step_keep(state, a)
+        plan = state.pruner.plan(keep=step.keep)
         cost = state.pruner.plan_cost(plan)
         model = state.pruner.apply(plan)
         if self.channels_last:
@@ -613,12 +410,12 @@ class PruneEnv(gym.Env):
         model.eval()
         sync(self.device)
         t1 = time.perf_counter()
-        accuracy = self._evaluate(model)
+        accuracy = self._evaluate(model, state.teacher)
         t2 = time.perf_counter()
         self._episode_evaluations += 1
         self.total_evaluations += 1
-        return _Candidate(model=model, plan=plan, keep=keep, cost=cost, accuracy=accuracy, step_budget=step_budget,
-                          time_prune=t1 - t0, time_eval=t2 - t1)
+        return _Candidate(model=model, plan=plan, step=step, cost=cost, accuracy=accuracy, time_prune=t1 - t0,
+                          time_eval=t2 - t1)
 
     def _candidate(self, state: _State, a: np.ndarray) -> Tuple[_Candidate, bool]:
         key = a.astype(np.float32).tobytes()
@@ -633,23 +430,24 @@ class PruneEnv(gym.Env):
         return cand, False
 
     def _reward(self, accuracy: float, cost: Cost) -> float:
-        return (accuracy + self.alpha * (1.0 - cost.macs / self._macs_scale)
-                + self.beta * (1.0 - cost.params / self._params_scale))
+        r = reductions(cost, self.original_cost)
+        return accuracy + self.alpha * r.flops + self.beta * r.params
 
     def _info(self, accuracy: float, cost: Cost, keep: np.ndarray, step: int, n_evaluations: int,
               time_prune: float = 0.0, time_importance: float = 0.0, time_eval: float = 0.0,
               **extra: Any) -> Dict[str, Any]:
         keep = np.asarray(keep, dtype=np.int64)
-        timing = self.record_timings
+        timing = self.config.record_timings
+        r = reductions(cost, self.original_cost)
         info = {
             "accuracy": float(accuracy),
             "reward": float(self._reward(accuracy, cost)),
             "macs": int(cost.macs),
             "params": int(cost.params),
-            "macs_ratio": cost.macs / self._macs_scale,
-            "params_ratio": cost.params / self._params_scale,
-            "flops_reduction": 1.0 - cost.macs / self._macs_scale,
-            "params_reduction": 1.0 - cost.params / self._params_scale,
+            "macs_ratio": 1.0 - r.flops,
+            "params_ratio": 1.0 - r.params,
+            "flops_reduction": r.flops,
+            "params_reduction": r.params,
             "channel_sparsity": channel_sparsity(keep, self.original_channels, self.layer_counts),
             "group_sparsity": 1.0 - keep / self.original_channels,
             "kept_channels": keep.copy(),
@@ -663,24 +461,33 @@ class PruneEnv(gym.Env):
         info.update(extra)
         return info
 
+    def _step_info(self, state: _State, cand: _Candidate, cached: bool, **extra: Any) -> Dict[str, Any]:
+        step = cand.step
+        if step.goal is not None:
+            extra.update(budget_goal=step.goal, budget_missed=not step.reachable)
+        return self._info(cand.accuracy, cand.cost, step.keep, state.step_index + 1, self._episode_evaluations,
+                          0.0 if cached else cand.time_prune, extra.pop("time_importance", 0.0),
+                          0.0 if cached else cand.time_eval, step_budget=step.budget, cached=cached, **extra)
+
     def _observation(self, state: _State) -> np.ndarray:
         orig = self.original_channels.astype(np.float64)
         n = self.n_groups
         imp = state.importance
         imp = imp / imp.max() if imp.size and imp.max() > 0 else np.zeros(n)
         position = np.arange(n) / max(n - 1, 1)
+        r = reductions(state.cost, self.original_cost)
         group = np.concatenate([
             orig / orig.max(),
             state.channels / orig,
-            state.group_macs / self._macs_scale,
-            state.group_params / self._params_scale,
+            state.group_macs / max(self.original_cost.macs, 1),
+            state.group_params / max(self.original_cost.params, 1),
             imp,
             position,
         ])
         glob = np.array([
             min(1.0, state.step_index / self.n_steps),
-            1.0 - state.cost.macs / self._macs_scale,
-            1.0 - state.cost.params / self._params_scale,
+            r.flops,
+            r.params,
             channel_sparsity(state.channels, self.original_channels, self.layer_counts),
             state.accuracy,
             self.target,
@@ -692,7 +499,7 @@ class PruneEnv(gym.Env):
         """Start an episode from the original model (a private copy, traced and scored on the first reset).
 
         :param seed: seeds ``np_random`` (used for recovery shuffling); the reward subset and calibration
-            data are fixed by the constructor's ``seed``.
+            data are fixed by the config's ``seed``.
         :param options: unused.
         """
         super().reset(seed=seed)
@@ -703,8 +510,10 @@ class PruneEnv(gym.Env):
             probe, self._probe = self._probe, None
             pruner = probe if probe is not None else self._make_pruner(copy.deepcopy(self.original_model).eval())
             t_trace = time.perf_counter() - t0
-            self._initial_state, t_imp = self._make_state(pruner.model, self.original_channels, self.original_cost,
-                                                          self.original_accuracy, 0, final=False, pruner=pruner)
+            self._initial_state, t_imp = self._make_state(
+                pruner.model, pruner, self.original_channels, self.original_cost, self.original_accuracy, 0,
+                final=False, teacher=self.original_model,
+                teacher_accuracy=self.original_accuracy if self.config.teacher_switch else None)
             t_imp += t_trace
         self._state = self._initial_state
         self._episode_evaluations = 0
@@ -722,55 +531,76 @@ class PruneEnv(gym.Env):
         :return: ``(reward, info)``; ``info["cached"]`` says whether an earlier look-ahead was reused.
         """
         state = self._require_active()
-        a = self._validate_action(action)
-        cand, cached = self._candidate(state, a)
-        info = self._info(cand.accuracy, cand.cost, cand.keep, state.step_index + 1, self._episode_evaluations,
-                          0.0 if cached else cand.time_prune, 0.0, 0.0 if cached else cand.time_eval,
-                          step_budget=cand.step_budget, cached=cached, lookahead=True)
+        cand, cached = self._candidate(state, self._validate_action(action))
+        info = self._step_info(state, cand, cached, lookahead=True)
         return info["reward"], info
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
-        """Prune the current model with ``action`` and return ``(obs, reward, terminated, truncated, info)``."""
+        """Prune the current model with ``action`` and return ``(obs, reward, terminated, truncated, info)``.
+
+        :param action: one value per group (see the class docstring).
+        """
+        return self._advance(action, recover=True)
+
+    def lookahead_step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
+        """Advance to the state ``step(action)`` would reach, but as a look-ahead: never fine-tunes (no
+        recovery), so a deeper tree search (spec §2.5) costs evaluations only. Return with :meth:`restore`.
+
+        :param action: as for :meth:`step`.
+        """
+        return self._advance(action, recover=False)
+
+    def _advance(self, action: Any, recover: bool) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
         state = self._require_active()
         a = self._validate_action(action)
         cand, cached = self._candidate(state, a)
-        # the candidate leaves the cache: it becomes the new state's model (recovery may train it in place)
-        state.candidates.pop(a.astype(np.float32).tobytes(), None)
         step_index = state.step_index + 1
         if self.budget is not None:
             final = step_index >= self.n_steps
         else:
-            final = self._metric(self.target_metric, cand.keep, cand.cost) >= self.target - self.target_tolerance
+            final = self._metric(self.target_metric, cand.step.keep, cand.cost) >= self.target - self.target_tolerance
+        recovering = (recover and not final and self.config.recovers
+                      and step_index % self.config.recovery_period == 0)
+        # the candidate leaves the cache: it becomes the new state's model (recovery or train-mode importance
+        # may change it in place)
+        state.candidates.pop(a.astype(np.float32).tobytes(), None)
         model, accuracy, extra = cand.model, cand.accuracy, {}
+        teacher, teacher_accuracy = state.teacher, state.teacher_accuracy
         time_recovery = 0.0
-        if self.recovery is not None and not final and (self.recovery_batches > 0 or self.recovery_epochs > 0):
+        if recovering:
             t0 = time.perf_counter()
-            accuracy = self._recover(model)
+            accuracy = self._recover(model, teacher)
             time_recovery = time.perf_counter() - t0
             extra["accuracy_recovered"] = accuracy
+            if teacher_accuracy is not None and accuracy > teacher_accuracy:
+                # spec §9.16: the recovered student beats the teacher and becomes the next teacher
+                teacher, teacher_accuracy = copy.deepcopy(model).eval(), accuracy
+                extra["teacher_switched"] = True
         # the pruned model's groups come from the parent's (no re-trace): the action vector keeps its meaning even
         # where a trace could not tell the structure apart (a depthwise conv left with one channel)
-        pruner = None if final else state.pruner.child(model, cand.plan)
-        new_state, t_imp = self._make_state(model, cand.keep, cand.cost, accuracy, step_index, final, pruner)
+        pruner = state.pruner.child(model, cand.plan)
+        new_state, t_imp = self._make_state(model, pruner, cand.step.keep, cand.cost, accuracy, step_index, final,
+                                            teacher, teacher_accuracy, missed=not cand.step.reachable)
         self._state = new_state
-        info = self._info(cand.accuracy, cand.cost, cand.keep, step_index, self._episode_evaluations,
-                          0.0 if cached else cand.time_prune, t_imp, 0.0 if cached else cand.time_eval,
-                          step_budget=cand.step_budget, cached=cached, lookahead=False,
-                          time_recovery=time_recovery if self.record_timings else 0.0, **extra)
-        return (self._observation(new_state), info["reward"], new_state.terminated, new_state.truncated, info)
+        if new_state.end_reason is not None:
+            extra["truncated_reason"] = new_state.end_reason
+        info = self._step_info(state, cand, cached, lookahead=not recover, time_importance=t_imp,
+                               time_recovery=time_recovery if self.config.record_timings else 0.0, **extra)
+        return self._observation(new_state), info["reward"], new_state.terminated, new_state.truncated, info
 
-    def _recover(self, model: nn.Module) -> float:
-        """Short fine-tune between steps (KD from the original model or plain CE); returns new accuracy."""
+    def _recover(self, model: nn.Module, teacher: nn.Module) -> float:
+        """Fine-tune between steps (KD from ``teacher`` or plain CE) in place; returns the new accuracy."""
+        cfg = self.config
         seed = int(self.np_random.integers(2**31 - 1))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            finetune(model, self.splits.train, epochs=max(1, self.recovery_epochs),
-                     max_batches=self.recovery_batches if self.recovery_batches > 0 else None, lr=self.recovery_lr,
-                     teacher=self.original_model if self.recovery == "kd" else None, T=self.kd_T,
-                     soft_weight=self.kd_soft_weight, batch_size=self.recovery_batch_size, device=self.device,
-                     amp=self.amp, seed=seed, progress=False)
+            finetune(model, self.splits.train, val_data=self.task.reward_data if cfg.recovery_best_snapshot else None,
+                     epochs=max(1, cfg.recovery_epochs),
+                     max_batches=cfg.recovery_batches if cfg.recovery_batches > 0 else None, lr=cfg.recovery_lr,
+                     teacher=teacher if cfg.recovery == "kd" else None, T=cfg.kd_T, soft_weight=cfg.kd_soft_weight,
+                     batch_size=cfg.recovery_batch_size, device=self.device, amp=self.amp, seed=seed, progress=False)
         model.eval()
-        return self._evaluate(model)
+        return self._evaluate(model, teacher)
 
     def snapshot(self) -> _State:
         """The current state, to return to with :meth:`restore` (a reference; states are immutable)."""
@@ -794,4 +624,4 @@ class PruneEnv(gym.Env):
         super().close()
 
 
-__all__ = ["PruneEnv", "ACTION_MODES", "METRICS", "GROUP_FEATURES", "GLOBAL_FEATURES", "DEFAULT_VAL_SIZE"]
+__all__ = ["PruneEnv", "GROUP_FEATURES", "GLOBAL_FEATURES"]

@@ -23,7 +23,7 @@ CFGS: Dict[str, List[Union[int, str]]] = {
 
 
 class VGG(nn.Module):
-    """VGG feature extractor (conv3x3-BN-ReLU, five max-pools) followed by the three-layer classifier.
+    """VGG feature extractor (conv3x3-BN-ReLU, five max-pools) followed by the three-layer (or a linear) classifier.
 
     :param cfg: layer configuration (see :data:`CFGS`); channel counts are before width scaling.
     :param num_classes: classifier outputs.
@@ -31,6 +31,8 @@ class VGG(nn.Module):
     :param in_channels: input image channels.
     :param hidden: hidden width of the classifier before scaling.
     :param dropout: dropout probability after each hidden classifier layer.
+    :param head: ``"mlp"``, the three-layer dropout classifier of the authors, or ``"linear"``, one linear layer
+        on the last conv's channels (better on small data, see docs/training.md).
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class VGG(nn.Module):
         in_channels: int = 3,
         hidden: int = 4096,
         dropout: float = 0.5,
+        head: str = "mlp",
     ):
         super().__init__()
         layers: List[nn.Module] = []
@@ -54,16 +57,21 @@ class VGG(nn.Module):
             layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
             channels = out
         self.features = nn.Sequential(*layers)
-        hidden_width = scaled(hidden, width)
-        self.classifier = nn.Sequential(
-            nn.Linear(channels, hidden_width),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_width, hidden_width),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_width, num_classes),
-        )
+        if head not in ("mlp", "linear"):
+            raise ValueError(f"head must be 'mlp' or 'linear', got {head!r}")
+        if head == "linear":
+            self.classifier = nn.Sequential(nn.Linear(channels, num_classes))
+        else:
+            hidden_width = scaled(hidden, width)
+            self.classifier = nn.Sequential(
+                nn.Linear(channels, hidden_width),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_width, hidden_width),
+                nn.ReLU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_width, num_classes),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)

@@ -1,5 +1,5 @@
 """SimpleViT (lucidrains style, as copied into the AgentViT notebook) with a token keep-mask and the
-per-patch state the AgentViT agent observes, plus the analytic MAC count at a given kept-token count.
+per-patch state the AgentViT agent observes; its MACs are counted in :mod:`pruning_env.costs.vit`.
 
 Spec: ../shared/spec/agentvit.md §1.1-1.2. Tokens are dropped right after the patch + positional embedding,
 so every block, the pooling and the head see only the kept tokens (the authors' placement).
@@ -201,41 +201,4 @@ def vit_tiny_patch4(num_classes: int = 10, width: float = 1.0, depth: int = 6, i
                      mlp_dim=max(1, int(round(512 * width))))
 
 
-def _block_macs(model: SimpleViT, n: int) -> int:
-    inner = model.heads * model.dim_head
-    attn = n * model.dim * 3 * inner + 2 * n * n * inner + n * inner * model.dim  # qkv, QK^T and AV, out
-    mlp = 2 * n * model.dim * model.mlp_dim
-    return attn + mlp
-
-
-def vit_macs(model: SimpleViT, n_tokens: Optional[int] = None) -> int:
-    """Analytic multiply-accumulates of one image's forward pass when ``n_tokens`` tokens are kept.
-
-    Counts every matmul (patch embedding on all patches, since selection follows it; q/k/v, QK^T, AV and
-    output projections; MLP; head), as ``FlopCounterMode`` does (its FLOPs = 2 x these MACs); LayerNorm,
-    softmax, GELU and pooling are not counted. At width 1, depth 6: 302.4 M MACs for 64 tokens (spec §1.1).
-
-    :param model: a :class:`SimpleViT`.
-    :param n_tokens: kept tokens, 1..num_patches (None: all).
-    """
-    n = model.num_patches if n_tokens is None else int(n_tokens)
-    if not 1 <= n <= model.num_patches:
-        raise ValueError(f"n_tokens must be in 1..{model.num_patches}, got {n_tokens}")
-    embed = model.num_patches * model.patch_dim * model.dim
-    head = model.dim * model.num_classes
-    return embed + model.depth * _block_macs(model, n) + head
-
-
-def state_macs(model: SimpleViT) -> int:
-    """Analytic MACs per image of the agent's state pass (embedding + block-1 attention on all patches)."""
-    n, inner = model.num_patches, model.heads * model.dim_head
-    embed = n * model.patch_dim * model.dim
-    return embed + n * model.dim * 3 * inner + 2 * n * n * inner + n * inner * model.dim
-
-
-def vit_gflops(model: SimpleViT, n_tokens: Optional[int] = None) -> float:
-    """GFLOPs (2 x MACs / 1e9) per image at ``n_tokens`` kept tokens; see :func:`vit_macs`."""
-    return 2.0 * vit_macs(model, n_tokens) / 1e9
-
-
-__all__ = ["SimpleViT", "vit_tiny_patch4", "vit_macs", "state_macs", "vit_gflops", "posemb_sincos_2d"]
+__all__ = ["SimpleViT", "vit_tiny_patch4", "posemb_sincos_2d"]

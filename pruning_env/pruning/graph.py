@@ -5,8 +5,9 @@ input channels (or BatchNorm / depthwise channels) follow; see ``docs/pruning.md
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -14,15 +15,18 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from pruning_env.costs import NORM_MACS_PER_ELEMENT, count_params, layer_macs
+from pruning_env.costs.counting import layer_macs
 
 __all__ = [
     "Segment",
     "Group",
     "ModuleSpec",
-    "CostTerms",
+    "LayerCall",
     "DependencyGraph",
     "UnsupportedModelError",
+    "ExampleInput",
+    "OPAQUE_TYPES",
+    "is_opaque",
     "CONV_TYPES",
     "NORM_TYPES",
 ]
@@ -32,6 +36,8 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 #: Layer types the tracer treats as opaque leaves (their inner functional calls are not recorded).
 LEAF_TYPES = CONV_TYPES + NORM_TYPES + _CONVT_TYPES + (nn.Linear,)
+#: One input batch for tracing: a tensor, a tuple of positional tensors or a dict of keyword tensors.
+ExampleInput = Union[torch.Tensor, Tuple[torch.Tensor, ...], Dict[str, torch.Tensor]]
 FIXED = -1  # source id of channels that may never be removed (inputs, constants, outputs, ignored layers)
 
 
@@ -79,6 +85,8 @@ class Group:
     :ivar followers: BatchNorm and depthwise layers whose channels follow the group.
     :ivar consumers: conv/linear layers whose input channels (or flattened features) follow the group.
     :ivar kind: ``"layer"`` (one producer), ``"residual"`` (merged by addition) or ``"se"`` (by a multiply).
+    :ivar granularity: channels are removed in aligned blocks of this many (the per-group width of a grouped
+        convolution that follows the group: its conv groups are removed whole); 1 for plain channels.
     """
 
     name: str
@@ -87,6 +95,7 @@ class Group:
     followers: Tuple[str, ...] = ()
     consumers: Tuple[str, ...] = ()
     kind: str = "layer"
+    granularity: int = 1
 
     @property
     def layer_count(self) -> int:
@@ -105,33 +114,21 @@ class ModuleSpec:
     in_layout: Optional[Layout] = None
 
 
-@dataclass
-class CostTerms:
-    """Analytic MACs / params as sums of ``weight * (c1 + v1.k) * (c2 + v2.k)`` over group widths ``k``."""
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a conv/linear/norm layer during the trace, as the analytic cost model needs it.
 
-    macs_const: int
-    macs_w: np.ndarray
-    macs_c1: np.ndarray
-    macs_v1: np.ndarray
-    macs_c2: np.ndarray
-    macs_v2: np.ndarray
-    params_const: int
-    params_w: np.ndarray
-    params_c1: np.ndarray
-    params_v1: np.ndarray
-    params_c2: np.ndarray
-    params_v2: np.ndarray
+    :ivar role: ``"conv"``, ``"linear"``, ``"norm"``, ``"depthwise"`` (widths follow the groups; the layer's
+        layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never change, e.g. a grouped
+        conv that changes the width, or a layer inside an opaque module) or ``"other"`` (no group touches it).
+    :ivar positions: output positions per channel (spatial size; rows or tokens for linear layers).
+    :ivar fixed_macs: MACs of a ``"fixed"`` / ``"other"`` call (constant under pruning), else 0.
+    """
 
-    def evaluate(self, counts: np.ndarray) -> Tuple[int, int]:
-        """(MACs, params) for group widths ``counts``."""
-        k = np.asarray(counts, dtype=np.int64)
-        macs = self.macs_const + int(
-            np.sum(self.macs_w * (self.macs_c1 + self.macs_v1 @ k) * (self.macs_c2 + self.macs_v2 @ k))
-        )
-        params = self.params_const + int(
-            np.sum(self.params_w * (self.params_c1 + self.params_v1 @ k) * (self.params_c2 + self.params_v2 @ k))
-        )
-        return macs, params
+    name: str
+    role: str
+    positions: int
+    fixed_macs: int = 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -160,6 +157,21 @@ _MUL_OPS = {"mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__
             "__itruediv__", "__rtruediv__", "true_divide", "divide"}
 _CAT_OPS = {"cat", "concat", "concatenate"}
 _RESHAPE_OPS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
+# Ops that move the channel dim (channel-last blocks: ConvNeXt, Swin, ViT tokens).
+_PERMUTE_OPS = {"permute", "transpose", "transpose_", "swapaxes", "swapdims"}
+# Ops that normalise over the channels: removing one would change every other one, so their inputs are kept.
+_FREEZE_OPS = {"layer_norm", "rms_norm"}
+
+#: Module types traced as opaque (extension point): every channel they read is kept and their insides are not
+#: traced; their conv/linear layers still count in the costs. Any module whose class name contains "Attention"
+#: (``nn.MultiheadAttention``, torchvision's window attention, timm-style ``Attention``) is opaque too, so
+#: attention heads are kept whole while the MLP hidden width around them is pruned.
+OPAQUE_TYPES: Set[type] = {nn.MultiheadAttention}
+
+
+def is_opaque(module: nn.Module) -> bool:
+    """Whether the tracer treats ``module`` as opaque (see :data:`OPAQUE_TYPES`)."""
+    return isinstance(module, tuple(OPAQUE_TYPES)) or "Attention" in type(module).__name__
 
 
 class _Recorder(TorchFunctionMode):
@@ -187,11 +199,13 @@ class _UnionFind:
         self.parent: List[int] = []
         self.fixed: List[bool] = []
         self.kinds: List[set] = []
+        self.granularity: List[int] = []
 
     def add(self) -> int:
         self.parent.append(len(self.parent))
         self.fixed.append(False)
         self.kinds.append(set())
+        self.granularity.append(1)
         return len(self.parent) - 1
 
     def find(self, i: int) -> int:
@@ -217,6 +231,13 @@ class _UnionFind:
         self.parent[rb] = ra
         self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
         self.kinds[ra] |= self.kinds[rb] | {kind}
+        self.granularity[ra] = math.lcm(self.granularity[ra], self.granularity[rb])
+
+    def require_blocks(self, a: int, block: int) -> None:
+        """Channels of ``a`` may only be removed in aligned blocks of ``block``."""
+        if a != FIXED:
+            r = self.find(a)
+            self.granularity[r] = math.lcm(self.granularity[r], block)
 
     def fix(self, a: int) -> None:
         if a != FIXED:
@@ -240,7 +261,8 @@ class _Tracer:
     def __init__(self, model: nn.Module, ignore: Sequence[str]) -> None:
         self.model = model
         self.ignore = set(ignore)
-        self.layouts: Dict[int, Tuple[torch.Tensor, Layout]] = {}
+        # id(tensor) -> (tensor, layout of its channel dim, which dim holds the channels)
+        self.layouts: Dict[int, Tuple[torch.Tensor, Layout, int]] = {}
         self.uf = _UnionFind()
         self.source_of_module: Dict[int, int] = {}
         self.source_names: List[str] = []
@@ -248,9 +270,9 @@ class _Tracer:
         self.calls: List[_Call] = []
         self.stack: List[str] = []
         self.leaf_depth = 0
+        self.opaque_depth = 0
         self.busy = False
-        self.pending: List[Optional[Layout]] = []
-        self.token_linears: List[str] = []  # linear layers on >2-d inputs, kept whole
+        self.pending: List[Tuple[Optional[Layout], int]] = []
 
     # ---- layouts -------------------------------------------------------------------------------------------
     def layout(self, t: Any) -> Optional[Layout]:
@@ -261,11 +283,16 @@ class _Tracer:
             return None
         return entry[1]
 
-    def set_layout(self, t: torch.Tensor, layout: Optional[Layout]) -> None:
+    def cdim(self, t: torch.Tensor) -> int:
+        """The dim that holds ``t``'s channels (1 unless a permute moved them, e.g. channel-last blocks)."""
+        entry = self.layouts.get(id(t))
+        return entry[2] if entry is not None and entry[0] is t else 1
+
+    def set_layout(self, t: torch.Tensor, layout: Optional[Layout], cdim: int = 1) -> None:
         if layout is None:
             self.layouts.pop(id(t), None)
         else:
-            self.layouts[id(t)] = (t, layout)
+            self.layouts[id(t)] = (t, layout, cdim)
 
     def where(self) -> str:
         if not self.stack:
@@ -303,6 +330,10 @@ class _Tracer:
             if s.source not in (None, FIXED):
                 self.uf.fix(s.source)
 
+    def is_fixed(self, layout: Optional[Layout]) -> bool:
+        """Whether no channel of ``layout`` can ever be removed (fixing is final, so this stays true)."""
+        return all(s.source in (None, FIXED) or self.uf.fixed[self.uf.find(s.source)] for s in layout or ())
+
     # ---- functional ops ------------------------------------------------------------------------------------
     def on_function(self, func, args, kwargs, out) -> None:
         flat_in, _ = tree_flatten((args, kwargs))
@@ -316,27 +347,118 @@ class _Tracer:
             name = name[1:]  # boolean-dispatch helpers such as _max_pool2d
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not outs:
-            if name == "__setitem__":
+            if name == "__setitem__" and not all(self.is_fixed(lay) for _, lay in sourced):
                 raise self.unsupported("an in-place item assignment", sourced[0][1])
             return  # shape queries, python scalars: channels are not affected
-        if name in _CAT_OPS:
-            self.on_cat(args, kwargs, out)
-        elif name in _ADD_OPS or name in _MUL_OPS:
-            self.on_binary(name, args, out, "residual" if name in _ADD_OPS else "se")
-        elif name in _PRESERVE:
-            self.on_preserve(name, args, sourced, outs)
-        else:
-            raise self.unsupported(f"the op {name!r}", sourced[0][1])
+        if name in _FREEZE_OPS:
+            # normalised over the channels (statistics would change if one went): keep them all
+            for _, lay in sourced:
+                self.fix_layout(lay)
+            for o in outs:
+                self.set_layout(o, None)
+            return
+        try:
+            if name in _CAT_OPS:
+                self.on_cat(args, kwargs, out)
+            elif name in _ADD_OPS or name in _MUL_OPS:
+                self.on_binary(name, args, out, "residual" if name in _ADD_OPS else "se")
+            elif name in _PERMUTE_OPS:
+                self.on_permute(name, args, kwargs, sourced, outs)
+            elif name in _PRESERVE:
+                self.on_preserve(name, args, kwargs, sourced, outs)
+            else:
+                raise self.unsupported(f"the op {name!r}", sourced[0][1])
+        except UnsupportedModelError:
+            if not all(self.is_fixed(lay) for _, lay in sourced):
+                raise
+            # every channel involved is kept anyway: whatever the op does, the pruned model computes the same
+            for o in outs:
+                self.set_layout(o, None)
 
-    def on_preserve(self, name: str, args, sourced, outs) -> None:
+    def single_source(self, name: str, args, sourced) -> Tuple[torch.Tensor, Layout]:
         first = args[0] if args else None
         src = first if isinstance(first, torch.Tensor) and self.layout(first) is not None else sourced[0][0]
         layout = self.layout(src)
         if len(sourced) > 1 and any(t is not src for t, _ in sourced):
             raise self.unsupported(f"the op {name!r} with several channel-carrying inputs", layout)
+        return src, layout
+
+    def on_permute(self, name: str, args, kwargs, sourced, outs) -> None:
+        src, layout = self.single_source(name, args, sourced)
+        c, nd = self.cdim(src), src.dim()
+        rest = list(args[1:])
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            dims = list(kwargs.get("dims", dims))
+            new = [d % nd for d in dims].index(c)
+        else:  # transpose / swapaxes / swapdims
+            d0 = rest[0] if rest else kwargs.get("dim0")
+            d1 = rest[1] if len(rest) > 1 else kwargs.get("dim1")
+            d0, d1 = d0 % nd, d1 % nd
+            new = d1 if c == d0 else d0 if c == d1 else c
+        if new == 0:
+            raise self.unsupported(f"the op {name!r} moving channels to the batch dimension", layout)
         for o in outs:
-            new = self.reshape_layout(name, src, layout, o)
-            self.set_layout(o, new)
+            self.set_layout(o, layout, new)
+
+    def on_preserve(self, name: str, args, kwargs, sourced, outs) -> None:
+        src, layout = self.single_source(name, args, sourced)
+        c = self.cdim(src)
+        for o in outs:
+            if name == "__getitem__":
+                new = self.index_cdim(args[1] if len(args) > 1 else None, src, c, layout)
+                self.set_layout(o, layout, new)
+            elif c == 1:
+                self.set_layout(o, self.reshape_layout(name, src, layout, o), 1)
+            else:
+                self.set_layout(o, layout, self.channel_last_cdim(name, args, kwargs, src, c, layout, o))
+
+    def index_cdim(self, index: Any, src: torch.Tensor, c: int, layout: Layout) -> int:
+        """Where the channels go under basic indexing; channel slicing or advanced indexing is refused."""
+        items = list(index) if isinstance(index, tuple) else [index]
+        if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) for it in items):
+            raise self.unsupported("the op '__getitem__' with an index tensor or list", layout)
+        consuming = sum(1 for it in items if it is not None and it is not Ellipsis)
+        expanded: List[Any] = []
+        for it in items:
+            expanded.extend([slice(None)] * (src.dim() - consuming) if it is Ellipsis else [it])
+        if Ellipsis not in items:
+            expanded.extend([slice(None)] * (src.dim() - consuming))
+        out_pos = in_pos = 0
+        new = -1
+        for it in expanded:
+            if it is None:
+                out_pos += 1
+                continue
+            if in_pos == c:
+                full = isinstance(it, slice) and it.step in (None, 1) and it.start in (None, 0) and (
+                    it.stop is None or it.stop >= src.shape[c])
+                if not full:
+                    raise self.unsupported(f"the op '__getitem__' slicing the channel dimension ({it})", layout)
+                new = out_pos
+            in_pos += 1
+            if not isinstance(it, int):
+                out_pos += 1
+        if new <= 0:
+            raise self.unsupported("the op '__getitem__' indexing the batch dimension of a channel tensor", layout)
+        return new
+
+    def channel_last_cdim(self, name: str, args, kwargs, src: torch.Tensor, c: int, layout: Layout,
+                          o: torch.Tensor) -> int:
+        """The channel dim of ``o`` for ops on tensors whose channels are not in dim 1 (after a permute)."""
+        ish, osh = tuple(src.shape), tuple(o.shape)
+        if osh == ish:
+            return c  # pointwise (activations, dropout, copies)
+        if name in ("mean", "sum", "amax", "amin"):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+            dims = {d % len(ish) for d in ((dim,) if isinstance(dim, int) else (dim or ()))}
+            if dims and c not in dims:
+                return c if keep else c - sum(1 for d in dims if d < c)
+        if name in ("view", "reshape", "flatten", "unsqueeze", "squeeze") and c == len(ish) - 1 \
+                and len(osh) >= 2 and osh[-1] == ish[-1] and osh[0] == ish[0]:
+            return len(osh) - 1  # the last dim stays whole: every position keeps its channel vector
+        raise self.unsupported(f"the op {name!r} (shape {list(ish)} -> {list(osh)}, channels in dim {c})", layout)
 
     def reshape_layout(self, name: str, src: torch.Tensor, layout: Layout, o: torch.Tensor) -> Layout:
         ish, osh = tuple(src.shape), tuple(o.shape)
@@ -359,17 +481,25 @@ class _Tracer:
         o = outs[0]
         operands = [a for a in args[:2]]
         result: Optional[Layout] = None
+        out_c: Optional[int] = None
+        for a in operands:
+            if isinstance(a, torch.Tensor) and self.layout(a) is not None:
+                ac = self.cdim(a) + o.dim() - a.dim()
+                if out_c is not None and ac != out_c:
+                    raise self.unsupported(f"the op {name!r} on tensors with channels in different dims",
+                                           self.layout(a))
+                out_c = ac
         pending_fixed = False
         for a in operands:
             if not isinstance(a, torch.Tensor):
                 continue
             lay = self.layout(a)
             aligned = a.dim() == o.dim()
-            idx = 1 - (o.dim() - a.dim())  # the operand's dim that broadcasting aligns with channels
+            idx = out_c - (o.dim() - a.dim())  # the operand's dim that broadcasting aligns with channels
             channels = a.shape[idx] if 0 <= idx < a.dim() else 1
             if lay is not None and not aligned:
                 raise self.unsupported(f"the op {name!r} broadcasting a {a.dim()}-d tensor to {o.dim()}-d", lay)
-            if lay is not None and a.dim() >= 2 and a.shape[1] == 1 and o.shape[1] > 1:
+            if lay is not None and a.shape[idx] == 1 and o.shape[out_c] > 1:
                 self.fix_layout(lay)  # broadcast along channels: its single channel must stay
                 continue
             if lay is None:
@@ -385,7 +515,7 @@ class _Tracer:
             return
         if pending_fixed:
             self.fix_layout(result)
-        self.set_layout(o, result)
+        self.set_layout(o, result, out_c)
 
     def on_cat(self, args, kwargs, out) -> None:
         tensors = args[0] if args else kwargs.get("tensors")
@@ -393,20 +523,24 @@ class _Tracer:
         tensors = list(tensors)
         nd = tensors[0].dim()
         dim = dim + nd if dim < 0 else dim
-        if dim == 1:
+        cdims = {self.cdim(t) for t in tensors if self.layout(t) is not None}
+        if len(cdims) != 1:
+            raise self.unsupported("torch.cat of tensors with channels in different dims",
+                                   tuple(s for t in tensors for s in (self.layout(t) or ())))
+        c = cdims.pop()
+        if dim == c:
             layout: List[Segment] = []
             for t in tensors:
                 lay = self.layout(t)
-                layout.extend(lay if lay is not None else (Segment(FIXED, int(t.shape[1])),))
-            self.set_layout(out, tuple(layout))
+                layout.extend(lay if lay is not None else (Segment(FIXED, int(t.shape[c])),))
+            self.set_layout(out, tuple(layout), c)
             return
-        if dim == 0 or dim >= 2:
-            lays = [self.layout(t) for t in tensors]
-            base = next(lay for lay in lays if lay is not None)
-            for t, lay in zip(tensors, lays):
-                self.tie(base, lay if lay is not None else (Segment(FIXED, int(t.shape[1])),), "residual",
-                         "torch.cat along a non-channel dimension")
-            self.set_layout(out, base)
+        lays = [self.layout(t) for t in tensors]
+        base = next(lay for lay in lays if lay is not None)
+        for t, lay in zip(tensors, lays):
+            self.tie(base, lay if lay is not None else (Segment(FIXED, int(t.shape[c])),), "residual",
+                     "torch.cat along a non-channel dimension")
+        self.set_layout(out, base, c)
 
     # ---- leaf layers ---------------------------------------------------------------------------------------
     def new_source(self, module: nn.Module, name: str, channels: int) -> int:
@@ -418,15 +552,23 @@ class _Tracer:
             self.source_channels.append(channels)
         return sid
 
-    def on_leaf(self, module: nn.Module, name: str, in_layout: Optional[Layout], inp: torch.Tensor,
+    def on_leaf(self, module: nn.Module, name: str, pending: Tuple[Optional[Layout], int], inp: torch.Tensor,
                 out: Any) -> None:
         if not isinstance(out, torch.Tensor):
             raise UnsupportedModelError(f"layer {name!r} ({type(module).__name__}) returned {type(out).__name__}, "
                                         f"expected a tensor")
+        in_layout, in_cdim = pending
         batch = out.shape[0] if out.dim() > 1 else 1
         per_item = out.numel() // max(batch, 1)
         macs = layer_macs(module, out)
         out_layout: Optional[Layout] = None
+        out_cdim = 1
+        channel_last = isinstance(module, nn.Linear) and inp is not None and inp.dim() > 2
+        if in_layout is not None and in_cdim != (inp.dim() - 1 if channel_last else 1):
+            if self.is_fixed(in_layout):
+                in_layout = None  # nothing of it is ever removed: the layer sees its full input
+            else:
+                raise self.unsupported_leaf(module, name, in_layout, f" with its channels in dim {in_cdim}")
         if isinstance(module, _CONVT_TYPES):
             if in_layout is not None:
                 raise self.unsupported_leaf(module, name, in_layout)
@@ -437,11 +579,16 @@ class _Tracer:
                 raise UnsupportedModelError(f"layer {name!r} expects {module.in_channels} input channels but "
                                             f"the traced input has {_layout_features(in_layout)}")
             factor = per_item // module.out_channels
-            depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-            if depthwise:
+            if module.groups > 1 and module.in_channels == module.out_channels and self.blocks_align(
+                    in_layout, module.in_channels // module.groups):
+                # depthwise or grouped with equal widths: output channel j belongs to the conv group of input
+                # channel j, so the output follows the input and whole conv groups are removed together
                 role, out_layout = "depthwise", in_layout
+                for seg in in_layout or ():
+                    if seg.source not in (None, FIXED):
+                        self.uf.require_blocks(seg.source, module.in_channels // module.groups)
             elif module.groups > 1:
-                # a general grouped conv needs equal channel counts per group: keep its inputs and outputs
+                # a grouped conv that changes the width (or straddles segments): keep its inputs and outputs
                 self.fix_layout(in_layout)
                 role = "fixed"
             else:
@@ -451,27 +598,33 @@ class _Tracer:
                     out_layout = (Segment(sid, module.out_channels),)
             self.calls.append(_Call(name, module, role, in_layout, out_layout, factor, macs))
         elif isinstance(module, nn.Linear):
-            if inp.dim() != 2:
-                # token-wise linear layers (transformers): channels are the last dim, not supported here
-                if in_layout is not None:
-                    raise self.unsupported_leaf(module, name, in_layout, f" on a {inp.dim()}-d input")
-                self.token_linears.append(name)
-                self.calls.append(_Call(name, module, "fixed", None, None, 1, macs))
-                self.set_layout(out, None)
-                return
+            # a linear layer on a >2-d input acts on every position's last dim (tokens, channel-last maps)
             if in_layout is not None and _layout_features(in_layout) != module.in_features:
                 raise UnsupportedModelError(f"layer {name!r} expects {module.in_features} input features but "
                                             f"the traced input has {_layout_features(in_layout)}")
             if name not in self.ignore:
                 sid = self.new_source(module, name, module.out_features)
                 out_layout = (Segment(sid, module.out_features),)
+                out_cdim = out.dim() - 1
             self.calls.append(_Call(name, module, "linear", in_layout, out_layout, per_item // module.out_features,
                                     macs))
         elif isinstance(module, NORM_TYPES):
             out_layout = in_layout
             self.calls.append(_Call(name, module, "norm", in_layout, out_layout, per_item // module.num_features,
                                     macs))
-        self.set_layout(out, out_layout)
+        self.set_layout(out, out_layout, out_cdim)
+
+    @staticmethod
+    def blocks_align(layout: Optional[Layout], block: int) -> bool:
+        """Whether every segment of ``layout`` starts and ends on a multiple of ``block`` channels."""
+        if block == 1 or layout is None:
+            return True
+        offset = 0
+        for seg in layout:
+            if seg.block != 1 or offset % block or seg.channels % block:
+                return False
+            offset += seg.features
+        return True
 
     def unsupported_leaf(self, module: nn.Module, name: str, layout: Layout, extra: str = "") -> Exception:
         return UnsupportedModelError(
@@ -480,11 +633,22 @@ class _Tracer:
             f"in `ignore` to keep their channels."
         )
 
+    # ---- opaque modules (attention) ------------------------------------------------------------------------
+    def enter_opaque(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """An opaque module keeps every channel it reads; nothing inside it is traced."""
+        for t in tree_flatten((args, kwargs))[0]:
+            self.fix_layout(self.layout(t))
+
+    def leave_opaque(self, out: Any) -> None:
+        for o in tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor):
+                self.set_layout(o, None)
+
     # ---- driving the trace ---------------------------------------------------------------------------------
-    def run(self, example_input: Any) -> Any:
+    def run(self, example_input: ExampleInput) -> Any:
         handles = []
         for name, module in self.model.named_modules():
-            handles.append(module.register_forward_pre_hook(self._pre_hook(name, module)))
+            handles.append(module.register_forward_pre_hook(self._pre_hook(name, module), with_kwargs=True))
             handles.append(module.register_forward_hook(self._post_hook(name, module)))
         was_training = self.model.training
         self.model.eval()
@@ -507,24 +671,41 @@ class _Tracer:
 
     def _pre_hook(self, name: str, module: nn.Module):
         is_leaf = isinstance(module, LEAF_TYPES)
+        opaque = is_opaque(module)
 
-        def hook(mod, args):
+        def hook(mod, args, kwargs):
             self.stack.append(name)
-            if is_leaf:
+            if opaque:
+                if self.leaf_depth == 0:
+                    self.busy = True
+                    try:
+                        self.enter_opaque(args, kwargs)
+                    finally:
+                        self.busy = False
+                self.leaf_depth += 1
+                self.opaque_depth += 1
+            elif is_leaf:
                 if self.leaf_depth == 0:
                     self.busy = True
                     inp = args[0] if args else None
-                    self.pending.append(self.layout(inp))
+                    self.pending.append((self.layout(inp), self.cdim(inp) if inp is not None else 1))
                     self.busy = False
                 self.leaf_depth += 1
+            return None
 
         return hook
 
     def _post_hook(self, name: str, module: nn.Module):
         is_leaf = isinstance(module, LEAF_TYPES)
+        opaque = is_opaque(module)
 
         def hook(mod, args, out):
-            if is_leaf:
+            if opaque:
+                self.leaf_depth -= 1
+                self.opaque_depth -= 1
+                if self.leaf_depth == 0:
+                    self.leave_opaque(out)
+            elif is_leaf:
                 self.leaf_depth -= 1
                 if self.leaf_depth == 0:
                     self.busy = True
@@ -532,6 +713,9 @@ class _Tracer:
                         self.on_leaf(mod, name, self.pending.pop(), args[0] if args else None, out)
                     finally:
                         self.busy = False
+                elif self.opaque_depth > 0 and self.leaf_depth == self.opaque_depth and isinstance(out, torch.Tensor):
+                    # a layer inside an opaque module: its cost counts, its channels are kept
+                    self.calls.append(_Call(name, mod, "fixed", None, None, 1, layer_macs(mod, out)))
             self.stack.pop()
 
         return hook
@@ -572,18 +756,24 @@ def _resolve_ignore(model: nn.Module, ignore: Iterable[Union[str, nn.Module]]) -
 
 
 class DependencyGraph:
-    """Prunable groups of a model plus the per-layer slicing specs and the analytic cost terms.
+    """Prunable groups of a model, the per-layer slicing specs and the traced layer calls: structure only.
 
-    Build it with :meth:`build`; it is read-only afterwards and does not hold gradients or importance.
+    Build it with :meth:`build`; it is read-only afterwards and holds no gradients, importance or costs (the
+    cost model, :class:`pruning_env.costs.analytic.CostTerms`, is built from :attr:`calls`).
+
+    :ivar calls: every conv/linear/norm call of the trace in execution order (a layer called twice appears twice).
+    :ivar traced_macs: MACs per image the trace counted (``None`` for a derived graph, which was not traced).
     """
 
-    def __init__(self, model: nn.Module, groups: List[Group], specs: Dict[str, ModuleSpec], costs: CostTerms,
-                 input_size: Tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, groups: List[Group], specs: Dict[str, ModuleSpec],
+                 calls: Tuple[LayerCall, ...], input_size: Tuple[int, ...], traced_macs: Optional[int] = None
+                 ) -> None:
         self.model = model
         self.groups = groups
         self.specs = specs
-        self.costs = costs
+        self.calls = calls
         self.input_size = input_size
+        self.traced_macs = traced_macs
 
     @property
     def num_channels(self) -> np.ndarray:
@@ -595,8 +785,13 @@ class DependencyGraph:
         """Prunable conv/linear layers per group, shape ``(n_groups,)``."""
         return np.array([g.layer_count for g in self.groups], dtype=np.int64)
 
+    @property
+    def granularity(self) -> np.ndarray:
+        """Channels removed together per group (aligned blocks), shape ``(n_groups,)``."""
+        return np.array([g.granularity for g in self.groups], dtype=np.int64)
+
     @classmethod
-    def build(cls, model: nn.Module, example_input: Any, ignore: Iterable[Union[str, nn.Module]] = ()
+    def build(cls, model: nn.Module, example_input: ExampleInput, ignore: Iterable[Union[str, nn.Module]] = ()
               ) -> "DependencyGraph":
         """Trace ``model`` on ``example_input`` and find its prunable groups.
 
@@ -614,15 +809,15 @@ class DependencyGraph:
         input_size = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else ()
         graph = cls._finalize(model, tracer, input_size)
         if not graph.groups:
-            hint = (f"; token-wise linear layers on >2-d inputs (transformers) are not pruned: "
-                    f"{tracer.token_linears[:3]}" if tracer.token_linears else "")
-            raise UnsupportedModelError(f"found no prunable channel group in {type(model).__name__}{hint}")
+            raise UnsupportedModelError(f"found no prunable channel group in {type(model).__name__}: every channel "
+                                        f"is ignored, normalised jointly (LayerNorm), read by an opaque module "
+                                        f"(attention) or an output")
         return graph
 
     def derive(self, model: nn.Module, num_channels: Sequence[int]) -> "DependencyGraph":
         """The graph of ``model``, a pruned copy of this graph's model with ``num_channels`` per group.
 
-        No trace: the groups, names, layouts and cost terms carry over (only the widths change), so the
+        No trace: the groups, names, layouts and layer calls carry over (only the widths change), so the
         structure stays the same even where a pruned model is ambiguous (a depthwise conv left with one
         channel looks like a plain conv).
 
@@ -648,8 +843,13 @@ class DependencyGraph:
             new = ModuleSpec(name, module, spec.role, update(spec.out_layout), update(spec.in_layout))
             self._check_shapes(new)
             specs[name] = new
-        groups = [Group(g.name, g.members, c, g.followers, g.consumers, g.kind) for g, c in zip(self.groups, counts)]
-        return DependencyGraph(model, groups, specs, self.costs, self.input_size)
+        for g, c in zip(self.groups, counts):
+            if c % g.granularity:
+                raise ValueError(f"group {g.name!r} removes channels in blocks of {g.granularity}, so its width "
+                                 f"must be a multiple of {g.granularity}, got {c}")
+        groups = [Group(g.name, g.members, c, g.followers, g.consumers, g.kind, g.granularity)
+                  for g, c in zip(self.groups, counts)]
+        return DependencyGraph(model, groups, specs, self.calls, self.input_size)
 
     @staticmethod
     def _check_shapes(spec: ModuleSpec) -> None:
@@ -687,7 +887,8 @@ class DependencyGraph:
             members = tuple(tracer.source_names[s] for s in sources)
             kinds = uf.kinds[root]
             kind = "layer" if len(members) == 1 and not kinds else ("residual" if "residual" in kinds else "se")
-            groups.append(Group(name="", members=members, num_channels=channels.pop(), kind=kind))
+            groups.append(Group(name="", members=members, num_channels=channels.pop(), kind=kind,
+                                granularity=uf.granularity[root]))
 
         def resolve(layout: Optional[Layout]) -> Optional[Layout]:
             if layout is None:
@@ -719,14 +920,9 @@ class DependencyGraph:
             g.followers = tuple(followers[gi])
             g.consumers = tuple(consumers[gi])
         cls._name_groups(groups)
-        costs = cls._cost_terms(model, tracer, resolve, len(groups))
-        graph = cls(model, groups, specs, costs, input_size)
-        traced_macs = sum(c.const_macs for c in tracer.calls)
-        macs, _ = costs.evaluate(graph.num_channels)
-        if macs != traced_macs:  # internal consistency: the analytic model must reproduce the traced count
-            raise UnsupportedModelError(f"analytic MACs {macs} differ from the traced count {traced_macs}; "
-                                        f"the model uses a layer configuration the cost terms do not cover")
-        return graph
+        calls = tuple(LayerCall(c.name, c.role, c.factor, c.const_macs if c.role in ("fixed", "other") else 0)
+                      for c in tracer.calls)
+        return cls(model, groups, specs, calls, input_size, traced_macs=sum(c.const_macs for c in tracer.calls))
 
     @staticmethod
     def _name_groups(groups: List[Group]) -> None:
@@ -744,79 +940,3 @@ class DependencyGraph:
             else:
                 seen[name] = 1
             g.name = name
-
-    @staticmethod
-    def _cost_terms(model: nn.Module, tracer: _Tracer, resolve, n_groups: int) -> CostTerms:
-        macs_rows: List[Tuple[int, Tuple[int, np.ndarray], Tuple[int, np.ndarray]]] = []
-        param_rows: List[Tuple[int, Tuple[int, np.ndarray], Tuple[int, np.ndarray]]] = []
-        macs_const = 0
-        one = (1, np.zeros(n_groups, dtype=np.int64))
-
-        def expr(layout: Optional[Layout], full: int) -> Tuple[int, np.ndarray]:
-            v = np.zeros(n_groups, dtype=np.int64)
-            if layout is None:
-                return full, v
-            c = 0
-            for s in layout:
-                if s.source is None:
-                    c += s.features
-                else:
-                    v[s.source] += s.block
-            return c, v
-
-        handled_params = 0
-        seen_modules = set()
-        for call in tracer.calls:
-            m = call.module
-            if call.role in ("fixed", "other"):
-                macs_const += call.const_macs
-                continue
-            out_l, in_l = resolve(call.out_layout), resolve(call.in_layout)
-            first = id(m) not in seen_modules
-            seen_modules.add(id(m))
-            if call.role == "conv" or call.role == "linear":
-                k_area = int(np.prod(m.kernel_size)) if call.role == "conv" else 1
-                n_out = m.out_channels if call.role == "conv" else m.out_features
-                n_in = m.in_channels if call.role == "conv" else m.in_features
-                e_in, e_out = expr(in_l, n_in), expr(out_l, n_out)
-                macs_rows.append((call.factor * k_area, e_in, e_out))
-                if first:
-                    param_rows.append((k_area, e_in, e_out))
-                    if m.bias is not None:
-                        param_rows.append((1, one, e_out))
-            elif call.role == "depthwise":
-                k_area = int(np.prod(m.kernel_size))
-                e = expr(out_l, m.out_channels)
-                macs_rows.append((call.factor * k_area, one, e))
-                if first:
-                    param_rows.append((k_area, one, e))
-                    if m.bias is not None:
-                        param_rows.append((1, one, e))
-            elif call.role == "norm":
-                e = expr(out_l, m.num_features)
-                macs_rows.append((NORM_MACS_PER_ELEMENT * call.factor, one, e))
-                if first:
-                    if m.weight is not None:
-                        param_rows.append((1, one, e))
-                    if m.bias is not None:
-                        param_rows.append((1, one, e))
-            if first:
-                handled_params += sum(p.numel() for p in (getattr(m, "weight", None), getattr(m, "bias", None))
-                                      if isinstance(p, torch.Tensor))
-
-        def stack(rows):
-            if not rows:
-                z = np.zeros((0,), dtype=np.int64)
-                zz = np.zeros((0, n_groups), dtype=np.int64)
-                return z, z, zz, z, zz
-            w = np.array([r[0] for r in rows], dtype=np.int64)
-            c1 = np.array([r[1][0] for r in rows], dtype=np.int64)
-            v1 = np.stack([r[1][1] for r in rows])
-            c2 = np.array([r[2][0] for r in rows], dtype=np.int64)
-            v2 = np.stack([r[2][1] for r in rows])
-            return w, c1, v1, c2, v2
-
-        mw, mc1, mv1, mc2, mv2 = stack(macs_rows)
-        pw, pc1, pv1, pc2, pv2 = stack(param_rows)
-        return CostTerms(macs_const, mw, mc1, mv1, mc2, mv2, count_params(model) - handled_params,
-                         pw, pc1, pv1, pc2, pv2)

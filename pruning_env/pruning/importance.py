@@ -1,11 +1,13 @@
 """Channel importance criteria (small callables) and their reduction onto dependency groups.
 
-A criterion scores every element of a parameter; a group's score for channel j sums the scores of all elements
-that channel j owns in every member, follower (BatchNorm gamma and beta included) and consumer of the group.
+A group-scope criterion scores every element of a parameter, and a group's score for channel j sums the scores
+of all elements channel j owns in every member, follower (BatchNorm gamma and beta included) and consumer of the
+group. A filter-scope criterion (the RL-Pruner authors' way) scores each member's own filters only and averages
+over the members.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -16,23 +18,52 @@ from tqdm.auto import tqdm
 from pruning_env.pruning.graph import DependencyGraph
 from pruning_env.pruning.surgery import handler_for
 
-__all__ = ["Importance", "TaylorImportance", "MagnitudeImportance", "RandomImportance", "CRITERIA",
-           "make_criterion", "accumulate_gradients", "group_importance"]
+#: Calibration data: one ``(x, y)`` batch or an iterable of them (a DataLoader works).
+Batches = Union[Tuple[torch.Tensor, torch.Tensor], Iterable[Tuple[torch.Tensor, torch.Tensor]]]
+
+__all__ = ["Batches", "Importance", "TaylorImportance", "MagnitudeImportance", "RandomImportance",
+           "VarianceImportance", "CRITERIA", "make_criterion", "accumulate_gradients", "group_importance"]
 
 
 class Importance:
-    """Element-wise score of a parameter tensor; ``needs_grad`` asks for accumulated gradients."""
+    """Score of a parameter tensor's channels; ``needs_grad`` asks for accumulated gradients.
+
+    ``scope`` says which tensors count: ``"group"`` (every slice a channel owns: member filters and biases,
+    BatchNorm, depthwise filters, consumer columns; summed) or ``"filter"`` (each member's own weight only,
+    averaged over the group's members: the RL-Pruner authors' scores, spec §4.3).
+    """
 
     needs_grad: bool = False
+    scope: str = "group"
 
     def __call__(self, weight: torch.Tensor, grad: Optional[torch.Tensor]) -> torch.Tensor:
+        """Element-wise scores, same shape as ``weight``."""
         raise NotImplementedError
+
+    def channel_scores(self, weight: torch.Tensor, grad: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+        """One score per index of ``dim`` (float64): the element-wise scores summed over the other dims.
+
+        :param weight: the parameter.
+        :param grad: its accumulated gradient (``None`` if the criterion needs none or none flowed).
+        :param dim: the dimension that follows the channels.
+        """
+        elem = self(weight, grad).double()
+        return elem.transpose(0, dim).reshape(elem.shape[dim], -1).sum(1)
 
 
 class TaylorImportance(Importance):
-    """First-order Taylor estimate of the loss change, ``|w * dL/dw|`` (Molchanov et al.; the authors' default)."""
+    """First-order Taylor estimate of the loss change, ``|w * dL/dw|`` (Molchanov et al.; the authors' default).
+
+    :param scope: ``"group"`` (ours: the whole group, BatchNorm included) or ``"filter"`` (the authors': each
+        member's filter weights only, averaged over members; bias and BatchNorm unused).
+    """
 
     needs_grad = True
+
+    def __init__(self, scope: str = "group") -> None:
+        if scope not in ("group", "filter"):
+            raise ValueError(f"scope must be 'group' or 'filter', got {scope!r}")
+        self.scope = scope
 
     def __call__(self, weight: torch.Tensor, grad: Optional[torch.Tensor]) -> torch.Tensor:
         if grad is None:
@@ -63,16 +94,32 @@ class RandomImportance(Importance):
         return torch.rand(weight.shape, generator=self.generator, dtype=torch.float64)
 
 
-#: Criterion names accepted by :meth:`Pruner.compute_importance`.
-CRITERIA = ("taylor", "l1", "l2", "random")
+class VarianceImportance(Importance):
+    """Variance of each member filter's weights (unbiased, as ``torch.var``), averaged over members: the
+    authors' ``variance`` strategy (spec §4.3). Filter scope only: a variance does not add up over slices."""
+
+    scope = "filter"
+
+    def channel_scores(self, weight: torch.Tensor, grad: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+        w = weight.double().transpose(0, dim)
+        return w.reshape(w.shape[0], -1).var(1)
 
 
-def make_criterion(criterion: Any, seed: Optional[int] = None) -> Importance:
+#: Criterion names accepted by :meth:`Pruner.compute_importance`: ``taylor`` (group scope, ours),
+#: ``taylor_filter`` (the authors' Taylor: member filters only), ``l1``, ``l2``, ``variance``, ``random``.
+CRITERIA = ("taylor", "taylor_filter", "l1", "l2", "variance", "random")
+
+
+def make_criterion(criterion: Union[str, Importance], seed: Optional[int] = None) -> Importance:
     """An :class:`Importance` from a name in :data:`CRITERIA` or an existing instance."""
     if isinstance(criterion, Importance):
         return criterion
     if criterion == "taylor":
         return TaylorImportance()
+    if criterion == "taylor_filter":
+        return TaylorImportance(scope="filter")
+    if criterion == "variance":
+        return VarianceImportance()
     if criterion == "l1":
         return MagnitudeImportance(1)
     if criterion == "l2":
@@ -80,6 +127,11 @@ def make_criterion(criterion: Any, seed: Optional[int] = None) -> Importance:
     if criterion == "random":
         return RandomImportance(seed)
     raise ValueError(f"unknown importance criterion {criterion!r}; expected one of {CRITERIA} or an Importance")
+
+
+def _filter_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
+    """(member name, "weight", 0, "out") for every group member: the tensors a filter-scope criterion reads."""
+    return [(name, "weight", 0, "out") for g in graph.groups for name in g.members]
 
 
 def _scored_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
@@ -97,7 +149,7 @@ def _scored_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
     return out
 
 
-def _as_batches(batches: Any) -> Iterable:
+def _as_batches(batches: Batches) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
     if (isinstance(batches, (tuple, list)) and len(batches) == 2 and isinstance(batches[0], torch.Tensor)
             and isinstance(batches[1], torch.Tensor) and batches[1].dim() == 1 and batches[0].dim() > 1
             and batches[0].shape[0] == batches[1].shape[0]):
@@ -105,8 +157,8 @@ def _as_batches(batches: Any) -> Iterable:
     return batches
 
 
-def accumulate_gradients(model: nn.Module, graph: DependencyGraph, batches: Any, train_mode: bool = False,
-                         max_batches: Optional[int] = None, progress: bool = False
+def accumulate_gradients(model: nn.Module, graph: DependencyGraph, batches: Batches, train_mode: bool = False,
+                         max_batches: Optional[int] = None, progress: bool = False, scope: str = "group"
                          ) -> Dict[Tuple[str, str], torch.Tensor]:
     """Gradients of the summed cross-entropy over ``batches`` for every parameter the groups own.
 
@@ -120,8 +172,10 @@ def accumulate_gradients(model: nn.Module, graph: DependencyGraph, batches: Any,
     :param train_mode: run the forward passes in train mode (mutates BatchNorm statistics).
     :param max_batches: stop after this many batches.
     :param progress: show a progress bar.
+    :param scope: ``"group"`` (gradients of every parameter a group owns) or ``"filter"`` (members' weights).
     """
-    keys = sorted({(n, p) for n, p, _, _ in _scored_tensors(graph)})
+    tensors = _filter_tensors(graph) if scope == "filter" else _scored_tensors(graph)
+    keys = sorted({(n, p) for n, p, _, _ in tensors})
     modules = dict(model.named_modules())
     params = [modules[n]._parameters[p] for n, p in keys]
     flags = [p.requires_grad for p in params]
@@ -159,19 +213,27 @@ def accumulate_gradients(model: nn.Module, graph: DependencyGraph, batches: Any,
 @torch.no_grad()
 def group_importance(graph: DependencyGraph, criterion: Importance,
                      grads: Optional[Dict[Tuple[str, str], torch.Tensor]] = None) -> List[np.ndarray]:
-    """Per-group channel scores: the criterion summed over every parameter slice each channel owns.
+    """Per-group channel scores: the criterion summed over every parameter slice each channel owns (group
+    scope), or averaged over the members' own filters (filter scope).
 
     :param graph: the dependency graph (its model supplies the weights).
-    :param criterion: an element-wise :class:`Importance`.
+    :param criterion: an :class:`Importance`.
     :param grads: accumulated gradients keyed by (layer name, parameter name), when the criterion needs them.
     """
     scores = [torch.zeros(g.num_channels, dtype=torch.float64) for g in graph.groups]
+    if criterion.scope == "filter":
+        for gi, g in enumerate(graph.groups):
+            for name in g.members:
+                weight = graph.specs[name].module.weight.detach()
+                grad = None if grads is None else grads.get((name, "weight"))
+                scores[gi] += criterion.channel_scores(weight, grad, 0).cpu()
+            scores[gi] /= len(g.members)
+        return [s.numpy() for s in scores]
     for name, pname, dim, side in _scored_tensors(graph):
         spec = graph.specs[name]
         weight = spec.module._parameters[pname].detach()
         grad = None if grads is None else grads.get((name, pname))
-        elem = criterion(weight, grad)
-        per_feature = elem.double().transpose(0, dim).reshape(elem.shape[dim], -1).sum(1).cpu()
+        per_feature = criterion.channel_scores(weight, grad, dim).cpu()
         layout = spec.out_layout if side == "out" else spec.in_layout
         offset = 0
         for seg in layout:

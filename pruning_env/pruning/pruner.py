@@ -6,18 +6,23 @@ candidate then costs one ``plan`` (argsort) and one ``apply`` (index_select) or 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from pruning_env.costs import Cost
-from pruning_env.pruning.graph import DependencyGraph, Group, Layout
-from pruning_env.pruning.importance import Importance, accumulate_gradients, group_importance, make_criterion
+from pruning_env.costs.analytic import CostTerms
+from pruning_env.pruning.graph import DependencyGraph, ExampleInput, Group, Layout, UnsupportedModelError
+from pruning_env.pruning.importance import (Batches, Importance, accumulate_gradients, group_importance,
+                                            make_criterion)
 from pruning_env.pruning.surgery import build_pruned_model
 
-__all__ = ["Pruner", "PrunePlan"]
+__all__ = ["Pruner", "PrunePlan", "PerGroup"]
+
+#: A value for every group: a scalar (same for all) or a sequence / array of shape ``(n_groups,)``.
+PerGroup = Union[float, Sequence[float], np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: compare plans with np.array_equal on .kept
@@ -46,10 +51,12 @@ class Pruner:
     :param min_channels: floor on kept channels per group (at least 1).
     :param round_to: round kept channels of sparsity plans to a multiple of this (8 suits GPUs); 1 = off.
     :param graph: a prebuilt :class:`DependencyGraph` of ``model`` (skips the trace).
+    :param costs: prebuilt cost terms of ``graph`` (they depend on its structure only, not on the widths).
     """
 
-    def __init__(self, model: nn.Module, example_input: Any, ignore: Iterable[Union[str, nn.Module]] = (),
-                 min_channels: int = 1, round_to: int = 1, graph: Optional[DependencyGraph] = None) -> None:
+    def __init__(self, model: nn.Module, example_input: ExampleInput, ignore: Iterable[Union[str, nn.Module]] = (),
+                 min_channels: int = 1, round_to: int = 1, graph: Optional[DependencyGraph] = None,
+                 costs: Optional[CostTerms] = None) -> None:
         if int(min_channels) < 1:
             raise ValueError(f"min_channels must be >= 1 (a layer cannot lose every channel), got {min_channels}")
         if int(round_to) < 1:
@@ -60,6 +67,15 @@ class Pruner:
         self.min_channels = int(min_channels)
         self.round_to = int(round_to)
         self.graph = graph if graph is not None else DependencyGraph.build(model, example_input, self.ignore)
+        self.costs = costs if costs is not None else CostTerms.from_graph(self.graph)
+        self._membership: Optional[np.ndarray] = None
+        self._granularity = self.graph.granularity  # constant per graph; read on every plan and cost query
+        traced = self.graph.traced_macs
+        if traced is not None:  # internal consistency: the analytic model must reproduce the traced count
+            macs = self.costs.evaluate(self.num_channels)[0]
+            if macs != traced:
+                raise UnsupportedModelError(f"analytic MACs {macs} differ from the traced count {traced}; the model "
+                                            f"uses a layer configuration the cost terms do not cover")
         self.importance: Optional[List[np.ndarray]] = None
         self.importance_criterion: Optional[str] = None
         self._arange_cache: Dict[int, torch.Tensor] = {}
@@ -87,19 +103,27 @@ class Pruner:
         return self.graph.layer_counts
 
     @property
+    def granularity(self) -> np.ndarray:
+        """Channels each group removes together, in aligned blocks (a grouped conv's channels per conv group;
+        1 for plain channels); kept counts are multiples of it. Shape ``(n_groups,)``."""
+        return self._granularity.copy()
+
+    @property
     def n_groups(self) -> int:
         """Number of groups (the length of every per-group vector)."""
         return len(self.graph.groups)
 
     # ---- importance ----------------------------------------------------------------------------------------
-    def compute_importance(self, batches: Any = None, criterion: Union[str, Importance] = "taylor",
+    def compute_importance(self, batches: Optional[Batches] = None, criterion: Union[str, Importance] = "taylor",
                            train_mode: bool = False, max_batches: Optional[int] = None, seed: Optional[int] = None,
                            progress: bool = False) -> List[np.ndarray]:
         """Score every channel of every group and cache the result for all later plans.
 
         :param batches: calibration ``(x, y)`` batches from the training split (needed for ``"taylor"``).
         :param criterion: ``"taylor"`` (sum of ``|w * dL/dw|`` over the whole group, BatchNorm included),
-            ``"l1"``, ``"l2"``, ``"random"`` or an :class:`Importance` instance.
+            ``"taylor_filter"`` (the authors': ``|w * dL/dw|`` of each member's filter weights, averaged over the
+            members), ``"l1"``, ``"l2"``, ``"variance"`` (the authors': variance of each member filter),
+            ``"random"`` or an :class:`Importance` instance.
         :param train_mode: compute gradients in train mode, as the authors did; this moves the model's
             BatchNorm running statistics (one momentum step per batch), so it is off by default.
         :param max_batches: use at most this many batches.
@@ -112,13 +136,27 @@ class Pruner:
         if crit.needs_grad:
             if batches is None:
                 raise ValueError(f"criterion {criterion!r} needs calibration batches of (x, y); pass `batches`")
-            grads = accumulate_gradients(self.model, self.graph, batches, train_mode, max_batches, progress)
+            grads = accumulate_gradients(self.model, self.graph, batches, train_mode, max_batches, progress,
+                                         scope=crit.scope)
         self.importance = group_importance(self.graph, crit, grads)
         self.importance_criterion = criterion if isinstance(criterion, str) else type(criterion).__name__
         return self.importance
 
+    def group_importance(self) -> np.ndarray:
+        """Mean ``|score|`` of each group's channels from the cached importance (non-finite scores skipped).
+
+        :return: shape ``(n_groups,)``, float64; zeros before :meth:`compute_importance`.
+        """
+        means = np.zeros(self.n_groups, dtype=np.float64)
+        if self.importance is None:
+            return means
+        for i, scores in enumerate(self.importance):
+            v = np.abs(scores[np.isfinite(scores)])
+            means[i] = float(v.mean()) if v.size else 0.0
+        return means
+
     # ---- plans ---------------------------------------------------------------------------------------------
-    def _vector(self, values: Any, what: str) -> np.ndarray:
+    def _vector(self, values: PerGroup, what: str) -> np.ndarray:
         arr = np.asarray(values, dtype=np.float64)
         if arr.ndim == 0:
             arr = np.full(self.n_groups, float(arr))
@@ -129,29 +167,37 @@ class Pruner:
             raise ValueError(f"{what} must be finite, got {arr}")
         return arr
 
-    def keep_counts(self, sparsity: Any) -> np.ndarray:
+    def keep_counts(self, sparsity: PerGroup) -> np.ndarray:
         """Kept channels per group for a per-group sparsity vector (fraction of channels removed).
 
-        Removed = round(sparsity * width); then the kept count is rounded to a multiple of ``round_to`` and
-        clipped to ``[min_channels, width]``.
+        Removed = round(sparsity * width), counted in whole blocks of the group's :attr:`granularity`; then the
+        kept count is rounded to a multiple of ``round_to`` (and of the granularity) and clipped to
+        ``[min_channels, width]``.
 
         :param sparsity: scalar or array of shape ``(n_groups,)`` with values in ``[0, 1]``.
         """
         s = self._vector(sparsity, "sparsity")
         if np.any(s < 0) or np.any(s > 1):
             raise ValueError(f"sparsity values must lie in [0, 1], got min {s.min():.3g}, max {s.max():.3g}")
-        n = self.num_channels
-        kept = n - np.floor(s * n + 0.5).astype(np.int64)
+        n, gran = self.num_channels, self._granularity
+        kept = n - gran * np.floor(s * (n // gran) + 0.5).astype(np.int64)
         if self.round_to > 1:
-            r = self.round_to
-            kept = np.maximum(np.round(kept / r).astype(np.int64) * r, r)
-        return np.clip(np.maximum(kept, self.min_channels), 1, n).astype(np.int64)
+            step = np.lcm(gran, self.round_to)
+            kept = np.maximum(np.round(kept / step).astype(np.int64) * step, step)
+        return self._floor(kept)
 
-    def plan(self, sparsity: Any = None, keep: Any = None) -> PrunePlan:
+    def _floor(self, kept: np.ndarray) -> np.ndarray:
+        """Clip kept counts to ``[min_channels, width]``, the floor rounded up to whole blocks."""
+        n, gran = self.num_channels, self._granularity
+        floor = -(-self.min_channels // gran) * gran
+        return np.clip(np.maximum(kept, floor), 1, n).astype(np.int64)
+
+    def plan(self, sparsity: Optional[PerGroup] = None, keep: Optional[PerGroup] = None) -> PrunePlan:
         """Kept indices per group: the least important channels go first.
 
         :param sparsity: per-group fraction of channels to remove (see :meth:`keep_counts`).
-        :param keep: alternatively, kept channels per group (clipped to ``[min_channels, width]``, no rounding).
+        :param keep: alternatively, kept channels per group (clipped to ``[min_channels, width]``; rounded only to
+            whole blocks of the group's :attr:`granularity`).
         """
         counts = self._counts(sparsity, keep)
         if self.importance is None:
@@ -160,12 +206,16 @@ class Pruner:
             raise RuntimeError("no importance yet: call compute_importance(batches, criterion='taylor') "
                                "(or criterion='l1' without data) before planning")
         kept = []
-        for imp, k in zip(self.importance, counts):
-            order = np.argsort(-imp, kind="stable")  # ties keep the lower index
-            kept.append(np.sort(order[:k]))
+        for imp, k, gran in zip(self.importance, counts, self._granularity):
+            if gran == 1:
+                order = np.argsort(-imp, kind="stable")  # ties keep the lower index
+                kept.append(np.sort(order[:k]))
+                continue
+            blocks = np.argsort(-imp.reshape(-1, gran).sum(1), kind="stable")[:k // gran]
+            kept.append((np.sort(blocks)[:, None] * gran + np.arange(gran)).reshape(-1))
         return PrunePlan(tuple(kept))
 
-    def _counts(self, sparsity: Any, keep: Any) -> np.ndarray:
+    def _counts(self, sparsity: Optional[PerGroup], keep: Optional[PerGroup]) -> np.ndarray:
         if (sparsity is None) == (keep is None):
             raise ValueError("pass exactly one of `sparsity` (fraction removed per group) or `keep` (channels kept)")
         if sparsity is not None:
@@ -173,24 +223,35 @@ class Pruner:
         k = self._vector(keep, "keep")
         if np.any(k != np.round(k)):
             raise ValueError(f"keep must hold whole channel counts, got {k}")
-        n = self.num_channels
-        return np.clip(np.maximum(k.astype(np.int64), self.min_channels), 1, n)
+        gran = self._granularity
+        k = k.astype(np.int64)
+        k = np.floor(k / gran + 0.5).astype(np.int64) * gran
+        return self._floor(k)
 
     def _check(self, plan: PrunePlan) -> None:
         if not isinstance(plan, PrunePlan):
             raise TypeError(f"expected a PrunePlan (from Pruner.plan), got {type(plan).__name__}")
         if len(plan.kept) != self.n_groups:
             raise ValueError(f"plan has {len(plan.kept)} groups, the model has {self.n_groups}")
-        for g, (k, n) in enumerate(zip(plan.kept, self.num_channels)):
+        for g, (k, n, gran) in enumerate(zip(plan.kept, self.num_channels, self._granularity)):
             if len(k) == 0 or k[0] < 0 or k[-1] >= n or np.any(np.diff(k) <= 0):
                 raise ValueError(f"plan for group {g} ({self.groups[g].name!r}) must be sorted, unique, non-empty "
                                  f"indices in [0, {n}), got {k}")
+            if gran > 1 and (len(k) % gran or np.any(k.reshape(-1, gran) % gran != np.arange(gran))
+                             or np.any(np.diff(k.reshape(-1, gran), axis=1) != 1)):
+                raise ValueError(f"plan for group {g} ({self.groups[g].name!r}) must keep whole aligned blocks of "
+                                 f"{gran} channels (a grouped convolution follows it), got {k}")
 
     # ---- costs ---------------------------------------------------------------------------------------------
-    def plan_cost(self, plan: Optional[PrunePlan] = None, *, sparsity: Any = None, keep: Any = None) -> Cost:
+    def plan_cost(self, plan: Optional[PrunePlan] = None, *, sparsity: Optional[PerGroup] = None,
+                  keep: Optional[PerGroup] = None) -> Cost:
         """MACs per image and params of the model a plan (or sparsity / keep vector) would build.
 
         Analytic (no model is built), equal to ``count_costs(self.apply(plan), input_size)``.
+
+        :param plan: a plan from :meth:`plan`.
+        :param sparsity: alternatively, per-group fraction of channels to remove (see :meth:`keep_counts`).
+        :param keep: alternatively, kept channels per group.
         """
         if plan is not None:
             if sparsity is not None or keep is not None:
@@ -198,8 +259,20 @@ class Pruner:
             counts = plan.num_kept
         else:
             counts = self._counts(sparsity, keep)
-        macs, params = self.graph.costs.evaluate(counts)
+        macs, params = self.costs.evaluate(counts)
         return Cost(macs=int(macs), params=int(params))
+
+    def group_costs(self) -> Tuple[np.ndarray, np.ndarray]:
+        """MACs per image and params of each group's layers (members and followers) at the current widths.
+
+        Analytic (no forward pass); a layer equals its ``count_costs`` share, and a layer that follows several
+        groups (a BatchNorm after a concatenation) counts fully in each.
+
+        :return: ``(macs, params)``, float64 arrays of shape ``(n_groups,)``.
+        """
+        if self._membership is None:
+            self._membership = self.costs.membership(self.groups)
+        return self.costs.group_costs(self._membership, self.num_channels)
 
     # ---- surgery -------------------------------------------------------------------------------------------
     def _arange(self, n: int) -> torch.Tensor:
@@ -255,5 +328,7 @@ class Pruner:
         """
         self._check(plan)
         graph = self.graph.derive(model, plan.num_kept)
-        return Pruner(model, self.example_input, ignore=self.ignore, min_channels=self.min_channels,
-                      round_to=self.round_to, graph=graph)
+        child = Pruner(model, self.example_input, ignore=self.ignore, min_channels=self.min_channels,
+                       round_to=self.round_to, graph=graph, costs=self.costs)
+        child._membership = self._membership  # same groups, same layers
+        return child

@@ -59,19 +59,21 @@ class LayerHandler:
 
 
 class ConvHandler(LayerHandler):
-    """Conv1d/2d/3d with ``groups == 1``, or depthwise (``groups == in == out``: channels follow the input)."""
+    """Conv1d/2d/3d with ``groups == 1``, or depthwise / grouped with ``in == out`` (channels follow the input;
+    whole conv groups are removed, so the channels per conv group stay the same)."""
 
     def out_tensors(self, module: nn.Conv2d) -> List[Tuple[str, int]]:
         return [("weight", 0), ("bias", 0)]
 
     def in_tensors(self, module: nn.Conv2d) -> List[Tuple[str, int]]:
-        # a depthwise weight is (C, 1, k, k): its channels are already cut through dim 0
+        # a grouped weight is (C, C / groups, k, k): its channels are already cut through dim 0
         return [] if module.groups > 1 else [("weight", 1)]
 
     def set_shape(self, module: nn.Conv2d, n_out: Optional[int], n_in: Optional[int]) -> None:
         if module.groups > 1:
             n = n_out if n_out is not None else module.out_channels
-            module.__dict__.update(in_channels=n, out_channels=n, groups=n)
+            per_group = module.out_channels // module.groups  # still the source's shape attributes here
+            module.__dict__.update(in_channels=n, out_channels=n, groups=n // per_group)
             return
         if n_out is not None:
             module.__dict__["out_channels"] = n_out

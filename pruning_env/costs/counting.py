@@ -1,4 +1,4 @@
-"""The project's one cost model: MACs and parameter count of a built model.
+"""The project's one MACs counter: hooks on a built model count MACs per image and parameters.
 
 MACs follow thop, which the RL-Pruner authors used for their reward: multiply-accumulates of convolutions
 (incl. transposed) and linear layers for one input image, plus 2 per output element of BatchNorm (its
@@ -7,34 +7,20 @@ gives the pure conv/linear count, which equals ``torch.utils.flop_counter.FlopCo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn as nn
+
+from pruning_env.costs.cost import Cost
+
+__all__ = ["NORM_MACS_PER_ELEMENT", "count_params", "layer_macs", "count_costs"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: MACs charged per output element of a BatchNorm layer (thop's eval-mode convention).
 NORM_MACS_PER_ELEMENT = 2
-
-
-@dataclass(frozen=True)
-class Cost:
-    """MACs per image and parameter count of a model."""
-
-    macs: int
-    params: int
-
-    @property
-    def flops(self) -> int:
-        """FLOPs counted as 2 x MACs (the convention of ``torch.utils.flop_counter``)."""
-        return 2 * self.macs
-
-    def ratio_to(self, other: "Cost") -> Tuple[float, float]:
-        """(MACs ratio, params ratio) of this cost relative to ``other``."""
-        return self.macs / max(other.macs, 1), self.params / max(other.params, 1)
 
 
 def count_params(model: nn.Module) -> int:

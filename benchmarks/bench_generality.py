@@ -1,0 +1,266 @@
+"""Engine generality sweep: every torchvision classifier (random init, 224x224, uniform 50 % channel sparsity),
+ours beside Torch-Pruning with the same settings.
+
+    python benchmarks/bench_generality.py                 # all classifiers, CPU, 1 thread, resumable
+    python benchmarks/bench_generality.py --models resnext50_32x4d convnext_tiny --retry
+Writes benchmarks/results/bench_generality.md|json after every model; models already in the json are skipped
+(``--retry`` redoes those where either tool was not ok, among the listed ones if any). Per model and tool:
+ok / refused (the message) / wrong / error, MACs kept (our hook counter and ``FlopCounterMode``), the max
+|pruned - zeroed| logit difference and the seconds. Models above ``--max-params`` are skipped (the forward
+passes and the copies the check needs outgrow this shared machine).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from pruning_env.costs import count_costs
+from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
+from pruning_env.runtime import atomic_write_text, machine_info
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 1000
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=None, help="torchvision names (default: every classifier)")
+    p.add_argument("--size", type=int, default=224, help="input side in pixels")
+    p.add_argument("--sparsity", type=float, default=0.5, help="uniform fraction of channels removed per group")
+    p.add_argument("--max-params", type=float, default=150e6, help="skip larger models (memory and time)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--retry", action="store_true", help="redo models already in the json that are not ok")
+    p.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    return p
+
+
+def build(name: str) -> nn.Module:
+    """A randomly initialised classifier; all-zero initial tensors (ViT heads, zero-init gammas) are randomised
+    so that the pruned-vs-zeroed check sees every layer."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(x)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def flop_macs(model: nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def tolerance(scale: float) -> float:
+    """Max |pruned - zeroed| accepted: float32 reordering noise on deep nets stays far below it."""
+    return 1e-4 * (1.0 + scale)
+
+
+def run_ours(model: nn.Module, x: torch.Tensor, sparsity: float, base: Dict[str, int]) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+    try:
+        pruner = Pruner(model, x)
+    except UnsupportedModelError as err:
+        return {"status": "refused", "message": str(err), "seconds": time.perf_counter() - t0}
+    pruner.compute_importance(criterion="l1")
+    plan = pruner.plan(sparsity=sparsity)
+    pruned = pruner.apply(plan)
+    seconds = time.perf_counter() - t0
+    ref = logits(zeroed_copy(model, pruner, plan), x)
+    out = logits(pruned, x)
+    diff = float((out - ref).abs().max())
+    scale = float(ref.abs().max())
+    size = tuple(x.shape[1:])
+    macs = count_costs(pruned, size).macs
+    return {"status": "ok" if diff <= tolerance(scale) else "wrong", "seconds": seconds, "groups": pruner.n_groups,
+            "grouped_groups": int((pruner.granularity > 1).sum()), "max_diff": diff, "logit_scale": scale,
+            "macs_kept": macs / base["macs"], "flop_counter_kept": flop_macs(pruned, x) / base["flop_macs"],
+            "analytic_equals_count": pruner.plan_cost(plan).macs == macs}
+
+
+def _tp_zeroed(model: nn.Module, groups: List[List[tuple]]) -> nn.Module:
+    """The source with every output channel Torch-Pruning removed zeroed: filters and biases of the layers whose
+    outputs it cut, and the affine parameters of norm layers and depthwise convs whose channels follow."""
+    follows = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    ref = copy.deepcopy(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for items in groups:
+            for module, handler, idxs in items:
+                if id(module) not in names or not idxs:
+                    continue
+                depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels > 1
+                kind = getattr(handler, "__name__", "")
+                if kind != "prune_out_channels" and not (kind == "prune_in_channels"
+                                                         and (isinstance(module, follows) or depthwise)):
+                    continue
+                for pname in ("weight", "bias"):
+                    param = getattr(modules[names[id(module)]], pname, None)
+                    if isinstance(param, torch.Tensor) and param.dim() >= 1:
+                        param[torch.as_tensor(idxs)] = 0
+    return ref
+
+
+def _tp_pruner(model: nn.Module, x: torch.Tensor, sparsity: float):
+    import torch_pruning as tp
+
+    ignored = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and
+               (getattr(m, "out_features", None) == NUM_CLASSES or getattr(m, "out_channels", None) == NUM_CLASSES)]
+    return tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                     pruning_ratio=sparsity, ignored_layers=ignored)
+
+
+def run_torch_pruning(model: nn.Module, x: torch.Tensor, sparsity: float, base: Dict[str, int]) -> Dict[str, Any]:
+    theirs = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    try:
+        _tp_pruner(theirs, x, sparsity).step()
+        seconds = time.perf_counter() - t0
+        out = logits(theirs, x)
+        # the same groups in the source's numbering: walk them once more on an unpruned copy, cutting nothing
+        # (pruning one group changes the numbering of layers another group shares, e.g. a DenseNet concat)
+        probe = copy.deepcopy(model)
+        names = {id(m): n for n, m in probe.named_modules()}
+        source = dict(model.named_modules())
+        groups = [[(source[names[id(dep.target.module)]], dep.handler, [int(getattr(i, "idx", i)) for i in idxs])
+                   for dep, idxs in group if id(dep.target.module) in names]
+                  for group in _tp_pruner(probe, x, sparsity).step(interactive=True)]
+    except Exception as err:  # noqa: BLE001 - any failure of the other tool is a result to report
+        return {"status": "error", "message": f"{type(err).__name__}: {err}"[:300],
+                "seconds": time.perf_counter() - t0}
+    ref = logits(_tp_zeroed(model, groups), x)
+    if out.shape != ref.shape:
+        return {"status": "wrong", "message": f"logits {tuple(out.shape)} instead of {tuple(ref.shape)}",
+                "seconds": seconds}
+    diff = float((out - ref).abs().max())
+    scale = float(ref.abs().max())
+    # channels normalised by a LayerNorm cannot equal their zeroed version (the statistics change)
+    layer_norm = any(isinstance(m, nn.LayerNorm) for items in groups for m, _, idxs in items if idxs)
+    status = "ok" if diff <= tolerance(scale) else ("differs" if layer_norm else "wrong")
+    return {"status": status, "seconds": seconds, "max_diff": diff, "logit_scale": scale,
+            "layer_norm_pruned": layer_norm, "macs_kept": count_costs(theirs, tuple(x.shape[1:])).macs / base["macs"],
+            "flop_counter_kept": flop_macs(theirs, x) / base["flop_macs"]}
+
+
+def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
+    model = build(name)
+    params = sum(p.numel() for p in model.parameters())
+    row: Dict[str, Any] = {"model": name, "params": params}
+    if params > args.max_params:
+        row["skipped"] = f"{params / 1e6:.0f} M params > --max-params {args.max_params / 1e6:.0f} M"
+        return row
+    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
+    base = {"macs": count_costs(model, tuple(x.shape[1:])).macs, "flop_macs": flop_macs(model, x)}
+    row.update(base)
+    for key, fn in (("ours", run_ours), ("torch_pruning", run_torch_pruning)):
+        if key == "torch_pruning" and args.no_torch_pruning:
+            continue
+        try:
+            row[key] = fn(model, x, args.sparsity, base)
+        except Exception as err:  # noqa: BLE001 - a crash is a result too (and a bug of ours to fix)
+            row[key] = {"status": "error", "message": f"{type(err).__name__}: {err}"[:300],
+                        "trace": traceback.format_exc()[-1500:]}
+    return row
+
+
+def _cell(r: Optional[Dict[str, Any]]) -> str:
+    if r is None:
+        return "-"
+    if r["status"] in ("refused", "error") or "macs_kept" not in r:
+        return f"{r['status']}"
+    return (f"{r['status']} {r['macs_kept']:.2f} / {r['flop_counter_kept']:.2f}, {r['max_diff']:.0e}, "
+            f"{r['seconds']:.1f}s")
+
+
+def to_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    done = [r for r in rows if "skipped" not in r]
+    count = {tool: {s: sum(1 for r in done if r.get(tool, {}).get("status") == s)
+                    for s in ("ok", "differs", "refused", "wrong", "error")} for tool in ("ours", "torch_pruning")}
+    lines = ["# Engine generality: torchvision classifiers at 50 % channel sparsity", "",
+             f"Random init, {meta['size']}x{meta['size']}, batch 1, uniform sparsity {meta['sparsity']} per group (L1 "
+             "importance), the final classifier kept; Torch-Pruning "
+             f"{meta['torch_pruning']} `MagnitudePruner(pruning_ratio={meta['sparsity']})` beside it. A cell reads "
+             "`status MACs kept (hook counter) / MACs kept (FlopCounterMode), max |pruned - zeroed| logit "
+             "difference, seconds to trace + score + build`. ok: the pruned model equals the source with the removed "
+             "channels zeroed (tolerance 1e-4 x (1 + max |logit|)); wrong: it does not; differs: it does not, and "
+             "the tool pruned channels that a LayerNorm normalises (their statistics change when one goes, so no "
+             "zeroed reference exists; we keep those channels); refused: `UnsupportedModelError` (message in the "
+             "json); error: an exception (message in the json). Torch-Pruning's zeroed reference uses the groups "
+             "it prunes, collected on an unpruned copy.", "",
+             f"**Counts over {len(done)} models:** ours " + ", ".join(f"{v} {k}" for k, v in count["ours"].items())
+             + "; Torch-Pruning " + ", ".join(f"{v} {k}" for k, v in count["torch_pruning"].items()) + ".", "",
+             "| model | params (M) | ours | Torch-Pruning |", "|---|---:|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | skipped: {r['skipped']} | |")
+        else:
+            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | {_cell(r.get('ours'))} | "
+                         f"{_cell(r.get('torch_pruning'))} |")
+    refused = [r for r in done if r.get("ours", {}).get("status") == "refused"]
+    if refused:
+        lines += ["", "Refusals (ours):", ""]
+        lines += [f"- {r['model']}: {r['ours']['message'][:240]}" for r in refused]
+    lines += ["", f"Command: `{meta['command']}`", f"Machine: {meta['machine']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path = out / "bench_generality.json"
+    rows: List[Dict[str, Any]] = json.loads(path.read_text())["rows"] if path.is_file() else []
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    by_name = {r["model"]: r for r in rows}
+    def redo(row: Dict[str, Any]) -> bool:
+        return args.retry and (bool(args.models) or "skipped" not in row) and any(
+            row.get(tool, {}).get("status") not in ("ok", None) for tool in ("ours", "torch_pruning"))
+
+    todo = [n for n in names if n not in by_name or redo(by_name[n])]
+    try:
+        import torch_pruning
+        tp_version = torch_pruning.__version__
+    except ImportError:
+        tp_version, args.no_torch_pruning = "not installed", True
+    meta = {"size": args.size, "sparsity": args.sparsity, "torch_pruning": tp_version,
+            "torchvision": torchvision.__version__, "machine": machine_info(args.threads),
+            "command": "python benchmarks/bench_generality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    write: Callable[[], None] = lambda: (  # noqa: E731 - written after every model, so a run can be resumed
+        atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), path),
+        atomic_write_text(to_markdown(rows, meta), out / "bench_generality.md"))
+    for name in tqdm(todo, desc="models"):
+        row = bench_model(name, args)
+        by_name[name] = row
+        rows = sorted(by_name.values(), key=lambda r: r["model"])
+        write()
+        tqdm.write(f"{name}: ours {row.get('ours', {}).get('status', row.get('skipped'))}, "
+                   f"torch-pruning {row.get('torch_pruning', {}).get('status', '-')}")
+    write()
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Reward estimators: how the accuracy term of the pruning reward is estimated for one pruned candidate.
+
+Every estimator is a pure function ``fn(model, teacher, reward_data, train_data, **options) -> float``.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import itertools
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pruning_env.training import EvalData, evaluate, iter_batches, kd_loss, make_sgd, model_logits
+
+#: ``fn(model, teacher, reward_data, train_data) -> accuracy estimate`` (options bound by :func:`make_estimator`)
+RewardEstimator = Callable[[nn.Module, nn.Module, EvalData, Optional[EvalData]], float]
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _train_batches(train_data: Optional[EvalData], batch_size: int,
+                   what: str) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    if train_data is None:
+        raise ValueError(f"the {what} estimator needs training images: pass train_data (x, y) from the "
+                         f"training split (never the validation or test split)")
+    return iter_batches(train_data, batch_size)
+
+
+def vanilla(model: nn.Module, teacher: Optional[nn.Module], reward_data: EvalData,
+            train_data: Optional[EvalData] = None, *, batch_size: int = 256) -> float:
+    """The authors' reward: top-1 of the pruned model on the reward images, right after pruning.
+
+    :param model: the pruned candidate (left unchanged).
+    :param teacher: unused; accepted so that every estimator has the same signature.
+    :param reward_data: validation images, a DataLoader, a Dataset or ``(x, y)`` tensors.
+    :param train_data: unused.
+    :param batch_size: evaluation batch size.
+    """
+    return evaluate(model, reward_data, batch_size=batch_size)["top1"]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, train_data: EvalData, n_images: int = 256, batch_size: int = 64) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated (EagleEye, ECCV 2020).
+
+    The copy's BN statistics are reset and recomputed as an exact average (``momentum=None``) over the first
+    ``n_images`` of ``train_data``, with only the BN layers in train mode (dropout stays off) and no gradients.
+    Weights are untouched; ``model`` itself is left unchanged. The copy is returned in eval mode.
+
+    :param model: the pruned candidate.
+    :param train_data: images from the training split; only these are seen in train mode.
+    :param n_images: how many training images estimate the statistics (a few hundred suffice).
+    :param batch_size: batch size of the estimation passes (each batch is one BN average step).
+    """
+    if n_images < 1:
+        raise ValueError(f"n_images must be >= 1, got {n_images}")
+    net = copy.deepcopy(model).eval()
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    device = _device(net)
+    seen = 0
+    for x, _ in _train_batches(train_data, batch_size, "adaptive_bn"):
+        x = x[: n_images - seen].to(device)
+        if len(x) < 2:  # a BN batch statistic needs two images
+            break
+        net(x)
+        seen += len(x)
+        if seen >= n_images:
+            break
+    if seen == 0:
+        raise ValueError("train_data gave no batch of >= 2 images to re-estimate the BatchNorm statistics")
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    return net.eval()
+
+
+def adaptive_bn(model: nn.Module, teacher: Optional[nn.Module], reward_data: EvalData, train_data: EvalData, *,
+                n_images: int = 256, bn_batch_size: int = 64, batch_size: int = 256) -> float:
+    """EagleEye's adaptive-BN accuracy: top-1 on the reward images after :func:`recalibrate_bn` on a copy.
+
+    :param model: the pruned candidate (left unchanged).
+    :param teacher: unused; accepted so that every estimator has the same signature.
+    :param reward_data: validation images (evaluated in eval mode only).
+    :param train_data: training images for the BN statistics.
+    :param n_images: training images used for the statistics.
+    :param bn_batch_size: batch size of the statistics passes.
+    :param batch_size: evaluation batch size.
+    """
+    net = recalibrate_bn(model, train_data, n_images=n_images, batch_size=bn_batch_size)
+    return evaluate(net, reward_data, batch_size=batch_size)["top1"]
+
+
+def short_kd(model: nn.Module, teacher: nn.Module, reward_data: EvalData, train_data: EvalData, *,
+             n_batches: int = 10, lr: float = 0.01, T: float = 2.0, soft_weight: float = 0.75,
+             train_batch_size: int = 64, batch_size: int = 256) -> float:
+    """Top-1 on the reward images after ``n_batches`` SGD steps of knowledge distillation on a copy.
+
+    The training batches are taken in order from ``train_data`` (cycled if it runs out), so the estimate is
+    deterministic for a given ``train_data``; the loss is :func:`pruning_env.training.kd_loss`.
+
+    :param model: the pruned candidate (left unchanged).
+    :param teacher: the unpruned source model (left unchanged).
+    :param reward_data: validation images.
+    :param train_data: training images ``(x, y)`` for the recovery steps.
+    :param n_batches: recovery steps.
+    :param lr: SGD learning rate (momentum 0.9, weight decay 5e-4), constant.
+    :param T: distillation temperature.
+    :param soft_weight: weight of the distillation term.
+    :param train_batch_size: batch size of the recovery steps.
+    :param batch_size: evaluation batch size.
+    """
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    if teacher is None:
+        raise ValueError("short_kd needs the teacher (the unpruned source model)")
+    net = copy.deepcopy(model).train()
+    device = _device(net)
+    optimizer = make_sgd(net, lr)
+    teacher_was_training = teacher.training
+    teacher.eval()
+    batches = list(itertools.islice(_train_batches(train_data, train_batch_size, "short_kd"), n_batches))
+    try:
+        for x, y in itertools.islice(itertools.cycle(batches), n_batches):
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                t_logits = model_logits(teacher(x))
+            loss = kd_loss(model_logits(net(x)), t_logits, y, T=T, soft_weight=soft_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        teacher.train(teacher_was_training)
+    return evaluate(net, reward_data, batch_size=batch_size)["top1"]
+
+
+@torch.no_grad()
+def logits_on(model: nn.Module, data: EvalData, batch_size: int = 256) -> torch.Tensor:
+    """Logits of ``model`` (eval mode, no gradients) on every image of ``data``, in order: the teacher's are
+    computed once and passed to :func:`teacher_agreement` as ``teacher_logits``.
+
+    :param model: the classifier (its training flag is restored).
+    :param data: images ``(x, y)`` or a DataLoader / Dataset.
+    :param batch_size: evaluation batch size.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    try:
+        return torch.cat([model_logits(model(x.to(device))).float() for x, _ in iter_batches(data, batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def teacher_agreement(model: nn.Module, teacher: nn.Module, reward_data: EvalData,
+                      train_data: Optional[EvalData] = None, *, metric: str = "top1", T: float = 1.0,
+                      teacher_logits: Optional[torch.Tensor] = None, batch_size: int = 256) -> float:
+    """Agreement of the pruned model with the teacher on the reward images (labels are not used).
+
+    :param model: the pruned candidate (left unchanged).
+    :param teacher: the unpruned source model (left unchanged).
+    :param reward_data: validation images.
+    :param train_data: unused.
+    :param metric: ``"top1"``: fraction of images where both predict the same class; ``"kl"``:
+        ``-KL(p_teacher ‖ p_model)`` at temperature ``T``, averaged over images (0 is perfect agreement).
+    :param T: softmax temperature of the ``"kl"`` metric.
+    :param teacher_logits: the teacher's logits on ``reward_data`` in order, when already computed (the env
+        evaluates many candidates against one teacher); computed here when None.
+    :param batch_size: evaluation batch size.
+    """
+    if metric not in ("top1", "kl"):
+        raise ValueError(f"metric must be 'top1' or 'kl', got {metric!r}")
+    if teacher_logits is None:
+        if teacher is None:
+            raise ValueError("teacher_agreement needs the teacher or its precomputed teacher_logits")
+        teacher_logits = logits_on(teacher, reward_data, batch_size)
+    logits = logits_on(model, reward_data, batch_size)
+    teacher_logits = teacher_logits.to(logits.device).float()
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)}, the model gives "
+                         f"{tuple(logits.shape)} on reward_data")
+    if metric == "top1":
+        return (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().item()
+    kl = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(teacher_logits / T, dim=1),
+                  reduction="batchmean", log_target=True)
+    return -kl.item()
+
+
+#: estimator name -> function; ``vanilla`` is the authors' reward
+REWARD_ESTIMATORS: Dict[str, Callable[..., float]] = {
+    "vanilla": vanilla,
+    "adaptive_bn": adaptive_bn,
+    "short_kd": short_kd,
+    "teacher_agreement": teacher_agreement,
+}
+
+
+def make_estimator(name: str, **options: Union[int, float, str]) -> RewardEstimator:
+    """The estimator called ``name`` with its keyword ``options`` bound.
+
+    :param name: one of :data:`REWARD_ESTIMATORS` (``vanilla``, ``adaptive_bn``, ``short_kd``,
+        ``teacher_agreement``).
+    :param options: keyword options of that function, e.g. ``n_images=256`` for ``adaptive_bn``.
+    """
+    if name not in REWARD_ESTIMATORS:
+        raise ValueError(f"unknown reward estimator {name!r}; choose from {', '.join(REWARD_ESTIMATORS)}")
+    fn = REWARD_ESTIMATORS[name]
+    allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"reward estimator {name!r} has no option(s) {unknown}; its options are {allowed}")
+    return functools.partial(fn, **options) if options else fn
+
+
+__all__ = ["RewardEstimator", "REWARD_ESTIMATORS", "make_estimator", "recalibrate_bn", "logits_on", "vanilla",
+           "adaptive_bn", "short_kd", "teacher_agreement"]

@@ -1,0 +1,345 @@
+"""The prune run as a function: build the env and the agent from a config, search, fine-tune the best pruned
+model with knowledge distillation, report and export into a run folder; resumable from its checkpoint.
+
+``run(cfg)`` is what ``train_agent.py`` and the benchmarks call; ``build_env`` / ``build_agent`` turn a config into
+the env and the agent of one registered agent kind (``agents.registry.AGENTS``).
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback
+
+from agents.common.monitor import PruneMonitor
+from agents.registry import AGENTS, SB3_CONFIG_DIR, agent_class
+from pruning_env.costs import Cost, count_costs, reductions
+from pruning_env.runtime import rng_state, seed_everything, set_rng_state
+from pruning_env.training import evaluate, finetune
+from rl_prune.config import ConfigError, PruneRunConfig, sb3_keys
+from rl_prune.run_folder import RunCheckpoint, RunFolder
+
+#: config sections that do not change results (the output folder and progress bars, the run's name; the agent is
+#: checked on its own, so the run folder's config.yaml, which names it, resumes too)
+NOT_COMPARED = ("run", "name", "agent")
+
+
+class ResumeMismatch(ConfigError):
+    """``--resume`` found a checkpoint of another agent or another config; nothing was changed."""
+
+
+# ------------------------------------------------------------------------------------------- env and agent
+
+def build_env(cfg: PruneRunConfig, name: str) -> Any:
+    """The PruneEnv for agent ``name`` under ``cfg`` (:meth:`PruneRunConfig.env_kwargs`).
+
+    :param cfg: the run's config.
+    :param name: agent name (``agents.registry.AGENTS``).
+    """
+    from pruning_env.envs.prune_env import PruneEnv
+
+    return PruneEnv(**cfg.env_kwargs(name))
+
+
+def sb3_hyperparams(algo: str, cfg_agent: Dict[str, Any], env_id: Optional[str]) -> Dict[str, Any]:
+    """Zoo hyperparameters of ``algo`` (``configs/sb3/{algo}.yaml`` or ``cfg_agent["config"]``) with the config's
+    per-agent overrides applied.
+
+    :param algo: SB3 algorithm name.
+    :param cfg_agent: the config's ``agents.{algo}`` section.
+    :param env_id: registered env id of the task, to pick an env-specific zoo entry.
+    """
+    from agents.sb3_baselines import load_zoo_hyperparams
+
+    path = cfg_agent.get("config") or SB3_CONFIG_DIR / f"{algo}.yaml"
+    hp = load_zoo_hyperparams(algo, path, env_id)
+    allowed = sb3_keys(algo) - {"config", "env"}
+    bad = sorted(set(hp) - allowed)
+    if bad:
+        raise ConfigError(f"{path}: unknown {algo} hyperparameters {bad}; valid keys: {', '.join(sorted(allowed))}")
+    hp.update({k: v for k, v in cfg_agent.items() if k not in ("config", "env")})
+    return hp
+
+
+def build_agent(cfg: PruneRunConfig, name: str, env: Any,
+                tensorboard_log: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
+    """The agent and the keyword arguments of its ``learn`` call.
+
+    The config's ``budget`` (evaluations) becomes ``total_timesteps`` of an SB3 baseline and
+    ``budget // n_steps`` look-aheads per step of a search agent.
+
+    :param cfg: the run's config.
+    :param name: agent name.
+    :param env: the env from :func:`build_env`.
+    :param tensorboard_log: TensorBoard folder (None: no TensorBoard).
+    """
+    spec = AGENTS[name]
+    cls = agent_class(name)
+    cfg_agent = dict(cfg.agents.get(name) or {})
+    learn: Dict[str, Any] = {}
+    if spec.sb3_algo is not None:
+        hp = sb3_hyperparams(spec.sb3_algo, cfg_agent, cfg.env.get("id"))
+        n_timesteps = int(hp.pop("n_timesteps", 1000))
+        learn["total_timesteps"] = int(cfg.budget) if cfg.budget is not None else n_timesteps
+        agent = cls(env, algo=spec.sb3_algo, seed=cfg.seed, tensorboard_log=tensorboard_log, **hp)
+        return agent, learn
+    kwargs = {**spec.kwargs, **cfg.agent_kwargs(name)}
+    if spec.budget_arg is not None and cfg.budget is not None:
+        kwargs[spec.budget_arg] = max(1, int(cfg.budget) // int(env.n_steps))
+    # equal budgets: every agent's monitor stops look-aheads at the budget, counted by the env for all alike
+    monitored = PruneMonitor(env, max_evaluations=int(cfg.budget)) if cfg.budget is not None else env
+    return cls(monitored, seed=cfg.seed, tensorboard_log=tensorboard_log, **kwargs), learn
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+class CheckpointEvery(BaseCallback):
+    """Calls ``save("search")`` every ``every`` pruning steps (0: never).
+
+    :param save: writes the run checkpoint of the given phase.
+    :param every: pruning steps between checkpoints.
+    """
+
+    def __init__(self, save: Callable[[str], None], every: int) -> None:
+        super().__init__()
+        self.save, self.every = save, int(every)
+
+    def _on_step(self) -> bool:
+        if self.every > 0 and self.model.num_timesteps % self.every == 0:
+            self.save("search")
+        return True
+
+
+def check_resume(saved: RunCheckpoint, cfg: PruneRunConfig, name: str, path: Path) -> None:
+    """Refuse a checkpoint made by another agent or with another config (in results), before anything is written.
+
+    :param saved: the checkpoint read from the run folder.
+    :param cfg: the config of the resuming run.
+    :param name: the agent of the resuming run.
+    :param path: the checkpoint file, for messages.
+    :raises ResumeMismatch: naming the agent, or the config sections that differ.
+    """
+    if saved.agent_name != name:
+        raise ResumeMismatch(f"{path} is a run of agent {saved.agent_name!r}, not {name!r}; pass "
+                             f"--agent {saved.agent_name}")
+    old, new = _comparable(saved.config), _comparable(cfg.to_dict())
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ResumeMismatch(f"the config differs from the one the checkpoint was made with (sections {diff}); "
+                             f"resume with the same config and overrides")
+
+
+def _comparable(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in NOT_COMPARED}
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+def model_report(model: torch.nn.Module, env: Any, batch_size: int) -> Dict[str, Any]:
+    """Validation and test accuracy, MACs and params of ``model`` on the env's task.
+
+    :param model: a model on the env's device.
+    :param env: the PruneEnv (its splits, input size and device).
+    :param batch_size: evaluation batch size.
+    """
+    cost = count_costs(model, env.input_size, device=env.device)
+    val = evaluate(model, env.splits.val, env.device, batch_size=batch_size)
+    test = evaluate(model, env.splits.test, env.device, batch_size=batch_size)
+    return {"val_top1": val["top1"], "test_top1": test["top1"], "test_top5": test["top5"],
+            "macs": int(cost.macs), "params": int(cost.params)}
+
+
+def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> None:
+    """PNG: the learned per-group pruning distribution (or the realised share of removed channels) and the
+    kept vs original channels per group.
+
+    :param env: the PruneEnv (group names, original channels, layers per group).
+    :param agent: the agent (its ``pd`` when it learns one).
+    :param kept: kept channels per group of the best episode.
+    :param path: the PNG file.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(env.group_names)
+    orig = np.asarray(env.original_channels)
+    k = np.asarray(env.layer_counts)
+    removed = k * (orig - kept)
+    share = removed / removed.sum() if removed.sum() > 0 else np.zeros_like(removed, dtype=float)
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.45 * len(names) + 2), 7), sharex=True)
+    ax = axes[0]
+    pd = getattr(agent, "pd", None)
+    if pd is not None:
+        from agents.rl_pruner.policies import initial_distribution
+
+        ax.bar(x - 0.2, initial_distribution(orig, k), 0.4, label="initial PD (width-proportional)", color="#bbbbbb")
+        ax.bar(x + 0.2, pd, 0.4, label="learned PD", color="#1f77b4")
+        ax.plot(x, share, "k.", label="realised share of removed channels")
+        ax.set_ylabel("pruning distribution")
+    else:
+        ax.bar(x, share, 0.6, color="#1f77b4", label="share of removed channels")
+        ax.set_ylabel("share of removed channels")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{type(agent).__name__}: per-group pruning")
+    ax = axes[1]
+    ax.bar(x, orig, 0.7, color="#dddddd", label="original")
+    ax.bar(x, kept, 0.45, color="#2ca02c", label="kept")
+    ax.set_ylabel("channels")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=70, ha="right", fontsize=7)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[str, Path, None] = None,
+        resume: bool = False, callbacks: Sequence[BaseCallback] = ()) -> Dict[str, Any]:
+    """Prune with one agent, fine-tune, evaluate and write the run folder; returns the metrics.
+
+    Every phase (building the task, the search, the fine-tune) starts from ``cfg.seed``, so a run's result does
+    not depend on what ran before it in the process (e.g. pretraining a missing checkpoint). A ``resume`` that
+    is refused (another agent, another config, an agent that cannot resume) writes nothing.
+
+    :param cfg: a checked config (:func:`rl_prune.config.load_config`).
+    :param agent_name: agent to run (default ``cfg.agent``).
+    :param run_dir: output folder (default ``{run.out_dir}/{name}``).
+    :param resume: continue from the folder's checkpoint when it has one.
+    :param callbacks: extra SB3 callbacks for ``learn`` (after the checkpoint callback).
+    :raises ConfigError: a bad setting or a refused resume (:class:`ResumeMismatch`), with a one-line message.
+    """
+    name = agent_name or cfg.agent
+    if name not in AGENTS:
+        raise ConfigError(f"unknown agent {name!r}; choose from {', '.join(AGENTS)}")
+    folder = RunFolder(run_dir if run_dir is not None else Path(cfg.run.out_dir) / cfg.name)
+    progress = cfg.run.progress
+    saved: Optional[RunCheckpoint] = None
+    if resume and not folder.has_checkpoint:
+        print(f"no checkpoint in {folder.path}: starting a new run", file=sys.stderr)
+    if resume and folder.has_checkpoint:
+        ckpt_path = folder.file(RunFolder.CHECKPOINT)
+        try:
+            saved = folder.read_checkpoint()
+        except ValueError as err:
+            raise ConfigError(f"cannot resume from {ckpt_path}: {err}") from err
+        check_resume(saved, cfg, name, ckpt_path)
+
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)  # phase 1: the task (model init, auto-pretraining, calibration data)
+    try:
+        env = build_env(cfg, name)
+    except (TypeError, ValueError, FileNotFoundError, RuntimeError) as err:  # bad settings, files or device
+        raise ConfigError(f"env of agent {name!r}: {err}") from err
+    try:
+        agent, learn_kwargs = build_agent(cfg, name, env, tensorboard_log=str(folder.tensorboard_dir))
+    except (TypeError, ValueError) as err:  # bad agent arguments in the config
+        raise ConfigError(f"agents.{name}: {err}") from err
+    if saved is not None and not agent.supports_resume:
+        raise ConfigError(f"--resume is not supported by agent {name!r} (its supports_resume is False); rerun "
+                          f"without it")
+    if cfg.budget is not None and AGENTS[name].sb3_algo is None and AGENTS[name].budget_arg is None:
+        print(f"note: budget={cfg.budget} does not apply to {name!r} except as a cap: the evaluations it uses "
+              f"are set by its own arguments (see docs/agents.md); look-aheads past the cap are stopped",
+              file=sys.stderr)
+    folder.write_config({**cfg.to_dict(), "agent": name})
+
+    def save_checkpoint(phase: str) -> None:
+        folder.write_checkpoint(RunCheckpoint(phase=phase, agent_name=name, config=cfg.to_dict(),
+                                              timesteps=agent.num_timesteps, agent_state=agent.checkpoint_state(),
+                                              rng=rng_state()))
+
+    phase = "new"
+    if saved is None:
+        seed_everything(cfg.seed)  # phase 2: the search, whatever building the task consumed
+    else:
+        agent.restore_checkpoint_state(saved.agent_state)
+        set_rng_state(saved.rng)
+        phase = saved.phase
+        if phase == "search" and not agent.episode_active and agent.episodes > 0 \
+                and learn_kwargs.get("total_timesteps") is None:
+            phase = "search_done"  # killed after the last step's checkpoint: the episode is complete
+        print(f"resumed {folder.path} from its checkpoint ({phase}, step {agent.num_timesteps})", file=sys.stderr)
+    cbs: List[BaseCallback] = []
+    if agent.supports_resume:
+        cbs.append(CheckpointEvery(save_checkpoint, cfg.run.checkpoint_every))
+    cbs.extend(callbacks)
+    t_search = time.perf_counter()
+    if phase != "search_done":
+        agent.learn(callback=cbs, progress_bar=progress, tb_log_name=name, reset_num_timesteps=phase == "new",
+                    **learn_kwargs)
+        if agent.supports_resume:
+            save_checkpoint("search_done")
+    search_seconds = time.perf_counter() - t_search
+    best = agent.best
+    if best is None:
+        raise RuntimeError(f"agent {name!r} finished no episode; give it more steps (budget / n_timesteps)")
+
+    bs = cfg.run.eval_batch_size
+    pruned = copy.deepcopy(best["model"]).to(env.device)
+    original = env.original_model
+    report = {"original": model_report(original, env, bs), "pruned_before_finetune": model_report(pruned, env, bs)}
+    ft = cfg.finetune
+    seed_everything(cfg.seed)  # phase 3: the fine-tune (dropout, augmentation) as in every other run
+    t_ft = time.perf_counter()
+    ft_stats: Dict[str, Any] = {}
+    if ft.epochs > 0:
+        ft_stats = finetune(pruned, env.splits.train, val_data=env.splits.val, epochs=ft.epochs,
+                            max_batches=ft.max_batches, lr=ft.lr, min_lr=ft.min_lr, warmup_ratio=ft.warmup_ratio,
+                            teacher=original if ft.teacher == "original" else None, T=ft.T,
+                            soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=cfg.seed,
+                            progress=progress)
+    finetune_seconds = time.perf_counter() - t_ft
+    pruned.eval()
+    report["pruned"] = model_report(pruned, env, bs)
+
+    example = torch.randn(2, *env.input_size) if cfg.run.export_torchscript else None
+    ts_method = folder.write_models(original, pruned, example)
+    kept = np.asarray(best["info"]["kept_channels"], dtype=np.int64)
+    plot_distribution(env, agent, kept, folder.file(RunFolder.DISTRIBUTION_PLOT))
+    folder.write_steps(agent.history)
+
+    orig, prn = report["original"], report["pruned"]
+    reduced = reductions(Cost(prn["macs"], prn["params"]), Cost(orig["macs"], orig["params"]))
+    env_kwargs = cfg.env_kwargs(name)
+    dataset = env_kwargs.get("dataset")
+    pd = getattr(agent, "pd", None)
+    metrics = {
+        "name": cfg.name, "agent": name, "seed": cfg.seed, "device": str(env.device), "dataset": env.splits.name,
+        "data": {"dataset": dataset if isinstance(dataset, str) else env.splits.name,
+                 "data_root": str(env_kwargs.get("data_root", "data")), "val_size": env.val_size,
+                 "split_seed": env.split_seed},
+        "input_size": list(env.input_size),
+        "target": env.target, "target_metric": env.episode_metric, "n_steps": env.n_steps,
+        "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta,
+        "n_evaluations": agent.n_evaluations, "timesteps": agent.num_timesteps,
+        "best_episode": best["episode"], "best_reward": best["reward"],
+        "reward_accuracy": best["info"]["accuracy"],
+        "flops_reduction": reduced.flops, "params_reduction": reduced.params,
+        "speedup_macs": orig["macs"] / max(prn["macs"], 1),
+        "group_names": list(env.group_names), "original_channels": np.asarray(env.original_channels).tolist(),
+        "kept_channels": kept.tolist(), "actions": best["actions"],
+        "pd": None if pd is None else [float(p) for p in pd],
+        **report,
+        "finetune": {k: v for k, v in ft_stats.items() if k != "history"} | {"config": cfg.to_dict()["finetune"]},
+        "torchscript": ts_method,
+        "seconds": {"search": search_seconds, "finetune": finetune_seconds,
+                    "total": time.perf_counter() - t_start},
+    }
+    folder.write_metrics(metrics)
+    env.close()
+    return metrics
+
+
+__all__ = ["run", "build_env", "build_agent", "sb3_hyperparams", "check_resume", "ResumeMismatch",
+           "CheckpointEvery", "model_report", "plot_distribution", "NOT_COMPARED"]

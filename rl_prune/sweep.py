@@ -1,0 +1,181 @@
+"""Sweeps of prune runs for the benchmarks: one unit = one :func:`rl_prune.pipeline.run` in its own run folder,
+skipped when finished, resumed when killed, locked while a worker runs it; mean ± std summaries of finished units.
+
+``benchmarks/compare_agents.py`` and ``benchmarks/ablate_reward.py`` are built on it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from pruning_env.runtime import atomic_write_text
+from rl_prune.config import CONFIG_DIR, PruneRunConfig, load_config
+from rl_prune.pipeline import ResumeMismatch, run
+from rl_prune.run_folder import RunFolder
+
+#: the CPU benchmark task (VGG-19 width 0.25 on the 5k-image CIFAR-10 npz)
+BENCH_CONFIG = CONFIG_DIR / "bench_cpu_vgg19w025_npz.yaml"
+#: file a failed unit leaves in its run folder (the traceback)
+ERROR_FILE = "error.txt"
+#: file that marks a unit a live worker is running (its process id)
+LOCK_FILE = "unit.lock"
+
+
+def unit_config(config: Union[str, Path], agent: str, seed: int, budget: int,
+                overrides: Optional[Mapping[str, Any]] = None) -> PruneRunConfig:
+    """The checked config of one (agent, seed) unit.
+
+    :param config: YAML file of the task.
+    :param agent: agent name (agents.registry.AGENTS).
+    :param seed: seed of the env, the agent and the fine-tune.
+    :param budget: evaluations for budgeted agents.
+    :param overrides: further dotted-key overrides (e.g. an ablation's env settings).
+    """
+    over = {"seed": int(seed), "budget": int(budget), "agent": agent, "name": f"{agent}_s{seed}",
+            "run.progress": False}
+    over.update(overrides or {})
+    return load_config(config, over)
+
+
+def run_unit(cfg: PruneRunConfig, agent: str, run_dir: Path) -> Dict[str, Any]:
+    """:func:`rl_prune.pipeline.run` of one unit, continuing a killed search from its checkpoint when it has one.
+
+    Returns ``{"status": "done" | "skipped" | "busy" | "failed", ...}``; a failure writes ``error.txt`` with
+    the traceback into the run folder and does not raise, so the other units go on. A unit another live
+    benchmark process is running (its ``unit.lock``) is left to it ("busy"), so two workers can share a queue.
+
+    :param cfg: the unit's config (:func:`unit_config`).
+    :param agent: agent name.
+    :param run_dir: the unit's run folder.
+    """
+    if RunFolder(run_dir).is_finished:
+        return {"status": "skipped"}
+    lock = Path(run_dir) / LOCK_FILE
+    if not _acquire(lock):
+        return {"status": "busy"}
+    try:
+        return _run_locked(cfg, agent, Path(run_dir))
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _acquire(lock: Path) -> bool:
+    """Create ``lock`` holding this process id; False when a live process holds it (a dead one's is taken)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # left by a killed worker
+                continue
+            except PermissionError:  # alive, another user's
+                return False
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _run_locked(cfg: PruneRunConfig, agent: str, run_dir: Path) -> Dict[str, Any]:
+    resume = RunFolder(run_dir).has_checkpoint
+    try:
+        try:
+            run(cfg, agent, run_dir, resume=resume)
+        except ResumeMismatch as err:
+            # a checkpoint of another config (e.g. a changed budget): start the unit again
+            print(f"{run_dir}: {err}; starting it again", file=sys.stderr)
+            run(cfg, agent, run_dir, resume=False)
+    except Exception:  # any agent bug: record it, go on with the next unit
+        tb = traceback.format_exc()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(tb, run_dir / ERROR_FILE)
+        print(f"\n{run_dir.name} FAILED:\n{tb}", file=sys.stderr, flush=True)
+        return {"status": "failed", "traceback": tb}
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    return {"status": "done"}
+
+
+def load_unit(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """``metrics.json`` of a finished unit plus its ``steps.csv`` rows under ``"_steps"`` (None when unfinished).
+
+    :param run_dir: the unit's run folder.
+    """
+    folder = RunFolder(run_dir)
+    if not folder.is_finished:
+        return None
+    metrics = folder.read_metrics()
+    metrics["_steps"] = folder.read_steps()
+    return metrics
+
+
+def unit_failure(run_dir: Path) -> Optional[str]:
+    """The traceback a failed unit left, or None.
+
+    :param run_dir: the unit's run folder.
+    """
+    path = Path(run_dir) / ERROR_FILE
+    return path.read_text() if path.is_file() else None
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and sample standard deviation (NaN for one value).
+
+    :param values: one number per seed.
+    """
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else float("nan"), "n": len(a)}
+
+
+def num(value: Optional[float], spec: str) -> str:
+    """``format(value, spec)``, or "n/a" for None or NaN (one seed has no std).
+
+    :param value: the number.
+    :param spec: a format spec such as ``".3f"``.
+    """
+    return "n/a" if value is None or math.isnan(value) else format(value, spec)
+
+
+def fmt(stat: Dict[str, float], digits: int = 4, pct: bool = False) -> str:
+    """``mean ± std`` (just the mean for one seed).
+
+    :param stat: a :func:`mean_std` result.
+    :param digits: decimals.
+    :param pct: scale by 100.
+    """
+    scale = 100.0 if pct else 1.0
+    mean = stat["mean"] * scale
+    if math.isnan(stat["std"]):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def failures_section(failures: Dict[str, str], missing: Sequence[str], where: str) -> List[str]:
+    """Markdown lines listing failed units (last traceback line) and units not run yet; empty when none.
+
+    :param failures: traceback by unit name.
+    :param missing: units not run yet.
+    :param where: where the full tracebacks are, for the reader.
+    """
+    if not failures and not missing:
+        return []
+    lines = ["## Missing or failed units", ""]
+    for unit, tb in failures.items():
+        last = tb.strip().splitlines()[-1] if tb.strip() else "?"
+        lines.append(f"- `{unit}` failed: `{last}` (traceback in {where})")
+    lines += [f"- `{unit}` not run (yet)" for unit in missing]
+    return lines + [""]
+
+
+__all__ = ["BENCH_CONFIG", "ERROR_FILE", "LOCK_FILE", "unit_config", "run_unit", "load_unit", "unit_failure",
+           "mean_std", "num", "fmt", "failures_section"]
