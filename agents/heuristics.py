@@ -132,17 +132,22 @@ class RandomSearch(BasePruningAgent):
         return self.rng.dirichlet(np.full(env.n_groups, self.concentration))
 
     def _choose_action(self, obs: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
-        env = self.penv
+        cache = int(getattr(self.penv, "lookahead_cache", 0))
+        # batched look-aheads (serial, or on Ray workers: the env's ``parallel`` setting), each batch small
+        # enough that the best candidate so far stays in the env's LRU cache beside it, so that stepping it
+        # reuses the built model instead of evaluating it again (the budget stays n_candidates)
+        size = max(1, cache - 1)
         best_reward, best_action = -np.inf, None
-        for _ in range(self.n_candidates):
-            action = self._random_action()
-            reward, _ = self.env.evaluate_action(action)
-            if reward > best_reward:
-                best_reward, best_action = reward, action
-            elif int(getattr(env, "lookahead_cache", 0)) >= 2:
-                # a free look-up that keeps the best candidate in the env's LRU cache, so that stepping it
-                # reuses the built model instead of evaluating it again (the budget stays n_candidates)
-                self.env.evaluate_action(best_action)
+        todo = self.n_candidates
+        while todo > 0:
+            actions = [self._random_action() for _ in range(min(size, todo))]
+            todo -= len(actions)
+            rewards, _ = self.env.evaluate_actions(actions)
+            for action, reward in zip(actions, rewards):
+                if reward > best_reward:
+                    best_reward, best_action = reward, action
+            if cache >= 2:
+                self.env.evaluate_action(best_action)  # a free look-up: the best becomes the most recent
         self._best_action = best_action
         return best_action, {"best_candidate_reward": float(best_reward)}
 

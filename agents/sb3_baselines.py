@@ -7,6 +7,7 @@ as random search keeps its best candidate. Hyperparameters come from ``configs/s
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
@@ -16,7 +17,7 @@ import numpy as np
 
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
-from agents.common.base import BasePruningAgent, make_callback
+from agents.common.base import BasePruningAgent, make_callback, unwrap_env
 from agents.common.save_util import load_agent, save_agent
 
 
@@ -127,6 +128,10 @@ class SB3Agent(BasePruningAgent):
         :class:`SymmetricAction`; 0 = the plain linear map).
     :param seed: seeds SB3 (torch, numpy, action space).
     :param device: torch device of the SB3 networks (the MLPs are small: CPU is usually fastest).
+    :param n_envs: envs SB3 collects from at once; above 1 each is built from ``env.config`` in its own worker
+        process (:class:`~agents.vec_env.PruneVecEnv`) and the agent's record gathers theirs (every evaluation
+        counted once); a budget is then used in whole multiples of ``n_envs``. ``env`` itself runs the final
+        deterministic episode.
     :param hyperparams: any other keyword of the SB3 algorithm (``learning_rate``, ``n_steps``, ...).
     """
 
@@ -138,7 +143,7 @@ class SB3Agent(BasePruningAgent):
     def __init__(self, env: Any = None, algo: str = "ppo", policy: str = "MlpPolicy",
                  noise_type: Optional[str] = None, noise_std: float = 0.1, action_floor: float = ACTION_FLOOR,
                  seed: Optional[int] = None, verbose: int = 0, tensorboard_log: Optional[Union[str, Path]] = None,
-                 device: str = "cpu", **hyperparams: Any) -> None:
+                 device: str = "cpu", n_envs: int = 1, **hyperparams: Any) -> None:
         algos = sb3_algorithms()
         if algo not in algos:
             raise ValueError(f"unknown SB3 algorithm {algo!r}; choose from {sorted(algos)}")
@@ -149,6 +154,9 @@ class SB3Agent(BasePruningAgent):
         if not 0.0 <= float(action_floor) < 1.0:
             raise ValueError(f"action_floor must be in [0, 1), got {action_floor}")
         self.action_floor = float(action_floor)
+        if not isinstance(n_envs, int) or isinstance(n_envs, bool) or n_envs < 1:
+            raise ValueError(f"n_envs must be an integer >= 1, got {n_envs!r}")
+        self.n_envs = n_envs
         self.hyperparams = dict(hyperparams)
         self.device = device
         self.model = None
@@ -159,21 +167,27 @@ class SB3Agent(BasePruningAgent):
         """Attach a (new) env; a model built or loaded before keeps its weights (SB3's ``set_env``)."""
         super().set_env(env)
         self.wrapped = SymmetricAction(self.env, self.action_floor)
+        sb3_env: Any = self.wrapped
+        if self.n_envs > 1:
+            from agents.vec_env import PruneVecEnv
+
+            sb3_env = PruneVecEnv(unwrap_env(self.env).config, self.n_envs,
+                                  functools.partial(SymmetricAction, floor=self.action_floor))
         if self.model is not None:
-            self.model.set_env(self.wrapped)
+            self.model.set_env(sb3_env)
             return
         kwargs = copy.deepcopy(self.hyperparams)  # SB3 edits policy_kwargs in place (e.g. DDPG's n_critics)
         if self.noise_type is not None:
             kwargs["action_noise"] = _action_noise(self.noise_type, self.noise_std, self.wrapped.action_space.shape[0])
         cls = sb3_algorithms()[self.algo]
-        self.model = cls(self.policy, self.wrapped, seed=self.seed, verbose=self.verbose,
+        self.model = cls(self.policy, sb3_env, seed=self.seed, verbose=self.verbose,
                          tensorboard_log=self.tensorboard_log, device=self.device, **kwargs)
 
     def get_parameters(self) -> Dict[str, Any]:
         return {"algo": self.algo, "policy": self.policy, "noise_type": self.noise_type, "noise_std": self.noise_std,
                 "action_floor": self.action_floor, "seed": self.seed, "verbose": self.verbose,
                 "tensorboard_log": self.tensorboard_log,
-                "device": self.device, **self.hyperparams}
+                "device": self.device, "n_envs": self.n_envs, **self.hyperparams}
 
     def learn(self, total_timesteps: Optional[int] = None, callback: Any = None, log_interval: int = 1,
               tb_log_name: Optional[str] = None, reset_num_timesteps: bool = True,
@@ -189,6 +203,11 @@ class SB3Agent(BasePruningAgent):
             raise RuntimeError("SB3Agent.learn needs an env; pass env= or use set_env()")
         if total_timesteps is None:
             raise ValueError("SB3Agent.learn needs total_timesteps (the evaluation budget)")
+        if int(total_timesteps) < self.n_envs:
+            raise ValueError(f"total_timesteps={total_timesteps} is below n_envs={self.n_envs}: every vectorised "
+                             f"step evaluates n_envs models")
+        # every vectorised step evaluates n_envs models: the budget's last whole multiple of n_envs is used
+        total_timesteps = int(total_timesteps) // self.n_envs * self.n_envs
         start = 0 if reset_num_timesteps else self.model.num_timesteps
         stop = StopAtTimesteps(start + int(total_timesteps))
         user_cb = make_callback(callback)
@@ -196,6 +215,8 @@ class SB3Agent(BasePruningAgent):
         self.model.learn(total_timesteps=int(total_timesteps), callback=cb, log_interval=log_interval,
                          tb_log_name=tb_log_name or self.algo.upper(), reset_num_timesteps=reset_num_timesteps,
                          progress_bar=progress_bar)
+        if self.n_envs > 1:
+            self.model.get_env().collect(self.record)
         if final_episode:
             obs, _ = self.wrapped.reset(seed=None if self.seed is None else int(self.seed) + 10_000)
             done = False

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
+import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -40,10 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224, help="input side in pixels")
     p.add_argument("--sparsity", type=float, default=0.5, help="uniform fraction of channels removed per group")
     p.add_argument("--max-params", type=float, default=150e6, help="skip larger models (memory and time)")
+    p.add_argument("--max-memory-gb", type=float, default=14.0,
+                   help="address-space cap of this process (torch's own mappings take ~3.6 GB); a tool that needs "
+                        "more fails with an out-of-memory error in its cell instead of starving the machine")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per tool and model before it counts as error")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--retry", action="store_true", help="redo models already in the json that are not ok")
     p.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model in a fresh process: its row
     return p
 
 
@@ -165,24 +173,43 @@ def run_torch_pruning(model: nn.Module, x: torch.Tensor, sparsity: float, base: 
             "flop_counter_kept": flop_macs(theirs, x) / base["flop_macs"]}
 
 
+def _timed_out(signum: int, frame: Any) -> None:
+    raise TimeoutError("ran past --timeout")
+
+
 def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
-    model = build(name)
-    params = sum(p.numel() for p in model.parameters())
+    try:
+        with torch.device("meta"):  # count the parameters without allocating them
+            params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None).parameters())
+    except (NotImplementedError, RuntimeError):  # a constructor that computes with tensors (RegNet)
+        params = None
+    model = None
+    if params is None:
+        try:
+            model = build(name)
+        except (MemoryError, RuntimeError) as err:
+            return {"model": name, "params": 0, "skipped": f"building it needs more than --max-memory-gb "
+                                                           f"{args.max_memory_gb:g} ({type(err).__name__})"}
+        params = sum(p.numel() for p in model.parameters())
     row: Dict[str, Any] = {"model": name, "params": params}
     if params > args.max_params:
         row["skipped"] = f"{params / 1e6:.0f} M params > --max-params {args.max_params / 1e6:.0f} M"
         return row
+    model = model if model is not None else build(name)
     x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
     base = {"macs": count_costs(model, tuple(x.shape[1:])).macs, "flop_macs": flop_macs(model, x)}
     row.update(base)
     for key, fn in (("ours", run_ours), ("torch_pruning", run_torch_pruning)):
         if key == "torch_pruning" and args.no_torch_pruning:
             continue
+        signal.alarm(args.timeout)
         try:
             row[key] = fn(model, x, args.sparsity, base)
         except Exception as err:  # noqa: BLE001 - a crash is a result too (and a bug of ours to fix)
             row[key] = {"status": "error", "message": f"{type(err).__name__}: {err}"[:300],
                         "trace": traceback.format_exc()[-1500:]}
+        finally:
+            signal.alarm(0)
     return row
 
 
@@ -190,7 +217,8 @@ def _cell(r: Optional[Dict[str, Any]]) -> str:
     if r is None:
         return "-"
     if r["status"] in ("refused", "error") or "macs_kept" not in r:
-        return f"{r['status']}"
+        message = r.get("message", "").replace("|", "/").replace("\n", " ")
+        return f"{r['status']}: {message[:70] or 'see the json'}"
     return (f"{r['status']} {r['macs_kept']:.2f} / {r['flop_counter_kept']:.2f}, {r['max_diff']:.0e}, "
             f"{r['seconds']:.1f}s")
 
@@ -223,18 +251,44 @@ def to_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     if refused:
         lines += ["", "Refusals (ours):", ""]
         lines += [f"- {r['model']}: {r['ours']['message'][:240]}" for r in refused]
-    lines += ["", f"Command: `{meta['command']}`", f"Machine: {meta['machine']}"]
+    lines += ["", f"Command (the last invocation; the run is resumable, so rows may come from several): "
+                  f"`{meta['command']}`", f"Machine: {meta['machine']}"]
     return "\n".join(lines) + "\n"
+
+
+def run_worker(name: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """One model in a fresh process (memory capped, nothing left over from the previous model)."""
+    cmd = [sys.executable, __file__, "--worker", name, "--size", str(args.size), "--sparsity", str(args.sparsity),
+           "--max-params", str(args.max_params), "--max-memory-gb", str(args.max_memory_gb),
+           "--timeout", str(args.timeout), "--threads", str(args.threads)]
+    if args.no_torch_pruning:
+        cmd.append("--no-torch-pruning")
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * args.timeout + 120)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "params": 0, "skipped": f"the worker ran past {3 * args.timeout + 120} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"model": name, "params": 0,
+                "skipped": f"the worker died (exit {done.returncode}): {done.stderr.strip()[-200:]}"}
+    return json.loads(lines[-1])
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.worker:
+        cap = int(args.max_memory_gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        signal.signal(signal.SIGALRM, _timed_out)
+        print(json.dumps(bench_model(args.worker, args)))
+        return []
     out = Path(args.out)
     path = out / "bench_generality.json"
     rows: List[Dict[str, Any]] = json.loads(path.read_text())["rows"] if path.is_file() else []
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     by_name = {r["model"]: r for r in rows}
+
     def redo(row: Dict[str, Any]) -> bool:
         return args.retry and (bool(args.models) or "skipped" not in row) and any(
             row.get(tool, {}).get("status") not in ("ok", None) for tool in ("ours", "torch_pruning"))
@@ -252,7 +306,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         atomic_write_text(json.dumps({"meta": meta, "rows": rows}, indent=2), path),
         atomic_write_text(to_markdown(rows, meta), out / "bench_generality.md"))
     for name in tqdm(todo, desc="models"):
-        row = bench_model(name, args)
+        row = run_worker(name, args)
         by_name[name] = row
         rows = sorted(by_name.values(), key=lambda r: r["model"])
         write()

@@ -69,6 +69,9 @@ def env_settings(args: argparse.Namespace) -> Tuple[Dict[str, Any], bool]:
     env = dict(cfg["env"])
     if args.data:
         env["dataset"] = args.data
+    # the authors' reward (plain top-1): the one Ray actors score; the config may name an estimator for its runs
+    env["reward_estimator"] = "vanilla"
+    env.pop("reward_train_images", None)
     untrained = not Path(str(env.get("checkpoint", ""))).is_file()
     if untrained:
         env.pop("checkpoint", None)
@@ -374,10 +377,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ray_row = ray_rows[-1] if ray_rows else None
     # the projection needs both the GPU candidate (a --paper run) and the Ray dispatch costs (this run)
     projection = project(paper, ray_row, ray_row["state_bytes"]) if paper and ray_row else None
+    weights = "an UNTRAINED model of the same shape (checkpoint missing)" if untrained else "pretrained"
     meta = dict(device=args.device, epochs=args.epochs, samples=args.samples, repeats=args.repeats,
                 task=f"{base['model']} width {base['width']} on `{base['dataset']}`, {base['reward_samples']} reward "
-                     f"images, " + ("an UNTRAINED model of the same shape (checkpoint missing)" if untrained
-                                    else "pretrained"),
+                     f"images (vanilla reward: top-1), {weights}",
                 untrained=untrained, machine=machine_info(), wall_s=time.time() - t_start,
                 command="python benchmarks/bench_parallel.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     atomic_write_text(json.dumps(dict(meta=meta, results=rows, paper=paper, projection=projection), indent=2),

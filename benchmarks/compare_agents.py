@@ -19,7 +19,6 @@ import json
 import math
 import platform
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -84,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fine-tune the searched models of the first --ft-check-seeds seeds for this many "
                         "epochs (same recipe otherwise) and report whether the ranking changes (0: skip)")
     p.add_argument("--ft-check-seeds", type=int, default=2, help="seeds in the fine-tune-length check (default 2)")
+    p.add_argument("--note", default="", help="a paragraph for the top of the markdown (e.g. what was cut)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables from finished runs")
     return p
 
@@ -110,8 +110,8 @@ def unit_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
 
 
 def collapse_stats(metrics: Dict[str, Any]) -> Dict[str, int]:
-    """RL-Pruner's collapse guard in one run: pruning steps, steps where it reset the PD, and steps where the
-    budget stopped the sampling early."""
+    """RL-Pruner's collapse guard in one run: pruning steps, steps where it reset the PD, and steps that ended
+    with the evaluation budget spent (``budget_stopped``)."""
     rows = metrics["_steps"]
     flag = lambda r, k: int(float(r.get(k) or 0))  # noqa: E731
     return {"steps": len(rows), "resets": sum(flag(r, "collapse_reset") for r in rows),
@@ -355,8 +355,8 @@ def target_section(t: str, block: Dict[str, Any], budget: int) -> List[str]:
         if agent in summary:
             cs = summary[agent]["collapse"]
             lines.append(f"Collapse guard of `{agent}`: PD resets per seed {[c['resets'] for c in cs]} of "
-                         f"{[c['steps'] for c in cs]} steps; steps where the budget of {budget} stopped sampling "
-                         f"early {[c['budget_stopped'] for c in cs]}.")
+                         f"{[c['steps'] for c in cs]} steps; steps that ended with the budget of {budget} spent "
+                         f"(no room for another sample) {[c['budget_stopped'] for c in cs]}.")
     lines.append("")
     check = block.get("ft_check")
     if check:
@@ -372,10 +372,22 @@ def target_section(t: str, block: Dict[str, Any], budget: int) -> List[str]:
     return lines
 
 
+def missing_units(missing: Sequence[Tuple[str, str, int]]) -> List[str]:
+    """``t70/agent seeds [2, 3]`` lines for the units not run, one per target and agent.
+
+    :param missing: ``(target folder, agent, seed)`` of every unit without results.
+    """
+    grouped: Dict[Tuple[str, str], List[int]] = {}
+    for target, agent, seed in missing:
+        grouped.setdefault((target, agent), []).append(seed)
+    return [f"{t}/{a} seeds {seeds}" for (t, a), seeds in grouped.items()]
+
+
 def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], failures: Dict[str, str],
-                    missing: List[str]) -> str:
+                    missing: List[Tuple[str, str, int]]) -> str:
     lines = [f"# RL agents vs non-RL baselines at equal evaluation budget ({meta['task']})", "",
              meta["task_long"], "",
+             *([meta["note"], ""] if meta["note"] else []),
              f"Budget: **{meta['budget']} evaluations per agent**, enforced: every agent's `PruneMonitor` stops "
              f"look-aheads at it and the env counts evaluations the same way for all (look-aheads plus steps that "
              f"did not reuse a built model). Uniform and global Taylor need one evaluation per pruning step. Seeds "
@@ -393,7 +405,7 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
              "without bias.", ""]
     for t, block in per_target.items():
         lines += target_section(t, block, meta["budget"])
-    lines += failures_section(failures, missing, "the run folder's error.txt")
+    lines += failures_section(failures, missing_units(missing), "the run folder's error.txt")
     lines += ["![test accuracy per agent and target](compare_agents.png)", "",
               f"Benchmark wall time: {meta['units_wall_s'] / 60:.1f} min summed over the {meta['n_units']} "
               f"finished units (each unit's `seconds.total`).", "",
@@ -401,11 +413,27 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
     return "\n".join(lines)
 
 
+def command_args(argv: Sequence[str]) -> List[str]:
+    """The command-line arguments that made the runs: without ``--report-only`` and the ``--note`` text.
+
+    :param argv: ``sys.argv[1:]``.
+    """
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif a != "--report-only" and not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Path:
     """Gather every finished unit of ``--agents`` x ``--targets`` x seeds; write compare_agents.md|json|png."""
     results = Path(args.results)
     failures: Dict[str, str] = {}
-    missing: List[str] = []
+    missing: List[Tuple[str, str, int]] = []
     per_target: Dict[str, Dict[str, Any]] = {}
     done: List[Dict[str, Any]] = []
     for target in args.targets:
@@ -420,7 +448,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Pat
                 elif unit_failure(run_dir) is not None:
                     failures[f"{out.name}/{run_dir.name}"] = unit_failure(run_dir)
                 else:
-                    missing.append(f"{out.name}/{run_dir.name}")
+                    missing.append((out.name, agent, seed))
         finished = [m for runs in units.values() for m in runs]
         done += finished
         summary = summarise(units)
@@ -450,7 +478,8 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Pat
         "original_test_top1": ref["original"]["test_top1"], "original_val_top1": ref["original"]["val_top1"],
         "original_macs": ref["original"]["macs"], "original_params": ref["original"]["params"],
         "units_wall_s": float(sum(m["seconds"]["total"] for m in done)), "n_units": len(done),
-        "command": "python benchmarks/compare_agents.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only"),
+        "note": args.note,
+        "command": "python benchmarks/compare_agents.py " + " ".join(command_args(sys.argv[1:])),
     }
     payload = {"meta": meta, "failures": failures, "missing": missing,
                "targets": {t: {"summary": b["summary"], "pairs": b["pairs"], "bar": b["bar"],

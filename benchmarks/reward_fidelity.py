@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="/work/scratch_recipe/reward_fidelity_cache.json",
                    help="JSON of finished candidates (resume); settings must match")
+    p.add_argument("--summary-only", action="store_true",
+                   help="summarize the cached candidates without computing missing ones")
     p.add_argument("--note", default="", help="a paragraph for the markdown (e.g. how the cache was filled)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -263,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = cached["rows"]
     shard, n_shards = _parse_shard(args.shard)
     todo = [(t, i) for t in args.targets for i in range(args.candidates)
-            if f"{t:g}/{i}" not in rows and i % n_shards == shard]
+            if f"{t:g}/{i}" not in rows and i % n_shards == shard and not args.summary_only]
     ft_teacher = copy.deepcopy(teacher).to(args.finetune_device)
     for t, i in tqdm(todo, desc="candidates", dynamic_ncols=True):
         seed = args.seed * 100003 + int(round(t * 1000)) * 1009 + i

@@ -216,7 +216,8 @@ def prune_env_problem(kwargs: Dict[str, Any]) -> Optional[str]:
 
 def sb3_keys(algo: str) -> set:
     """Keys an ``agents.{algo}`` section (or ``configs/sb3/{algo}.yaml``) may hold: the SB3 algorithm's
-    constructor arguments plus ``n_timesteps``, ``noise_type``, ``noise_std``, ``action_floor``, ``config``, ``env``.
+    constructor arguments plus ``n_timesteps``, ``noise_type``, ``noise_std``, ``action_floor``, ``n_envs``,
+    ``config``, ``env``.
 
     :param algo: SB3 algorithm name (``ppo``, ``sac``, ...).
     """
@@ -226,7 +227,7 @@ def sb3_keys(algo: str) -> set:
     if algo not in algos:
         raise ConfigError(f"SB3 algorithm {algo!r} is not available (sb3-contrib missing?); have {sorted(algos)}")
     own = set(_signature_keys(algos[algo].__init__)) - {"_init_setup_model"} - set(RUN_SET)
-    return own | {"n_timesteps", "noise_type", "noise_std", "action_floor", "config", "env"}
+    return own | {"n_timesteps", "noise_type", "noise_std", "action_floor", "n_envs", "config", "env"}
 
 
 # ----------------------------------------------------------------------------------------------------- ViT run

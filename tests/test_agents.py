@@ -241,6 +241,10 @@ class ScriptedEnv(gym.Env):
         info = self._info(action)
         return info["reward"], info
 
+    def evaluate_actions(self, actions):
+        scored = [self.evaluate_action(a) for a in actions]
+        return [r for r, _ in scored], [i for _, i in scored]
+
     def step(self, action):
         info = self._info(action)
         self._step += 1

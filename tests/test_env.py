@@ -386,3 +386,31 @@ def test_public_planning_api_for_agents(synthetic_splits):
     assert env.pruner is None and np.all(env.group_importance == 0)
     with pytest.raises(RuntimeError, match="episode is over"):
         env.keep_for_action(action)
+
+
+def test_env_prunes_a_torchvision_classifier_on_an_image_folder(tmp_path):
+    """Issue 15 item 6: any traceable classifier (here torchvision's ResNet-18, random init) and an image-folder
+    dataset drive the RL search; the step meets its FLOPs budget with a physically smaller model."""
+    torchvision = pytest.importorskip("torchvision")
+    from PIL import Image
+
+    from pruning_env.costs import count_costs
+    from pruning_env.envs import PruneEnv
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog", "fox"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    net = torchvision.models.resnet18(num_classes=3)
+    env = PruneEnv(model=net, dataset=f"imagefolder:{tmp_path}", val_size=6, reward_samples=6, calibration_size=8,
+                   target=0.5, budget="flops")
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step(np.full(env.n_groups, 0.5, dtype=np.float32))
+    assert terminated and np.isfinite(reward)
+    assert info["flops_reduction"] == pytest.approx(0.5, abs=0.02)
+    before = count_costs(net, (3, 32, 32))
+    after = count_costs(env.model, (3, 32, 32))
+    assert after.params < 0.8 * before.params and after.macs < 0.55 * before.macs

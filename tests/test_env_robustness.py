@@ -5,6 +5,7 @@ named, both checkers on the registered offline ids, and a hypothesis fuzz of set
 import ast
 import inspect
 import math
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -196,10 +197,14 @@ def test_gymnasium_checker_passes_on_digits_ids(env_id):
               skip_render_check=True)
 
 
-def test_gymnasium_checker_passes_on_the_patch_quickstart_id():
+def test_checkers_pass_on_the_patch_quickstart_id():
     from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
     check_env(gym.make("RLPatch-quickstart", epochs=1).unwrapped, skip_render_check=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # SB3 recommends a symmetric [-1, 1] Box; scores are any real
+        sb3_check_env(gym.make("RLPatch-quickstart", epochs=1).unwrapped, warn=True)
 
 
 # ---- issue 13 item 7: fuzz bad settings and actions through gym.make

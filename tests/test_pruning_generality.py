@@ -2,16 +2,18 @@
 
 Grouped convolutions (ResNeXt/RegNet, removed by whole conv groups), channel-last blocks (ConvNeXt: permute,
 LayerNorm, per-position linear layers, a layer scale), transformer blocks (``nn.MultiheadAttention`` and a
-window attention module, both opaque, around a pruned MLP hidden width); a channel shuffle is refused.
+window attention module, both opaque, around a pruned MLP hidden width), ShuffleNetV2's channel shuffle (the
+shuffled channels kept, the branches pruned).
 """
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.shufflenetv2 import InvertedResidual
 
 from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
-from test_pruning_nets import ChannelShuffleNet, check_built, random_plan
+from test_pruning_nets import check_built, random_plan
 from test_pruning_zoo import hooked_group_costs
 
 
@@ -116,6 +118,12 @@ class SwinBlock(nn.Module):
         return self.head(x.permute(0, 3, 1, 2).mean((2, 3)))
 
 
+def shufflenet_stage() -> nn.Module:
+    """ShuffleNetV2's stride-2 block and a stride-1 block (chunk, branch, cat, channel shuffle) on a stem."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), InvertedResidual(8, 16, 2),
+                         InvertedResidual(16, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
 def _randomise(model: nn.Module) -> nn.Module:
     """Non-zero biases and BatchNorm statistics, so that a wrong cut shows in the logits."""
     g = torch.Generator().manual_seed(0)
@@ -136,6 +144,7 @@ CONSTRUCTS = {
     "convnext": (ConvNeXtBlock, {"pw1"}, {}),
     "vit_mha": (TinyViT, {"fc1"}, {}),
     "swin_window": (SwinBlock, {"mlp.0"}, {}),
+    "shufflenet": (shufflenet_stage, {"0", "3.branch2.0", "4.branch2.0"}, {}),
 }
 
 
@@ -171,9 +180,12 @@ def test_grouped_conv_halves_conv_groups_and_macs():
     assert new.conv2.weight.shape == (8, 4, 3, 3)
 
 
-def test_channel_shuffle_is_refused_naming_the_view():
-    with pytest.raises(UnsupportedModelError, match="view"):
-        Pruner(ChannelShuffleNet(), torch.randn(1, 3, 8, 8))
+def test_shuffled_channels_are_kept_and_the_branches_pruned():
+    """The shuffle keeps the block outputs whole; each branch's inner width (and the stem) is pruned."""
+    pruner = Pruner(_randomise(shufflenet_stage()), torch.randn(1, 3, 16, 16))
+    groups = {g.name: g for g in pruner.groups}
+    assert groups["3.branch2.0"].consumers == ("3.branch2.5",) and groups["3.branch2.0"].followers == (
+        "3.branch2.1", "3.branch2.3", "3.branch2.4")
 
 
 def test_unfixed_channels_in_the_wrong_dim_are_refused():

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 from pruning_env.pruning import DependencyGraph, Pruner, PrunePlan, UnsupportedModelError
-from test_pruning_nets import ChannelShuffleNet, ChannelSliceNet, mixed_net
+from test_pruning_nets import ChannelGroupSumNet, ChannelShuffleNet, ChannelSliceNet, mixed_net
 
 
 def _by_member(pruner):
@@ -78,13 +78,20 @@ def test_ignoring_one_residual_member_freezes_the_whole_residual_group():
     assert not members & {"block1_b.0", "block1_short.0", "block2_b.0", "project.0"}
 
 
-@pytest.mark.parametrize("cls, op", [(ChannelShuffleNet, "view"), (ChannelSliceNet, "__getitem__")])
+@pytest.mark.parametrize("cls, op", [(ChannelGroupSumNet, "sum.*split into groups"), (ChannelSliceNet, "__getitem__")])
 def test_unsupported_constructs_raise_naming_the_producer(cls, op):
     with pytest.raises(UnsupportedModelError, match=op) as err:
         Pruner(cls(), torch.randn(1, 3, 8, 8))
     assert "conv1" in str(err.value)
     # the escape hatch named in the message works
     Pruner(cls(), torch.randn(1, 3, 8, 8), ignore=["conv1"])
+
+
+def test_channel_shuffle_keeps_the_shuffled_channels():
+    """Issue 15: a channel shuffle (view, transpose(1, 2), view back) is traced, not refused: the shuffled
+    channels are kept (no same-index group can follow them), every other group is pruned."""
+    p = Pruner(ChannelShuffleNet(), torch.randn(1, 3, 8, 8))
+    assert p.group_names == ["conv2"]
 
 
 def test_unsupported_layer_on_pruned_channels_is_refused():

@@ -75,7 +75,7 @@ class MixedNet(nn.Module):
 
 
 class ChannelShuffleNet(nn.Module):
-    """Channel shuffle (view + transpose of the channel dim): must be refused, not silently mis-pruned."""
+    """Channel shuffle (view + transpose of the channel dim): the shuffled channels are kept, never mis-pruned."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,6 +87,22 @@ class ChannelShuffleNet(nn.Module):
         x = self.conv1(x)
         n, c, h, w = x.shape
         x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(self.conv2(x).mean((2, 3)))
+
+
+class ChannelGroupSumNet(nn.Module):
+    """Splits a conv's channels into two groups with a view and adds the groups: must be refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).sum(1)
         return self.fc(self.conv2(x).mean((2, 3)))
 
 

@@ -169,14 +169,26 @@ class RLPrunerAgent(BasePruningAgent):
         for _ in range(self.lr_epoch):
             eligible = self._eligible()
             epoch_best = -np.inf
-            for _ in range(self.sample_num):
-                if not self._budget_allows(self._reserve):
-                    break
-                action = self._sample(eligible)
-                q, info = self._q_value(action, self.sample_step)
+            if self.sample_step == 1:
+                # an epoch's samples are independent: one batched look-ahead (in this process or on Ray workers,
+                # the env's ``parallel`` setting) scores as many as the budget allows, with the loop's rewards
+                n = 0
+                while n < self.sample_num and self._budget_allows(self._reserve + n):
+                    n += 1
+                actions = [self._sample(eligible) for _ in range(n)]
+                rewards, infos = self.env.evaluate_actions(actions)
+                scored = list(zip(actions, rewards, infos))
+            else:
+                scored = []
+                for _ in range(self.sample_num):
+                    if not self._budget_allows(self._reserve):
+                        break
+                    action = self._sample(eligible)
+                    scored.append((action, *self._q_value(action, self.sample_step)))
+            for action, q, info in scored:
                 self.buffer.offer(q, action, {"accuracy": float(info["accuracy"]), "reward": float(info["reward"])})
-                self._keep_buffer_cached()
                 epoch_best = max(epoch_best, q)
+            self._keep_buffer_cached()
             if epoch_best > best_q:
                 best_q = epoch_best
                 self.pd = update_distribution(self.pd, self.buffer.best().action, self.step_length, self.ppo,
@@ -205,11 +217,11 @@ class RLPrunerAgent(BasePruningAgent):
         return left - later >= cost * (1 + reserve)
 
     def _ensure_cache(self) -> None:
-        """Make the env keep at least ``sample_num + 1`` look-ahead candidates, so that the buffered ones
-        (see :meth:`_keep_buffer_cached`) are never evicted."""
+        """Make the env keep at least ``2 * sample_num`` look-ahead candidates (an epoch's batch plus the
+        buffered ones), so that the buffered ones (see :meth:`_keep_buffer_cached`) are never evicted."""
         env = self.penv
         if self.sample_step == 1 and hasattr(env, "lookahead_cache"):
-            env.lookahead_cache = max(int(env.lookahead_cache), self.sample_num + 1)
+            env.lookahead_cache = max(int(env.lookahead_cache), 2 * self.sample_num)
 
     def _keep_buffer_cached(self) -> None:
         """Touch the buffered candidates (free look-ups of already built models) so that the env's LRU cache

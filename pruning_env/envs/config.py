@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Tuple, Union
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from pruning_env.data import DatasetSplits
+from pruning_env.envs.parallel import ParallelConfig
 from pruning_env.pruning.importance import CRITERIA, Importance
 
 ACTION_MODES = ("sparsity", "distribution")
@@ -153,6 +154,9 @@ class PruneEnvConfig:
     """seed of the reward subset, the calibration batches and untrained weights (>= 0; None = 0)."""
     render_mode: Optional[str] = None
     """Gymnasium's render mode; the env has none, so only None."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """how ``evaluate_actions`` scores candidates, e.g. ``{backend: ray, num_workers: 8}`` (a mapping or a
+    :class:`~pruning_env.envs.parallel.ParallelConfig`; default: serial, in this process)."""
 
     def __post_init__(self) -> None:
         _check_type("model", self.model, (str, nn.Module), "a zoo name or an nn.Module")
@@ -218,6 +222,10 @@ class PruneEnvConfig:
         _int("lookahead_cache", self.lookahead_cache, low=0)
         _bool("record_timings", self.record_timings)
         _optional_int("seed", self.seed, low=0)
+        self.parallel = ParallelConfig.from_dict(self.parallel)
+        if self.parallel.backend == "ray" and self.reward_estimator != "vanilla":
+            raise ValueError(f"parallel.backend='ray' scores candidates with the vanilla reward only; "
+                             f"reward_estimator={self.reward_estimator!r} needs parallel.backend='serial'")
         if self.render_mode is not None:
             raise ValueError(f"render_mode must be None (PruneEnv has no render modes), got {self.render_mode!r}")
         if self.recovery is not None and self.recovery_batches == 0 and self.recovery_epochs == 0:

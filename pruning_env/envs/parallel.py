@@ -2,18 +2,20 @@
 state in this process (``serial``) or on long-lived Ray actors (``ray``), with identical accuracies.
 
 The env maps each action to kept channels per group (cheap and analytic); a backend turns the state's
-:class:`~pruning_env.pruning.Pruner` and a list of keep vectors into pruned models and reward-image accuracies.
+:class:`~pruning_env.pruning.Pruner` (groups and importance, computed once per state in the env's process) and
+the plans into pruned models and reward-image accuracies. Ray actors need no calibration data for that.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, fields
-from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,7 +34,8 @@ class ParallelConfig:
     section of a run config, e.g. ``parallel: {backend: ray, num_workers: 8}``."""
 
     backend: str = "serial"
-    """``"serial"`` (this process, no extra dependency) or ``"ray"`` (Ray actors; ``pip install -e ".[ray]"``)."""
+    """``"serial"`` (this process, no extra dependency) or ``"ray"`` (Ray actors, ``pip install -e ".[ray]"``;
+    they score the vanilla reward, so the env's ``reward_estimator`` must be ``"vanilla"``)."""
     num_workers: int = 2
     """Ray actors, each with one CPU thread (CPU env) or one GPU (CUDA env); >= 1, ignored by ``serial``."""
     address: Optional[str] = None
@@ -178,21 +181,25 @@ class SerialBackend:
         self.overlap = self.device.type == "cuda" if overlap is None else bool(overlap)
         self._side: Optional[torch.cuda.Stream] = None
 
-    def evaluate(self, pruner: Pruner, plans: Iterable[PrunePlan]) -> List[Scored]:
+    def evaluate(self, pruner: Pruner, plans: Iterable[PrunePlan],
+                 score: Optional[Callable[[nn.Module], float]] = None) -> List[Scored]:
         """Build and score one candidate per plan.
 
         :param pruner: the state's pruner (importance computed).
         :param plans: :class:`~pruning_env.pruning.PrunePlan` of ``pruner``, one per candidate.
+        :param score: the reward's accuracy term of a built model when it is not the plain top-1 of
+            :class:`RewardData` (a reward estimator); candidates are then scored one after another.
         """
         channels_last = self.reward.channels_last
-        if not self.overlap:
+        if not self.overlap or score is not None:
+            score = score or functools.partial(self.reward.accuracy, device=self.device)
             out = []
             for plan in plans:
                 t0 = time.perf_counter()
                 model = build_model(pruner, plan, channels_last)
                 sync(self.device)  # the surgery's device work counts as pruning time
                 t1 = time.perf_counter()
-                accuracy = self.reward.accuracy(model, self.device)
+                accuracy = score(model)
                 out.append(Scored(model, accuracy, t1 - t0, time.perf_counter() - t1))
             return out
         t_start = time.perf_counter()
@@ -347,14 +354,19 @@ class RayBackend:
         self._source = pruner  # held, so its id cannot be reused by a later state
         self._state_key += 1
 
-    def evaluate(self, pruner: Pruner, plans: Iterable[PrunePlan]) -> List[Scored]:
+    def evaluate(self, pruner: Pruner, plans: Iterable[PrunePlan],
+                 score: Optional[Callable[[nn.Module], float]] = None) -> List[Scored]:
         """Score one candidate per plan on the actors, each sent as its kept-channel counts (the actor plans
         again from the same importance); the models stay there: ``Scored.model`` is None. Plans are taken from
         ``plans`` as actors have room, so planning the next candidates overlaps scoring the first ones.
 
         :param pruner: the state's pruner (importance computed).
         :param plans: :class:`~pruning_env.pruning.PrunePlan` of ``pruner``, one per candidate.
+        :param score: must be None: actors score the plain top-1 of :class:`RewardData` (the vanilla reward).
         """
+        if score is not None:
+            raise ValueError("the Ray backend scores candidates with the vanilla reward (top-1 on the reward "
+                             "images) only; use parallel.backend='serial' with another reward_estimator")
         ray = self._ray
         self._publish(pruner)
         source = iter(plans)

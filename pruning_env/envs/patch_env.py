@@ -23,6 +23,9 @@ from pruning_env.envs.registration import PATCH_ENV_IDS, register_patch_envs
 from pruning_env.envs.registration import PATCH_QUICKSTART_KWARGS as QUICKSTART_KWARGS
 
 ACTION_MODES = ("scores", "mask")
+#: bound of the "scores" action Box. Scores act only through their order and mean, and any finite score is
+#: accepted (outside the bound too); the bound is finite so that samplers and SB3's checker can use the space.
+SCORE_BOUND = 1e6
 BINARIZE_RULES = ("mean", "topk")
 LOSS_REFERENCES = ("first_reward", "first_step")
 VIT_OPTIMIZERS = ("adam", "adamw")
@@ -214,7 +217,7 @@ class PatchSelectEnv(gym.Env):
 
         self.observation_space = spaces.Box(-np.inf, np.inf, shape=(self.batch_size, self.n_patches), dtype=np.float32)
         if action_mode == "scores":
-            self.action_space = spaces.Box(-np.inf, np.inf, shape=(self.n_patches,), dtype=np.float32)
+            self.action_space = spaces.Box(-SCORE_BOUND, SCORE_BOUND, shape=(self.n_patches,), dtype=np.float32)
         else:
             self.action_space = spaces.MultiBinary(self.n_patches)
 

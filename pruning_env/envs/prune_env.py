@@ -8,10 +8,11 @@ Reward (spec §3, on held-out validation images, never the test set):
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -23,10 +24,11 @@ from pruning_env.costs import Cost, count_costs, reductions
 from pruning_env.envs.budget import StepKeep, channel_sparsity, cumulative_goal, keep_for_action, step_channel_budget
 from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.reward import logits_on, make_estimator
+from pruning_env.envs.parallel import CandidateBackend, RewardData, SerialBackend, build_model, make_backend
 from pruning_env.envs.task import PruningTask
 from pruning_env.pruning import Pruner, PrunePlan
 from pruning_env.runtime import resolve_device, sync
-from pruning_env.training import evaluate, finetune
+from pruning_env.training import finetune
 
 #: per-group observation features, in order
 GROUP_FEATURES = ("original_channels", "remaining_fraction", "flops_share", "params_share", "importance",
@@ -40,7 +42,7 @@ GLOBAL_FEATURES = ("step_fraction", "flops_reduction", "params_reduction", "chan
 class _Candidate:
     """A pruned model built from one state and one action, with everything the reward needs."""
 
-    model: nn.Module
+    model: Optional[nn.Module]  # None when a Ray actor built it: rebuilt from the plan if stepped
     plan: PrunePlan
     step: StepKeep
     cost: Cost
@@ -172,6 +174,10 @@ class PruneEnv(gym.Env):
         self.val_size, self.split_seed = task.val_size, task.split_seed
         self.original_model = task.model
         self.original_cost = count_costs(self.original_model, self.input_size, device=self.device)
+        self._reward_images = RewardData(*task.reward_data, self.eval_batch_size, self.amp, self.channels_last)
+        # the single look-ahead builds in this process; the batched one uses config.parallel (started on first use)
+        self._serial = SerialBackend(self._reward_images, self.device, overlap=False)
+        self._backend: Optional[CandidateBackend] = None
 
         probe = self._make_pruner(copy.deepcopy(self.original_model))
         self.group_names: List[str] = list(probe.group_names)
@@ -261,6 +267,13 @@ class PruneEnv(gym.Env):
             self._original_accuracy = self._evaluate(self.original_model)
         return self._original_accuracy
 
+    @property
+    def evaluation_backend(self) -> CandidateBackend:
+        """The backend of :meth:`evaluate_actions`, as ``config.parallel`` names it (started on first use)."""
+        if self._backend is None:
+            self._backend = make_backend(self.config.parallel, self._reward_images, self.device)
+        return self._backend
+
     def keep_for_action(self, action: Any) -> np.ndarray:
         """Kept channels per group that ``step(action)`` would produce from the current state (no evaluation).
 
@@ -301,8 +314,7 @@ class PruneEnv(gym.Env):
         :param teacher: the KD / agreement teacher (default the original model).
         """
         if self._estimator is None:
-            return float(evaluate(model, self.task.reward_data, device=self.device, batch_size=self.eval_batch_size,
-                                  amp=self.amp, channels_last=self.channels_last)["top1"])
+            return self._reward_images.accuracy(model, self.device)
         teacher = self.original_model if teacher is None else teacher
         options: Dict[str, Any] = {}
         if self.config.reward_estimator == "teacher_agreement" and teacher is self.original_model:
@@ -399,34 +411,46 @@ class PruneEnv(gym.Env):
                                                                          self.n_steps),
                                max_step_sparsity=self.max_step_sparsity)
 
-    def _build_candidate(self, state: _State, a: np.ndarray) -> _Candidate:
-        t0 = time.perf_counter()
-        step = self._step_keep(state, a)
-        plan = state.pruner.plan(keep=step.keep)
-        cost = state.pruner.plan_cost(plan)
-        model = state.pruner.apply(plan)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model.eval()
-        sync(self.device)
-        t1 = time.perf_counter()
-        accuracy = self._evaluate(model, state.teacher)
-        t2 = time.perf_counter()
+    def _build_candidates(self, state: _State, actions: Sequence[np.ndarray],
+                          backend: CandidateBackend) -> List[_Candidate]:
+        """Plan validated actions here (budget search, analytic cost) and let ``backend`` build and score them;
+        the evaluation counters are left to the caller."""
+        planned = []
+
+        def plans():  # lazily: a backend with workers scores the first candidates while the next are planned
+            for a in actions:
+                t0 = time.perf_counter()
+                step = self._step_keep(state, a)
+                plan = state.pruner.plan(keep=step.keep)
+                planned.append((step, plan, state.pruner.plan_cost(plan), time.perf_counter() - t0))
+                yield plan
+
+        # the vanilla reward is the backends' own top-1 (overlapped on CUDA); an estimator is the env's
+        score = None if self._estimator is None else functools.partial(self._evaluate, teacher=state.teacher)
+        scored = backend.evaluate(state.pruner, plans(), score)
+        return [_Candidate(model=s.model, plan=plan, step=step, cost=cost, accuracy=s.accuracy,
+                           time_prune=t_plan + s.time_prune, time_eval=s.time_eval)
+                for (step, plan, cost, t_plan), s in zip(planned, scored)]
+
+    def _count_evaluation(self) -> None:
         self._episode_evaluations += 1
         self.total_evaluations += 1
-        return _Candidate(model=model, plan=plan, step=step, cost=cost, accuracy=accuracy, time_prune=t1 - t0,
-                          time_eval=t2 - t1)
+
+    def _remember(self, state: _State, key: bytes, cand: _Candidate) -> None:
+        """Cache a new candidate, evicting the least recently used beyond ``lookahead_cache``."""
+        if self.lookahead_cache > 0:
+            state.candidates[key] = cand
+            while len(state.candidates) > self.lookahead_cache:
+                state.candidates.popitem(last=False)
 
     def _candidate(self, state: _State, a: np.ndarray) -> Tuple[_Candidate, bool]:
         key = a.astype(np.float32).tobytes()
         if key in state.candidates:
             state.candidates.move_to_end(key)
             return state.candidates[key], True
-        cand = self._build_candidate(state, a)
-        if self.lookahead_cache > 0:
-            state.candidates[key] = cand
-            while len(state.candidates) > self.lookahead_cache:
-                state.candidates.popitem(last=False)
+        cand = self._build_candidates(state, [a], self._serial)[0]
+        self._count_evaluation()
+        self._remember(state, key, cand)
         return cand, False
 
     def _reward(self, accuracy: float, cost: Cost) -> float:
@@ -535,6 +559,48 @@ class PruneEnv(gym.Env):
         info = self._step_info(state, cand, cached, lookahead=True)
         return info["reward"], info
 
+    def evaluate_actions(self, actions: Sequence[Any]) -> Tuple[List[float], List[Dict[str, Any]]]:
+        """:meth:`evaluate_action` for several actions from the current state, the new candidates built and
+        scored together by ``config.parallel``'s backend (serial, or Ray actors). Rewards, infos, evaluation
+        counts and the candidate cache end up exactly as after ``[evaluate_action(a) for a in actions]`` (an
+        invalid action raises before anything is evaluated).
+
+        :param actions: actions as for :meth:`step`.
+        :return: ``(rewards, infos)``, one of each per action, in order.
+        """
+        state = self._require_active()
+        acts = [self._validate_action(a) for a in actions]
+        keys = [a.astype(np.float32).tobytes() for a in acts]
+        # replay the loop's cache traffic on the keys alone: the actions it would build are the misses
+        lru = OrderedDict.fromkeys(state.candidates)
+        misses = []
+        for i, key in enumerate(keys):
+            if key in lru:
+                lru.move_to_end(key)
+                continue
+            misses.append(i)
+            if self.lookahead_cache > 0:
+                lru[key] = None
+                while len(lru) > self.lookahead_cache:
+                    lru.popitem(last=False)
+        built = {}
+        if misses:
+            cands = self._build_candidates(state, [acts[i] for i in misses], self.evaluation_backend)
+            built = dict(zip(misses, cands))
+        rewards, infos = [], []
+        for i, key in enumerate(keys):
+            if i in built:
+                cand, cached = built[i], False
+                self._count_evaluation()
+                self._remember(state, key, cand)
+            else:
+                cand, cached = state.candidates[key], True
+                state.candidates.move_to_end(key)
+            info = self._step_info(state, cand, cached, lookahead=True)
+            rewards.append(info["reward"])
+            infos.append(info)
+        return rewards, infos
+
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
         """Prune the current model with ``action`` and return ``(obs, reward, terminated, truncated, info)``.
 
@@ -565,6 +631,8 @@ class PruneEnv(gym.Env):
         # may change it in place)
         state.candidates.pop(a.astype(np.float32).tobytes(), None)
         model, accuracy, extra = cand.model, cand.accuracy, {}
+        if model is None:  # scored on a Ray actor: the same surgery again, no evaluation
+            model = build_model(state.pruner, cand.plan, self.channels_last)
         teacher, teacher_accuracy = state.teacher, state.teacher_accuracy
         time_recovery = 0.0
         if recovering:
@@ -621,6 +689,9 @@ class PruneEnv(gym.Env):
         self._state = None
         self._initial_state = None
         self._probe = None
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
         super().close()
 
 

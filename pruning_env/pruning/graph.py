@@ -6,6 +6,7 @@ input channels (or BatchNorm / depthwise channels) follow; see ``docs/pruning.md
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -159,19 +160,23 @@ _CAT_OPS = {"cat", "concat", "concatenate"}
 _RESHAPE_OPS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
 # Ops that move the channel dim (channel-last blocks: ConvNeXt, Swin, ViT tokens).
 _PERMUTE_OPS = {"permute", "transpose", "transpose_", "swapaxes", "swapdims"}
+# Channel-dim markers of a tensor whose channels a view split into (groups, per group), before / after the
+# transpose of a channel shuffle.
+_SPLIT, _SHUFFLED = -1, -2
 # Ops that normalise over the channels: removing one would change every other one, so their inputs are kept.
 _FREEZE_OPS = {"layer_norm", "rms_norm"}
 
 #: Module types traced as opaque (extension point): every channel they read is kept and their insides are not
-#: traced; their conv/linear layers still count in the costs. Any module whose class name contains "Attention"
-#: (``nn.MultiheadAttention``, torchvision's window attention, timm-style ``Attention``) is opaque too, so
+#: traced; their conv/linear layers still count in the costs. Any module whose class name ends in "Attention"
+#: or "AttentionV2" (torchvision's window attentions, timm-style ``Attention``; not a block that merely contains
+#: one, such as MaxViT's ``PartitionAttentionLayer``, whose MLP is pruned) is opaque too, so
 #: attention heads are kept whole while the MLP hidden width around them is pruned.
 OPAQUE_TYPES: Set[type] = {nn.MultiheadAttention}
 
 
 def is_opaque(module: nn.Module) -> bool:
     """Whether the tracer treats ``module`` as opaque (see :data:`OPAQUE_TYPES`)."""
-    return isinstance(module, tuple(OPAQUE_TYPES)) or "Attention" in type(module).__name__
+    return isinstance(module, tuple(OPAQUE_TYPES)) or re.search(r"Attention(V\d+)?$", type(module).__name__) is not None
 
 
 class _Recorder(TorchFunctionMode):
@@ -358,7 +363,9 @@ class _Tracer:
                 self.set_layout(o, None)
             return
         try:
-            if name in _CAT_OPS:
+            if any(self.cdim(t) < 0 for t, _ in sourced):
+                self.on_split(name, args, kwargs, sourced, outs)
+            elif name in _CAT_OPS:
                 self.on_cat(args, kwargs, out)
             elif name in _ADD_OPS or name in _MUL_OPS:
                 self.on_binary(name, args, out, "residual" if name in _ADD_OPS else "se")
@@ -375,6 +382,42 @@ class _Tracer:
             for o in outs:
                 self.set_layout(o, None)
 
+    def on_split(self, name: str, args, kwargs, sourced, outs) -> None:
+        """A channel shuffle: ``view`` splitting the channels into (groups, per group), ``transpose(1, 2)``,
+        ``view`` back. Channel i of each group ends up beside channel i of the others, an order no group of
+        same-index channels can express, so the shuffled channels are kept (the layers around them are pruned)."""
+        src, layout = self.single_source(name, args, sourced)
+        state, ish = self.cdim(src), tuple(src.shape)
+        for o in outs:
+            osh = tuple(o.shape)
+            swap = name in _PERMUTE_OPS and self.permuted_dims(name, args, kwargs, src.dim())[:3] == [0, 2, 1]
+            if swap:
+                self.set_layout(o, layout, _SHUFFLED if state == _SPLIT else _SPLIT)
+            elif name in ("contiguous", "clone", "detach", "to"):
+                self.set_layout(o, layout, state)
+            elif name in _RESHAPE_OPS and osh == (ish[0], ish[1] * ish[2], *ish[3:]):
+                if state == _SPLIT:  # split and merged back unchanged
+                    self.set_layout(o, layout, 1)
+                else:
+                    self.fix_layout(layout)
+                    self.set_layout(o, None)
+            else:
+                raise self.unsupported(f"the op {name!r} on channels a view split into groups (only a channel "
+                                       f"shuffle, view -> transpose(1, 2) -> view back, is supported)", layout)
+
+    @staticmethod
+    def permuted_dims(name: str, args, kwargs, nd: int) -> List[int]:
+        """The permutation a permute / transpose applies, as a list of source dims."""
+        rest = list(args[1:])
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            return [d % nd for d in kwargs.get("dims", dims)]
+        d0 = (rest[0] if rest else kwargs.get("dim0")) % nd
+        d1 = (rest[1] if len(rest) > 1 else kwargs.get("dim1")) % nd
+        perm = list(range(nd))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+
     def single_source(self, name: str, args, sourced) -> Tuple[torch.Tensor, Layout]:
         first = args[0] if args else None
         src = first if isinstance(first, torch.Tensor) and self.layout(first) is not None else sourced[0][0]
@@ -385,17 +428,7 @@ class _Tracer:
 
     def on_permute(self, name: str, args, kwargs, sourced, outs) -> None:
         src, layout = self.single_source(name, args, sourced)
-        c, nd = self.cdim(src), src.dim()
-        rest = list(args[1:])
-        if name == "permute":
-            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            dims = list(kwargs.get("dims", dims))
-            new = [d % nd for d in dims].index(c)
-        else:  # transpose / swapaxes / swapdims
-            d0 = rest[0] if rest else kwargs.get("dim0")
-            d1 = rest[1] if len(rest) > 1 else kwargs.get("dim1")
-            d0, d1 = d0 % nd, d1 % nd
-            new = d1 if c == d0 else d0 if c == d1 else c
+        new = self.permuted_dims(name, args, kwargs, src.dim()).index(self.cdim(src))
         if new == 0:
             raise self.unsupported(f"the op {name!r} moving channels to the batch dimension", layout)
         for o in outs:
@@ -408,6 +441,9 @@ class _Tracer:
             if name == "__getitem__":
                 new = self.index_cdim(args[1] if len(args) > 1 else None, src, c, layout)
                 self.set_layout(o, layout, new)
+            elif c == 1 and name in _RESHAPE_OPS and o.dim() == src.dim() + 1 and o.shape[0] == src.shape[0] \
+                    and o.shape[1] * o.shape[2] == src.shape[1] and o.shape[3:] == src.shape[2:] and o.shape[1] > 1:
+                self.set_layout(o, layout, _SPLIT)  # (N, C, ...) -> (N, groups, C / groups, ...): a shuffle?
             elif c == 1:
                 self.set_layout(o, self.reshape_layout(name, src, layout, o), 1)
             else:

@@ -81,6 +81,13 @@ class Pruner:
         self._arange_cache: Dict[int, torch.Tensor] = {}
         self._key_cache: Dict[int, Tuple[str, ...]] = {}
 
+    def __getstate__(self) -> Dict[str, object]:
+        # the surgery cache is keyed by id() of this object's modules: a copy (deepcopy, or a pickle sent to a
+        # Ray worker) has other modules, so it starts with an empty one
+        state = self.__dict__.copy()
+        state["_key_cache"] = {}
+        return state
+
     # ---- groups --------------------------------------------------------------------------------------------
     @property
     def groups(self) -> List[Group]:

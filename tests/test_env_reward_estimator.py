@@ -1,0 +1,146 @@
+"""The env's ``reward_estimator`` on the tiny net: each estimator selectable (also through ``gym.make``), the source
+model left unchanged, and BatchNorm statistics estimated from training images only (never validation or test).
+"""
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import pruning_env  # noqa: F401  (registers the env ids)
+from pruning_env.envs.config import REWARD_ESTIMATOR_NAMES, PruneEnvConfig
+from pruning_env.envs.reward import REWARD_ESTIMATORS, recalibrate_bn
+from pruning_env.training import evaluate
+from tests.tiny import TinyNet, tiny_env, tiny_splits
+
+ACTION = np.array([0.3, 0.5, 0.2], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return tiny_splits()
+
+
+def _state(model: nn.Module):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_names_match_the_estimator_table():
+    assert tuple(REWARD_ESTIMATORS) == REWARD_ESTIMATOR_NAMES
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("reward_estimator", "eagleeye", "reward_estimator must be one of"),
+    ("reward_train_images", 1, "reward_train_images must be an integer >= 2"),
+    ("reward_kd_batches", 0, "reward_kd_batches must be an integer >= 1"),
+    ("reward_agreement", "l2", "reward_agreement must be one of"),
+])
+def test_bad_estimator_settings_are_refused_by_name(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        PruneEnvConfig(**{field: value})
+
+
+@pytest.mark.parametrize("name", REWARD_ESTIMATOR_NAMES)
+def test_each_estimator_scores_lookahead_and_step_and_leaves_the_source_model_unchanged(splits, name):
+    torch.manual_seed(0)
+    source = TinyNet()
+    before = _state(source)
+    env = tiny_env(splits, model=source, reward_estimator=name, reward_train_images=32, reward_kd_batches=2,
+                   budget="flops", target=0.4, n_steps=2)
+    original = _state(env.original_model)
+    env.reset(seed=0)
+    reward, info = env.evaluate_action(ACTION)
+    again, _ = env.evaluate_action(ACTION + np.float32(0.01))  # uncached: built and estimated afresh
+    assert np.isfinite(reward) and np.isfinite(again)
+    _, step_reward, _, _, step_info = env.step(ACTION)
+    assert step_reward == pytest.approx(reward)  # the step reuses the look-ahead's estimate
+    assert step_info["accuracy"] == pytest.approx(info["accuracy"])
+    env.step(ACTION)
+    assert _same(before, _state(source)), "the caller's module changed"
+    assert _same(original, _state(env.original_model)), "the env's original model changed"
+    if name == "teacher_agreement":
+        assert env.original_accuracy == pytest.approx(1.0)  # the teacher agrees with itself
+    env.close()
+
+
+def test_estimators_are_repeatable(splits):
+    values = []
+    for _ in range(2):
+        env = tiny_env(splits, reward_estimator="short_kd", reward_train_images=32, reward_kd_batches=3,
+                       budget="flops", target=0.4)
+        env.reset(seed=0)
+        values.append(env.evaluate_action(ACTION)[0])
+    assert values[0] == values[1]
+
+
+def test_vanilla_is_plain_top1_on_the_reward_images(splits):
+    env = tiny_env(splits, reward_estimator="vanilla", budget="flops", target=0.4)
+    env.reset(seed=0)
+    _, info = env.evaluate_action(ACTION)
+    env.step(ACTION)
+    assert info["accuracy"] == pytest.approx(evaluate(env.model, env.task.reward_data)["top1"])
+    assert env.task.estimator_data is None  # vanilla reads no training images
+
+
+def test_adaptive_bn_is_top1_after_recalibration_on_training_images(splits):
+    env = tiny_env(splits, reward_estimator="adaptive_bn", reward_train_images=40, budget="flops", target=0.4)
+    env.reset(seed=0)
+    _, info = env.evaluate_action(ACTION)
+    env.step(ACTION)
+    recalibrated = recalibrate_bn(env.model, env.task.estimator_data, n_images=40)
+    assert info["accuracy"] == pytest.approx(evaluate(recalibrated, env.task.reward_data)["top1"])
+
+
+@pytest.mark.parametrize("name", ["adaptive_bn", "short_kd"])
+def test_train_mode_passes_see_training_images_only(splits, name):
+    """Every forward pass with a BatchNorm layer in train mode (statistics or KD updates) gets training images:
+    each image equals one of the training split's images (un-augmented) and none of validation or test."""
+    def plain(dataset):
+        return dataset.transform(dataset.images).flatten(1)
+
+    train, val, test = plain(_unaugmented(splits)), plain(splits.val), plain(splits.test)
+    seen = []
+
+    def spy(module, inputs):
+        if isinstance(module, TinyNet) and any(m.training for m in module.modules()
+                                               if isinstance(m, nn.BatchNorm2d)):
+            seen.append(inputs[0].detach().flatten(1).cpu().clone())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(spy)
+    try:
+        env = tiny_env(splits, reward_estimator=name, reward_train_images=32, reward_kd_batches=2, budget="flops",
+                       target=0.4)
+        env.reset(seed=0)
+        env.evaluate_action(ACTION)
+        env.step(ACTION)
+    finally:
+        handle.remove()
+    images = torch.cat(seen)
+    assert len(images) > 0
+
+    def found_in(pool):
+        return torch.cdist(images, pool, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values < 1e-4
+
+    assert found_in(train).all(), "a train-mode pass saw an image that is not a training image"
+    assert not found_in(val).any() and not found_in(test).any(), "validation or test images reached BatchNorm"
+
+
+def _unaugmented(splits):
+    from pruning_env.data import ArrayDataset
+
+    return ArrayDataset(splits.train.images, splits.train.labels, splits.val.transform)
+
+
+def test_estimator_is_selectable_through_gym_make(splits):
+    env = gym.make("RLPrune-quickstart", model=TinyNet(), dataset=splits, pretrained=False, reward_samples=24,
+                   calibration_size=16, seed=0, device="cpu", reward_estimator="adaptive_bn",
+                   reward_train_images=32, action_mode="sparsity", budget="flops", target=0.4, n_steps=1)
+    assert env.unwrapped.config.reward_estimator == "adaptive_bn"
+    env.reset(seed=0)
+    _, reward, terminated, _, info = env.step(ACTION)
+    assert terminated and np.isfinite(reward)
+    env.close()
