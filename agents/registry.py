@@ -49,6 +49,10 @@ AGENTS: Dict[str, AgentSpec] = {
                                     kwargs={"collapse_reference": "reset_candidate"},
                                     description="RL-Pruner whose collapse guard compares with the width-proportional "
                                                 "reset point (docs/agents.md)"),
+    "rl_pruner_bounded": AgentSpec("agents.rl_pruner:RLPrunerAgent", {"action_mode": "distribution"},
+                                   kwargs={"collapse_reference": "reset_candidate", "min_keep_fraction": 0.3},
+                                   description="rl_pruner_improved that keeps >= 30 % of every group's channels "
+                                               "(docs/agents.md)"),
     "uniform": AgentSpec("agents.heuristics:UniformPruner", description="same sparsity for every group"),
     "global_taylor": AgentSpec("agents.heuristics:GlobalTaylorPruner",
                                description="globally least important channels (Torch-Pruning global pruning)"),

@@ -40,7 +40,7 @@ DEFAULT_AGENTS = ("rl_pruner", "rl_pruner_improved", "uniform", "global_taylor",
 #: the non-RL baselines the best RL agent has to beat (uniform, global Taylor, random search at equal budget)
 BASELINES = ("uniform", "global_taylor", "random_search")
 #: the RL-Pruner entries (their collapse guard is reported)
-RL_PRUNER_AGENTS = ("rl_pruner", "rl_pruner_improved")
+RL_PRUNER_AGENTS = ("rl_pruner", "rl_pruner_improved", "rl_pruner_bounded")
 #: per-run numbers aggregated over seeds: (key in the summary, label, how to read it from metrics.json)
 METRICS = (
     ("reward_accuracy", "reward acc (val, estimator)", lambda m: m["reward_accuracy"]),
@@ -266,12 +266,17 @@ def ft_check_table(units: Dict[str, List[Dict[str, Any]]], out: Path, seeds: int
         return None
     lengths_sorted = sorted(lengths, key=int)
     complete = {a: r for a, r in rows.items() if all(len(r.get(k, [])) == len(r["run"]) for k in lengths_sorted)}
+    from scipy.stats import spearmanr
+
     means = {a: {k: float(np.mean(v)) for k, v in r.items()} for a, r in complete.items()}
-    orders = {k: sorted(means, key=lambda a: -means[a][k]) for k in ["run"] + lengths_sorted}
-    return {"lengths": lengths_sorted, "means": means, "orders": orders,
-            "n_seeds": {a: len(r["run"]) for a, r in complete.items()},
-            "same_order": all(o == orders["run"] for o in orders.values()),
-            "same_best": len({o[0] for o in orders.values()}) == 1}
+    agents = list(means)
+    run = [means[a]["run"] for a in agents]
+    rho = {k: float(spearmanr(run, [means[a][k] for a in agents])[0]) if len(agents) > 2 else float("nan")
+           for k in lengths_sorted}
+    spread = {k: float(np.ptp([means[a][k] for a in agents])) for k in ["run"] + lengths_sorted}
+    best = {k: [a for a in agents if means[a][k] == max(means[b][k] for b in agents)] for k in ["run"] + lengths_sorted}
+    return {"lengths": lengths_sorted, "means": means, "spearman_vs_run": rho, "spread": spread, "best": best,
+            "n_seeds": max(len(r["run"]) for r in complete.values())}
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -360,15 +365,19 @@ def target_section(t: str, block: Dict[str, Any], budget: int) -> List[str]:
     lines.append("")
     check = block.get("ft_check")
     if check:
-        lines += [f"Fine-tune length check (seeds {check['n_seeds']}): mean test top-1 with the runs' fine-tune "
-                  f"and with {', '.join(check['lengths'])} epoch(s):", "",
+        lines += [f"Fine-tune length check ({check['n_seeds']} seed(s)): the same searched models fine-tuned with the "
+                  f"runs' recipe for {', '.join(check['lengths'])} epoch(s) instead; mean test top-1:", "",
                   "| agent | run's fine-tune | " + " | ".join(f"{k} epochs" for k in check["lengths"]) + " |",
                   "|---|---|" + "---|" * len(check["lengths"])]
         for agent, m in check["means"].items():
             lines.append(f"| {agent} | {m['run']:.4f} | " + " | ".join(f"{m[k]:.4f}" for k in check["lengths"])
                          + " |")
-        lines += ["", f"Same order of agents with every length: {'yes' if check['same_order'] else 'no'}; same "
-                      f"best agent: {'yes' if check['same_best'] else 'no'} (orders: {check['orders']}).", ""]
+        lines += ["", "Spearman ρ of the agents' means, run's fine-tune vs longer: "
+                  + ", ".join(f"{k} epochs {num(v, '+.2f')}" for k, v in check["spearman_vs_run"].items())
+                  + "; spread (best − worst mean): "
+                  + ", ".join(f"{'run' if k == 'run' else k + ' epochs'} {v:.4f}" for k, v in check["spread"].items())
+                  + "; best: " + ", ".join(f"{'run' if k == 'run' else k + ' epochs'} {'/'.join(v)}"
+                                           for k, v in check["best"].items()) + ".", ""]
     return lines
 
 

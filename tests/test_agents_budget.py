@@ -89,3 +89,14 @@ def test_agents_on_the_tiny_net_never_exceed_the_budget(make_agent):
     agent.learn()
     assert agent.episodes == 1 and agent.n_evaluations <= 10
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_min_keep_fraction_keeps_every_group_above_its_floor():
+    env = tiny_env(tiny_splits(), action_mode="distribution", budget="flops", target=0.6, n_steps=2)
+    agent = RLPrunerAgent(env, sample_num=4, lr_epoch=2, seed=0, noise_var=0.5, min_keep_fraction=0.3)
+    agent.learn()
+    floor = np.ceil(0.3 * env.original_channels)
+    for row in agent.history:
+        assert np.all(np.asarray(row["kept_channels"]) >= floor)
+    with pytest.raises(ValueError, match="min_keep_fraction must be in"):
+        RLPrunerAgent(env, min_keep_fraction=1.0)

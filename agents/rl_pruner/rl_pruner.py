@@ -54,6 +54,9 @@ class RLPrunerAgent(BasePruningAgent):
     :param explore_fraction: share of the pruning steps with exploration (authors: 0.1).
     :param collapse_threshold: relative accuracy drop that triggers the collapse guard (authors: 0.1).
     :param faithful_collapse_guard: reproduce the authors' guard exactly, bug included (spec §9.17).
+    :param min_keep_fraction: improved mode (0 = off, the authors): a sampled action that would leave a group
+        with fewer than this fraction of its original channels has that group's share halved until it does not
+        (AMC bounds every layer's kept ratio the same way); checked with ``env.keep_for_action``, no evaluation.
     :param collapse_reference: what the chosen candidate's accuracy is compared with: ``"previous"`` (authors:
         the model the candidates were pruned from; fires at every step when one step costs more than
         ``collapse_threshold`` of the accuracy anyway, e.g. a few large steps without recovery) or
@@ -73,13 +76,15 @@ class RLPrunerAgent(BasePruningAgent):
     _init_keys = BasePruningAgent._init_keys + (
         "sample_num", "lr_epoch", "sample_step", "noise_var", "step_length", "ppo", "ppo_clip",
         "discount_factor", "greedy_epsilon", "explore_strategy", "explore_fraction", "collapse_threshold",
-        "faithful_collapse_guard", "collapse_reference", "probability_lower_bound", "layer_noise")
+        "faithful_collapse_guard", "collapse_reference", "min_keep_fraction", "probability_lower_bound",
+        "layer_noise")
 
     def __init__(self, env: Any = None, sample_num: int = 10, lr_epoch: int = 10, sample_step: int = 1,
                  noise_var: float = 0.04, step_length: float = 0.1, ppo: bool = True, ppo_clip: float = 0.25,
                  discount_factor: float = 0.9, greedy_epsilon: float = 0.4, explore_strategy: str = "cosine",
                  explore_fraction: float = 0.1, collapse_threshold: float = 0.1,
                  faithful_collapse_guard: bool = False, collapse_reference: str = "previous",
+                 min_keep_fraction: float = 0.0,
                  probability_lower_bound: float = PROBABILITY_LOWER_BOUND, layer_noise: bool = True,
                  seed: Optional[int] = None,
                  verbose: int = 0, tensorboard_log: Optional[Union[str, Path]] = None) -> None:
@@ -107,6 +112,9 @@ class RLPrunerAgent(BasePruningAgent):
         self.collapse_threshold = float(collapse_threshold)
         self.faithful_collapse_guard = bool(faithful_collapse_guard)
         self.collapse_reference = collapse_reference
+        if not 0.0 <= min_keep_fraction < 1.0:
+            raise ValueError(f"min_keep_fraction must be in [0, 1), got {min_keep_fraction}")
+        self.min_keep_fraction = float(min_keep_fraction)
         self.probability_lower_bound = float(probability_lower_bound)
         super().__init__(env, seed=seed, verbose=verbose, tensorboard_log=tensorboard_log)
         self.buffer = TopKBuffer(self.sample_num)
@@ -137,7 +145,25 @@ class RLPrunerAgent(BasePruningAgent):
         scale = None
         if self.layer_noise and self.env is not None:
             scale = np.sqrt(np.asarray(self.penv.layer_counts, dtype=np.float64))
-        return sample_action(self.pd, self.rng, self.noise_var, eligible, self.probability_lower_bound, scale)
+        action = sample_action(self.pd, self.rng, self.noise_var, eligible, self.probability_lower_bound, scale)
+        if self.min_keep_fraction > 0 and self.env is not None and self.env.episode_active:
+            action = self._within_floor(action)
+        return action
+
+    def _within_floor(self, action: np.ndarray) -> np.ndarray:
+        """Improved mode (``min_keep_fraction``): halve the entries of groups the action would leave below
+        ``min_keep_fraction`` of their original width (``env.keep_for_action``: no evaluation) and renormalise,
+        until none is (at most 20 times); groups already below the floor are left at what they have."""
+        env = self.penv
+        floor = np.minimum(np.ceil(self.min_keep_fraction * env.original_channels), env.current_channels)
+        for _ in range(20):
+            low = env.keep_for_action(action) < floor
+            if not low.any():
+                break
+            action = action.copy()
+            action[low] *= 0.5
+            action = action / action.sum()
+        return action
 
     # ---------------------------------------------------------------- §2.5 Q of one action
     def _q_value(self, action: np.ndarray, depth: int) -> Tuple[float, Dict[str, Any]]:
