@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from pruning_env.pruning import Pruner, PrunePlan
 from pruning_env.runtime import sync
-from pruning_env.training import evaluate, iter_batches, model_logits
+from pruning_env.training import iter_batches, model_logits
 
 BACKENDS = ("serial", "ray")
 
@@ -106,13 +106,17 @@ class RewardData:
         :param model: the pruned model.
         :param device: where it runs.
         """
-        return float(evaluate(model, (self.x, self.y), device=device, batch_size=self.batch_size, amp=self.amp,
-                              channels_last=self.channels_last)["top1"])
+        was_training = model.training
+        model.eval()
+        try:
+            return int(self.launch(model, device)) / len(self.y)
+        finally:
+            model.train(was_training)
 
     def launch(self, model: nn.Module, device: torch.device) -> torch.Tensor:
         """Queue the evaluation of ``model`` without waiting for it: the top-1 hit count stays on the device
         (0-dim int64 tensor) until the caller reads it. ``count / len(y)`` equals :meth:`accuracy` (same
-        batches, same ``topk``, same autocast).
+        batches, same ``topk``, same autocast: it is the one top-1 of the env's reward path).
 
         :param model: the pruned model, in eval mode.
         :param device: where it runs.
@@ -121,6 +125,7 @@ class RewardData:
         hits = torch.zeros((), dtype=torch.int64, device=device)
         with torch.no_grad():
             for x, y in iter_batches((self.x, self.y), self.batch_size):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-op when already there
                 if self.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
