@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fine-tune the searched models of the first --ft-check-seeds seeds for this many "
                         "epochs (same recipe otherwise) and report whether the ranking changes (0: skip)")
     p.add_argument("--ft-check-seeds", type=int, default=2, help="seeds in the fine-tune-length check (default 2)")
+    p.add_argument("--verdict-epochs", type=int, default=None,
+                   help="judge the bar on the fine-tune-length check of this many epochs (every seed of an agent "
+                        "must have it) instead of the runs' own fine-tune")
     p.add_argument("--note", default="", help="a paragraph for the top of the markdown (e.g. what was cut)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables from finished runs")
     return p
@@ -119,8 +122,17 @@ def collapse_stats(metrics: Dict[str, Any]) -> Dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------- summarising
-def summarise(units: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Per-agent mean ± std of every :data:`METRICS` entry (plus RL-Pruner's collapse-guard counts)."""
+#: summary key of the test top-1 after the longer fine-tune of ``--verdict-epochs``
+LONG_KEY = "test_after_long_ft"
+
+
+def summarise(units: Dict[str, List[Dict[str, Any]]], long_epochs: Optional[int] = None) -> Dict[str, Any]:
+    """Per-agent mean ± std of every :data:`METRICS` entry (plus RL-Pruner's collapse-guard counts, and the test
+    top-1 after the ``long_epochs`` fine-tune-length check when every seed of the agent has one).
+
+    :param units: per agent, the finished units' metrics (with their ``ft_check`` results attached).
+    :param long_epochs: the fine-tune-length check to summarise as :data:`LONG_KEY`.
+    """
     out: Dict[str, Any] = {}
     for agent, runs in units.items():
         if not runs:
@@ -128,6 +140,8 @@ def summarise(units: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
         row: Dict[str, Any] = {"seeds": [m["seed"] for m in runs]}
         for key, _, get in METRICS:
             row[key] = mean_std([get(m) for m in runs])
+        if long_epochs is not None and all(str(long_epochs) in m.get("ft_check", {}) for m in runs):
+            row[LONG_KEY] = mean_std([m["ft_check"][str(long_epochs)]["test_top1"] for m in runs])
         if agent in RL_PRUNER_AGENTS:
             row["collapse"] = [collapse_stats(m) for m in runs]
         out[agent] = row
@@ -168,20 +182,21 @@ def compare(summary: Dict[str, Any], agent: str, other: str, key: str = "test_af
             "diff_over_std": diff / pooled if pooled and not math.isnan(pooled) else float("nan"), "verdict": word}
 
 
-def bar_verdict(summary: Dict[str, Any], target: float) -> Optional[Dict[str, Any]]:
+def bar_verdict(summary: Dict[str, Any], target: float, key: str = "test_after_ft") -> Optional[Dict[str, Any]]:
     """Best RL agent vs best non-RL baseline on test top-1 after fine-tune, against the issue's bar: more than
     one pooled std better at 70 % (any target >= 0.6), at least level (not more than one std worse) below.
 
     :param summary: from :func:`summarise`.
     :param target: the FLOPs reduction of these runs.
+    :param key: ``"test_after_ft"`` (the runs' fine-tune) or :data:`LONG_KEY`; agents without it are left out.
     """
-    rl = [a for a in summary if is_rl(a)]
-    base = [a for a in summary if a in BASELINES]
+    rl = [a for a in summary if is_rl(a) and key in summary[a]]
+    base = [a for a in summary if a in BASELINES and key in summary[a]]
     if not rl or not base:
         return None
-    best_rl = max(rl, key=lambda a: summary[a]["test_after_ft"]["mean"])
-    best_base = max(base, key=lambda a: summary[a]["test_after_ft"]["mean"])
-    c = compare(summary, best_rl, best_base)
+    best_rl = max(rl, key=lambda a: summary[a][key]["mean"])
+    best_base = max(base, key=lambda a: summary[a][key]["mean"])
+    c = compare(summary, best_rl, best_base, key)
     strict = target >= 0.6
     if math.isnan(c["pooled_std"]):
         met = None
@@ -193,9 +208,30 @@ def bar_verdict(summary: Dict[str, Any], target: float) -> Optional[Dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------- FT-length check
+def ft_check_model(cfg: Any, model: torch.nn.Module, epochs: int, env: Any) -> Dict[str, Any]:
+    """Fine-tune a searched model for ``epochs`` epochs with the unit's recipe and return its test top-1.
+
+    :param cfg: the unit's config (its ``finetune`` section and ``seed``).
+    :param model: the searched model before fine-tuning (a copy is trained).
+    :param epochs: fine-tune epochs.
+    :param env: a PruneEnv of the task (its splits, original model and device).
+    """
+    model = copy.deepcopy(model).to(env.device)
+    ft = cfg.finetune
+    seed_everything(cfg.seed)
+    finetune(model, env.splits.train, val_data=env.splits.val, epochs=epochs, lr=ft.lr, min_lr=ft.min_lr,
+             warmup_ratio=ft.warmup_ratio, teacher=env.original_model if ft.teacher == "original" else None,
+             T=ft.T, soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=cfg.seed,
+             progress=False)
+    model.eval()
+    return {"epochs": epochs, "test_top1": evaluate(model, env.splits.test, env.device)["top1"],
+            "device": str(env.device)}
+
+
 def ft_check_unit(cfg: Any, agent: str, run_dir: Path, epochs: int, env: Any) -> Optional[Dict[str, Any]]:
     """Fine-tune the unit's searched model (its run checkpoint's best episode, before fine-tuning) for
-    ``epochs`` epochs with the run's recipe otherwise, and store the test top-1 in ``ft_check.json``.
+    ``epochs`` epochs with the run's recipe otherwise (:func:`ft_check_model`), and store the test top-1 in
+    ``ft_check.json``.
 
     :param cfg: the unit's config.
     :param agent: agent name.
@@ -211,15 +247,7 @@ def ft_check_unit(cfg: Any, agent: str, run_dir: Path, epochs: int, env: Any) ->
     if not (folder.is_finished and folder.has_checkpoint):
         return None
     best = folder.read_checkpoint().agent_state["record"]["best"]
-    model = copy.deepcopy(best["model"]).to(env.device)
-    ft = cfg.finetune
-    seed_everything(cfg.seed)
-    finetune(model, env.splits.train, val_data=env.splits.val, epochs=epochs, lr=ft.lr, min_lr=ft.min_lr,
-             warmup_ratio=ft.warmup_ratio, teacher=env.original_model if ft.teacher == "original" else None,
-             T=ft.T, soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=cfg.seed,
-             progress=False)
-    model.eval()
-    done[str(epochs)] = {"epochs": epochs, "test_top1": evaluate(model, env.splits.test, env.device)["top1"]}
+    done[str(epochs)] = ft_check_model(cfg, best["model"], epochs, env)
     atomic_write_text(json.dumps(done, indent=2), path)
     return done[str(epochs)]
 
@@ -312,10 +340,15 @@ def plot(per_target: Dict[str, Dict[str, Any]], path: Path) -> None:
         nz = lambda s: 0.0 if math.isnan(s["std"]) else s["std"]  # noqa: E731
         after = [summary[a]["test_after_ft"] for a in agents]
         before = [summary[a]["test_before_ft"] for a in agents]
-        bx.bar(x - 0.2, [s["mean"] for s in before], 0.4, yerr=[nz(s) for s in before], color="#bbbbbb",
-               label="before fine-tune", capsize=3)
-        bx.bar(x + 0.2, [s["mean"] for s in after], 0.4, yerr=[nz(s) for s in after], color="#1f77b4",
-               label="after fine-tune", capsize=3)
+        long_ft = [summary[a].get(LONG_KEY) for a in agents]
+        w = 0.27 if any(long_ft) else 0.4
+        bx.bar(x - w / 2 * (2 if any(long_ft) else 1), [s["mean"] for s in before], w, yerr=[nz(s) for s in before],
+               color="#bbbbbb", label="before fine-tune", capsize=3)
+        bx.bar(x + (0 if any(long_ft) else w / 2), [s["mean"] for s in after], w, yerr=[nz(s) for s in after],
+               color="#1f77b4", label="after the runs' fine-tune", capsize=3)
+        if any(long_ft):
+            bx.bar(x + w, [s["mean"] if s else 0.0 for s in long_ft], w, yerr=[nz(s) if s else 0.0 for s in long_ft],
+                   color="#2ca02c", label=f"after {per_target[t]['verdict_epochs']}-epoch fine-tune", capsize=3)
         bx.axhline(orig, color="k", ls="--", lw=1, label="original")
         bx.set_xticks(x)
         bx.set_xticklabels(agents, rotation=30, ha="right")
@@ -334,19 +367,24 @@ def target_section(t: str, block: Dict[str, Any], budget: int) -> List[str]:
     lines = [f"## FLOPs reduction target {t}", ""]
     if not summary:
         return lines + ["No finished run yet.", ""]
-    lines += ["| agent | seeds | " + " | ".join(label for _, label, _ in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
+    long_epochs = block.get("verdict_epochs")
+    columns = [(key, label) for key, label, _ in METRICS]
+    if long_epochs is not None:
+        columns.insert(3, (LONG_KEY, f"test top-1 after {long_epochs}-epoch FT"))
+    lines += ["| agent | seeds | " + " | ".join(label for _, label in columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
     digits = {"n_evaluations": 0, "search_s": 0, "total_s": 0}
     for agent, row in summary.items():
-        cells = [fmt(row[key], digits.get(key, 4)) for key, _, _ in METRICS]
+        cells = [fmt(row[key], digits.get(key, 4)) if key in row else "–" for key, _ in columns]
         lines.append(f"| {agent} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines.append("")
     bar = block["bar"]
     if bar is not None:
         met = {True: "**met**", False: "**not met**", None: "undecided (one seed)"}[bar["met"]]
+        which = f"the {long_epochs}-epoch fine-tune" if long_epochs is not None else "fine-tune"
         lines += [f"**Verdict at {t}:** best RL agent `{bar['agent']}` "
-                  f"({summary[bar['agent']]['test_after_ft']['mean']:.4f}) vs best non-RL baseline `{bar['other']}` "
-                  f"({summary[bar['other']]['test_after_ft']['mean']:.4f}) on test top-1 after fine-tune: "
+                  f"({summary[bar['agent']][bar['metric']]['mean']:.4f}) vs best non-RL baseline `{bar['other']}` "
+                  f"({summary[bar['other']][bar['metric']]['mean']:.4f}) on test top-1 after {which}: "
                   f"{bar['diff']:+.4f} = {num(bar['diff_over_std'], '+.2f')} pooled seed std "
                   f"({num(bar['pooled_std'], '.4f')}): {bar['verdict']}. The bar ({bar['bar']}) is {met}.", ""]
     if block["pairs"]:
@@ -458,12 +496,19 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Pat
                     failures[f"{out.name}/{run_dir.name}"] = unit_failure(run_dir)
                 else:
                     missing.append((out.name, agent, seed))
+        for agent, runs in units.items():
+            for m in runs:
+                path = out / f"{agent}_s{m['seed']}" / FT_CHECK_FILE
+                m["ft_check"] = json.loads(path.read_text()) if path.is_file() else {}
         finished = [m for runs in units.values() for m in runs]
         done += finished
-        summary = summarise(units)
-        pairs = [compare(summary, a, b) for a in summary if is_rl(a) for b in summary if b in BASELINES]
+        summary = summarise(units, args.verdict_epochs)
+        key = LONG_KEY if args.verdict_epochs is not None else "test_after_ft"
+        pairs = [compare(summary, a, b, key) for a in summary if is_rl(a) and key in summary[a]
+                 for b in summary if b in BASELINES and key in summary[b]]
         per_target[f"{target:g}"] = {
-            "units": units, "summary": summary, "pairs": pairs, "bar": bar_verdict(summary, target),
+            "units": units, "summary": summary, "pairs": pairs, "bar": bar_verdict(summary, target, key),
+            "verdict_epochs": args.verdict_epochs,
             "ft_check": ft_check_table(units, out, args.ft_check_seeds),
             "original_test": finished[0]["original"]["test_top1"] if finished else float("nan")}
     if not done:

@@ -105,8 +105,8 @@ def test_parallel_config_errors_name_the_key():
         ParallelConfig(num_workers=0)
     with pytest.raises(ValueError, match=r"unknown parallel key\(s\) \['workers'\]"):
         ParallelConfig.from_dict({"backend": "ray", "workers": 2})
-    with pytest.raises(ValueError, match="reward_estimator='adaptive_bn' needs parallel.backend='serial'"):
-        PruneEnvConfig(reward_estimator="adaptive_bn", parallel={"backend": "ray"})
+    with pytest.raises(TypeError, match="parallel must be a mapping"):
+        PruneEnvConfig(parallel="ray")
 
 
 def test_missing_ray_says_how_to_install(splits, monkeypatch):
@@ -150,6 +150,19 @@ def test_ray_batch_equals_loop_through_worker_deaths(splits, ray_cluster):
     same_as_loop(seed=3)
     batch_env.close()  # kills its actors, leaves the test's cluster running
     assert ray_cluster.is_initialized()
+
+
+@pytest.mark.parametrize("estimator", ["adaptive_bn", "teacher_agreement"])
+def test_ray_runs_the_reward_estimator_like_the_env(splits, ray_cluster, estimator):
+    """The actors run the env's estimator (training images and, for agreement, the teacher shipped once)."""
+    loop_env = _env(splits, reward_estimator=estimator)
+    batch_env = _env(splits, reward_estimator=estimator, parallel={"backend": "ray", "num_workers": 2})
+    loop_env.reset(seed=0)
+    batch_env.reset(seed=0)
+    _check_batch_equals_loop(loop_env, batch_env)
+    a = _actions(loop_env.n_groups, 4, seed=5)
+    assert batch_env.evaluate_actions(a)[0] == [loop_env.evaluate_action(x)[0] for x in a]
+    batch_env.close()
 
 
 def test_sb3_with_two_worker_envs_counts_every_evaluation(splits):

@@ -223,9 +223,6 @@ class PruneEnvConfig:
         _bool("record_timings", self.record_timings)
         _optional_int("seed", self.seed, low=0)
         self.parallel = ParallelConfig.from_dict(self.parallel)
-        if self.parallel.backend == "ray" and self.reward_estimator != "vanilla":
-            raise ValueError(f"parallel.backend='ray' scores candidates with the vanilla reward only; "
-                             f"reward_estimator={self.reward_estimator!r} needs parallel.backend='serial'")
         if self.render_mode is not None:
             raise ValueError(f"render_mode must be None (PruneEnv has no render modes), got {self.render_mode!r}")
         if self.recovery is not None and self.recovery_batches == 0 and self.recovery_epochs == 0:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pruning_env.envs.reward import BoundEstimator
 from pruning_env.pruning import Pruner, PrunePlan
 from pruning_env.runtime import sync
 from pruning_env.training import iter_batches, model_logits
@@ -35,7 +36,7 @@ class ParallelConfig:
 
     backend: str = "serial"
     """``"serial"`` (this process, no extra dependency) or ``"ray"`` (Ray actors, ``pip install -e ".[ray]"``;
-    they score the vanilla reward, so the env's ``reward_estimator`` must be ``"vanilla"``)."""
+    they run the env's ``reward_estimator`` themselves, with the same result)."""
     num_workers: int = 2
     """Ray actors, each with one CPU thread (CPU env) or one GPU (CUDA env); >= 1, ignored by ``serial``."""
     address: Optional[str] = None
@@ -187,13 +188,15 @@ class SerialBackend:
         self._side: Optional[torch.cuda.Stream] = None
 
     def evaluate(self, pruner: Pruner, plans: Iterable[PrunePlan],
-                 score: Optional[Callable[[nn.Module], float]] = None) -> List[Scored]:
+                 score: Optional[Callable[[nn.Module], float]] = None,
+                 teacher: Optional[nn.Module] = None) -> List[Scored]:
         """Build and score one candidate per plan.
 
         :param pruner: the state's pruner (importance computed).
         :param plans: :class:`~pruning_env.pruning.PrunePlan` of ``pruner``, one per candidate.
         :param score: the reward's accuracy term of a built model when it is not the plain top-1 of
             :class:`RewardData` (a reward estimator); candidates are then scored one after another.
+        :param teacher: unused here (``score`` already holds it); the Ray backend ships it to its actors.
         """
         channels_last = self.reward.channels_last
         if not self.overlap or score is not None:
@@ -254,16 +257,18 @@ def import_ray() -> Any:
 
 
 class _CandidateWorker:
-    """A Ray actor: holds the reward images once, the current state's pruner once per state, and scores
-    candidates sent as keep vectors."""
+    """A Ray actor: holds the reward images (and the reward estimator with its training images) once, the current
+    state's pruner (and teacher) once per state, and scores candidates sent as keep vectors."""
 
-    def __init__(self, reward: RewardData, device: str) -> None:
+    def __init__(self, reward: RewardData, device: str, estimator: Optional[BoundEstimator] = None) -> None:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             torch.set_num_threads(1)
         self.reward = reward.to(self.device)
+        self.estimator = None if estimator is None else estimator.to(self.device)
         self.state_key: Optional[int] = None
         self.pruner: Optional[Pruner] = None
+        self.teacher: Optional[nn.Module] = None
 
     def pid(self) -> int:
         """The actor's process id (tests kill it)."""
@@ -273,20 +278,26 @@ class _CandidateWorker:
         """``(accuracy, time_prune, time_eval)`` of one candidate.
 
         :param state_key: identifies the state; the pruner is fetched from the object store when it changes.
-        :param pruner_box: ``[ObjectRef]`` of the state's pruner (boxed so Ray does not fetch it every call).
+        :param pruner_box: ``[ObjectRef]`` of the state's pruner and, when the estimator reads it, of its teacher
+            (boxed so Ray does not fetch them every call).
         :param keep: kept channels per group.
         """
         if state_key != self.state_key:
             import ray
 
-            self.pruner = None  # free the previous state's model first
+            self.pruner = self.teacher = None  # free the previous state's models first
             pruner = ray.get(pruner_box[0])
             pruner.model.to(self.device)
+            if len(pruner_box) > 1:
+                self.teacher = ray.get(pruner_box[1]).to(self.device).eval()
             self.pruner, self.state_key = pruner, state_key
         t0 = time.perf_counter()
         model = build_model(self.pruner, self.pruner.plan(keep=keep), self.reward.channels_last)
         t1 = time.perf_counter()
-        accuracy = self.reward.accuracy(model, self.device)
+        if self.estimator is None:
+            accuracy = self.reward.accuracy(model, self.device)
+        else:
+            accuracy = self.estimator(model, self.teacher, (self.reward.x, self.reward.y))
         return accuracy, t1 - t0, time.perf_counter() - t1
 
 
@@ -304,6 +315,8 @@ class RayBackend:
     :param address: Ray cluster to attach to; None starts a local one (stopped again by :meth:`close`). When
         this process is already connected to Ray, that connection is used and left open.
     :param max_restarts: Ray restarts per actor.
+    :param estimator: the env's reward estimator (None: the vanilla top-1); it goes to every actor once, with its
+        training images, and each state's teacher goes with the state's pruner when the estimator reads it.
     """
 
     name = "ray"
@@ -311,8 +324,10 @@ class RayBackend:
     in_flight = 2
 
     def __init__(self, reward: RewardData, device: torch.device, num_workers: int = 2,
-                 address: Optional[str] = None, max_restarts: int = 3) -> None:
+                 address: Optional[str] = None, max_restarts: int = 3,
+                 estimator: Optional[BoundEstimator] = None) -> None:
         ray = import_ray()
+        self.estimator = estimator
         self._ray = ray
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
@@ -340,40 +355,52 @@ class RayBackend:
         worker_device = "cuda" if gpu else "cpu"
         # one copy in the object store for every actor (and a restarted one); the driver keeps it alive
         self._reward_ref = reward_ref
-        self.actors = [actor.remote(reward_ref, worker_device) for _ in range(self.num_workers)]
+        estimator_ref = None if estimator is None else ray.put(estimator.to("cpu"))
+        self._estimator_ref = estimator_ref
+        self.actors = [actor.remote(reward_ref, worker_device, estimator_ref) for _ in range(self.num_workers)]
         self._source: Optional[Pruner] = None
+        self._teacher: Optional[nn.Module] = None
         self._dead: set = set()
         self._pruner_box: List[Any] = []
         self._state_key = 0
 
-    def _publish(self, pruner: Pruner) -> None:
-        """Put a new state's pruner into the object store (once per state)."""
-        if pruner is self._source:
+    def _publish(self, pruner: Pruner, teacher: Optional[nn.Module]) -> None:
+        """Put a new state's pruner (and teacher, when the estimator reads it) into the object store (once per
+        state)."""
+        if not (self.estimator is not None and self.estimator.needs_teacher):
+            teacher = None
+        if pruner is self._source and teacher is self._teacher:
             return
         shipped = pruner
-        if next(pruner.model.parameters(), torch.empty(0)).device.type != "cpu":
+        on_cpu = next(pruner.model.parameters(), torch.empty(0)).device.type == "cpu"
+        if not on_cpu:
             # actors map tensors onto their own device: ship a CPU copy (the env's pruner is left untouched)
             shipped = copy.copy(pruner)
             shipped.model = copy.deepcopy(pruner.model).cpu()
         self._pruner_box = [self._ray.put(shipped)]
-        self._source = pruner  # held, so its id cannot be reused by a later state
+        if teacher is not None:
+            self._pruner_box.append(self._ray.put(teacher if on_cpu else copy.deepcopy(teacher).cpu()))
+        self._source, self._teacher = pruner, teacher  # held, so their ids cannot be reused by a later state
         self._state_key += 1
 
     def evaluate(self, pruner: Pruner, plans: Iterable[PrunePlan],
-                 score: Optional[Callable[[nn.Module], float]] = None) -> List[Scored]:
+                 score: Optional[Callable[[nn.Module], float]] = None,
+                 teacher: Optional[nn.Module] = None) -> List[Scored]:
         """Score one candidate per plan on the actors, each sent as its kept-channel counts (the actor plans
         again from the same importance); the models stay there: ``Scored.model`` is None. Plans are taken from
         ``plans`` as actors have room, so planning the next candidates overlaps scoring the first ones.
 
         :param pruner: the state's pruner (importance computed).
         :param plans: :class:`~pruning_env.pruning.PrunePlan` of ``pruner``, one per candidate.
-        :param score: must be None: actors score the plain top-1 of :class:`RewardData` (the vanilla reward).
+        :param score: the env's scoring of a built model; the actors run the backend's own ``estimator`` (the
+            same one) instead, so a ``score`` without an estimator here is an error.
+        :param teacher: the state's KD / agreement teacher, shipped to the actors when the estimator reads it.
         """
-        if score is not None:
-            raise ValueError("the Ray backend scores candidates with the vanilla reward (top-1 on the reward "
-                             "images) only; use parallel.backend='serial' with another reward_estimator")
+        if score is not None and self.estimator is None:
+            raise ValueError("this Ray backend was started without the env's reward estimator, so its actors "
+                             "would score the vanilla top-1; pass estimator= to RayBackend / make_backend")
         ray = self._ray
-        self._publish(pruner)
+        self._publish(pruner, teacher)
         source = iter(plans)
         keeps: List[np.ndarray] = []
         results: Dict[int, Tuple[float, float, float]] = {}
@@ -439,16 +466,18 @@ class RayBackend:
 CandidateBackend = Union[SerialBackend, RayBackend]
 
 
-def make_backend(config: ParallelConfig, reward: RewardData, device: torch.device) -> CandidateBackend:
+def make_backend(config: ParallelConfig, reward: RewardData, device: torch.device,
+                 estimator: Optional[BoundEstimator] = None) -> CandidateBackend:
     """The backend a :class:`ParallelConfig` names.
 
     :param config: the ``parallel`` settings.
     :param reward: the env's reward images (on ``device``).
     :param device: the env's device.
+    :param estimator: the env's reward estimator (None: vanilla top-1); Ray actors run it themselves.
     """
     if config.backend == "ray":
         return RayBackend(reward, device, num_workers=config.num_workers, address=config.address,
-                          max_restarts=config.max_restarts)
+                          max_restarts=config.max_restarts, estimator=estimator)
     return SerialBackend(reward, device, overlap=config.overlap)
 
 

@@ -23,7 +23,7 @@ from gymnasium import spaces
 from pruning_env.costs import Cost, count_costs, reductions
 from pruning_env.envs.budget import StepKeep, channel_sparsity, cumulative_goal, keep_for_action, step_channel_budget
 from pruning_env.envs.config import PruneEnvConfig
-from pruning_env.envs.reward import logits_on, make_estimator
+from pruning_env.envs.reward import BoundEstimator, logits_on, make_estimator
 from pruning_env.envs.parallel import CandidateBackend, RewardData, SerialBackend, build_model, make_backend
 from pruning_env.envs.task import PruningTask
 from pruning_env.pruning import Pruner, PrunePlan
@@ -77,9 +77,9 @@ class _State:
         return self.terminated or self.truncated
 
 
-def _estimator_for(cfg: PruneEnvConfig) -> Optional[Any]:
-    """The config's reward estimator with its options bound; None for ``vanilla`` (the env's own fast top-1,
-    with AMP / channels-last)."""
+def _estimator_for(cfg: PruneEnvConfig, task: PruningTask) -> Optional[BoundEstimator]:
+    """The config's reward estimator with its options and training images bound; None for ``vanilla`` (the env's
+    own fast top-1, with AMP / channels-last)."""
     name = cfg.reward_estimator
     if name == "vanilla":
         return None
@@ -91,7 +91,7 @@ def _estimator_for(cfg: PruneEnvConfig) -> Optional[Any]:
                        soft_weight=float(cfg.kd_soft_weight))
     else:
         options["metric"] = cfg.reward_agreement
-    return make_estimator(name, **options)
+    return BoundEstimator(name, make_estimator(name, **options), task.estimator_data, int(cfg.seed or 0))
 
 
 class PruneEnv(gym.Env):
@@ -168,7 +168,7 @@ class PruneEnv(gym.Env):
         self.channels_last = cuda and cfg.channels_last
 
         self.task = task = PruningTask.from_config(cfg, self.device)
-        self._estimator = _estimator_for(cfg)
+        self._estimator = _estimator_for(cfg, task)
         self._teacher_logits: Optional[torch.Tensor] = None
         self.splits, self.input_size = task.splits, task.input_size
         self.val_size, self.split_seed = task.val_size, task.split_seed
@@ -271,7 +271,7 @@ class PruneEnv(gym.Env):
     def evaluation_backend(self) -> CandidateBackend:
         """The backend of :meth:`evaluate_actions`, as ``config.parallel`` names it (started on first use)."""
         if self._backend is None:
-            self._backend = make_backend(self.config.parallel, self._reward_images, self.device)
+            self._backend = make_backend(self.config.parallel, self._reward_images, self.device, self._estimator)
         return self._backend
 
     def keep_for_action(self, action: Any) -> np.ndarray:
@@ -321,9 +321,7 @@ class PruneEnv(gym.Env):
             if self._teacher_logits is None:  # one teacher pass for every candidate
                 self._teacher_logits = logits_on(teacher, self.task.reward_data, self.eval_batch_size)
             options["teacher_logits"] = self._teacher_logits
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(int(self.config.seed or 0))  # short_kd trains: the same estimate for the same model
-            return float(self._estimator(model, teacher, self.task.reward_data, self.task.estimator_data, **options))
+        return self._estimator(model, teacher, self.task.reward_data, **options)
 
     def _make_state(self, model: nn.Module, pruner: Pruner, channels: np.ndarray, cost: Cost, accuracy: float,
                     step_index: int, final: bool, teacher: nn.Module, teacher_accuracy: Optional[float],
@@ -427,7 +425,7 @@ class PruneEnv(gym.Env):
 
         # the vanilla reward is the backends' own top-1 (overlapped on CUDA); an estimator is the env's
         score = None if self._estimator is None else functools.partial(self._evaluate, teacher=state.teacher)
-        scored = backend.evaluate(state.pruner, plans(), score)
+        scored = backend.evaluate(state.pruner, plans(), score, teacher=state.teacher)
         return [_Candidate(model=s.model, plan=plan, step=step, cost=cost, accuracy=s.accuracy,
                            time_prune=t_plan + s.time_prune, time_eval=s.time_eval)
                 for (step, plan, cost, t_plan), s in zip(planned, scored)]

@@ -8,6 +8,7 @@ import copy
 import functools
 import inspect
 import itertools
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
@@ -222,5 +223,50 @@ def make_estimator(name: str, **options: Union[int, float, str]) -> RewardEstima
     return functools.partial(fn, **options) if options else fn
 
 
-__all__ = ["RewardEstimator", "REWARD_ESTIMATORS", "make_estimator", "recalibrate_bn", "logits_on", "vanilla",
+#: estimators that read the teacher (the others accept it and ignore it)
+TEACHER_ESTIMATORS = ("short_kd", "teacher_agreement")
+
+
+@dataclass
+class BoundEstimator:
+    """A reward estimator ready to score candidates: the function with its options bound, its training images,
+    and the seed torch's RNG is fixed with for each estimate (so ``short_kd`` gives the same estimate for the same
+    model, and the caller's RNG streams are left alone). Picklable: Ray actors receive it once and run it
+    themselves, with the same result as the env.
+
+    :param name: the estimator's name in :data:`REWARD_ESTIMATORS`.
+    :param fn: :func:`make_estimator`'s result.
+    :param train_data: training images ``(x, y)`` for BN statistics / KD batches (None for ``vanilla``).
+    :param seed: the per-estimate RNG seed.
+    """
+
+    name: str
+    fn: RewardEstimator
+    train_data: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    seed: int = 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the estimate depends on the teacher."""
+        return self.name in TEACHER_ESTIMATORS
+
+    def to(self, device: Union[str, torch.device]) -> "BoundEstimator":
+        """The same estimator with its training images on ``device``."""
+        data = None if self.train_data is None else tuple(t.to(device) for t in self.train_data)
+        return replace(self, train_data=data)
+
+    def __call__(self, model: nn.Module, teacher: Optional[nn.Module], reward_data: EvalData,
+                 **extra: torch.Tensor) -> float:
+        """The accuracy estimate of ``model`` (left unchanged) on ``reward_data``.
+
+        :param teacher: the KD / agreement teacher.
+        :param extra: per-call options, e.g. cached ``teacher_logits`` of ``teacher_agreement``.
+        """
+        device = _device(model)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(self.seed))
+            return float(self.fn(model, teacher, reward_data, self.train_data, **extra))
+
+
+__all__ = ["RewardEstimator", "REWARD_ESTIMATORS", "TEACHER_ESTIMATORS", "BoundEstimator", "make_estimator", "recalibrate_bn", "logits_on", "vanilla",
            "adaptive_bn", "short_kd", "teacher_agreement"]
