@@ -1,9 +1,9 @@
 """Issue 15 sweep: a tiny representative of every construct beyond plain CNNs prunes to the zeroed original.
 
 Grouped convolutions (ResNeXt/RegNet, removed by whole conv groups), channel-last blocks (ConvNeXt: permute,
-LayerNorm, per-position linear layers, a layer scale), transformer blocks (``nn.MultiheadAttention`` and a
-window attention module, both opaque, around a pruned MLP hidden width), ShuffleNetV2's channel shuffle (the
-shuffled channels kept, the branches pruned).
+LayerNorm, per-position linear layers, a layer scale), transformer blocks (``nn.MultiheadAttention``, whose heads
+are a group, and a hand-written window attention module, opaque, around a pruned MLP hidden width), ShuffleNetV2's
+channel shuffle (the shuffled channels kept, the branches pruned).
 """
 import numpy as np
 import pytest
@@ -142,7 +142,7 @@ CONSTRUCTS = {
     "grouped_se": (GroupedBlock, {"stem residual (stem.0+conv3)", "conv1 se (conv1+se.3)", "se.1"},
                    {"conv1 se (conv1+se.3)": 4}),
     "convnext": (ConvNeXtBlock, {"pw1"}, {}),
-    "vit_mha": (TinyViT, {"fc1"}, {}),
+    "vit_mha": (TinyViT, {"fc1", "attn"}, {}),
     "swin_window": (SwinBlock, {"mlp.0"}, {}),
     "shufflenet": (shufflenet_stage, {"0", "3.branch2.0", "4.branch2.0"}, {}),
 }

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner
+from pruning_env.pruning.attention import attention_handler
 
 
 class SqueezeExcite(nn.Module):
@@ -151,7 +152,10 @@ def check_built(model, pruner, x, plan):
     for g, kept in zip(pruner.groups, plan.kept):
         for member in g.members:
             m = modules[member]
-            width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            if attention_handler(m) is not None:  # a head group: its width is the number of heads
+                width = m.num_heads
+            else:
+                width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
             assert width == len(kept), member
     # iterative pruning: the child pruner has the same groups with the planned widths and costs ...
     child = pruner.child(new, plan)

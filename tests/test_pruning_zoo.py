@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pruning_env.costs import layer_macs
+from pruning_env.costs import attention_macs, layer_macs
+from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
 from test_pruning_nets import check_built, random_plan
 
@@ -66,9 +67,23 @@ def hooked_group_costs(model, pruner, input_size):
     modules = dict(model.named_modules())
     layers = [list(g.members) + list(g.followers) for g in pruner.groups]
     macs = {}
+
+    def count(m, args, kwargs, out, n):
+        if attention_handler(m) is None:
+            macs[n] = macs.get(n, 0) + layer_macs(m, out)
+            return
+        # its output projection (not called as a module) gets its own share, the module the rest (q/k/v, matmuls)
+        proj_name = attention_handler(m).projections(m)[1]
+        result = out[0] if isinstance(out, tuple) else out
+        if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
+            result = result.transpose(0, 1)  # layer_macs reads dim 0 as the batch
+        proj_macs = layer_macs(m.get_submodule(proj_name), result)
+        macs[f"{n}.{proj_name}"] = macs.get(f"{n}.{proj_name}", 0) + proj_macs
+        macs[n] = macs.get(n, 0) + attention_macs(m, args, kwargs) - proj_macs
+
+    hooked = {n for group in layers for n in group} | {n for n, m in modules.items() if attention_handler(m)}
     handles = [modules[n].register_forward_hook(
-        lambda m, _i, out, n=n: macs.__setitem__(n, macs.get(n, 0) + layer_macs(m, out)))
-        for n in {n for group in layers for n in group}]
+        lambda m, args, kwargs, out, n=n: count(m, args, kwargs, out, n), with_kwargs=True) for n in hooked]
     with torch.no_grad():
         model(torch.zeros((1, *input_size)))
     for h in handles:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from pruning_env.costs.counting import NORM_MACS_PER_ELEMENT, count_params
 
@@ -127,6 +128,24 @@ class CostTerms:
                     for p in (m.weight, m.bias):
                         if p is not None:
                             param_rows.append((1, one, e, li))
+            elif call.role == "attention":  # out_layout: the q features of its heads, (head, num_heads, head_dim)
+                head_dim = spec.out_layout[0].block
+                e_q = expr(spec.out_layout, 0)
+                e_head = (e_q[0] // head_dim, e_q[1] // head_dim)
+                macs_rows.append((2 * call.positions * call.context, one, e_q, li))
+                own = dict(m.named_parameters(recurse=False))
+                if isinstance(m, nn.MultiheadAttention):  # its own packed q/k/v projection (self-attention)
+                    e_in = expr(spec.in_layout, m.embed_dim)
+                    macs_rows.append((3 * call.positions, e_in, e_q, li))
+                if first:
+                    heads = sum(s.channels for s in spec.out_layout)
+                    for pname, p in own.items():
+                        if pname == "in_proj_weight":
+                            param_rows.append((3, e_in, e_q, li))
+                        else:  # one run of equal length per head (q/k/v biases, a bias-table column, a scale)
+                            param_rows.append((p.numel() // heads, one, e_head, li))
+                    handled_params += sum(p.numel() for p in own.values())
+                continue
             else:
                 raise ValueError(f"layer call {call.name!r} has unknown role {call.role!r}")
             if first:

@@ -2,25 +2,32 @@
 
 MACs follow thop, which the RL-Pruner authors used for their reward: multiply-accumulates of convolutions
 (incl. transposed) and linear layers for one input image, plus 2 per output element of BatchNorm (its
-normalise + affine in eval mode); activations, pooling and functional glue count 0. ``include_norm=False``
-gives the pure conv/linear count, which equals ``torch.utils.flop_counter.FlopCounterMode`` / 2.
+normalise + affine in eval mode), plus the products inside attention modules that no layer call shows
+(functional q/k/v and output projections, the QK^T and AV matmuls); activations, pooling and other functional
+glue count 0. ``include_norm=False`` gives the pure product count, which equals
+``torch.utils.flop_counter.FlopCounterMode`` / 2.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from pruning_env.costs.cost import Cost
 
-__all__ = ["NORM_MACS_PER_ELEMENT", "count_params", "layer_macs", "count_costs"]
+__all__ = ["NORM_MACS_PER_ELEMENT", "ATTENTION_TYPES", "count_params", "layer_macs", "attention_macs",
+           "count_costs"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: MACs charged per output element of a BatchNorm layer (thop's eval-mode convention).
 NORM_MACS_PER_ELEMENT = 2
+#: Attention modules whose hidden products :func:`attention_macs` counts.
+ATTENTION_TYPES = (nn.MultiheadAttention, ShiftedWindowAttention, RelativePositionalMultiHeadAttention)
 
 
 def count_params(model: nn.Module) -> int:
@@ -59,6 +66,40 @@ def layer_macs(module: nn.Module, output: torch.Tensor, include_norm: bool = Tru
     return 0
 
 
+def attention_macs(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> int:
+    """MACs per image of the products inside one attention call that no layer call shows (0 for other modules).
+
+    ``nn.MultiheadAttention``: q/k/v and output projections (functional) and the QK^T and AV matmuls; Swin
+    window attention: qkv and proj (functional, on the padded map) and the matmuls per window; MaxViT's
+    relative attention: the matmuls (its projections are layer calls). Heads may have been pruned: the widths
+    are read from the weights.
+
+    :param module: the attention module.
+    :param args: the positional arguments of the call.
+    :param kwargs: its keyword arguments.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        query = args[0] if args else kwargs["query"]
+        key = args[1] if len(args) > 1 else kwargs["key"]
+        seq = 1 if module.batch_first and query.dim() == 3 else 0
+        n_q, n_k = query.shape[seq], key.shape[seq]
+        inner = module.out_proj.in_features  # num_heads * head_dim
+        n_att = n_k + (module.bias_k is not None) + module.add_zero_attn
+        return (n_q * module.embed_dim * inner + n_k * (module.kdim + module.vdim) * inner
+                + 2 * n_q * n_att * inner + n_q * inner * module.out_proj.out_features)
+    if isinstance(module, ShiftedWindowAttention):
+        x = args[0] if args else kwargs["x"]
+        window = module.window_size
+        padded = (-(-x.shape[1] // window[0]) * window[0]) * (-(-x.shape[2] // window[1]) * window[1])
+        inner = module.qkv.out_features // 3
+        return (padded * x.shape[3] * 3 * inner + 2 * padded * window[0] * window[1] * inner
+                + padded * inner * module.proj.out_features)
+    if isinstance(module, RelativePositionalMultiHeadAttention):
+        x = args[0] if args else kwargs["x"]
+        return 2 * x.shape[1] * x.shape[2] * x.shape[2] * module.n_heads * module.head_dim
+    return 0
+
+
 @torch.no_grad()
 def count_costs(
     model: nn.Module,
@@ -68,7 +109,8 @@ def count_costs(
 ) -> Cost:
     """MACs per image and parameters of ``model`` for inputs of ``input_size`` (without the batch dim).
 
-    Runs one forward pass on a zero batch of one, in eval mode, with hooks on conv and linear layers;
+    Runs one forward pass on a zero batch of one, in eval mode, with hooks on conv, linear, norm and attention
+    layers;
     the model's training flag is restored afterwards and its weights are not changed.
 
     :param model: any ``nn.Module`` made of standard layers (functional glue is fine).
@@ -85,11 +127,16 @@ def count_costs(
         if isinstance(output, torch.Tensor):
             total[0] += layer_macs(module, output, include_norm)
 
+    def attention_hook(module: nn.Module, args, kwargs) -> None:
+        total[0] += attention_macs(module, args, kwargs)
+
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
         if isinstance(m, _CONV_TYPES + _CONVT_TYPES + _NORM_TYPES + (nn.Linear,))
     ]
+    handles += [m.register_forward_pre_hook(attention_hook, with_kwargs=True)
+                for m in model.modules() if isinstance(m, ATTENTION_TYPES)]
     was_training = model.training
     model.eval()
     try:

@@ -2,6 +2,7 @@
 
 ``Pruner(model, example_input)`` is the entry point; see ``docs/pruning.md``.
 """
+from pruning_env.pruning.attention import AttentionHandler, attention_handler
 from pruning_env.pruning.graph import (OPAQUE_TYPES, DependencyGraph, ExampleInput, Group, LayerCall,
                                        UnsupportedModelError)
 from pruning_env.pruning.importance import (CRITERIA, Batches, Importance, MagnitudeImportance, RandomImportance,
@@ -31,4 +32,6 @@ __all__ = [
     "handler_for",
     "zeroed_copy",
     "OPAQUE_TYPES",
+    "AttentionHandler",
+    "attention_handler",
 ]

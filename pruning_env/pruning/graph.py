@@ -16,7 +16,8 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from pruning_env.costs.counting import layer_macs
+from pruning_env.costs.counting import attention_macs, layer_macs
+from pruning_env.pruning.attention import AttentionHandler, attention_handler
 
 __all__ = [
     "Segment",
@@ -110,7 +111,7 @@ class ModuleSpec:
 
     name: str
     module: nn.Module
-    role: str  # "conv", "linear", "norm", "depthwise"
+    role: str  # "conv", "linear", "norm", "depthwise", "attention" (out_layout: the q features of its heads)
     out_layout: Optional[Layout] = None  # resolved: Segment.source is a group index or None
     in_layout: Optional[Layout] = None
 
@@ -119,17 +120,21 @@ class ModuleSpec:
 class LayerCall:
     """One call of a conv/linear/norm layer during the trace, as the analytic cost model needs it.
 
-    :ivar role: ``"conv"``, ``"linear"``, ``"norm"``, ``"depthwise"`` (widths follow the groups; the layer's
-        layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never change, e.g. a grouped
-        conv that changes the width, or a layer inside an opaque module) or ``"other"`` (no group touches it).
+    :ivar role: ``"conv"``, ``"linear"``, ``"norm"``, ``"depthwise"``, ``"attention"`` (widths follow the
+        groups; the layer's layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never
+        change, e.g. a grouped conv that changes the width, or a layer inside an opaque module) or ``"other"``
+        (no group touches it).
     :ivar positions: output positions per channel (spatial size; rows or tokens for linear layers).
     :ivar fixed_macs: MACs of a ``"fixed"`` / ``"other"`` call (constant under pruning), else 0.
+    :ivar context: for ``"attention"`` calls, the keys each query attends to (the QK^T and AV matmuls cost
+        ``2 * positions * context`` MACs per q feature); else 0.
     """
 
     name: str
     role: str
     positions: int
     fixed_macs: int = 0
+    context: int = 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,10 +172,12 @@ _SPLIT, _SHUFFLED = -1, -2
 _FREEZE_OPS = {"layer_norm", "rms_norm"}
 
 #: Module types traced as opaque (extension point): every channel they read is kept and their insides are not
-#: traced; their conv/linear layers still count in the costs. Any module whose class name ends in "Attention"
-#: or "AttentionV2" (torchvision's window attentions, timm-style ``Attention``; not a block that merely contains
-#: one, such as MaxViT's ``PartitionAttentionLayer``, whose MLP is pruned) is opaque too, so
-#: attention heads are kept whole while the MLP hidden width around them is pruned.
+#: traced; their conv/linear layers and attention products still count in the costs. Any module whose class name
+#: ends in "Attention" or "AttentionV2" (timm-style ``Attention``, MaxViT's relative attention; not a block that
+#: merely contains one, such as MaxViT's ``PartitionAttentionLayer``, whose MLP is pruned) is opaque too, so its
+#: heads are kept whole while the MLP hidden width around it is pruned. Attention modules with a handler
+#: (:mod:`pruning_env.pruning.attention`: ``nn.MultiheadAttention`` self-attention, Swin window attention) are
+#: traced with their heads as a group instead, unless ignored or called in a way the handler does not support.
 OPAQUE_TYPES: Set[type] = {nn.MultiheadAttention}
 
 
@@ -260,6 +267,20 @@ class _Call:
     out_layout: Optional[Layout]
     factor: int  # output positions per channel (spatial size; rows for linear)
     const_macs: int  # MACs of this call as the cost model counts them in the traced model
+    context: int = 0  # attention calls: keys per query
+
+
+@dataclass
+class _AttentionFrame:
+    """An attention call whose heads are traced as a group (from its pre-hook to its post-hook)."""
+
+    handler: AttentionHandler
+    module: nn.Module
+    name: str
+    x: torch.Tensor  # the input the projections read
+    in_layout: Optional[Layout]
+    heads: Layout  # (Segment(source, num_heads, head_dim),): the q (= k = v) features
+    per_head_linears: Set[str]
 
 
 class _Tracer:
@@ -278,6 +299,8 @@ class _Tracer:
         self.opaque_depth = 0
         self.busy = False
         self.pending: List[Tuple[Optional[Layout], int]] = []
+        self.modes: List[str] = []  # per module call on the stack: "attention", "opaque", "leaf" or ""
+        self.frames: List[_AttentionFrame] = []  # attention calls being traced
 
     # ---- layouts -------------------------------------------------------------------------------------------
     def layout(self, t: Any) -> Optional[Layout]:
@@ -669,11 +692,54 @@ class _Tracer:
             f"in `ignore` to keep their channels."
         )
 
+    # ---- attention modules with a head handler ------------------------------------------------------------
+    def enter_attention(self, handler: AttentionHandler, module: nn.Module, name: str, args: Tuple[Any, ...],
+                        kwargs: Dict[str, Any]) -> None:
+        """Heads become one source (channels = heads, ``head_dim`` features each); the input is read as by a
+        linear layer on the last dim."""
+        x = handler.inputs(args, kwargs)[0]
+        layout = self.layout(x)
+        if layout is not None and self.cdim(x) != x.dim() - 1:
+            if not self.is_fixed(layout):
+                raise self.unsupported_leaf(module, name, layout, f" with its channels in dim {self.cdim(x)}")
+            layout = None
+        heads, head_dim = handler.heads(module)
+        sid = self.new_source(module, name, heads)
+        self.frames.append(_AttentionFrame(handler, module, name, x, layout, (Segment(sid, heads, head_dim),),
+                                           {f"{name}.{n}" for n in handler.per_head_linears(module)}))
+
+    def leave_attention(self, out: Any) -> None:
+        frame = self.frames.pop()
+        module, name, x, heads = frame.module, frame.name, frame.x, frame.heads
+        tokens, context = frame.handler.tokens(module, x)
+        inner = _layout_features(heads)
+        qkv_name, out_name = frame.handler.projections(module)
+        qkv_macs, matmul_macs = tokens * x.shape[-1] * 3 * inner, 2 * tokens * context * inner
+        if qkv_name is None:  # the module's own weights project q, k and v
+            self.calls.append(_Call(name, module, "attention", frame.in_layout, heads, tokens,
+                                    qkv_macs + matmul_macs, context))
+        else:
+            self.calls.append(_Call(f"{name}.{qkv_name}", module.get_submodule(qkv_name), "linear",
+                                    frame.in_layout, heads * 3, tokens, qkv_macs))
+            self.calls.append(_Call(name, module, "attention", None, heads, tokens, matmul_macs, context))
+        proj, proj_name = module.get_submodule(out_name), f"{name}.{out_name}"
+        out_layout: Optional[Layout] = None
+        if proj_name not in self.ignore:
+            out_layout = (Segment(self.new_source(proj, proj_name, proj.out_features), proj.out_features),)
+        self.calls.append(_Call(proj_name, proj, "linear", heads, out_layout, tokens,
+                                tokens * inner * proj.out_features))
+        result = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+        self.leave_opaque(out)
+        self.set_layout(result[0], out_layout, result[0].dim() - 1)
+
     # ---- opaque modules (attention) ------------------------------------------------------------------------
-    def enter_opaque(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        """An opaque module keeps every channel it reads; nothing inside it is traced."""
+    def enter_opaque(self, module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """An opaque module keeps every channel it reads; nothing inside it is traced (its products count)."""
         for t in tree_flatten((args, kwargs))[0]:
             self.fix_layout(self.layout(t))
+        macs = attention_macs(module, args, kwargs)
+        if macs:
+            self.calls.append(_Call(name, module, "fixed", None, None, 1, macs))
 
     def leave_opaque(self, out: Any) -> None:
         for o in tree_flatten(out)[0]:
@@ -708,40 +774,48 @@ class _Tracer:
     def _pre_hook(self, name: str, module: nn.Module):
         is_leaf = isinstance(module, LEAF_TYPES)
         opaque = is_opaque(module)
+        handler = None if name in self.ignore else attention_handler(module)
 
         def hook(mod, args, kwargs):
             self.stack.append(name)
-            if opaque:
-                if self.leaf_depth == 0:
-                    self.busy = True
-                    try:
-                        self.enter_opaque(args, kwargs)
-                    finally:
-                        self.busy = False
-                self.leaf_depth += 1
-                self.opaque_depth += 1
-            elif is_leaf:
-                if self.leaf_depth == 0:
-                    self.busy = True
-                    inp = args[0] if args else None
-                    self.pending.append((self.layout(inp), self.cdim(inp) if inp is not None else 1))
+            mode = "opaque" if opaque or handler is not None else ("leaf" if is_leaf else "")
+            if mode == "opaque" and self.leaf_depth == 0:
+                self.busy = True
+                try:
+                    if handler is not None and handler.supports(mod, args, kwargs):
+                        mode = "attention"
+                        self.enter_attention(handler, mod, name, args, kwargs)
+                    else:
+                        self.enter_opaque(mod, name, args, kwargs)
+                finally:
                     self.busy = False
+            elif mode == "leaf" and self.leaf_depth == 0:
+                self.busy = True
+                inp = args[0] if args else None
+                self.pending.append((self.layout(inp), self.cdim(inp) if inp is not None else 1))
+                self.busy = False
+            if mode:
                 self.leaf_depth += 1
+            if mode in ("opaque", "attention"):
+                self.opaque_depth += 1
+            self.modes.append(mode)
             return None
 
         return hook
 
     def _post_hook(self, name: str, module: nn.Module):
-        is_leaf = isinstance(module, LEAF_TYPES)
-        opaque = is_opaque(module)
-
         def hook(mod, args, out):
-            if opaque:
+            mode = self.modes.pop()
+            if mode in ("opaque", "attention"):
                 self.leaf_depth -= 1
                 self.opaque_depth -= 1
                 if self.leaf_depth == 0:
-                    self.leave_opaque(out)
-            elif is_leaf:
+                    self.busy = True
+                    try:
+                        self.leave_attention(out) if mode == "attention" else self.leave_opaque(out)
+                    finally:
+                        self.busy = False
+            elif mode == "leaf":
                 self.leaf_depth -= 1
                 if self.leaf_depth == 0:
                     self.busy = True
@@ -750,11 +824,22 @@ class _Tracer:
                     finally:
                         self.busy = False
                 elif self.opaque_depth > 0 and self.leaf_depth == self.opaque_depth and isinstance(out, torch.Tensor):
-                    # a layer inside an opaque module: its cost counts, its channels are kept
-                    self.calls.append(_Call(name, mod, "fixed", None, None, 1, layer_macs(mod, out)))
+                    self.on_inner_leaf(mod, name, out)
             self.stack.pop()
 
         return hook
+
+    def on_inner_leaf(self, module: nn.Module, name: str, out: torch.Tensor) -> None:
+        """A layer inside an opaque or attention module: its cost counts and its channels are kept, except the
+        output rows of a per-head layer of a traced attention (one row per head)."""
+        macs = layer_macs(module, out)
+        frame = self.frames[-1] if self.frames and self.opaque_depth == 1 else None
+        if frame is not None and name in frame.per_head_linears:
+            heads = frame.heads[0]
+            self.calls.append(_Call(name, module, "linear", None, (Segment(heads.source, heads.channels),),
+                                    out.numel() // out.shape[-1], macs))
+        else:
+            self.calls.append(_Call(name, module, "fixed", None, None, 1, macs))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -873,7 +958,9 @@ class DependencyGraph:
         specs: Dict[str, ModuleSpec] = {}
         for name, spec in self.specs.items():
             module = modules.get(name)
-            if module is None or type(module) is not type(spec.module):
+            # a head-pruned attention is a subclass of its source's class (and a second pruning keeps it)
+            if module is None or not isinstance(module, type(spec.module)) and not isinstance(spec.module,
+                                                                                           type(module)):
                 raise ValueError(f"model has no {type(spec.module).__name__} named {name!r}: it was not built from "
                                  f"this graph's model")
             new = ModuleSpec(name, module, spec.role, update(spec.out_layout), update(spec.in_layout))
@@ -894,6 +981,9 @@ class DependencyGraph:
             out_n, in_n = m.out_features, m.in_features
         elif isinstance(m, CONV_TYPES):
             out_n, in_n = m.out_channels, m.in_channels
+        elif spec.role == "attention":
+            heads, head_dim = attention_handler(m).heads(m)
+            out_n, in_n = heads * head_dim, None
         else:
             out_n, in_n = m.num_features, None
         for layout, n, what in ((spec.out_layout, out_n, "outputs"), (spec.in_layout, in_n, "inputs")):
@@ -952,12 +1042,16 @@ class DependencyGraph:
                 touched = {s.source for s in (in_l or ()) if s.source is not None}
                 for g in touched:
                     (followers if call.role in ("norm", "depthwise") else consumers)[g].append(call.name)
+                # rows that follow a group they do not produce (q/k/v of heads, per-head layers) follow it too
+                for g in {s.source for s in (out_l or ()) if s.source is not None} - touched:
+                    if call.name not in groups[g].members:
+                        followers[g].append(call.name)
         for gi, g in enumerate(groups):
             g.followers = tuple(followers[gi])
             g.consumers = tuple(consumers[gi])
         cls._name_groups(groups)
-        calls = tuple(LayerCall(c.name, c.role, c.factor, c.const_macs if c.role in ("fixed", "other") else 0)
-                      for c in tracer.calls)
+        calls = tuple(LayerCall(c.name, c.role, c.factor, c.const_macs if c.role in ("fixed", "other") else 0,
+                                c.context) for c in tracer.calls)
         return cls(model, groups, specs, calls, input_size, traced_macs=sum(c.const_macs for c in tracer.calls))
 
     @staticmethod

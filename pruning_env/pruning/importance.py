@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning.graph import DependencyGraph
 from pruning_env.pruning.surgery import handler_for
 
@@ -129,9 +130,19 @@ def make_criterion(criterion: Union[str, Importance], seed: Optional[int] = None
     raise ValueError(f"unknown importance criterion {criterion!r}; expected one of {CRITERIA} or an Importance")
 
 
+def _filter_tensor(graph: DependencyGraph, member: str) -> Tuple[str, str]:
+    """(layer name, parameter name) of a member's filters: its weight, or the q/k/v rows of an attention's heads."""
+    module = graph.specs[member].module
+    handler = attention_handler(module)
+    if handler is None or graph.specs[member].role != "attention":
+        return member, "weight"
+    qkv = handler.projections(module)[0]
+    return (member, "in_proj_weight") if qkv is None else (f"{member}.{qkv}", "weight")
+
+
 def _filter_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
-    """(member name, "weight", 0, "out") for every group member: the tensors a filter-scope criterion reads."""
-    return [(name, "weight", 0, "out") for g in graph.groups for name in g.members]
+    """(layer, parameter, 0, "out") for every group member: the tensors a filter-scope criterion reads."""
+    return [(*_filter_tensor(graph, name), 0, "out") for g in graph.groups for name in g.members]
 
 
 def _scored_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
@@ -147,6 +158,13 @@ def _scored_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
                 if isinstance(spec.module._parameters.get(pname), torch.Tensor):
                     out.append((name, pname, dim, side))
     return out
+
+
+def _per_channel(per_feature: torch.Tensor, channels: int, block: int) -> torch.Tensor:
+    """Scores of ``channels`` channels from features laid out as (repeats, channels, block) (q, k and v rows of
+    heads, ``block = head_dim``) or (repeats, channels, run) (e.g. one entry per head)."""
+    run = block if per_feature.numel() % (channels * block) == 0 else per_feature.numel() // channels
+    return per_feature.view(-1, channels, run).sum((0, 2))
 
 
 def _as_batches(batches: Batches) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
@@ -222,11 +240,14 @@ def group_importance(graph: DependencyGraph, criterion: Importance,
     """
     scores = [torch.zeros(g.num_channels, dtype=torch.float64) for g in graph.groups]
     if criterion.scope == "filter":
+        modules = dict(graph.model.named_modules())
         for gi, g in enumerate(graph.groups):
-            for name in g.members:
-                weight = graph.specs[name].module.weight.detach()
-                grad = None if grads is None else grads.get((name, "weight"))
-                scores[gi] += criterion.channel_scores(weight, grad, 0).cpu()
+            for member in g.members:
+                name, pname = _filter_tensor(graph, member)
+                weight = modules[name]._parameters[pname].detach()
+                grad = None if grads is None else grads.get((name, pname))
+                per_row = criterion.channel_scores(weight, grad, 0).cpu()
+                scores[gi] += _per_channel(per_row, g.num_channels, graph.specs[member].out_layout[0].block)
             scores[gi] /= len(g.members)
         return [s.numpy() for s in scores]
     for name, pname, dim, side in _scored_tensors(graph):
@@ -235,6 +256,10 @@ def group_importance(graph: DependencyGraph, criterion: Importance,
         grad = None if grads is None else grads.get((name, pname))
         per_feature = criterion.channel_scores(weight, grad, dim).cpu()
         layout = spec.out_layout if side == "out" else spec.in_layout
+        if side == "out" and spec.role == "attention":  # (repeats, heads, run) entries along dim: sum per head
+            heads = layout[0]
+            scores[heads.source] += _per_channel(per_feature, heads.channels, heads.block)
+            continue
         offset = 0
         for seg in layout:
             if seg.source is not None:

@@ -175,16 +175,16 @@ def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
             keys = keys_of[id(module)] = _registry_keys(module)
         new = _shallow_copy(module, keys)
         memo[id(module)] = new
-        for child_name, child in module._modules.items():
-            if child is not None:
-                new._modules[child_name] = rec(child, f"{name}.{child_name}" if name else child_name)
         cut = slices.get(name)
         sliced: Dict[str, torch.Tensor] = {}
-        if cut is not None:
+        if cut is not None:  # before the children are replaced: set_shape may read the source's children
             handler = handler_for(module)
             sliced = handler.slice(module, cut[0], cut[1])
             handler.set_shape(new, None if cut[0] is None else int(cut[0].numel()),
                               None if cut[1] is None else int(cut[1].numel()))
+        for child_name, child in module._modules.items():
+            if child is not None:
+                new._modules[child_name] = rec(child, f"{name}.{child_name}" if name else child_name)
         for pname, p in module._parameters.items():
             if p is None:
                 continue
