@@ -64,6 +64,16 @@ def is_rl(agent: str) -> bool:
     return agent in RL_PRUNER_AGENTS or AGENTS[agent].sb3_algo is not None
 
 
+def _key_value(text: str) -> Tuple[str, Any]:
+    """``KEY=VALUE`` with the value read as YAML (``1`` is an int, ``sparsity`` a string)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as env.n_steps=1, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(BENCH_CONFIG), help="train_agent.py YAML config of the task")
@@ -83,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fine-tune the searched models of the first --ft-check-seeds seeds for this many "
                         "epochs (same recipe otherwise) and report whether the ranking changes (0: skip)")
     p.add_argument("--ft-check-seeds", type=int, default=2, help="seeds in the fine-tune-length check (default 2)")
+    p.add_argument("--set", nargs="+", type=_key_value, metavar="KEY=VALUE",
+                   help="config overrides of every unit, e.g. env.n_steps=1 env.action_mode=sparsity (give the "
+                        "variant its own --out-dir)")
     p.add_argument("--verdict-epochs", type=int, default=None,
                    help="judge the bar on the fine-tune-length check of this many epochs (every seed of an agent "
                         "must have it) instead of the runs' own fine-tune")
@@ -106,7 +119,8 @@ def unit_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
     :param args: the parsed command line.
     :param target: the FLOPs reduction.
     """
-    over: Dict[str, Any] = {"env.target": float(target)}
+    over: Dict[str, Any] = dict(args.set or {})
+    over["env.target"] = float(target)
     if args.finetune_epochs is not None:
         over["finetune.epochs"] = int(args.finetune_epochs)
     return over

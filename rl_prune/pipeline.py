@@ -70,7 +70,8 @@ def build_agent(cfg: PruneRunConfig, name: str, env: Any,
                 tensorboard_log: Optional[str] = None) -> Tuple[Any, Dict[str, Any]]:
     """The agent and the keyword arguments of its ``learn`` call.
 
-    The config's ``budget`` (evaluations) becomes ``total_timesteps`` of an SB3 baseline and
+    The config's ``budget`` (evaluations) becomes ``total_timesteps`` of an SB3 baseline (less the final
+    deterministic episode's evaluations, so that it uses exactly the budget) and
     ``budget // n_steps`` look-aheads per step of a search agent.
 
     :param cfg: the run's config.
@@ -85,7 +86,14 @@ def build_agent(cfg: PruneRunConfig, name: str, env: Any,
     if spec.sb3_algo is not None:
         hp = sb3_hyperparams(spec.sb3_algo, cfg_agent, cfg.env.get("id"))
         n_timesteps = int(hp.pop("n_timesteps", 1000))
-        learn["total_timesteps"] = int(cfg.budget) if cfg.budget is not None else n_timesteps
+        if cfg.budget is not None:
+            # the final deterministic episode evaluates n_steps models: they count towards the budget too
+            if int(cfg.budget) <= int(env.n_steps):
+                raise ConfigError(f"budget: {cfg.budget} evaluations leave none for {name}'s training (its final "
+                                  f"deterministic episode alone evaluates {env.n_steps}); raise the budget")
+            learn["total_timesteps"] = int(cfg.budget) - int(env.n_steps)
+        else:
+            learn["total_timesteps"] = n_timesteps
         agent = cls(env, algo=spec.sb3_algo, seed=cfg.seed, tensorboard_log=tensorboard_log, **hp)
         return agent, learn
     kwargs = {**spec.kwargs, **cfg.agent_kwargs(name)}

@@ -203,9 +203,10 @@ def test_sb3_and_search_agents_through_the_cli(tmp_path, capsys):
     path = write_config(tmp_path)
     assert train_main(["--config", str(path), "--agent", "ppo", "budget=6"]) == 0
     metrics = read_metrics(tmp_path / "runs" / "tiny_ppo")
-    assert metrics["n_evaluations"] == 6 + 1 and metrics["action_mode"] == "sparsity" and metrics["n_steps"] == 1
+    # exactly the budget: 5 training steps and the final deterministic episode's one
+    assert metrics["n_evaluations"] == 6 and metrics["action_mode"] == "sparsity" and metrics["n_steps"] == 1
     assert metrics["flops_reduction"] == pytest.approx(0.4, abs=0.03)
-    assert len(read_steps(tmp_path / "runs" / "tiny_ppo")) == 7
+    assert len(read_steps(tmp_path / "runs" / "tiny_ppo")) == 6
     assert train_main(["--config", str(path), "--agent", "random_search", "budget=6"]) == 0
     assert read_metrics(tmp_path / "runs" / "tiny_random_search")["n_evaluations"] == 6  # 2 per step
     assert train_main(["--config", str(path), "--agent", "uniform", "budget=6"]) == 0
