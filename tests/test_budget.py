@@ -194,3 +194,18 @@ def test_keep_for_action_rejects_inconsistent_arguments():
         keep_for_action([0.1, 0.2, 0.3], "distribution", CURRENT, LAYERS, keep_counts)
     with pytest.raises(ValueError, match="action_mode"):
         keep_for_action([0.1, 0.2, 0.3], "scores", CURRENT, LAYERS, keep_counts)
+
+
+@pytest.mark.parametrize("action", [[0.2, 0.5, 0.9], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+def test_keep_for_action_distribution_removes_whole_blocks_of_a_grouped_group(action):
+    # group 1 is a grouped conv with 4 channels per conv group: it keeps a multiple of 4, and the goal is still
+    # met within one block of the costliest group
+    gran = np.array([1, 4, 1])
+    step = keep_for_action(action, "distribution", CURRENT, LAYERS, keep_counts, reduction=linear_reduction,
+                           goal=0.4, max_step_sparsity=0.9, granularity=gran)
+    assert step.reachable and step.keep[1] % 4 == 0 and step.reached == pytest.approx(linear_reduction(step.keep))
+    one_block = np.max(WEIGHT * gran) / (WEIGHT * CURRENT).sum()
+    assert abs(step.reached - 0.4) <= 2 * one_block
+    with pytest.raises(ValueError, match="granularity must have one entry per group"):
+        keep_for_action(action, "distribution", CURRENT, LAYERS, keep_counts, reduction=linear_reduction, goal=0.4,
+                        granularity=[1, 4])

@@ -14,12 +14,12 @@ import numpy as np
 ArrayLike = Sequence[float] | np.ndarray
 
 
-def _as_counts(layer_counts: ArrayLike, n: int) -> np.ndarray:
+def _as_counts(layer_counts: ArrayLike, n: int, what: str = "layer_counts") -> np.ndarray:
     counts = np.asarray(layer_counts, dtype=np.int64).reshape(-1)
     if counts.shape != (n,):
-        raise ValueError(f"layer_counts must have one entry per group ({n}), got shape {counts.shape}")
+        raise ValueError(f"{what} must have one entry per group ({n}), got shape {counts.shape}")
     if np.any(counts < 1):
-        raise ValueError(f"layer_counts must be >= 1 for every group, got {counts.tolist()}")
+        raise ValueError(f"{what} must be >= 1 for every group, got {counts.tolist()}")
     return counts
 
 
@@ -223,7 +223,7 @@ class StepKeep:
 def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, layer_counts: ArrayLike,
                     keep_counts: Callable[[np.ndarray], np.ndarray],
                     reduction: Optional[Callable[[np.ndarray], float]] = None, goal: Optional[float] = None,
-                    max_step_sparsity: float = 0.9) -> StepKeep:
+                    max_step_sparsity: float = 0.9, granularity: Optional[ArrayLike] = None) -> StepKeep:
     """Kept channels per group for a validated action: the env's whole action -> budget mapping.
 
     * ``"sparsity"``: entry g is the fraction of group g's current channels to remove, clipped to
@@ -245,6 +245,8 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
         sparsity mode); must not decrease as fewer channels are kept.
     :param goal: cumulative reduction the step must reach (with ``reduction``).
     :param max_step_sparsity: largest fraction of a group removed in one step (sparsity mode).
+    :param granularity: channels each group removes together (grouped convs: channels per conv group; default
+        1): distribution-mode removals are counted in whole blocks, so the costed kept vector is the one built.
     """
     a = np.asarray(action, dtype=np.float64).reshape(-1)
     cur = np.asarray(current, dtype=np.int64).reshape(-1)
@@ -306,9 +308,11 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
     floor = kept(np.ones(cur.size))
     max_remove = cur - floor
     dist = normalize_distribution(np.clip(a, 0.0, None), eligible=max_remove > 0)
+    block = np.ones(cur.size, dtype=np.int64) if granularity is None else _as_counts(granularity, cur.size, "granularity")
 
     def removed_by(d: np.ndarray, m: int, cap: np.ndarray) -> np.ndarray:
-        return distribution_to_counts(d, counts, m, cap)
+        # whole blocks only (down: removals never exceed what the budget M pays for)
+        return distribution_to_counts(d, counts, m, cap) // block * block
 
     def keep_for_budget(m: int) -> np.ndarray:
         return cur - removed_by(dist, m, max_remove)

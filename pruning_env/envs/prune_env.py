@@ -407,7 +407,7 @@ class PruneEnv(gym.Env):
         return keep_for_action(a, self.action_mode, state.channels, self.layer_counts, pruner.keep_counts,
                                reduction=reduction, goal=cumulative_goal(self.target, state.step_index + 1,
                                                                          self.n_steps),
-                               max_step_sparsity=self.max_step_sparsity)
+                               max_step_sparsity=self.max_step_sparsity, granularity=pruner.granularity)
 
     def _build_candidates(self, state: _State, actions: Sequence[np.ndarray],
                           backend: CandidateBackend) -> List[_Candidate]:
