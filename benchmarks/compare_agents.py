@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdict-epochs", type=int, default=None,
                    help="judge the bar on the fine-tune-length check of this many epochs (every seed of an agent "
                         "must have it) instead of the runs' own fine-tune")
+    p.add_argument("--tag", default="", help="suffix of the result files (compare_agents_TAG.*), e.g. for a "
+                   "--set variant")
     p.add_argument("--note", default="", help="a paragraph for the top of the markdown (e.g. what was cut)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables from finished runs")
     return p
@@ -445,7 +447,7 @@ def missing_units(missing: Sequence[Tuple[str, str, int]]) -> List[str]:
 
 
 def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], failures: Dict[str, str],
-                    missing: List[Tuple[str, str, int]]) -> str:
+                    missing: List[Tuple[str, str, int]], stem: str = "compare_agents") -> str:
     lines = [f"# RL agents vs non-RL baselines at equal evaluation budget ({meta['task']})", "",
              meta["task_long"], "",
              *([meta["note"], ""] if meta["note"] else []),
@@ -467,7 +469,7 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
     for t, block in per_target.items():
         lines += target_section(t, block, meta["budget"])
     lines += failures_section(failures, missing_units(missing), "the run folder's error.txt")
-    lines += ["![test accuracy per agent and target](compare_agents.png)", "",
+    lines += [f"![test accuracy per agent and target]({stem}.png)", "",
               f"Benchmark wall time: {meta['units_wall_s'] / 60:.1f} min summed over the {meta['n_units']} "
               f"finished units (each unit's `seconds.total`).", "",
               f"Command: `{meta['command']}`", ""]
@@ -493,6 +495,7 @@ def command_args(argv: Sequence[str]) -> List[str]:
 def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Path:
     """Gather every finished unit of ``--agents`` x ``--targets`` x seeds; write compare_agents.md|json|png."""
     results = Path(args.results)
+    stem = "compare_agents" + (f"_{args.tag}" if args.tag else "")
     failures: Dict[str, str] = {}
     missing: List[Tuple[str, str, int]] = []
     per_target: Dict[str, Dict[str, Any]] = {}
@@ -527,7 +530,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Pat
             "original_test": finished[0]["original"]["test_top1"] if finished else float("nan")}
     if not done:
         print("no finished units yet: nothing to report", file=sys.stderr)
-        return results / "compare_agents.md"
+        return results / f"{stem}.md"
     ref = done[0]
     cfg = load_config(args.config, unit_overrides(args, args.targets[0]))
     env = cfg.env_kwargs(args.agents[0])
@@ -536,7 +539,8 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Pat
         "task_long": (f"Task: {env.get('model')} width {env.get('width')} pretrained on `{ref['dataset']}` "
                       f"(checkpoint `{env.get('checkpoint')}`), pruned to each target FLOPs reduction (budget), "
                       f"reward = accuracy + {ref['alpha']} · FLOPs reduction + {ref['beta']} · params reduction. "
-                      f"RL-Pruner and the heuristics prune in {env.get('n_steps')} steps (distribution mode)."),
+                      f"RL-Pruner and the heuristics prune in {env.get('n_steps')} step(s) ({env.get('action_mode')} mode), "
+                      f"without fine-tuning between steps; SB3 agents always prune in one step (sparsity mode)."),
         "budget": budget, "seeds": seeds, "targets": args.targets, "agents": args.agents, "config": str(args.config),
         "reward_estimator": env.get("reward_estimator", "vanilla"),
         "reward_train_images": env.get("reward_train_images", 256), "reward_samples": env.get("reward_samples"),
@@ -555,10 +559,10 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Pat
                "runs": [{k: v for k, v in m.items() if not k.startswith("_") and k not in ("group_names", "actions")}
                         for m in done]}
     results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(payload, indent=2, default=float), results / "compare_agents.json")
-    plot(per_target, results / "compare_agents.png")
-    atomic_write_text(render_markdown(meta, per_target, failures, missing), results / "compare_agents.md")
-    return results / "compare_agents.md"
+    atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
+    plot(per_target, results / f"{stem}.png")
+    atomic_write_text(render_markdown(meta, per_target, failures, missing, stem), results / f"{stem}.md")
+    return results / f"{stem}.md"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
