@@ -3,8 +3,10 @@ ours beside Torch-Pruning with the same settings.
 
     python benchmarks/bench_generality.py                 # all classifiers, CPU, 1 thread, resumable
     python benchmarks/bench_generality.py --models resnext50_32x4d convnext_tiny --retry
+    python benchmarks/bench_generality.py --models vit_b_16 swin_t convnext_tiny --prune-normalized --no-torch-pruning
 Writes benchmarks/results/bench_generality.md|json after every model; models already in the json are skipped
-(``--retry`` redoes those where either tool was not ok, among the listed ones if any). Per model and tool:
+(``--retry`` redoes those where either tool was not ok, among the listed ones if any; ``--prune-normalized`` those
+without its column), and a rerun keeps the columns it does not recompute. Per model and tool:
 ok / refused (the message) / wrong / error, MACs kept (our hook counter and ``FlopCounterMode``), the max
 |pruned - zeroed| logit difference and the seconds. Models above ``--max-params`` are skipped (the forward
 passes and the copies the check needs outgrow this shared machine).
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--retry", action="store_true", help="redo models already in the json that are not ok")
     p.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
+    p.add_argument("--prune-normalized", action="store_true",
+                   help="add a column: ours with Pruner(prune_normalized=True) (the LayerNorm-ed embedding width "
+                        "pruned too), checked against the zeroed source with LayerNorm statistics over kept channels")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one model in a fresh process: its row
     return p
@@ -89,10 +94,11 @@ def tolerance(scale: float) -> float:
     return 1e-4 * (1.0 + scale)
 
 
-def run_ours(model: nn.Module, x: torch.Tensor, sparsity: float, base: Dict[str, int]) -> Dict[str, Any]:
+def run_ours(model: nn.Module, x: torch.Tensor, sparsity: float, base: Dict[str, int],
+             prune_normalized: bool = False) -> Dict[str, Any]:
     t0 = time.perf_counter()
     try:
-        pruner = Pruner(model, x)
+        pruner = Pruner(model, x, prune_normalized=prune_normalized)
     except UnsupportedModelError as err:
         return {"status": "refused", "message": str(err), "seconds": time.perf_counter() - t0}
     pruner.compute_importance(criterion="l1")
@@ -202,7 +208,10 @@ def bench_model(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(2))
     base = {"macs": count_costs(model, tuple(x.shape[1:])).macs, "flop_macs": flop_macs(model, x)}
     row.update(base)
-    for key, fn in (("ours", run_ours), ("torch_pruning", run_torch_pruning)):
+    tools: Dict[str, Callable[..., Dict[str, Any]]] = {"ours": run_ours, "torch_pruning": run_torch_pruning}
+    if args.prune_normalized:
+        tools["ours_normalized"] = lambda *a: run_ours(*a, prune_normalized=True)
+    for key, fn in tools.items():
         if key == "torch_pruning" and args.no_torch_pruning:
             continue
         signal.alarm(args.timeout)
@@ -228,8 +237,10 @@ def _cell(r: Optional[Dict[str, Any]]) -> str:
 
 def to_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     done = [r for r in rows if "skipped" not in r]
+    tools = ("ours", "torch_pruning", "ours_normalized")
     count = {tool: {s: sum(1 for r in done if r.get(tool, {}).get("status") == s)
-                    for s in ("ok", "differs", "refused", "wrong", "error")} for tool in ("ours", "torch_pruning")}
+                    for s in ("ok", "differs", "refused", "wrong", "error")} for tool in tools}
+    normalized = [r for r in done if "ours_normalized" in r]
     lines = ["# Engine generality: torchvision classifiers at 50 % channel sparsity", "",
              f"Random init, {meta['size']}x{meta['size']}, batch 1, uniform sparsity {meta['sparsity']} per group (L1 "
              "importance), the final classifier kept; Torch-Pruning "
@@ -242,16 +253,20 @@ def to_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
              "json); error: an exception (message in the json). Torch-Pruning's zeroed reference uses the groups "
              "it prunes, collected on an unpruned copy. Ours prunes attention heads as groups (ViT, Swin) and "
              "keeps the LayerNorm-ed embedding width and MaxViT's attention whole; both MACs columns include the "
-             "attention products.", "",
+             "attention products. The column `ours, prune_normalized` (run for the models with LayerNorm-ed channels) "
+             "is `Pruner(prune_normalized=True)`: the embedding width is one more group, and ok means equal to the "
+             "zeroed source whose LayerNorms take their statistics over the kept channels (`zeroed_copy`).", "",
              f"**Counts over {len(done)} models:** ours " + ", ".join(f"{v} {k}" for k, v in count["ours"].items())
-             + "; Torch-Pruning " + ", ".join(f"{v} {k}" for k, v in count["torch_pruning"].items()) + ".", "",
-             "| model | params (M) | ours | Torch-Pruning |", "|---|---:|---|---|"]
+             + "; Torch-Pruning " + ", ".join(f"{v} {k}" for k, v in count["torch_pruning"].items())
+             + f"; ours with prune_normalized (over {len(normalized)} models) "
+             + ", ".join(f"{v} {k}" for k, v in count["ours_normalized"].items()) + ".", "",
+             "| model | params (M) | ours | Torch-Pruning | ours, prune_normalized |", "|---|---:|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | skipped: {r['skipped']} | |")
+            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | skipped: {r['skipped']} | | |")
         else:
             lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f} | {_cell(r.get('ours'))} | "
-                         f"{_cell(r.get('torch_pruning'))} |")
+                         f"{_cell(r.get('torch_pruning'))} | {_cell(r.get('ours_normalized'))} |")
     refused = [r for r in done if r.get("ours", {}).get("status") == "refused"]
     if refused:
         lines += ["", "Refusals (ours):", ""]
@@ -268,6 +283,8 @@ def run_worker(name: str, args: argparse.Namespace) -> Dict[str, Any]:
            "--timeout", str(args.timeout), "--threads", str(args.threads)]
     if args.no_torch_pruning:
         cmd.append("--no-torch-pruning")
+    if args.prune_normalized:
+        cmd.append("--prune-normalized")
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3 * args.timeout + 120)
     except subprocess.TimeoutExpired:
@@ -295,8 +312,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     by_name = {r["model"]: r for r in rows}
 
     def redo(row: Dict[str, Any]) -> bool:
+        if args.prune_normalized and "skipped" not in row and "ours_normalized" not in row:
+            return True
         return args.retry and (bool(args.models) or "skipped" not in row) and any(
-            row.get(tool, {}).get("status") not in ("ok", None) for tool in ("ours", "torch_pruning"))
+            row.get(tool, {}).get("status") not in ("ok", None)
+            for tool in ("ours", "torch_pruning", "ours_normalized"))
 
     todo = [n for n in names if n not in by_name or redo(by_name[n])]
     try:
@@ -312,11 +332,14 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         atomic_write_text(to_markdown(rows, meta), out / "bench_generality.md"))
     for name in tqdm(todo, desc="models"):
         row = run_worker(name, args)
+        if "skipped" not in row and "skipped" not in by_name.get(name, {"skipped": ""}):
+            row = {**by_name[name], **row}  # keep the columns this run did not recompute
         by_name[name] = row
         rows = sorted(by_name.values(), key=lambda r: r["model"])
         write()
         tqdm.write(f"{name}: ours {row.get('ours', {}).get('status', row.get('skipped'))}, "
-                   f"torch-pruning {row.get('torch_pruning', {}).get('status', '-')}")
+                   f"torch-pruning {row.get('torch_pruning', {}).get('status', '-')}, "
+                   f"ours with prune_normalized {row.get('ours_normalized', {}).get('status', '-')}")
     write()
     return rows
 

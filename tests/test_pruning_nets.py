@@ -165,7 +165,7 @@ def check_built(model, pruner, x, plan):
     # ... and so does a fresh trace, unless a depthwise conv is down to one channel or a grouped conv to one
     # conv group (then it looks like a plain conv, which is why child() derives the groups instead of re-tracing)
     if np.all(plan.num_kept > pruner.granularity):
-        fresh = Pruner(new, x[:1])
+        fresh = Pruner(new, x[:1], prune_normalized=pruner.prune_normalized)
         assert fresh.group_names == pruner.group_names
         assert np.array_equal(fresh.num_channels, plan.num_kept)
     return new

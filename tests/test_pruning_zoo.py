@@ -81,7 +81,8 @@ def hooked_group_costs(model, pruner, input_size):
         macs[f"{n}.{proj_name}"] = macs.get(f"{n}.{proj_name}", 0) + proj_macs
         macs[n] = macs.get(n, 0) + attention_macs(m, args, kwargs) - proj_macs
 
-    hooked = {n for group in layers for n in group} | {n for n, m in modules.items() if attention_handler(m)}
+    hooked = {n for group in layers for n in group if n in modules} | {n for n, m in modules.items()
+                                                                       if attention_handler(m)}
     handles = [modules[n].register_forward_hook(
         lambda m, args, kwargs, out, n=n: count(m, args, kwargs, out, n), with_kwargs=True) for n in hooked]
     with torch.no_grad():
@@ -89,7 +90,9 @@ def hooked_group_costs(model, pruner, input_size):
     for h in handles:
         h.remove()
     g_macs = np.array([sum(macs.get(n, 0) for n in group) for group in layers], dtype=np.float64)
-    g_params = np.array([sum(p.numel() for n in group for p in modules[n].parameters(recurse=False))
+    # a follower that is no module is a parameter used outside any layer (prune_normalized)
+    g_params = np.array([sum(sum(p.numel() for p in modules[n].parameters(recurse=False)) if n in modules
+                             else model.get_parameter(n).numel() for n in group)
                          for group in layers], dtype=np.float64)
     return g_macs, g_params
 

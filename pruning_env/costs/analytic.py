@@ -57,7 +57,8 @@ class BilinearTerms:
 class CostTerms:
     """MACs per image and params of a graph's model at any group widths.
 
-    :ivar layers: names of the layers whose cost depends on the widths (conv, linear, norm, depthwise).
+    :ivar layers: names of the layers whose cost depends on the widths (conv, linear, norm, depthwise, attention),
+        then of the parameters used outside any layer whose channels follow a group.
     :ivar macs_const: MACs of layers whose channels never change (grouped convs, token-wise linears, ...).
     :ivar params_const: params outside :attr:`layers` (embeddings, fixed layers, ...).
     """
@@ -128,6 +129,12 @@ class CostTerms:
                     for p in (m.weight, m.bias):
                         if p is not None:
                             param_rows.append((1, one, e, li))
+            elif call.role == "layernorm":  # parameters only: the counter charges LayerNorm no MACs
+                e = expr(spec.out_layout, m.normalized_shape[0])
+                if first:
+                    for p in (m.weight, m.bias):
+                        if p is not None:
+                            param_rows.append((1, one, e, li))
             elif call.role == "attention":  # out_layout: the q features of its heads, (head, num_heads, head_dim)
                 head_dim = spec.out_layout[0].block
                 e_q = expr(spec.out_layout, 0)
@@ -151,6 +158,11 @@ class CostTerms:
             if first:
                 handled_params += sum(p.numel() for p in (getattr(m, "weight", None), getattr(m, "bias", None))
                                       if isinstance(p, torch.Tensor))
+        for name, pspec in graph.params.items():
+            p = graph.model.get_parameter(name)
+            li = layer_index.setdefault(name, len(layer_index))
+            param_rows.append((p.numel() // p.shape[pspec.dim], one, expr(pspec.layout, p.shape[pspec.dim]), li))
+            handled_params += p.numel()
         return cls(layers=tuple(layer_index), macs_const=macs_const,
                    params_const=count_params(graph.model) - handled_params,
                    macs=BilinearTerms.stack(macs_rows, n_groups), params=BilinearTerms.stack(param_rows, n_groups))

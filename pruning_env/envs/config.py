@@ -118,6 +118,8 @@ class PruneEnvConfig:
     """round kept channels to a multiple of this (>= 1)."""
     ignore_layers: Tuple[str, ...] = ()
     """layer names the pruner leaves untouched."""
+    prune_normalized: bool = False
+    """also prune the channels a LayerNorm normalises (the embedding width of ViT, Swin, ConvNeXt)."""
     # ---- recovery between steps
     recovery: Optional[str] = None
     """None, ``"kd"`` (distillation from the teacher) or ``"ce"``: fine-tune after each non-final step."""
@@ -205,6 +207,7 @@ class PruneEnvConfig:
         if isinstance(self.ignore_layers, str) or not all(isinstance(n, str) for n in self.ignore_layers):
             raise TypeError(f"ignore_layers must be a list of layer names, got {self.ignore_layers!r}")
         self.ignore_layers = tuple(self.ignore_layers)
+        _bool("prune_normalized", self.prune_normalized)
         _choice("recovery", self.recovery, RECOVERY_MODES)
         _int("recovery_batches", self.recovery_batches, low=0)
         _int("recovery_epochs", self.recovery_epochs, low=0)

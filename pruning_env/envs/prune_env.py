@@ -207,7 +207,7 @@ class PruneEnv(gym.Env):
     def _make_pruner(self, model: nn.Module) -> Pruner:
         return Pruner(model, torch.zeros((1, *self.input_size), device=self.device),
                       ignore=self.config.ignore_layers, min_channels=self.config.min_channels,
-                      round_to=self.config.round_to)
+                      round_to=self.config.round_to, prune_normalized=self.config.prune_normalized)
 
     def _refuse_unreachable_target(self, probe: Pruner) -> None:
         """A budget whose target even every group at its channel floor cannot reach is refused before any

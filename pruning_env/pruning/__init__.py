@@ -9,7 +9,7 @@ from pruning_env.pruning.importance import (CRITERIA, Batches, Importance, Magni
                                             TaylorImportance, VarianceImportance)
 from pruning_env.pruning.pruner import PerGroup, Pruner, PrunePlan
 from pruning_env.pruning.surgery import HANDLERS, LayerHandler, handler_for
-from pruning_env.pruning.verify import zeroed_copy
+from pruning_env.pruning.verify import KeptStatisticsReference, zeroed_copy
 
 __all__ = [
     "DependencyGraph",
@@ -31,6 +31,7 @@ __all__ = [
     "LayerHandler",
     "handler_for",
     "zeroed_copy",
+    "KeptStatisticsReference",
     "OPAQUE_TYPES",
     "AttentionHandler",
     "attention_handler",

@@ -23,6 +23,7 @@ __all__ = [
     "Segment",
     "Group",
     "ModuleSpec",
+    "ParamSpec",
     "LayerCall",
     "DependencyGraph",
     "UnsupportedModelError",
@@ -84,7 +85,8 @@ class Group:
     :ivar name: readable, unique name (the member's name, or e.g. ``"layer2 residual (a+b+c+...)"``).
     :ivar members: conv/linear layers whose output channels the group removes (execution order).
     :ivar num_channels: current number of channels of the group.
-    :ivar followers: BatchNorm and depthwise layers whose channels follow the group.
+    :ivar followers: BatchNorm, LayerNorm and depthwise layers whose channels follow the group, and parameters used
+        outside any layer (qualified names, see :class:`ParamSpec`).
     :ivar consumers: conv/linear layers whose input channels (or flattened features) follow the group.
     :ivar kind: ``"layer"`` (one producer), ``"residual"`` (merged by addition) or ``"se"`` (by a multiply).
     :ivar granularity: channels are removed in aligned blocks of this many (the per-group width of a grouped
@@ -111,17 +113,33 @@ class ModuleSpec:
 
     name: str
     module: nn.Module
-    role: str  # "conv", "linear", "norm", "depthwise", "attention" (out_layout: the q features of its heads)
+    role: str  # "conv", "linear", "norm", "layernorm", "depthwise", "attention" (out_layout: q features of heads)
     out_layout: Optional[Layout] = None  # resolved: Segment.source is a group index or None
     in_layout: Optional[Layout] = None
+
+
+@dataclass
+class ParamSpec:
+    """A parameter the forward pass uses outside any layer (added, multiplied or concatenated to channels), whose
+    dim ``dim`` follows a group: ViT's class token and position embedding, ConvNeXt's layer scale. Traced only with
+    ``prune_normalized``.
+
+    :ivar name: qualified parameter name (``"encoder.pos_embedding"``).
+    :ivar dim: the parameter's dim that holds the channels.
+    :ivar layout: the channels of that dim (resolved: ``Segment.source`` is a group index or ``None``).
+    """
+
+    name: str
+    dim: int
+    layout: Layout
 
 
 @dataclass(frozen=True)
 class LayerCall:
     """One call of a conv/linear/norm layer during the trace, as the analytic cost model needs it.
 
-    :ivar role: ``"conv"``, ``"linear"``, ``"norm"``, ``"depthwise"``, ``"attention"`` (widths follow the
-        groups; the layer's layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never
+    :ivar role: ``"conv"``, ``"linear"``, ``"norm"``, ``"layernorm"``, ``"depthwise"``, ``"attention"`` (widths
+        follow the groups; the layer's layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never
         change, e.g. a grouped conv that changes the width, or a layer inside an opaque module) or ``"other"``
         (no group touches it).
     :ivar positions: output positions per channel (spatial size; rows or tokens for linear layers).
@@ -168,8 +186,11 @@ _PERMUTE_OPS = {"permute", "transpose", "transpose_", "swapaxes", "swapdims"}
 # Channel-dim markers of a tensor whose channels a view split into (groups, per group), before / after the
 # transpose of a channel shuffle.
 _SPLIT, _SHUFFLED = -1, -2
-# Ops that normalise over the channels: removing one would change every other one, so their inputs are kept.
+# Ops that normalise over the channels: removing one would change every other one, so their inputs are kept
+# (``layer_norm`` of an ``nn.LayerNorm`` over the channel dim is pruned instead with ``prune_normalized``).
 _FREEZE_OPS = {"layer_norm", "rms_norm"}
+# Ops that repeat a parameter along its size-1 dims: the channels of the result are the parameter's.
+_EXPAND_OPS = {"expand", "expand_as"}
 
 #: Module types traced as opaque (extension point): every channel they read is kept and their insides are not
 #: traced; their conv/linear layers and attention products still count in the costs. Any module whose class name
@@ -284,9 +305,15 @@ class _AttentionFrame:
 
 
 class _Tracer:
-    def __init__(self, model: nn.Module, ignore: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, ignore: Sequence[str], prune_normalized: bool = False) -> None:
         self.model = model
         self.ignore = set(ignore)
+        self.prune_normalized = prune_normalized
+        # with prune_normalized: id(tensor) -> (tensor, parameter, qualified name) for the model's parameters and
+        # their expanded views; the parameters met beside channels become sources: name -> (source id, dim)
+        self.params: Dict[int, Tuple[torch.Tensor, nn.Parameter, str]] = {
+            id(p): (p, p, n) for n, p in model.named_parameters()} if prune_normalized else {}
+        self.param_sources: Dict[str, Tuple[int, int]] = {}
         # id(tensor) -> (tensor, layout of its channel dim, which dim holds the channels)
         self.layouts: Dict[int, Tuple[torch.Tensor, Layout, int]] = {}
         self.uf = _UnionFind()
@@ -368,9 +395,12 @@ class _Tracer:
         tensors = [t for t in flat_in if isinstance(t, torch.Tensor)]
         sourced = [(t, self.layout(t)) for t in tensors]
         sourced = [(t, lay) for t, lay in sourced if lay is not None]
-        if not sourced:
-            return
         name = getattr(func, "__name__", str(func))
+        if not sourced:
+            if name in _EXPAND_OPS and args and self.param_of(args[0]) is not None and isinstance(out, torch.Tensor):
+                _, param, pname = self.param_of(args[0])
+                self.params[id(out)] = (out, param, pname)  # e.g. ViT's class token expanded to the batch
+            return
         if name.startswith("_") and not name.startswith("__"):
             name = name[1:]  # boolean-dispatch helpers such as _max_pool2d
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
@@ -378,6 +408,8 @@ class _Tracer:
             if name == "__setitem__" and not all(self.is_fixed(lay) for _, lay in sourced):
                 raise self.unsupported("an in-place item assignment", sourced[0][1])
             return  # shape queries, python scalars: channels are not affected
+        if name == "layer_norm" and self.prune_normalized and self.on_layer_norm(args, kwargs, sourced, outs):
+            return
         if name in _FREEZE_OPS:
             # normalised over the channels (statistics would change if one went): keep them all
             for _, lay in sourced:
@@ -404,6 +436,50 @@ class _Tracer:
             # every channel involved is kept anyway: whatever the op does, the pruned model computes the same
             for o in outs:
                 self.set_layout(o, None)
+
+    def param_of(self, t: Any) -> Optional[Tuple[torch.Tensor, nn.Parameter, str]]:
+        """``(tensor, parameter, name)`` if ``t`` is a parameter of the model or an expanded view of one."""
+        entry = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return entry if entry is not None and entry[0] is t else None
+
+    def param_layout(self, t: torch.Tensor, dim: int) -> Optional[Layout]:
+        """The layout of dim ``dim`` of ``t`` if ``t`` is a parameter (or an expanded view) whose own dim there
+        holds one value per channel: the parameter becomes a source, sliced along that dim by the surgery."""
+        entry = self.param_of(t)
+        if entry is None:
+            return None
+        _, param, pname = entry
+        pdim = dim - (t.dim() - param.dim())  # expanded views and broadcasting align the trailing dims
+        if pdim < 0 or param.shape[pdim] != t.shape[dim] or t.shape[dim] == 1:
+            return None
+        sid, known = self.param_sources.get(pname, (None, pdim))
+        if known != pdim:
+            raise UnsupportedModelError(f"parameter {pname!r} meets channels along its dims {known} and {pdim} in "
+                                        f"{self.where()}; it cannot follow one channel group. Pass the layers "
+                                        f"producing them in `ignore` or use prune_normalized=False.")
+        if sid is None:
+            sid = self.uf.add()
+            self.source_names.append(pname)
+            self.source_channels.append(int(param.shape[pdim]))
+            self.param_sources[pname] = (sid, pdim)
+        return (Segment(sid, int(param.shape[pdim])),)
+
+    def on_layer_norm(self, args, kwargs, sourced, outs) -> bool:
+        """An ``nn.LayerNorm`` over the channel dim alone (incl. torchvision's ``LayerNorm2d`` between permutes):
+        its weight and bias follow the channels, its statistics are over the kept ones. Returns False (the caller
+        freezes the channels) for any other use of ``layer_norm``."""
+        x = args[0] if args else kwargs.get("input")
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        module = self.model.get_submodule(self.stack[-1]) if self.stack else self.model
+        layout = self.layout(x)
+        if (len(sourced) != 1 or sourced[0][0] is not x or not isinstance(module, nn.LayerNorm)
+                or len(tuple(shape)) != 1 or self.cdim(x) != x.dim() - 1 or len(outs) != 1):
+            return False
+        name = self.stack[-1]
+        self.calls.append(_Call(name, module, "layernorm", layout, layout, x.numel() // x.shape[0] // x.shape[-1],
+                                0))
+        self.set_layout(outs[0], layout, outs[0].dim() - 1)
+        return True
 
     def on_split(self, name: str, args, kwargs, sourced, outs) -> None:
         """A channel shuffle: ``view`` splitting the channels into (groups, per group), ``transpose(1, 2)``,
@@ -556,6 +632,9 @@ class _Tracer:
             aligned = a.dim() == o.dim()
             idx = out_c - (o.dim() - a.dim())  # the operand's dim that broadcasting aligns with channels
             channels = a.shape[idx] if 0 <= idx < a.dim() else 1
+            if lay is None and out_c is not None and channels > 1:
+                lay = self.param_layout(a, idx)  # a learned per-channel tensor (layer scale, position embedding)
+                aligned = aligned or lay is not None
             if lay is not None and not aligned:
                 raise self.unsupported(f"the op {name!r} broadcasting a {a.dim()}-d tensor to {o.dim()}-d", lay)
             if lay is not None and a.shape[idx] == 1 and o.shape[out_c] > 1:
@@ -590,11 +669,11 @@ class _Tracer:
         if dim == c:
             layout: List[Segment] = []
             for t in tensors:
-                lay = self.layout(t)
+                lay = self.layout(t) or self.param_layout(t, c)
                 layout.extend(lay if lay is not None else (Segment(FIXED, int(t.shape[c])),))
             self.set_layout(out, tuple(layout), c)
             return
-        lays = [self.layout(t) for t in tensors]
+        lays = [self.layout(t) or self.param_layout(t, c) for t in tensors]
         base = next(lay for lay in lays if lay is not None)
         for t, lay in zip(tensors, lays):
             self.tie(base, lay if lay is not None else (Segment(FIXED, int(t.shape[c])),), "residual",
@@ -721,7 +800,9 @@ class _Tracer:
         else:
             self.calls.append(_Call(f"{name}.{qkv_name}", module.get_submodule(qkv_name), "linear",
                                     frame.in_layout, heads * 3, tokens, qkv_macs))
-            self.calls.append(_Call(name, module, "attention", None, heads, tokens, matmul_macs, context))
+            # its input layout makes a narrower embedding swap in the head-pruned forward (read from the weights)
+            self.calls.append(_Call(name, module, "attention", frame.in_layout, heads, tokens, matmul_macs,
+                                    context))
         proj, proj_name = module.get_submodule(out_name), f"{name}.{out_name}"
         out_layout: Optional[Layout] = None
         if proj_name not in self.ignore:
@@ -883,18 +964,21 @@ class DependencyGraph:
     cost model, :class:`pruning_env.costs.analytic.CostTerms`, is built from :attr:`calls`).
 
     :ivar calls: every conv/linear/norm call of the trace in execution order (a layer called twice appears twice).
+    :ivar params: parameters used outside any layer whose channels follow a group, by qualified name (only with
+        ``prune_normalized``).
     :ivar traced_macs: MACs per image the trace counted (``None`` for a derived graph, which was not traced).
     """
 
     def __init__(self, model: nn.Module, groups: List[Group], specs: Dict[str, ModuleSpec],
-                 calls: Tuple[LayerCall, ...], input_size: Tuple[int, ...], traced_macs: Optional[int] = None
-                 ) -> None:
+                 calls: Tuple[LayerCall, ...], input_size: Tuple[int, ...], traced_macs: Optional[int] = None,
+                 params: Optional[Dict[str, ParamSpec]] = None) -> None:
         self.model = model
         self.groups = groups
         self.specs = specs
         self.calls = calls
         self.input_size = input_size
         self.traced_macs = traced_macs
+        self.params = params or {}
 
     @property
     def num_channels(self) -> np.ndarray:
@@ -912,27 +996,29 @@ class DependencyGraph:
         return np.array([g.granularity for g in self.groups], dtype=np.int64)
 
     @classmethod
-    def build(cls, model: nn.Module, example_input: ExampleInput, ignore: Iterable[Union[str, nn.Module]] = ()
-              ) -> "DependencyGraph":
+    def build(cls, model: nn.Module, example_input: ExampleInput, ignore: Iterable[Union[str, nn.Module]] = (),
+              prune_normalized: bool = False) -> "DependencyGraph":
         """Trace ``model`` on ``example_input`` and find its prunable groups.
 
         :param model: any ``nn.Module`` built from standard layers and functional glue; it is not modified.
         :param example_input: one input batch (tensor, tuple of positional tensors or dict of keyword tensors).
         :param ignore: layer names or modules whose output channels must never be removed.
+        :param prune_normalized: also prune the channels an ``nn.LayerNorm`` normalises (a transformer's or
+            ConvNeXt's embedding width), with the parameters added to them; off, they are kept whole.
         :raises UnsupportedModelError: when a construct would make pruning unsafe (names the module).
         """
         ignored = _resolve_ignore(model, ignore)
         if isinstance(example_input, torch.Tensor) and example_input.dim() >= 2 and example_input.shape[0] == 1:
             # a batch of one makes batch and channel dims ambiguous for squeeze/view: trace on two copies
             example_input = torch.cat([example_input, example_input], 0)
-        tracer = _Tracer(model, ignored)
+        tracer = _Tracer(model, ignored, prune_normalized)
         tracer.run(example_input)
         input_size = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else ()
         graph = cls._finalize(model, tracer, input_size)
         if not graph.groups:
             raise UnsupportedModelError(f"found no prunable channel group in {type(model).__name__}: every channel "
-                                        f"is ignored, normalised jointly (LayerNorm), read by an opaque module "
-                                        f"(attention) or an output")
+                                        f"is ignored, normalised jointly (LayerNorm; see prune_normalized), read "
+                                        f"by an opaque module (attention) or an output")
         return graph
 
     def derive(self, model: nn.Module, num_channels: Sequence[int]) -> "DependencyGraph":
@@ -966,13 +1052,19 @@ class DependencyGraph:
             new = ModuleSpec(name, module, spec.role, update(spec.out_layout), update(spec.in_layout))
             self._check_shapes(new)
             specs[name] = new
+        params = {name: ParamSpec(name, spec.dim, update(spec.layout)) for name, spec in self.params.items()}
+        for spec in params.values():
+            size = model.get_parameter(spec.name).shape[spec.dim]
+            if size != _layout_features(spec.layout):
+                raise ValueError(f"parameter {spec.name!r} has {size} channels in dim {spec.dim} but the plan gives "
+                                 f"{_layout_features(spec.layout)}: the model does not match these widths")
         for g, c in zip(self.groups, counts):
             if c % g.granularity:
                 raise ValueError(f"group {g.name!r} removes channels in blocks of {g.granularity}, so its width "
                                  f"must be a multiple of {g.granularity}, got {c}")
         groups = [Group(g.name, g.members, c, g.followers, g.consumers, g.kind, g.granularity)
                   for g, c in zip(self.groups, counts)]
-        return DependencyGraph(model, groups, specs, self.calls, self.input_size)
+        return DependencyGraph(model, groups, specs, self.calls, self.input_size, params=params)
 
     @staticmethod
     def _check_shapes(spec: ModuleSpec) -> None:
@@ -984,6 +1076,8 @@ class DependencyGraph:
         elif spec.role == "attention":
             heads, head_dim = attention_handler(m).heads(m)
             out_n, in_n = heads * head_dim, None
+        elif spec.role == "layernorm":
+            out_n, in_n = m.normalized_shape[0], None
         else:
             out_n, in_n = m.num_features, None
         for layout, n, what in ((spec.out_layout, out_n, "outputs"), (spec.in_layout, in_n, "inputs")):
@@ -1001,16 +1095,19 @@ class DependencyGraph:
                 roots.setdefault(root, []).append(sid)
         group_of_source: Dict[int, int] = {}
         groups: List[Group] = []
-        for gi, root in enumerate(sorted(roots)):  # root = earliest source in execution order
+        param_ids = {sid for sid, _ in tracer.param_sources.values()}
+        for root in sorted(roots):  # root = earliest source in execution order
             sources = sorted(roots[root])
+            if all(s in param_ids for s in sources):
+                continue  # parameters tied to no layer: nothing produces these channels, they stay
             channels = {tracer.source_channels[s] for s in sources}
             if len(channels) != 1:
                 raise UnsupportedModelError(
                     f"layers {[tracer.source_names[s] for s in sources]} are tied elementwise but have "
                     f"different widths {sorted(channels)}")
             for s in sources:
-                group_of_source[s] = gi
-            members = tuple(tracer.source_names[s] for s in sources)
+                group_of_source[s] = len(groups)
+            members = tuple(tracer.source_names[s] for s in sources if s not in param_ids)
             kinds = uf.kinds[root]
             kind = "layer" if len(members) == 1 and not kinds else ("residual" if "residual" in kinds else "se")
             groups.append(Group(name="", members=members, num_channels=channels.pop(), kind=kind,
@@ -1029,7 +1126,7 @@ class DependencyGraph:
             if call.role in ("fixed", "other"):
                 continue
             in_l, out_l = resolve(call.in_layout), resolve(call.out_layout)
-            if call.role in ("norm", "depthwise"):
+            if call.role in ("norm", "layernorm", "depthwise"):
                 spec = ModuleSpec(call.name, call.module, call.role, out_layout=out_l, in_layout=out_l)
             else:
                 spec = ModuleSpec(call.name, call.module, call.role, out_layout=out_l, in_layout=in_l)
@@ -1041,18 +1138,26 @@ class DependencyGraph:
             if prev is None:
                 touched = {s.source for s in (in_l or ()) if s.source is not None}
                 for g in touched:
-                    (followers if call.role in ("norm", "depthwise") else consumers)[g].append(call.name)
+                    follows = call.role in ("norm", "layernorm", "depthwise")
+                    (followers if follows else consumers)[g].append(call.name)
                 # rows that follow a group they do not produce (q/k/v of heads, per-head layers) follow it too
                 for g in {s.source for s in (out_l or ()) if s.source is not None} - touched:
                     if call.name not in groups[g].members:
                         followers[g].append(call.name)
+        params: Dict[str, ParamSpec] = {}
+        for pname, (sid, dim) in tracer.param_sources.items():
+            layout = resolve((Segment(sid, tracer.source_channels[sid]),))
+            if layout[0].source is not None:
+                params[pname] = ParamSpec(pname, dim, layout)
+                followers[layout[0].source].append(pname)
         for gi, g in enumerate(groups):
             g.followers = tuple(followers[gi])
             g.consumers = tuple(consumers[gi])
         cls._name_groups(groups)
         calls = tuple(LayerCall(c.name, c.role, c.factor, c.const_macs if c.role in ("fixed", "other") else 0,
                                 c.context) for c in tracer.calls)
-        return cls(model, groups, specs, calls, input_size, traced_macs=sum(c.const_macs for c in tracer.calls))
+        return cls(model, groups, specs, calls, input_size, traced_macs=sum(c.const_macs for c in tracer.calls),
+                   params=params)
 
     @staticmethod
     def _name_groups(groups: List[Group]) -> None:

@@ -146,8 +146,9 @@ def _filter_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
 
 
 def _scored_tensors(graph: DependencyGraph) -> List[Tuple[str, str, int, str]]:
-    """(layer name, parameter name, dim, 'out'|'in') for every parameter slice a group owns."""
-    out = []
+    """(layer name, parameter name, dim, 'out'|'in'|'param') for every parameter slice a group owns ('param': a
+    parameter used outside any layer, :attr:`DependencyGraph.params`)."""
+    out = [(*name.rpartition(".")[::2], spec.dim, "param") for name, spec in graph.params.items()]
     for name, spec in graph.specs.items():
         handler = handler_for(spec.module)
         for side, layout, pairs in (("out", spec.out_layout, handler.out_tensors(spec.module)),
@@ -239,8 +240,8 @@ def group_importance(graph: DependencyGraph, criterion: Importance,
     :param grads: accumulated gradients keyed by (layer name, parameter name), when the criterion needs them.
     """
     scores = [torch.zeros(g.num_channels, dtype=torch.float64) for g in graph.groups]
+    modules = dict(graph.model.named_modules())
     if criterion.scope == "filter":
-        modules = dict(graph.model.named_modules())
         for gi, g in enumerate(graph.groups):
             for member in g.members:
                 name, pname = _filter_tensor(graph, member)
@@ -251,11 +252,14 @@ def group_importance(graph: DependencyGraph, criterion: Importance,
             scores[gi] /= len(g.members)
         return [s.numpy() for s in scores]
     for name, pname, dim, side in _scored_tensors(graph):
-        spec = graph.specs[name]
-        weight = spec.module._parameters[pname].detach()
+        weight = modules[name]._parameters[pname].detach()
         grad = None if grads is None else grads.get((name, pname))
         per_feature = criterion.channel_scores(weight, grad, dim).cpu()
-        layout = spec.out_layout if side == "out" else spec.in_layout
+        if side == "param":
+            layout = graph.params[f"{name}.{pname}" if name else pname].layout
+        else:
+            spec = graph.specs[name]
+            layout = spec.out_layout if side == "out" else spec.in_layout
         if side == "out" and spec.role == "attention":  # (repeats, heads, run) entries along dim: sum per head
             heads = layout[0]
             scores[heads.source] += _per_channel(per_feature, heads.channels, heads.block)

@@ -50,13 +50,17 @@ class Pruner:
     :param ignore: layer names (or modules) whose output channels are never removed.
     :param min_channels: floor on kept channels per group (at least 1).
     :param round_to: round kept channels of sparsity plans to a multiple of this (8 suits GPUs); 1 = off.
+    :param prune_normalized: also prune the channels an ``nn.LayerNorm`` normalises (the embedding width of a ViT,
+        Swin or ConvNeXt stage becomes one group, with its LayerNorms, class token, position embedding and layer
+        scales); the pruned model then equals the source with those channels zeroed and each LayerNorm's statistics
+        taken over the kept channels (:func:`pruning_env.pruning.zeroed_copy`). Off by default: they are kept.
     :param graph: a prebuilt :class:`DependencyGraph` of ``model`` (skips the trace).
     :param costs: prebuilt cost terms of ``graph`` (they depend on its structure only, not on the widths).
     """
 
     def __init__(self, model: nn.Module, example_input: ExampleInput, ignore: Iterable[Union[str, nn.Module]] = (),
-                 min_channels: int = 1, round_to: int = 1, graph: Optional[DependencyGraph] = None,
-                 costs: Optional[CostTerms] = None) -> None:
+                 min_channels: int = 1, round_to: int = 1, prune_normalized: bool = False,
+                 graph: Optional[DependencyGraph] = None, costs: Optional[CostTerms] = None) -> None:
         if int(min_channels) < 1:
             raise ValueError(f"min_channels must be >= 1 (a layer cannot lose every channel), got {min_channels}")
         if int(round_to) < 1:
@@ -66,7 +70,9 @@ class Pruner:
         self.ignore = tuple(ignore)
         self.min_channels = int(min_channels)
         self.round_to = int(round_to)
-        self.graph = graph if graph is not None else DependencyGraph.build(model, example_input, self.ignore)
+        self.prune_normalized = bool(prune_normalized)
+        self.graph = graph if graph is not None else DependencyGraph.build(model, example_input, self.ignore,
+                                                                           self.prune_normalized)
         self.costs = costs if costs is not None else CostTerms.from_graph(self.graph)
         self._membership: Optional[np.ndarray] = None
         self._granularity = self.graph.granularity  # constant per graph; read on every plan and cost query
@@ -319,10 +325,16 @@ class Pruner:
         slices = {}
         for name, spec in self.graph.specs.items():
             out_idx = self._layout_index(spec.out_layout, kept)
-            in_idx = None if spec.role in ("norm", "depthwise") else self._layout_index(spec.in_layout, kept)
+            in_idx = None if spec.role in ("norm", "layernorm", "depthwise") else self._layout_index(spec.in_layout,
+                                                                                                   kept)
             if out_idx is not None or in_idx is not None:
                 slices[name] = (out_idx, in_idx)
-        return build_pruned_model(self.model, slices, self._key_cache)
+        params = {}
+        for name, spec in self.graph.params.items():
+            idx = self._layout_index(spec.layout, kept)
+            if idx is not None:
+                params[name] = (spec.dim, idx)
+        return build_pruned_model(self.model, slices, self._key_cache, params)
 
     def child(self, model: nn.Module, plan: PrunePlan) -> "Pruner":
         """A Pruner for ``model = self.apply(plan)`` without re-tracing, for iterative pruning.
@@ -336,6 +348,6 @@ class Pruner:
         self._check(plan)
         graph = self.graph.derive(model, plan.num_kept)
         child = Pruner(model, self.example_input, ignore=self.ignore, min_channels=self.min_channels,
-                       round_to=self.round_to, graph=graph, costs=self.costs)
+                       round_to=self.round_to, prune_normalized=self.prune_normalized, graph=graph, costs=self.costs)
         child._membership = self._membership  # same groups, same layers
         return child

@@ -5,13 +5,14 @@ copy fresh tensors: sliced with ``index_select`` where channels go, cloned elsew
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torchvision.models.vision_transformer import VisionTransformer
 
-__all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "HANDLERS", "handler_for",
-           "build_pruned_model"]
+__all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "HANDLERS",
+           "WIDTH_ATTRIBUTES", "handler_for", "build_pruned_model"]
 
 Index = Optional[torch.Tensor]  # kept indices along a dimension; None keeps everything
 
@@ -108,6 +109,18 @@ class BatchNormHandler(LayerHandler):
             module.__dict__["num_features"] = n_out
 
 
+class LayerNormHandler(LayerHandler):
+    """LayerNorm over the channel dim alone (incl. torchvision's ``LayerNorm2d``): weight and bias follow the
+    channels, ``normalized_shape`` shrinks (its statistics are then over the kept channels)."""
+
+    def out_tensors(self, module: nn.LayerNorm) -> List[Tuple[str, int]]:
+        return [("weight", 0), ("bias", 0)]
+
+    def set_shape(self, module: nn.LayerNorm, n_out: Optional[int], n_in: Optional[int]) -> None:
+        if n_out is not None:
+            module.__dict__["normalized_shape"] = (n_out,)
+
+
 _CONV = ConvHandler()
 _LINEAR = LinearHandler()
 _NORM = BatchNormHandler()
@@ -120,6 +133,13 @@ HANDLERS: Dict[type, LayerHandler] = {
     nn.BatchNorm1d: _NORM,
     nn.BatchNorm2d: _NORM,
     nn.BatchNorm3d: _NORM,
+    nn.LayerNorm: LayerNormHandler(),
+}
+
+#: Plain int attributes that a module's forward pass reads as a width, set from the pruned copy (extension point):
+#: torchvision's ViT reshapes its patch embeddings to ``hidden_dim`` channels.
+WIDTH_ATTRIBUTES: Dict[type, Callable[[nn.Module], Dict[str, int]]] = {
+    VisionTransformer: lambda vit: {"hidden_dim": vit.class_token.shape[-1]},
 }
 
 
@@ -149,12 +169,15 @@ def _shallow_copy(module: nn.Module, keys: Tuple[str, ...]) -> nn.Module:
 
 @torch.no_grad()
 def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
-                       key_cache: Optional[Dict[int, Tuple[str, ...]]] = None) -> nn.Module:
+                       key_cache: Optional[Dict[int, Tuple[str, ...]]] = None,
+                       params: Optional[Dict[str, Tuple[int, torch.Tensor]]] = None) -> nn.Module:
     """A new model with the same module classes where layer ``name`` is cut to ``slices[name] = (out, in)``.
 
     :param model: the source model; it is not modified and shares no tensor with the result.
     :param slices: kept output / input indices (or None = all) per layer name; layers not listed are cloned.
     :param key_cache: a dict kept between calls on the same model (speeds up repeated builds).
+    :param params: ``(dim, kept indices)`` per qualified name of a parameter used outside any layer (ViT's class
+        token, ConvNeXt's layer scale), cut along that dim.
     :return: the pruned model (root attribute ``zoo_config`` becomes ``pruned_from``: it no longer rebuilds it).
     """
     keys_of = {} if key_cache is None else key_cache
@@ -188,6 +211,9 @@ def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
         for pname, p in module._parameters.items():
             if p is None:
                 continue
+            cut_param = params.get(f"{name}.{pname}" if name else pname) if params else None
+            if cut_param is not None:
+                sliced[pname] = p.detach().index_select(cut_param[0], cut_param[1].to(p.device))
             if pname in sliced:
                 new._parameters[pname] = nn.Parameter(sliced[pname], requires_grad=p.requires_grad)
             else:
@@ -198,6 +224,9 @@ def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
         for bname, b in module._buffers.items():
             if b is not None:
                 new._buffers[bname] = sliced[bname] if bname in sliced else fresh(b)
+        widths = WIDTH_ATTRIBUTES.get(type(module))
+        if widths is not None:
+            new.__dict__.update(widths(new))
         return new
 
     root = rec(model, "")
