@@ -2,11 +2,12 @@
 ours beside Torch-Pruning with the same settings.
 
     python benchmarks/bench_generality.py                 # all classifiers, CPU, 1 thread, resumable
-    python benchmarks/bench_generality.py --models resnext50_32x4d convnext_tiny --retry
+    python benchmarks/bench_generality.py --retry         # also redo the models where a tool was not ok
     python benchmarks/bench_generality.py --models vit_b_16 swin_t convnext_tiny --prune-normalized --no-torch-pruning
-Writes benchmarks/results/bench_generality.md|json after every model; models already in the json are skipped
-(``--retry`` redoes those where either tool was not ok, among the listed ones if any; ``--prune-normalized`` those
-without its column), and a rerun keeps the columns it does not recompute. Per model and tool:
+Writes benchmarks/results/bench_generality.md|json after every model. Without ``--models``, models already in the
+json are skipped (``--retry`` redoes those where a tool was not ok, ``--prune-normalized`` those without its
+column); the models named in ``--models`` are recomputed. A rerun keeps the columns it does not recompute. Per
+model and tool:
 ok / refused (the message) / wrong / error, MACs kept (our hook counter and ``FlopCounterMode``), the max
 |pruned - zeroed| logit difference and the seconds. Models above ``--max-params`` are skipped (the forward
 passes and the copies the check needs outgrow this shared machine).
@@ -42,7 +43,8 @@ NUM_CLASSES = 1000
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=None, help="torchvision names (default: every classifier)")
+    p.add_argument("--models", nargs="*", default=None, help="torchvision names, recomputed even if the json has them (default: every classifier "
+                        "not yet in the json)")
     p.add_argument("--size", type=int, default=224, help="input side in pixels")
     p.add_argument("--sparsity", type=float, default=0.5, help="uniform fraction of channels removed per group")
     p.add_argument("--max-params", type=float, default=150e6, help="skip larger models (memory and time)")
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "more fails with an out-of-memory error in its cell instead of starving the machine")
     p.add_argument("--timeout", type=int, default=600, help="seconds per tool and model before it counts as error")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--retry", action="store_true", help="redo models already in the json that are not ok")
+    p.add_argument("--retry", action="store_true", help="also redo models already in the json that are not ok")
     p.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
     p.add_argument("--prune-normalized", action="store_true",
                    help="add a column: ours with Pruner(prune_normalized=True) (the LayerNorm-ed embedding width "
@@ -251,8 +253,8 @@ def to_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
              "the tool pruned channels that a LayerNorm normalises (their statistics change when one goes, so no "
              "zeroed reference exists; we keep those channels); refused: `UnsupportedModelError` (message in the "
              "json); error: an exception (message in the json). Torch-Pruning's zeroed reference uses the groups "
-             "it prunes, collected on an unpruned copy. Ours prunes attention heads as groups (ViT, Swin) and "
-             "keeps the LayerNorm-ed embedding width and MaxViT's attention whole; both MACs columns include the "
+             "it prunes, collected on an unpruned copy. Ours prunes attention heads as groups (ViT, Swin, MaxViT) and "
+             "keeps the LayerNorm-ed embedding width whole; both MACs columns include the "
              "attention products. The column `ours, prune_normalized` (run for the models with LayerNorm-ed channels) "
              "is `Pruner(prune_normalized=True)`: the embedding width is one more group, and ok means equal to the "
              "zeroed source whose LayerNorms take their statistics over the kept channels (`zeroed_copy`).", "",
@@ -314,11 +316,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     def redo(row: Dict[str, Any]) -> bool:
         if args.prune_normalized and "skipped" not in row and "ours_normalized" not in row:
             return True
-        return args.retry and (bool(args.models) or "skipped" not in row) and any(
+        return args.retry and "skipped" not in row and any(
             row.get(tool, {}).get("status") not in ("ok", None)
             for tool in ("ours", "torch_pruning", "ours_normalized"))
 
-    todo = [n for n in names if n not in by_name or redo(by_name[n])]
+    todo = [n for n in names if args.models or n not in by_name or redo(by_name[n])]
     try:
         import torch_pruning
         tp_version = torch_pruning.__version__

@@ -1,4 +1,4 @@
-"""Attention heads as prunable groups: nn.MultiheadAttention and torchvision's Swin (V1, V2) and ViT, tiny.
+"""Attention heads as prunable groups: nn.MultiheadAttention and torchvision's Swin (V1, V2), ViT and MaxViT, tiny.
 
 Whole heads go (q/k/v rows and output-projection columns), the pruned model equals the source with the removed
 heads zeroed, the counter equals the analytic plan cost and ``FlopCounterMode``, other batch sizes work.
@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import swin_transformer as swin
+from torchvision.models.maxvit import MaxVit
 from torchvision.models.vision_transformer import VisionTransformer
 
 from pruning_env.costs import count_costs
@@ -48,8 +49,14 @@ def tiny_vit() -> nn.Module:
                              num_classes=3)
 
 
+def tiny_maxvit() -> nn.Module:
+    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
+                  block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=3)
+
+
 MODELS = {
     "mha_batch_first": (lambda: MHABlock(True), 16),
+    "maxvit": (tiny_maxvit, 32),
     "mha_seq_first": (lambda: MHABlock(False), 16),
     "swin": (tiny_swin, 32),
     "swin_v2": (lambda: tiny_swin(v2=True), 32),
@@ -63,6 +70,10 @@ def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
     with counter, sdpa_kernel([SDPBackend.MATH]):
         model(x)
     return counter.get_total_flops() // 2
+
+
+def n_heads(module: nn.Module) -> int:
+    return attention_handler(module).heads(module)[0]
 
 
 def head_groups(pruner):
@@ -79,7 +90,7 @@ def test_heads_prune_to_the_zeroed_original(name):
     heads = head_groups(pruner)
     assert heads, pruner.group_names
     modules = dict(model.named_modules())
-    assert [g.num_channels for g in heads] == [modules[g.members[0]].num_heads for g in heads]
+    assert [g.num_channels for g in heads] == [n_heads(modules[g.members[0]]) for g in heads]
     pruner.compute_importance(criterion="l1")
     for seed in range(3):
         plan = pruner.plan(sparsity=0.5) if seed == 0 else random_plan(pruner, seed, 0.9)
@@ -92,7 +103,7 @@ def test_heads_prune_to_the_zeroed_original(name):
         for g in heads:
             kept = len(plan.kept[pruner.groups.index(g)])
             attn = new_modules[g.members[0]]
-            assert attn.num_heads == kept  # the number of heads shrinks; the head dim stays
+            assert n_heads(attn) == kept  # the number of heads shrinks; the head dim stays
             assert attention_handler(attn).heads(attn)[1] == attention_handler(modules[g.members[0]]).heads(
                 modules[g.members[0]])[1]
         size_ = tuple(x.shape[1:])
@@ -103,7 +114,7 @@ def test_heads_prune_to_the_zeroed_original(name):
                                   np.stack(hooked_group_costs(model, pruner, tuple(x.shape[1:]))))
 
 
-@pytest.mark.parametrize("name", ["swin", "vit", "mha_seq_first"])
+@pytest.mark.parametrize("name", ["swin", "vit", "mha_seq_first", "maxvit"])
 def test_the_counter_sees_the_attention_products(name):
     build, size = MODELS[name]
     model = build().eval()

@@ -1,4 +1,5 @@
-"""The embedding width as one group (``prune_normalized=True``): tiny torchvision ViT, Swin (V1, V2) and ConvNeXt.
+"""The embedding width as one group (``prune_normalized=True``): tiny torchvision ViT, Swin (V1, V2), ConvNeXt and
+MaxViT.
 
 The channels LayerNorms normalise join their residual stream's group; the pruned model equals the zeroed source whose
 LayerNorms take their statistics over the kept channels, the counter equals the analytic plan cost, and without the
@@ -14,7 +15,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from pruning_env.costs import count_costs
 from pruning_env.envs import PruneEnvConfig
 from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
-from test_pruning_attention import tiny_swin, tiny_vit
+from test_pruning_attention import tiny_maxvit, tiny_swin, tiny_vit
 from test_pruning_generality import _randomise
 from test_pruning_nets import check_built, random_plan
 from test_pruning_zoo import hooked_group_costs
@@ -24,7 +25,8 @@ def tiny_convnext() -> nn.Module:
     return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=3)
 
 
-MODELS = {"vit": tiny_vit, "swin": tiny_swin, "swin_v2": lambda: tiny_swin(v2=True), "convnext": tiny_convnext}
+MODELS = {"vit": tiny_vit, "swin": tiny_swin, "swin_v2": lambda: tiny_swin(v2=True), "convnext": tiny_convnext,
+          "maxvit": tiny_maxvit}
 # per model: the embedding group's first member, and the LayerNorms that must follow it
 EMBEDDING = {
     "vit": ("conv_proj", {"encoder.layers.encoder_layer_0.ln_1", "encoder.layers.encoder_layer_1.ln_2",
@@ -32,6 +34,9 @@ EMBEDDING = {
     "swin": ("features.0.0", {"features.0.2", "features.1.0.norm1", "features.1.0.norm2", "features.2.norm"}),
     "swin_v2": ("features.0.0", {"features.0.2", "features.1.0.norm1", "features.1.0.norm2"}),  # post-norm
     "convnext": ("features.0.0", {"features.0.1", "features.1.0.block.2", "features.2.0", "features.1.0.layer_scale"}),
+    # MaxViT: the stage's stream (MBConv shortcut and output, attention merge, MLP output) through both partitions
+    "maxvit": ("blocks.0.layers.0.layers.MBconv.proj.1", {f"blocks.0.layers.0.layers.{p}_attention.{n}_layer.0"
+                                                          for p in ("window", "grid") for n in ("attn", "mlp")}),
 }
 
 
@@ -161,3 +166,20 @@ def test_env_config_validates_the_option():
     assert PruneEnvConfig(prune_normalized=True).prune_normalized
     with pytest.raises(TypeError, match="prune_normalized"):
         PruneEnvConfig(prune_normalized="yes")
+
+
+def test_maxvit_attention_reads_the_pruned_stream_and_loses_heads():
+    torch.manual_seed(0)
+    model = _randomise(tiny_maxvit())
+    pruner = Pruner(model, torch.randn(1, 3, 32, 32), prune_normalized=True)
+    stream = pruner.groups[embedding_group(pruner, "maxvit")]
+    attn_name = "blocks.0.layers.0.layers.window_attention.attn_layer.1"
+    assert f"{attn_name}.merge" in stream.members and attn_name in pruner.group_names
+    pruner.compute_importance(criterion="l1")
+    new = pruner.apply(pruner.plan(sparsity=0.5))
+    attn, source = new.get_submodule(attn_name), model.get_submodule(attn_name)
+    assert type(attn).__name__ == "HeadPrunedRelativePositionalMultiHeadAttention"
+    assert (attn.n_heads, attn.head_dim) == (1, 8) and source.n_heads == 2
+    assert attn.to_qkv.in_features == attn.merge.out_features == 8
+    assert attn.relative_position_bias_table.shape == (9, 1)
+    assert attn.scale_factor == source.scale_factor  # torchvision scales by the source width, kept

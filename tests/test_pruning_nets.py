@@ -153,7 +153,7 @@ def check_built(model, pruner, x, plan):
         for member in g.members:
             m = modules[member]
             if attention_handler(m) is not None:  # a head group: its width is the number of heads
-                width = m.num_heads
+                width = attention_handler(m).heads(m)[0]
             else:
                 width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
             assert width == len(kept), member

@@ -67,13 +67,18 @@ def hooked_group_costs(model, pruner, input_size):
     modules = dict(model.named_modules())
     layers = [list(g.members) + list(g.followers) for g in pruner.groups]
     macs = {}
+    called = set()  # layers whose forward ran (an attention's projections may be called as modules or not)
 
     def count(m, args, kwargs, out, n):
         if attention_handler(m) is None:
+            called.add(n)
             macs[n] = macs.get(n, 0) + layer_macs(m, out)
             return
-        # its output projection (not called as a module) gets its own share, the module the rest (q/k/v, matmuls)
         proj_name = attention_handler(m).projections(m)[1]
+        if f"{n}.{proj_name}" in called:  # MaxViT: q/k/v and output projections have their own hooks
+            macs[n] = macs.get(n, 0) + attention_macs(m, args, kwargs)
+            return
+        # its output projection (not called as a module) gets its own share, the module the rest (q/k/v, matmuls)
         result = out[0] if isinstance(out, tuple) else out
         if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
             result = result.transpose(0, 1)  # layer_macs reads dim 0 as the batch
@@ -81,8 +86,9 @@ def hooked_group_costs(model, pruner, input_size):
         macs[f"{n}.{proj_name}"] = macs.get(f"{n}.{proj_name}", 0) + proj_macs
         macs[n] = macs.get(n, 0) + attention_macs(m, args, kwargs) - proj_macs
 
-    hooked = {n for group in layers for n in group if n in modules} | {n for n, m in modules.items()
-                                                                       if attention_handler(m)}
+    attention = {n: m for n, m in modules.items() if attention_handler(m)}
+    hooked = ({n for group in layers for n in group if n in modules} | set(attention)
+              | {f"{n}.{attention_handler(m).projections(m)[1]}" for n, m in attention.items()})
     handles = [modules[n].register_forward_hook(
         lambda m, args, kwargs, out, n=n: count(m, args, kwargs, out, n), with_kwargs=True) for n in hooked]
     with torch.no_grad():

@@ -3,8 +3,9 @@ their surgery handlers and the forward passes of head-pruned copies.
 
 A head group's channels are heads; each head owns ``head_dim`` rows of q, k and v and ``head_dim`` input columns of
 the output projection, so heads are removed whole and the head dim stays. Supported: ``nn.MultiheadAttention``
-(self-attention, packed q/k/v, no ``add_bias_kv``) and torchvision's Swin ``ShiftedWindowAttention`` /
-``ShiftedWindowAttentionV2``; any other attention module stays opaque (see ``graph.is_opaque``).
+(self-attention, packed q/k/v, no ``add_bias_kv``), torchvision's Swin ``ShiftedWindowAttention`` /
+``ShiftedWindowAttentionV2`` and MaxViT's ``RelativePositionalMultiHeadAttention``; any other attention module
+stays opaque (see ``graph.is_opaque``).
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
 from pruning_env.pruning.surgery import HANDLERS, Index, LayerHandler
 
-__all__ = ["AttentionHandler", "MultiheadAttentionHandler", "WindowAttentionHandler", "attention_handler",
-           "HeadPrunedMultiheadAttention", "HeadPrunedShiftedWindowAttention",
-           "HeadPrunedShiftedWindowAttentionV2"]
+__all__ = ["AttentionHandler", "MultiheadAttentionHandler", "WindowAttentionHandler",
+           "RelativePositionalAttentionHandler", "attention_handler", "HeadPrunedMultiheadAttention",
+           "HeadPrunedShiftedWindowAttention", "HeadPrunedShiftedWindowAttentionV2",
+           "HeadPrunedRelativePositionalMultiHeadAttention"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,6 +150,20 @@ class HeadPrunedShiftedWindowAttentionV2(ShiftedWindowAttentionV2):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _window_attention(self, x, self.get_relative_position_bias())
+
+
+class HeadPrunedRelativePositionalMultiHeadAttention(RelativePositionalMultiHeadAttention):
+    """torchvision MaxViT's ``RelativePositionalMultiHeadAttention`` whose heads (or embedding width) were pruned:
+    the attention output has ``n_heads * head_dim`` features, read from the q/k/v rows; ``scale_factor`` keeps the
+    source's value (torchvision scales by the source's embedding width, not the head dim)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, g, p, _ = x.shape
+        heads = self.n_heads
+        dim = self.to_qkv.out_features // 3 // heads
+        q, k, v = self.to_qkv(x).reshape(b, g, p, 3, heads, dim).permute(3, 0, 1, 4, 2, 5)
+        attn = F.softmax(q @ (k * self.scale_factor).transpose(-2, -1) + self.get_relative_positional_bias(), dim=-1)
+        return self.merge((attn @ v).permute(0, 1, 3, 2, 4).reshape(b, g, p, heads * dim))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -298,9 +315,36 @@ class WindowAttentionHandler(AttentionHandler):
         return HeadPrunedShiftedWindowAttention
 
 
+class RelativePositionalAttentionHandler(AttentionHandler):
+    """torchvision MaxViT's relative attention on ``[B, windows, tokens, C]`` inputs: child ``to_qkv`` and
+    ``merge`` linears (called as modules) and a relative position bias table with a column per head."""
+
+    def pruned_class(self, module: nn.Module) -> type:
+        return HeadPrunedRelativePositionalMultiHeadAttention
+
+    def supports(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+        return self.inputs(args, kwargs)[0].dim() == 4
+
+    def heads(self, module: RelativePositionalMultiHeadAttention) -> Tuple[int, int]:
+        return module.n_heads, module.to_qkv.out_features // 3 // module.n_heads
+
+    def tokens(self, module: RelativePositionalMultiHeadAttention, x: torch.Tensor) -> Tuple[int, int]:
+        return x.shape[1] * x.shape[2], x.shape[2]
+
+    def head_tensors(self, module: RelativePositionalMultiHeadAttention) -> List[Tuple[str, int, int]]:
+        return [("relative_position_bias_table", 1, 1)]
+
+    def projections(self, module: RelativePositionalMultiHeadAttention) -> Tuple[Optional[str], str]:
+        return "to_qkv", "merge"
+
+    def set_heads(self, module: nn.Module, heads: int) -> None:
+        module.__dict__["n_heads"] = heads
+
+
 _MHA = MultiheadAttentionHandler()
 _WINDOW = WindowAttentionHandler()
-HANDLERS.update({nn.MultiheadAttention: _MHA, ShiftedWindowAttention: _WINDOW})
+HANDLERS.update({nn.MultiheadAttention: _MHA, ShiftedWindowAttention: _WINDOW,
+                 RelativePositionalMultiHeadAttention: RelativePositionalAttentionHandler()})
 
 
 def attention_handler(module: nn.Module) -> Optional[AttentionHandler]:

@@ -194,11 +194,11 @@ _EXPAND_OPS = {"expand", "expand_as"}
 
 #: Module types traced as opaque (extension point): every channel they read is kept and their insides are not
 #: traced; their conv/linear layers and attention products still count in the costs. Any module whose class name
-#: ends in "Attention" or "AttentionV2" (timm-style ``Attention``, MaxViT's relative attention; not a block that
-#: merely contains one, such as MaxViT's ``PartitionAttentionLayer``, whose MLP is pruned) is opaque too, so its
-#: heads are kept whole while the MLP hidden width around it is pruned. Attention modules with a handler
-#: (:mod:`pruning_env.pruning.attention`: ``nn.MultiheadAttention`` self-attention, Swin window attention) are
-#: traced with their heads as a group instead, unless ignored or called in a way the handler does not support.
+#: ends in "Attention" or "AttentionV2" (timm-style ``Attention``; not a block that merely contains one, such as
+#: MaxViT's ``PartitionAttentionLayer``) is opaque too, so its heads are kept whole while the MLP hidden width
+#: around it is pruned. Attention modules with a handler (:mod:`pruning_env.pruning.attention`:
+#: ``nn.MultiheadAttention`` self-attention, Swin window attention, MaxViT's relative attention) are traced with
+#: their heads as a group instead, unless ignored or called in a way the handler does not support.
 OPAQUE_TYPES: Set[type] = {nn.MultiheadAttention}
 
 
@@ -302,6 +302,7 @@ class _AttentionFrame:
     in_layout: Optional[Layout]
     heads: Layout  # (Segment(source, num_heads, head_dim),): the q (= k = v) features
     per_head_linears: Set[str]
+    projections: Set[str]  # its q/k/v and output projections, recorded when it returns even if called as modules
 
 
 class _Tracer:
@@ -785,7 +786,8 @@ class _Tracer:
         heads, head_dim = handler.heads(module)
         sid = self.new_source(module, name, heads)
         self.frames.append(_AttentionFrame(handler, module, name, x, layout, (Segment(sid, heads, head_dim),),
-                                           {f"{name}.{n}" for n in handler.per_head_linears(module)}))
+                                           {f"{name}.{n}" for n in handler.per_head_linears(module)},
+                                           {f"{name}.{n}" for n in handler.projections(module) if n is not None}))
 
     def leave_attention(self, out: Any) -> None:
         frame = self.frames.pop()
@@ -912,9 +914,12 @@ class _Tracer:
 
     def on_inner_leaf(self, module: nn.Module, name: str, out: torch.Tensor) -> None:
         """A layer inside an opaque or attention module: its cost counts and its channels are kept, except the
-        output rows of a per-head layer of a traced attention (one row per head)."""
+        output rows of a per-head layer of a traced attention (one row per head) and its projections (recorded
+        with their layouts when the attention returns)."""
         macs = layer_macs(module, out)
         frame = self.frames[-1] if self.frames and self.opaque_depth == 1 else None
+        if frame is not None and name in frame.projections:
+            return
         if frame is not None and name in frame.per_head_linears:
             heads = frame.heads[0]
             self.calls.append(_Call(name, module, "linear", None, (Segment(heads.source, heads.channels),),
