@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from agents.registry import AGENTS
+from pruning_env.costs import count_costs
 from pruning_env.runtime import atomic_write_text, seed_everything
 from pruning_env.training import evaluate, finetune
 from rl_prune.config import load_config
@@ -260,12 +261,45 @@ def ft_check_unit(cfg: Any, agent: str, run_dir: Path, epochs: int, env: Any) ->
     if str(epochs) in done:
         return done[str(epochs)]
     folder = RunFolder(run_dir)
-    if not (folder.is_finished and folder.has_checkpoint):
+    if not folder.is_finished:
         return None
-    best = folder.read_checkpoint().agent_state["record"]["best"]
-    done[str(epochs)] = ft_check_model(cfg, best["model"], epochs, env)
+    if folder.has_checkpoint:
+        model = folder.read_checkpoint().agent_state["record"]["best"]["model"]
+    else:  # agents without a run checkpoint (SB3): replay the best episode's recorded actions
+        model = replay_best(cfg, agent, json.loads((run_dir / "metrics.json").read_text()))
+    done[str(epochs)] = ft_check_model(cfg, model, epochs, env)
     atomic_write_text(json.dumps(done, indent=2), path)
     return done[str(epochs)]
+
+
+def replay_best(cfg: Any, agent: str, metrics: Dict[str, Any]) -> torch.nn.Module:
+    """The searched model of a finished unit rebuilt by stepping a fresh env of the unit (same config and seed)
+    with the best episode's recorded actions; checked against the unit's MACs, params and kept channels.
+
+    :param cfg: the unit's config.
+    :param agent: agent name (its env settings, e.g. SB3's one-step sparsity mode).
+    :param metrics: the unit's ``metrics.json``.
+    """
+    from rl_prune.pipeline import build_env
+
+    env = build_env(cfg, agent)
+    try:
+        env.reset(seed=cfg.seed)
+        for action in metrics["actions"]:
+            env.step(np.asarray(action, dtype=np.float32))
+        model = copy.deepcopy(env.model).eval()
+        kept = [int(k) for k in env.current_channels]
+        cost = count_costs(model, env.input_size, device=env.device)
+        top1 = evaluate(model, env.splits.test, env.device)["top1"]
+    finally:
+        env.close()
+    expected = metrics["pruned_before_finetune"]
+    if (kept, cost.macs, cost.params, top1) != (metrics["kept_channels"], expected["macs"], expected["params"],
+                                                 expected["test_top1"]):
+        raise RuntimeError(f"replaying {agent}'s best actions did not rebuild its searched model: kept {kept}, "
+                           f"MACs {cost.macs}, test top-1 {top1} vs {metrics['kept_channels']}, {expected['macs']}, "
+                           f"{expected['test_top1']}")
+    return model
 
 
 def ft_check(args: argparse.Namespace, budget: int) -> None:
