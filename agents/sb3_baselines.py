@@ -174,6 +174,7 @@ class SB3Agent(BasePruningAgent):
             sb3_env = PruneVecEnv(unwrap_env(self.env).config, self.n_envs,
                                   functools.partial(SymmetricAction, floor=self.action_floor))
         if self.model is not None:
+            self.close()  # the previous env's worker processes
             self.model.set_env(sb3_env)
             return
         kwargs = copy.deepcopy(self.hyperparams)  # SB3 edits policy_kwargs in place (e.g. DDPG's n_critics)
@@ -228,6 +229,12 @@ class SB3Agent(BasePruningAgent):
             self.model.set_env(self.model.get_env(), force_reset=True)
         self.num_timesteps = self.model.num_timesteps
         return self
+
+    def close(self) -> None:
+        """Stop the worker-process envs of ``n_envs > 1`` (the agent's own env stays open: it is the caller's)."""
+        vec = None if self.model is None else self.model.get_env()
+        if self.n_envs > 1 and vec is not None and not getattr(vec, "closed", True):
+            vec.close()
 
     def predict(self, observation: Any = None, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> Tuple[np.ndarray, Any]:

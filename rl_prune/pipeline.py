@@ -283,11 +283,14 @@ def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[st
         cbs.append(CheckpointEvery(save_checkpoint, cfg.run.checkpoint_every))
     cbs.extend(callbacks)
     t_search = time.perf_counter()
-    if phase != "search_done":
-        agent.learn(callback=cbs, progress_bar=progress, tb_log_name=name, reset_num_timesteps=phase == "new",
-                    **learn_kwargs)
-        if agent.supports_resume:
-            save_checkpoint("search_done")
+    try:
+        if phase != "search_done":
+            agent.learn(callback=cbs, progress_bar=progress, tb_log_name=name, reset_num_timesteps=phase == "new",
+                        **learn_kwargs)
+            if agent.supports_resume:
+                save_checkpoint("search_done")
+    finally:
+        agent.close()  # worker processes (SB3 with n_envs > 1)
     search_seconds = time.perf_counter() - t_search
     best = agent.best
     if best is None:

@@ -184,4 +184,5 @@ def test_sb3_with_two_worker_envs_counts_every_evaluation(splits):
         with pytest.raises(ValueError, match="total_timesteps=1 is below n_envs=2"):
             agent.learn(total_timesteps=1)
     finally:
-        agent.model.get_env().close()
+        agent.close()
+    assert agent.model.get_env().closed  # the worker processes are gone; the agent's own env is the caller's

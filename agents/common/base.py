@@ -306,6 +306,10 @@ class BasePruningAgent(RecordView):
             self.env.resume_episode({"actions": [], "rewards": [], "active": False})
         env.np_random.bit_generator.state = state["env_rng"]
 
+    def close(self) -> None:
+        """Release what the agent started beside its env (worker processes); the env itself is the caller's to
+        close. Nothing to release here."""
+
     def save(self, path: Union[str, Path]) -> Path:
         """Write the agent (constructor arguments, learned state and record, not the env or models) to
         ``path`` in the one agent format (:mod:`agents.common.save_util`)."""
