@@ -30,7 +30,7 @@ from agents.registry import AGENTS
 from pruning_env.costs import count_costs
 from pruning_env.runtime import atomic_write_text, seed_everything
 from pruning_env.training import evaluate, finetune
-from rl_prune.config import load_config
+from rl_prune.config import ConfigError, load_config, parse_overrides
 from rl_prune.run_folder import RunFolder
 from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, num, run_unit, unit_config,
                             unit_failure)
@@ -65,16 +65,6 @@ def is_rl(agent: str) -> bool:
     return agent in RL_PRUNER_AGENTS or AGENTS[agent].sb3_algo is not None
 
 
-def _key_value(text: str) -> Tuple[str, Any]:
-    """``KEY=VALUE`` with the value read as YAML (``1`` is an int, ``sparsity`` a string)."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as env.n_steps=1, got {text!r}")
-    return key, yaml.safe_load(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(BENCH_CONFIG), help="train_agent.py YAML config of the task")
@@ -94,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also fine-tune the searched models of the first --ft-check-seeds seeds for this many "
                         "epochs (same recipe otherwise) and report whether the ranking changes (0: skip)")
     p.add_argument("--ft-check-seeds", type=int, default=2, help="seeds in the fine-tune-length check (default 2)")
-    p.add_argument("--set", nargs="+", type=_key_value, metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides of every unit, e.g. env.n_steps=1 env.action_mode=sparsity (give the "
                         "variant its own --out-dir)")
     p.add_argument("--verdict-epochs", type=int, default=None,
@@ -122,7 +112,7 @@ def unit_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
     :param args: the parsed command line.
     :param target: the FLOPs reduction.
     """
-    over: Dict[str, Any] = dict(args.set or {})
+    over: Dict[str, Any] = parse_overrides(args.set)
     over["env.target"] = float(target)
     if args.finetune_epochs is not None:
         over["finetune.epochs"] = int(args.finetune_epochs)
@@ -322,22 +312,22 @@ def ft_check(args: argparse.Namespace, budget: int) -> None:
             env.close()
 
 
-def ft_check_table(units: Dict[str, List[Dict[str, Any]]], out: Path, seeds: int) -> Optional[Dict[str, Any]]:
+def ft_check_table(units: Dict[str, List[Dict[str, Any]]], seeds: int) -> Optional[Dict[str, Any]]:
     """Agents' mean test top-1 over the checked seeds with the run's fine-tune and with each checked length, and
-    whether the agents' order is the same."""
+    whether the agents' order is the same.
+
+    :param units: per agent, the finished units' metrics with their ``ft_check`` results attached.
+    :param seeds: the first seeds to include.
+    """
     rows: Dict[str, Dict[str, List[float]]] = {}
     lengths: set = set()
     for agent, runs in units.items():
         for m in runs:
-            if m["seed"] >= seeds:
+            if m["seed"] >= seeds or not m.get("ft_check"):
                 continue
-            path = out / f"{agent}_s{m['seed']}" / FT_CHECK_FILE
-            if not path.is_file():
-                continue
-            checks = json.loads(path.read_text())
             row = rows.setdefault(agent, {})
             row.setdefault("run", []).append(m["pruned"]["test_top1"])
-            for k, v in checks.items():
+            for k, v in m["ft_check"].items():
                 row.setdefault(k, []).append(v["test_top1"])
                 lengths.add(k)
     if not rows or not lengths:
@@ -560,7 +550,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Pat
         per_target[f"{target:g}"] = {
             "units": units, "summary": summary, "pairs": pairs, "bar": bar_verdict(summary, target, key),
             "verdict_epochs": args.verdict_epochs,
-            "ft_check": ft_check_table(units, out, args.ft_check_seeds),
+            "ft_check": ft_check_table(units, args.ft_check_seeds),
             "original_test": finished[0]["original"]["test_top1"] if finished else float("nan")}
     if not done:
         print("no finished units yet: nothing to report", file=sys.stderr)
@@ -607,6 +597,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [t for t in args.targets if not 0.0 < t < 1.0]
     if bad:
         print(f"error: --targets must be FLOPs reductions in (0, 1), got {bad}", file=sys.stderr)
+        return 2
+    try:
+        parse_overrides(args.set)
+    except ConfigError as err:
+        print(f"error: --set: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
