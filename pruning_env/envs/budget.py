@@ -1,8 +1,9 @@
-"""Pure budget arithmetic of the pruning env: the action -> kept-channels mapping (:func:`keep_for_action`),
-distributions to per-group channel counts (RL-Pruner's count matching, spec §2.4), the authors' channel
-sparsity, cumulative per-step goals and monotone bisection.
+"""Pure budget arithmetic of the pruning env: the action -> kept-channels mapping (:func:`keep_for_action`), the
+metrics a budget is met in (:class:`ReductionMeter`), distributions to per-group channel counts (RL-Pruner's count
+matching, spec §2.4), the authors' channel sparsity, cumulative per-step goals and monotone bisection.
 
-Nothing here touches torch; every function works on NumPy arrays indexed by prunable group.
+Nothing here touches torch or an env; every function works on NumPy arrays indexed by prunable group, and costs
+come in as functions (a pruner's analytic ``plan_cost``, or any other cost model).
 """
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pruning_env.costs import Cost, Reductions, reductions
+
 ArrayLike = Sequence[float] | np.ndarray
+#: what a budget or an episode target is measured in: a field of ``Reductions``, or the authors' channel sparsity
+METRICS = ("flops", "channels", "params")
 
 
 def _as_counts(layer_counts: ArrayLike, n: int, what: str = "layer_counts") -> np.ndarray:
@@ -220,6 +225,47 @@ class StepKeep:
     reachable: bool = True
 
 
+@dataclass(frozen=True)
+class ReductionMeter:
+    """How much of the original model a kept vector removes, in each of :data:`METRICS`: the cost side of the
+    budget mapping. A metric that is a field of :class:`~pruning_env.costs.Reductions` is read from the kept
+    vector's cost; ``channels`` needs no cost.
+
+    :ivar original: the original model's cost.
+    :ivar original_channels: its channels per group.
+    :ivar layer_counts: prunable layers per group.
+    """
+
+    original: Cost
+    original_channels: np.ndarray
+    layer_counts: np.ndarray
+
+    def reductions(self, cost: Cost) -> Reductions:
+        """The fractions of the original cost that ``cost`` removes."""
+        return reductions(cost, self.original)
+
+    def value(self, metric: str, keep: np.ndarray, r: Optional[Reductions]) -> float:
+        """The reduction in ``metric`` of a kept vector whose cost reductions are ``r`` (None for ``channels``).
+
+        :param metric: one of :data:`METRICS`.
+        :param keep: channels per group.
+        :param r: the kept vector's reductions.
+        """
+        if metric == "channels":
+            return channel_sparsity(keep, self.original_channels, self.layer_counts)
+        return float(getattr(r, metric))
+
+    def function(self, metric: str, cost_of: Callable[[np.ndarray], Cost]) -> Callable[[np.ndarray], float]:
+        """``keep -> reduction in metric``, the function :func:`keep_for_action` meets a budget with.
+
+        :param metric: one of :data:`METRICS`.
+        :param cost_of: the cost of a kept vector, e.g. ``lambda keep: pruner.plan_cost(keep=keep)`` (analytic).
+        """
+        if metric == "channels":  # no cost needed: skip the analytic plan cost
+            return lambda keep: self.value(metric, keep, None)
+        return lambda keep: self.value(metric, keep, self.reductions(cost_of(keep)))
+
+
 def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, layer_counts: ArrayLike,
                     keep_counts: Callable[[np.ndarray], np.ndarray],
                     reduction: Optional[Callable[[np.ndarray], float]] = None, goal: Optional[float] = None,
@@ -339,5 +385,5 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
                   keep_rest(rest_hi))
 
 
-__all__ = ["keep_for_action", "StepKeep", "normalize_distribution", "distribution_to_counts", "charged",
+__all__ = ["keep_for_action", "StepKeep", "ReductionMeter", "METRICS", "normalize_distribution", "distribution_to_counts", "charged",
            "channel_sparsity", "filter_num", "step_channel_budget", "cumulative_goal", "bisect_increasing"]
