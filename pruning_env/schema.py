@@ -251,5 +251,23 @@ def from_mapping(cls: Type[Config], values: Union[Config, Mapping[str, Any], Non
     return cls(**dict(values))
 
 
-__all__ = ["Limits", "setting", "validate", "check_value", "describe", "check_keys", "from_mapping",
+def merged(cls: Type[Config], config: Optional[Config], overrides: Mapping[str, Any],
+           label: Optional[str] = None) -> Config:
+    """The configuration an object's constructor gets as ``(config=None, **overrides)``: ``config`` (default the
+    defaults) with ``overrides`` applied, checked again; a ``config`` of another type is a ``TypeError``.
+
+    :param cls: the configuration class.
+    :param config: a ``cls`` instance or None.
+    :param overrides: settings by name.
+    :param label: as for :func:`from_mapping`.
+    """
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"config must be a {cls.__name__} (or pass settings by name), got {type(config).__name__}")
+    if config is not None and not overrides:
+        return config
+    base = {} if config is None else {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
+    return from_mapping(cls, {**base, **overrides}, label)
+
+
+__all__ = ["Limits", "merged", "setting", "validate", "check_value", "describe", "check_keys", "from_mapping",
            "field_names", "limits_of", "section_of", "UnknownSettingError"]

@@ -8,7 +8,7 @@ come in as functions (a pruner's analytic ``plan_cost``, or any other cost model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -265,6 +265,22 @@ class ReductionMeter:
             return lambda keep: self.value(metric, keep, None)
         return lambda keep: self.value(metric, keep, self.reductions(cost_of(keep)))
 
+    def report(self, keep: np.ndarray, cost: Cost, r: Reductions, metric: str) -> Dict[str, Any]:
+        """The cost part of an env info for a kept vector: absolute cost, ratios and reductions, the authors'
+        channel sparsity, per-group sparsity and kept channels, and ``target_progress`` in ``metric``.
+
+        :param keep: channels per group.
+        :param cost: its cost.
+        :param r: its reductions.
+        :param metric: the episode's metric.
+        """
+        keep = np.asarray(keep, dtype=np.int64)
+        return {"macs": int(cost.macs), "params": int(cost.params), "macs_ratio": 1.0 - r.flops,
+                "params_ratio": 1.0 - r.params, "flops_reduction": r.flops, "params_reduction": r.params,
+                "channel_sparsity": channel_sparsity(keep, self.original_channels, self.layer_counts),
+                "group_sparsity": 1.0 - keep / self.original_channels, "kept_channels": keep.copy(),
+                "target_progress": self.value(metric, keep, r)}
+
 
 def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, layer_counts: ArrayLike,
                     keep_counts: Callable[[np.ndarray], np.ndarray],
@@ -385,5 +401,6 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
                   keep_rest(rest_hi))
 
 
-__all__ = ["keep_for_action", "StepKeep", "ReductionMeter", "METRICS", "normalize_distribution", "distribution_to_counts", "charged",
+__all__ = ["keep_for_action", "StepKeep", "ReductionMeter", "METRICS", "normalize_distribution",
+           "distribution_to_counts", "charged",
            "channel_sparsity", "filter_num", "step_channel_budget", "cumulative_goal", "bisect_increasing"]

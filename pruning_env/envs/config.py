@@ -37,12 +37,18 @@ LR_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigAttribute:
-    """An env attribute that reads the config field (or property) of the same name, so a setting has one home and
-    agents and reports can still read ``env.target``; assigning the attribute on an env overrides it there only
-    (an agent may enlarge ``env.lookahead_cache``)."""
+    """An env attribute that reads a config field (or property), so a setting has one home and agents and reports
+    can still read ``env.target``; assigning the attribute on an env overrides it there only (an agent may enlarge
+    ``env.lookahead_cache``).
+
+    :param name: the config attribute read; default the env attribute's own name.
+    """
+
+    def __init__(self, name: Optional[str] = None) -> None:
+        self.name = name
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+        self.name = self.name or name
 
     def __get__(self, env: Any, owner: Optional[type] = None) -> Any:
         return self if env is None else getattr(env.config, self.name)
@@ -148,7 +154,8 @@ class PruneEnvConfig:
     """training images per calibration batch of the importance criterion (>= 1)."""
     calibration_batches: int = setting(1, low=1)
     """calibration batches (>= 1)."""
-    importance: Union[str, Importance] = setting("taylor", what=f"one of {CRITERIA} or an Importance", check=criterion_problem)
+    importance: Union[str, Importance] = setting("taylor", what=f"one of {CRITERIA} or an Importance",
+                                                 check=criterion_problem)
     """importance criterion (a name in ``pruning_env.pruning.importance.CRITERIA`` or an ``Importance``)."""
     importance_train_mode: bool = False
     """compute importance with the model in train mode (the authors' BatchNorm behaviour)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gymnasium as gym
@@ -28,6 +28,7 @@ from pruning_env.envs.scoring import Candidate, CandidateCache, CandidateScorer
 from pruning_env.envs.task import PruningTask
 from pruning_env.pruning import Pruner
 from pruning_env.runtime import resolve_device, sync
+from pruning_env.schema import merged
 from pruning_env.training import recover
 
 #: per-group observation features, in order
@@ -66,52 +67,30 @@ class _State:
 
 
 class PruneEnv(gym.Env):
-    """Structured channel pruning of a pretrained CNN as a Gymnasium environment (RL-Pruner, spec §2-§3).
+    """Structured channel pruning of a pretrained CNN as a Gymnasium environment (RL-Pruner, spec §2-§3); the
+    settings are the fields of :class:`~pruning_env.envs.config.PruneEnvConfig`, ``docs/env.md`` the full story.
 
-    Every setting is a field of :class:`~pruning_env.envs.config.PruneEnvConfig` (documented and validated
-    there); pass a config, keyword arguments (as ``gym.make`` does), or a config plus keyword overrides.
-
-    **Episode.** ``reset()`` starts from the original model; each ``step(action)`` removes channels from every
-    prunable group (coupled layers, e.g. a residual add, form one group and share one value) and returns the
-    reward of the pruned model. With a budget (any ``budget``, and always in ``"distribution"`` mode) every step
-    meets the cumulative goal ``target * step / n_steps`` (within channel granularity) and the episode
-    *terminates* after exactly ``n_steps`` steps; if the goal cannot be reached (every group at its floor or at
-    ``max_step_sparsity``) the info says ``budget_missed`` and an episode whose last step misses is *truncated*
-    with ``info["truncated_reason"]``; a budget target that no action can reach is refused at construction.
-    Without a budget the episode terminates when the ``target_metric`` reduction is within ``target_tolerance``
-    of ``target``, and is truncated (with the reason) after ``max_steps`` steps or when no channel can be removed.
-
-    **Action.** ``Box(0, 1, (n_groups,), float32)``, mapped to kept channels by
-    :func:`pruning_env.envs.budget.keep_for_action` (``"sparsity"``: fraction of each group's current channels
-    removed; ``"distribution"``: the authors' pruning distribution, spec §2.1-2.4). Values outside the space
-    are clipped; NaN/inf or complex entries or a wrong shape raise ``ValueError``; stepping before ``reset()`` or
-    after the end raises ``RuntimeError``.
-
-    **Reward.** ``accuracy + alpha * flops_reduction + beta * params_reduction``, scored by the env's
-    :class:`~pruning_env.envs.scoring.CandidateScorer`: the accuracy term of the pruned model right after pruning
-    (before any recovery), estimated by ``reward_estimator`` on a fixed seeded subset of ``reward_samples``
-    validation images held out from the training data; reductions relative to the original model. The same
-    scorer scores look-aheads, steps, the original model and recovered models.
-
-    **Recovery.** ``recovery="kd"`` / ``"ce"`` fine-tunes (:func:`pruning_env.training.recover`) after every
-    ``recovery_period``-th non-final step; ``recovery_best_snapshot`` and ``teacher_switch`` complete the authors'
-    procedure (spec §5.2, §9.16). Look-aheads never fine-tune.
-
-    **Observation.** ``Box(0, 1, (6 * n_groups + 6,), float32)``: the per-group ``GROUP_FEATURES`` (each a
-    block of ``n_groups``) then the ``GLOBAL_FEATURES``.
-
-    **Look-ahead.** :meth:`evaluate_action` scores an action from the current state without advancing; the last
-    ``lookahead_cache`` candidates are kept so ``step()`` with an identical action reuses the built model.
-    :meth:`lookahead_step` advances to the child without recovery, and :meth:`snapshot` / :meth:`restore` return
-    to a state (a cheap reference: states are never modified). For agents: :attr:`pruner`,
-    :attr:`group_importance`, :meth:`keep_for_action` and :meth:`reduction`.
+    * **Episode**: ``reset()`` starts from the original model; ``step(action)`` removes channels from every
+      prunable group. With a budget, step t meets the cumulative goal ``target * t / n_steps`` and the episode
+      ends after ``n_steps`` steps (truncated if its last goal was out of reach); without one it ends at
+      ``target`` (truncated after ``max_steps`` steps or at the channel floor, ``info["truncated_reason"]``).
+    * **Action**: ``Box(0, 1, (n_groups,))``, mapped to kept channels by
+      :func:`~pruning_env.envs.budget.keep_for_action`; NaN, inf, complex or misshaped actions raise ``ValueError``.
+    * **Reward**: ``accuracy + alpha * flops_reduction + beta * params_reduction`` from the env's
+      :class:`~pruning_env.envs.scoring.CandidateScorer`; ``recovery`` fine-tunes between steps.
+    * **Observation**: the per-group ``GROUP_FEATURES`` (one block of ``n_groups`` each), then ``GLOBAL_FEATURES``.
+    * **Look-ahead**: :meth:`evaluate_action`, :meth:`evaluate_actions`, :meth:`lookahead_step`, :meth:`snapshot`
+      / :meth:`restore`; agents also read :attr:`pruner`, :attr:`group_importance`, :meth:`keep_for_action`,
+      :meth:`reduction`.
 
     :param config: the settings (default: ``PruneEnvConfig()``).
-    :param kwargs: settings by name (override ``config``'s); see :class:`PruneEnvConfig`.
+    :param kwargs: settings by name (override ``config``'s).
     """
 
     metadata = {"render_modes": []}
     # settings read from the config (agents and reports read them here)
+    budget = ConfigAttribute("step_metric")  # budget, or target_metric in distribution mode; None: budget-free
+    max_steps = ConfigAttribute("step_cap")  # steps after which a budget-free episode is truncated
     action_mode = ConfigAttribute()
     target = ConfigAttribute()
     target_metric = ConfigAttribute()
@@ -126,12 +105,7 @@ class PruneEnv(gym.Env):
 
     def __init__(self, config: Optional[PruneEnvConfig] = None, **kwargs: Any) -> None:
         super().__init__()
-        if config is not None and not isinstance(config, PruneEnvConfig):
-            raise TypeError(f"config must be a PruneEnvConfig (or pass settings by name), got {type(config).__name__}")
-        if config is None or kwargs:
-            base = {} if config is None else {f.name: getattr(config, f.name) for f in fields(config)}
-            config = PruneEnvConfig.from_kwargs(**{**base, **kwargs})
-        self.config = cfg = config
+        self.config = cfg = merged(PruneEnvConfig, config, kwargs, label="PruneEnv setting")
         self.render_mode = None
         self.device = resolve_device(cfg.device)
         self.task = task = PruningTask.from_config(cfg, self.device)
@@ -191,21 +165,8 @@ class PruneEnv(gym.Env):
 
     # ------------------------------------------------------------------ public properties
     @property
-    def budget(self) -> Optional[str]:
-        """The metric each step is matched to (``budget``, or ``target_metric`` in distribution mode; None: free)."""
-        return self.config.step_metric
-
-    @property
-    def max_steps(self) -> int:
-        """Steps after which a budget-free episode is truncated."""
-        return self.config.step_cap
-
-    @property
     def model(self) -> nn.Module:
-        """The current (pruned) model; after ``reset()`` a copy of ``original_model`` shared by all episodes.
-
-        Treat it as read-only (copy it before training it yourself): states, snapshots and look-ahead
-        candidates reference their models instead of copying them."""
+        """The current (pruned) model, shared with snapshots and candidates: read-only (copy it to train it)."""
         return self._require_state().model
 
     @property
@@ -251,20 +212,15 @@ class PruneEnv(gym.Env):
         return self._backend
 
     def keep_for_action(self, action: Any) -> np.ndarray:
-        """Kept channels per group that ``step(action)`` would produce from the current state (no evaluation).
-
-        :param action: as for :meth:`step`.
-        """
+        """Kept channels per group that ``step(action)`` would produce from the current state (no evaluation)."""
         state = self._require_active()
         return self._step_keep(state, self._validate_action(action)).keep.copy()
 
     def reduction(self, keep: Any, metric: Optional[str] = None) -> float:
-        """Cumulative reduction (vs. the original model) if the current state kept ``keep`` channels per group:
-        analytic cost, no evaluation (heuristics search their own kept vectors with it).
+        """Cumulative reduction (analytic, no evaluation) if the current state kept ``keep`` channels per group.
 
         :param keep: channels per group, at most the current widths.
-        :param metric: ``"flops"``, ``"params"`` or ``"channels"``; default the step's budget metric, else
-            ``target_metric``.
+        :param metric: one of ``METRICS``; default the step's budget metric, else ``target_metric``.
         """
         pruner = self._require_active().pruner
         reduction = self.meter.function(metric or self.budget or self.target_metric,
@@ -304,34 +260,25 @@ class PruneEnv(gym.Env):
         """``(candidate, cached, n_evaluations)`` per validated action: cache hits are reused, the misses built
         and scored together (``batched``: by ``config.parallel``'s backend, else here), evaluations counted and
         the cache left exactly as a loop of single look-aheads leaves it."""
-        keys = [CandidateCache.key(a) for a in actions]
-        misses = state.candidates.misses(keys, self.lookahead_cache)
-        built: Dict[int, Candidate] = {}
-        if misses:
+        def build(misses: List[int]) -> List[Candidate]:
             backend = self.evaluation_backend if batched else self._serial
             steps = (self._step_keep(state, actions[i]) for i in misses)
-            built = dict(zip(misses, self.scorer.candidates(backend, state.pruner, steps, state.teacher)))
+            return self.scorer.candidates(backend, state.pruner, steps, state.teacher)
+
         out = []
-        for i, key in enumerate(keys):
-            cand = built.get(i)
-            if cand is None:
-                out.append((state.candidates.get(key), True, self._episode_evaluations))
-                continue
-            self._episode_evaluations += 1
-            self.total_evaluations += 1
-            state.candidates.put(key, cand, self.lookahead_cache)
-            out.append((cand, False, self._episode_evaluations))
+        for cand, cached in state.candidates.resolve([CandidateCache.key(a) for a in actions], self.lookahead_cache,
+                                                     build):
+            if not cached:
+                self._episode_evaluations += 1
+                self.total_evaluations += 1
+            out.append((cand, cached, self._episode_evaluations))
         return out
 
     def _make_state(self, model: nn.Module, pruner: Pruner, channels: np.ndarray, cost: Cost, r: Reductions,
                     accuracy: float, step_index: int, final: bool, teacher: nn.Module,
                     teacher_accuracy: Optional[float], missed: bool = False) -> Tuple[_State, float]:
-        """Build a state; its importance only when the episode can go on from it.
-
-        :param pruner: the state's pruner: traced for the initial state, ``parent.child(model, plan)`` after a
-            step (same groups without a re-trace).
-        :param missed: the step that led here could not reach its budget goal.
-        """
+        """A state (its importance only when the episode can go on from it) and the seconds that took; ``missed``:
+        the step that led here could not reach its budget goal."""
         t0 = time.perf_counter()
         importance = np.zeros(self.n_groups)
         end_reason = None
@@ -364,27 +311,12 @@ class PruneEnv(gym.Env):
     def _info(self, accuracy: float, reward: float, cost: Cost, r: Reductions, keep: np.ndarray, step: int,
               n_evaluations: int, time_prune: float = 0.0, time_importance: float = 0.0, time_eval: float = 0.0,
               **extra: Any) -> Dict[str, Any]:
-        keep = np.asarray(keep, dtype=np.int64)
-        timing = self.config.record_timings
-        info = {
-            "accuracy": float(accuracy),
-            "reward": float(reward),
-            "macs": int(cost.macs),
-            "params": int(cost.params),
-            "macs_ratio": 1.0 - r.flops,
-            "params_ratio": 1.0 - r.params,
-            "flops_reduction": r.flops,
-            "params_reduction": r.params,
-            "channel_sparsity": channel_sparsity(keep, self.original_channels, self.layer_counts),
-            "group_sparsity": 1.0 - keep / self.original_channels,
-            "kept_channels": keep.copy(),
-            "step": int(step),
-            "n_evaluations": int(n_evaluations),
-            "time_prune": float(time_prune) if timing else 0.0,
-            "time_importance": float(time_importance) if timing else 0.0,
-            "time_eval": float(time_eval) if timing else 0.0,
-            "target_progress": self.meter.value(self.episode_metric, keep, r),
-        }
+        timing = self.config.record_timings  # off: infos repeat exactly (Gymnasium's checker compares them)
+        info = {"accuracy": float(accuracy), "reward": float(reward),
+                **self.meter.report(keep, cost, r, self.episode_metric), "step": int(step),
+                "n_evaluations": int(n_evaluations), "time_prune": float(time_prune) if timing else 0.0,
+                "time_importance": float(time_importance) if timing else 0.0,
+                "time_eval": float(time_eval) if timing else 0.0}
         info.update(extra)
         return info
 
@@ -402,30 +334,20 @@ class PruneEnv(gym.Env):
         n = self.n_groups
         imp = state.importance
         imp = imp / imp.max() if imp.size and imp.max() > 0 else np.zeros(n)
-        group = np.concatenate([
-            orig / orig.max(),
-            state.channels / orig,
-            state.group_macs / max(self.original_cost.macs, 1),
-            state.group_params / max(self.original_cost.params, 1),
-            imp,
-            np.arange(n) / max(n - 1, 1),
-        ])
-        glob = np.array([
-            min(1.0, state.step_index / self.n_steps),
-            state.reductions.flops,
-            state.reductions.params,
-            channel_sparsity(state.channels, self.original_channels, self.layer_counts),
-            state.accuracy,
-            self.target,
-        ])
+        macs, params = max(self.original_cost.macs, 1), max(self.original_cost.params, 1)
+        group = np.concatenate([orig / orig.max(), state.channels / orig, state.group_macs / macs,
+                                state.group_params / params, imp, np.arange(n) / max(n - 1, 1)])
+        glob = np.array([min(1.0, state.step_index / self.n_steps), state.reductions.flops, state.reductions.params,
+                         channel_sparsity(state.channels, self.original_channels, self.layer_counts), state.accuracy,
+                         self.target])
         return np.clip(np.concatenate([group, glob]), 0.0, 1.0).astype(np.float32)
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None) -> Tuple[np.ndarray, dict]:
         """Start an episode from the original model (a private copy, traced and scored on the first reset).
 
-        :param seed: seeds ``np_random`` (used for recovery shuffling); the reward subset and calibration
-            data are fixed by the config's ``seed``.
+        :param seed: seeds ``np_random`` (recovery draws from it); reward and calibration images follow the
+            config's ``seed``.
         :param options: unused.
         """
         super().reset(seed=seed)
@@ -449,28 +371,17 @@ class PruneEnv(gym.Env):
         return self._observation(state), info
 
     def evaluate_action(self, action: Any) -> Tuple[float, Dict[str, Any]]:
-        """Reward and info that ``step(action)`` would give, without advancing (look-ahead).
-
-        The state (model, channels, step, observation) is unchanged; only the evaluation counters move.
-        The built candidate is cached, so a following ``step`` with the same action does no pruning work.
-
-        :param action: as for :meth:`step`.
-        :return: ``(reward, info)``; ``info["cached"]`` says whether an earlier look-ahead was reused.
-        """
+        """``(reward, info)`` that ``step(action)`` would give, without advancing: only the evaluation counters
+        move, and the candidate is cached for a following step (``info["cached"]``: an earlier one was reused)."""
         state = self._require_active()
         [(cand, cached, count)] = self._lookahead(state, [self._validate_action(action)], batched=False)
         info = self._step_info(state, cand, cached, count, lookahead=True)
         return info["reward"], info
 
     def evaluate_actions(self, actions: Sequence[Any]) -> Tuple[List[float], List[Dict[str, Any]]]:
-        """:meth:`evaluate_action` for several actions from the current state, the new candidates built and
-        scored together by ``config.parallel``'s backend (serial, or Ray actors). Rewards, infos, evaluation
-        counts and the candidate cache end up exactly as after ``[evaluate_action(a) for a in actions]`` (an
-        invalid action raises before anything is evaluated).
-
-        :param actions: actions as for :meth:`step`.
-        :return: ``(rewards, infos)``, one of each per action, in order.
-        """
+        """``(rewards, infos)`` of :meth:`evaluate_action` for each action, the new candidates scored together by
+        ``config.parallel``'s backend; rewards, infos, counters and cache end exactly as after the loop (an
+        invalid action raises before anything is evaluated)."""
         state = self._require_active()
         acts = [self._validate_action(a) for a in actions]
         infos = [self._step_info(state, cand, cached, count, lookahead=True)
@@ -478,18 +389,13 @@ class PruneEnv(gym.Env):
         return [info["reward"] for info in infos], infos
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
-        """Prune the current model with ``action`` and return ``(obs, reward, terminated, truncated, info)``.
-
-        :param action: one value per group (see the class docstring).
-        """
+        """Prune the current model with ``action`` (one value per group): ``(obs, reward, terminated, truncated,
+        info)``."""
         return self._advance(action, recover=True)
 
     def lookahead_step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
-        """Advance to the state ``step(action)`` would reach, but as a look-ahead: never fine-tunes (no
-        recovery), so a deeper tree search (spec §2.5) costs evaluations only. Return with :meth:`restore`.
-
-        :param action: as for :meth:`step`.
-        """
+        """:meth:`step` as a look-ahead: never fine-tunes, so a deeper tree search (spec §2.5) costs evaluations
+        only; return with :meth:`restore`."""
         return self._advance(action, recover=False)
 
     def _advance(self, action: Any, recover: bool) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
@@ -548,10 +454,7 @@ class PruneEnv(gym.Env):
         return self._require_state()
 
     def restore(self, snap: _State) -> np.ndarray:
-        """Return to a state from :meth:`snapshot` of this env; returns its observation.
-
-        :param snap: an object returned by ``snapshot()``.
-        """
+        """Return to a state from :meth:`snapshot` of this env; returns its observation."""
         if not isinstance(snap, _State):
             raise TypeError(f"restore() takes an object returned by snapshot(), got {type(snap).__name__}")
         self._state = snap

@@ -12,7 +12,7 @@ import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -311,16 +311,30 @@ class CandidateCache:
         """Take a candidate out (it becomes a state's model), or None."""
         return self._items.pop(key, None)
 
-    def misses(self, keys: Sequence[bytes], capacity: int) -> List[int]:
-        """Positions of ``keys`` that looking each up in turn (and caching it on a miss) would have to build,
-        replayed on the keys alone, so a batch can be built at once and still leave the cache as the loop would."""
+    def resolve(self, keys: Sequence[bytes], capacity: int,
+                build: Callable[[List[int]], List[Any]]) -> List[Tuple[Any, bool]]:
+        """``(candidate, cached)`` per key, exactly as looking each up in turn and caching it on a miss would give:
+        the misses are found on the keys alone first, so ``build`` makes them all in one batch.
+
+        :param keys: :meth:`key` of each action, in order.
+        :param capacity: the cache's size.
+        :param build: positions in ``keys`` -> their new candidates, in order (called once, only with misses).
+        """
         shadow = CandidateCache()
         shadow._items = OrderedDict.fromkeys(self._items, True)
-        out = []
+        misses = []
         for i, key in enumerate(keys):
             if shadow.get(key) is None:
-                out.append(i)
+                misses.append(i)
                 shadow.put(key, True, capacity)
+        built = dict(zip(misses, build(misses))) if misses else {}
+        out = []
+        for i, key in enumerate(keys):
+            if i in built:
+                self.put(key, built[i], capacity)
+                out.append((built[i], False))
+            else:
+                out.append((self.get(key), True))
         return out
 
     def clear(self) -> None:
