@@ -13,7 +13,7 @@ import numbers
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Type, TypeVar, Union
+from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 Config = TypeVar("Config")
 NoneType = type(None)
@@ -238,7 +238,8 @@ def from_mapping(cls: Type[Config], values: Union[Config, Mapping[str, Any], Non
 
     :param cls: the configuration class.
     :param values: the mapping; None gives the defaults, an instance of ``cls`` is returned as is.
-    :param label: what a key is in messages (default ``"{section} key"`` or ``"{cls} setting"``).
+    :param label: what a key is in messages (default the class's ``key_label``, else ``"{section} key"`` or
+        ``"{cls} setting"``).
     """
     if values is None:
         return cls()
@@ -247,8 +248,38 @@ def from_mapping(cls: Type[Config], values: Union[Config, Mapping[str, Any], Non
     section = section_of(cls)
     if not isinstance(values, Mapping):
         raise TypeError(f"{section or cls.__name__} must be {_type_words(cls)}, got {values!r}")
-    check_keys(values, field_names(cls), label or (f"{section} key" if section else f"{cls.__name__} setting"))
+    label = label or getattr(cls, "key_label", None) or (f"{section} key" if section else f"{cls.__name__} setting")
+    check_keys(values, field_names(cls), label)
     return cls(**dict(values))
+
+
+class Settings:
+    """Base of every configuration dataclass: checked by :func:`validate` on creation, built from keyword
+    arguments or a mapping with unknown names refused. A subclass that checks more (settings that must fit
+    together) extends ``__post_init__`` after calling this one."""
+
+    #: dotted prefix of the field names in errors (``"parallel"``: ``parallel.backend must be ...``)
+    section: ClassVar[Optional[str]] = None
+    #: what a setting is called in unknown-name errors (default ``"{section} key"`` / ``"{class} setting"``)
+    key_label: ClassVar[Optional[str]] = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        """Names of the settings, in declaration order."""
+        return field_names(cls)
+
+    @classmethod
+    def from_dict(cls: Type[Config], values: Union[Config, Mapping[str, Any], None]) -> Config:
+        """A checked configuration from a mapping (a YAML section; None: the defaults; an instance as is)."""
+        return from_mapping(cls, values)
+
+    @classmethod
+    def from_kwargs(cls: Type[Config], **kwargs: Any) -> Config:
+        """A checked configuration from keyword arguments; an unknown name is refused, listing the valid ones."""
+        return from_mapping(cls, kwargs)
 
 
 def merged(cls: Type[Config], config: Optional[Config], overrides: Mapping[str, Any],
@@ -269,5 +300,5 @@ def merged(cls: Type[Config], config: Optional[Config], overrides: Mapping[str, 
     return from_mapping(cls, {**base, **overrides}, label)
 
 
-__all__ = ["Limits", "merged", "setting", "validate", "check_value", "describe", "check_keys", "from_mapping",
+__all__ = ["Settings", "Limits", "merged", "setting", "validate", "check_value", "describe", "check_keys", "from_mapping",
            "field_names", "limits_of", "section_of", "UnknownSettingError"]

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type,
 import yaml
 
 from agents.registry import AGENTS, agent_class
-from pruning_env.schema import limits_of, setting, validate
+from pruning_env.schema import Settings, limits_of, setting
 
 Config = TypeVar("Config")
 
@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------- prune run
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Settings):
     """The knowledge-distillation fine-tune of the best pruned model (``finetune`` section)."""
 
     section = "finetune"  # errors name finetune.FIELD
@@ -66,12 +66,9 @@ class FinetuneConfig:
     teacher: Optional[str] = setting("original", choices=("original", "none"))
     """``original``: distil from the unpruned model; ``none``: plain cross-entropy"""
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass
-class RunOptions:
+class RunOptions(Settings):
     """Where a prune run writes and how it reports (``run`` section)."""
 
     section = "run"  # errors name run.FIELD
@@ -87,12 +84,9 @@ class RunOptions:
     eval_batch_size: int = setting(256, low=1)
     """batch size of the accuracy reports"""
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass
-class PruneRunConfig:
+class PruneRunConfig(Settings):
     """A prune run: search with one agent on PruneEnv, fine-tune, report, export (``train_agent.py``)."""
 
     name: Optional[str] = None
@@ -113,9 +107,6 @@ class PruneRunConfig:
     """the final knowledge-distillation fine-tune"""
     run: RunOptions = field(default_factory=RunOptions)
     """output folder, checkpoints, progress"""
-
-    def __post_init__(self) -> None:
-        validate(self)
 
     def to_dict(self) -> Dict[str, Any]:
         """The config as plain data (what ``config.yaml`` holds)."""
@@ -239,7 +230,7 @@ def sb3_keys(algo: str) -> set:
 # ----------------------------------------------------------------------------------------------------- ViT run
 
 @dataclass
-class ViTEvalOptions:
+class ViTEvalOptions(Settings):
     """How a ViT run is evaluated (``eval`` section)."""
 
     section = "eval"  # errors name eval.FIELD
@@ -253,12 +244,9 @@ class ViTEvalOptions:
     throughput_batch: int = setting(128, low=1)
     """batch size of the throughput measurement"""
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass
-class ViTRunConfig:
+class ViTRunConfig(Settings):
     """A ViT run: train a ViT jointly with a patch-selection policy, then evaluate it (``train_vit_agent.py``)."""
 
     policy: str = setting("double_dqn", choices=VIT_POLICIES)
@@ -278,9 +266,6 @@ class ViTRunConfig:
     policies, none for the baselines)"""
     eval: ViTEvalOptions = field(default_factory=ViTEvalOptions)
     """evaluation settings"""
-
-    def __post_init__(self) -> None:
-        validate(self)
 
     def to_dict(self) -> Dict[str, Any]:
         """The config as plain data (what ``results.json`` records)."""

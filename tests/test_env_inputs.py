@@ -18,16 +18,9 @@ def splits():
 
 
 @pytest.fixture
-def no_lookup(monkeypatch):
+def no_lookup(forbid):
     """Any checkpoint look-up or pretraining fails the test: the name must be refused first."""
-    import pruning_env.envs.task as task
-    import pruning_env.pretrain as pretrain
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a checkpoint was looked up (or pretrained) before the model name was checked")
-
-    monkeypatch.setattr(task, "checkpoint_path", refuse)
-    monkeypatch.setattr(pretrain, "ensure_pretrained", refuse)
+    forbid("pruning_env.envs.task.checkpoint_path", "pruning_env.pretrain.ensure_pretrained")
 
 
 @pytest.mark.parametrize("auto_pretrain_epochs", [10, 0])

@@ -21,16 +21,9 @@ FAST = dict(pretrained=False, width=0.0625, val_size=64, reward_samples=32, cali
 
 
 @pytest.fixture
-def no_training(monkeypatch):
+def no_training(forbid):
     """Any pretraining or fine-tuning fails the test: errors must come before the work starts."""
-    import pruning_env.pretrain as pretrain
-    import pruning_env.training as training
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started before the bad input was refused")
-
-    monkeypatch.setattr(pretrain, "pretrain", refuse)
-    monkeypatch.setattr(training, "train_epoch", refuse)
+    forbid("pruning_env.pretrain.pretrain", "pruning_env.training.train_epoch")
 
 
 # ---- issue 13 item 1: settings validated at construction, whichever way they arrive

@@ -21,7 +21,7 @@ from pruning_env.envs.budget import METRICS
 from pruning_env.envs.parallel import ParallelConfig
 from pruning_env.envs.reward import AGREEMENT_METRICS, REWARD_ESTIMATORS
 from pruning_env.pruning.importance import CRITERIA, Importance
-from pruning_env.schema import field_names, from_mapping, setting, validate
+from pruning_env.schema import Settings, setting
 
 ACTION_MODES = ("sparsity", "distribution")
 RECOVERY_MODES = (None, "kd", "ce")
@@ -83,13 +83,15 @@ def criterion_problem(value: Any) -> Optional[str]:
 
 
 @dataclass
-class PruneEnvConfig:
+class PruneEnvConfig(Settings):
     """Settings of :class:`~pruning_env.envs.prune_env.PruneEnv` (see ``docs/env.md`` for the semantics).
 
     Build it directly, with :meth:`from_kwargs`, or let ``PruneEnv(**kwargs)`` / ``gym.make(id, **kwargs)``
     build it. Every field is checked by :func:`pruning_env.schema.validate` (its limits are declared with it):
     ``ValueError`` (or ``TypeError`` for a wrong type) naming the field and the allowed range.
     """
+
+    key_label = "PruneEnv setting"
 
     # ---- task: model, data, checkpoint
     model: Union[str, nn.Module] = setting("vgg19", what="a zoo name or an nn.Module", check=zoo_model_problem)
@@ -208,23 +210,10 @@ class PruneEnvConfig:
     :class:`~pruning_env.envs.parallel.ParallelConfig`; default: serial, in this process)."""
 
     def __post_init__(self) -> None:
-        validate(self)
+        super().__post_init__()
         if self.recovery is not None and self.recovery_batches == 0 and self.recovery_epochs == 0:
             raise ValueError(f"recovery={self.recovery!r} needs a length: set recovery_batches >= 1 or "
                              f"recovery_epochs >= 1 (both are 0, so it would never run), or recovery=None")
-
-    @classmethod
-    def field_names(cls) -> Tuple[str, ...]:
-        """Names of the settings (the keyword arguments ``PruneEnv`` and ``gym.make`` accept)."""
-        return field_names(cls)
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "PruneEnvConfig":
-        """A validated config from keyword arguments; an unknown name is a ``TypeError`` listing the valid ones.
-
-        :param kwargs: any of :meth:`field_names`.
-        """
-        return from_mapping(cls, kwargs, label="PruneEnv setting")
 
     # ---- derived settings
     @property
@@ -258,12 +247,13 @@ class PruneEnvConfig:
                     soft_weight=self.kd_soft_weight)
 
 
-
 @dataclass
-class PatchEnvConfig:
+class PatchEnvConfig(Settings):
     """Settings of :class:`~pruning_env.envs.patch_env.PatchSelectEnv` (AgentViT; see ``docs/agentvit.md``),
     checked like :class:`PruneEnvConfig`. ``PatchSelectEnv(**kwargs)`` and ``gym.make("RLPatch-...", **kwargs)``
     build it."""
+
+    key_label = "PatchSelectEnv setting"
 
     model: Union[str, nn.Module] = setting("vit_tiny_patch4", what="a zoo name or a SimpleViT-like module",
                                            check=zoo_model_problem)
@@ -332,19 +322,6 @@ class PatchEnvConfig:
     """seeds the ViT's initial weights, the data split and order, and the env's torch stream."""
     num_workers: int = setting(0, low=0)
     """DataLoader workers."""
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-    @classmethod
-    def field_names(cls) -> Tuple[str, ...]:
-        """Names of the settings (the keyword arguments ``PatchSelectEnv`` and ``gym.make`` accept)."""
-        return field_names(cls)
-
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "PatchEnvConfig":
-        """A validated config from keyword arguments; an unknown name is refused, listing the valid ones."""
-        return from_mapping(cls, kwargs, label="PatchSelectEnv setting")
 
 
 __all__ = ["PruneEnvConfig", "PatchEnvConfig", "ACTION_MODES", "RECOVERY_MODES", "DEFAULT_VAL_SIZE",

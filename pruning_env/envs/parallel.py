@@ -24,13 +24,13 @@ import torch.nn as nn
 from pruning_env.envs.scoring import CandidateScorer, Scored
 from pruning_env.pruning import Pruner, PrunePlan
 from pruning_env.runtime import model_device
-from pruning_env.schema import from_mapping, setting, validate
+from pruning_env.schema import Settings, setting
 
 BACKENDS = ("serial", "ray")
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Settings):
     """How the env's batched look-ahead (``env.evaluate_actions``) evaluates candidates: the ``parallel``
     section of a run config, e.g. ``parallel: {backend: ray, num_workers: 8}``."""
 
@@ -49,17 +49,6 @@ class ParallelConfig:
     overlap: Optional[bool] = None
     """serial backend: build the next candidate while the device evaluates the current one, one sync per batch;
     None = on CUDA only."""
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-    @classmethod
-    def from_dict(cls, values: Union["ParallelConfig", Dict[str, Any], None]) -> "ParallelConfig":
-        """A config from a mapping (a YAML section), naming any unknown key.
-
-        :param values: the section; None gives the defaults, a ``ParallelConfig`` is returned as is.
-        """
-        return from_mapping(cls, values)
 
 
 class SerialBackend:

@@ -130,7 +130,7 @@ class PatchSelectEnv(gym.Env):
 
     def __init__(self, config: Optional[PatchEnvConfig] = None, **kwargs: Any) -> None:
         super().__init__()
-        self.config = cfg = merged(PatchEnvConfig, config, kwargs, label="PatchSelectEnv setting")
+        self.config = cfg = merged(PatchEnvConfig, config, kwargs)
         self.device = resolve_device(cfg.device)
         seed = cfg.seed
         self.splits = cfg.dataset if isinstance(cfg.dataset, DatasetSplits) else make_datasets(

@@ -105,7 +105,7 @@ class PruneEnv(gym.Env):
 
     def __init__(self, config: Optional[PruneEnvConfig] = None, **kwargs: Any) -> None:
         super().__init__()
-        self.config = cfg = merged(PruneEnvConfig, config, kwargs, label="PruneEnv setting")
+        self.config = cfg = merged(PruneEnvConfig, config, kwargs)
         self.render_mode = None
         self.device = resolve_device(cfg.device)
         self.task = task = PruningTask.from_config(cfg, self.device)
