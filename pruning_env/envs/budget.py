@@ -17,6 +17,8 @@ from pruning_env.costs import Cost, Reductions, reductions
 ArrayLike = Sequence[float] | np.ndarray
 #: what a budget or an episode target is measured in: a field of ``Reductions``, or the authors' channel sparsity
 METRICS = ("flops", "channels", "params")
+#: what an action means (:func:`keep_for_action`): per-group sparsity, or the authors' pruning distribution
+ACTION_MODES = ("sparsity", "distribution")
 
 
 def _as_counts(layer_counts: ArrayLike, n: int, what: str = "layer_counts") -> np.ndarray:
@@ -317,8 +319,8 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
         raise ValueError(f"action has {a.size} entries, expected one per group ({cur.size})")
     if (reduction is None) != (goal is None):
         raise ValueError("pass both `reduction` and `goal` (a budgeted step) or neither (budget-free)")
-    if action_mode not in ("sparsity", "distribution"):
-        raise ValueError(f"action_mode must be 'sparsity' or 'distribution', got {action_mode!r}")
+    if action_mode not in ACTION_MODES:
+        raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
 
     def kept(sparsity: np.ndarray) -> np.ndarray:
         return np.minimum(np.asarray(keep_counts(sparsity), dtype=np.int64), cur)
@@ -401,6 +403,6 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
                   keep_rest(rest_hi))
 
 
-__all__ = ["keep_for_action", "StepKeep", "ReductionMeter", "METRICS", "normalize_distribution",
+__all__ = ["keep_for_action", "StepKeep", "ReductionMeter", "METRICS", "ACTION_MODES", "normalize_distribution",
            "distribution_to_counts", "charged",
            "channel_sparsity", "filter_num", "step_channel_budget", "cumulative_goal", "bisect_increasing"]

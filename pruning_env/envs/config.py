@@ -17,13 +17,12 @@ import torch
 import torch.nn as nn
 
 from pruning_env.data import DatasetSplits
-from pruning_env.envs.budget import METRICS
+from pruning_env.envs.budget import ACTION_MODES, METRICS
 from pruning_env.envs.parallel import ParallelConfig
 from pruning_env.envs.reward import AGREEMENT_METRICS, REWARD_ESTIMATORS
 from pruning_env.pruning.importance import CRITERIA, Importance
 from pruning_env.schema import Settings, setting
 
-ACTION_MODES = ("sparsity", "distribution")
 RECOVERY_MODES = (None, "kd", "ce")
 #: validation images held out when neither the caller nor the checkpoint says (10% of CIFAR's training set)
 DEFAULT_VAL_SIZE = 5000
