@@ -300,5 +300,6 @@ def merged(cls: Type[Config], config: Optional[Config], overrides: Mapping[str, 
     return from_mapping(cls, {**base, **overrides}, label)
 
 
-__all__ = ["Settings", "Limits", "merged", "setting", "validate", "check_value", "describe", "check_keys", "from_mapping",
+__all__ = ["Settings", "Limits", "merged", "setting", "validate", "check_value", "describe", "check_keys",
+           "from_mapping",
            "field_names", "limits_of", "section_of", "UnknownSettingError"]
