@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pruning_env.costs import Cost, reductions
-from pruning_env.envs.budget import ReductionMeter, channel_sparsity
+from pruning_env.envs.budget import METRICS, ReductionMeter, channel_sparsity
 from pruning_env.envs.parallel import SerialBackend
 from pruning_env.envs.reward import REWARD_ESTIMATORS
 from pruning_env.envs.scoring import CandidateCache
@@ -83,7 +83,7 @@ def test_the_reduction_meter_reads_every_metric_from_one_cost():
     r = reductions(cost, original)
     assert meter.value("flops", keep, r) == pytest.approx(0.4) and meter.value("params", keep, r) == 0.25
     assert meter.value("channels", keep, None) == channel_sparsity(keep, [8, 4], [1, 2]) == pytest.approx(0.25)
-    for metric in ("flops", "params", "channels"):
+    for metric in METRICS:
         assert meter.function(metric, lambda k: cost)(keep) == meter.value(metric, keep, r)
     info = meter.report(keep, cost, r, "flops")
     assert info["macs_ratio"] == pytest.approx(0.6) and info["target_progress"] == pytest.approx(0.4)

@@ -199,6 +199,8 @@ class EstimatorSpec:
     :ivar train_images: it reads training images (BN statistics, KD batches): the task preloads them.
     :ivar teacher_logits: ``fn`` takes ``teacher_logits``, the teacher's logits on the reward images, which the
         scorer computes once per teacher.
+    :ivar plain_top1: the estimate is the plain top-1 on the reward images, which the scorer computes itself (AMP /
+        channels-last on CUDA; a backend may queue it without waiting).
     """
 
     fn: Callable[..., float]
@@ -207,6 +209,7 @@ class EstimatorSpec:
     teacher: bool = False
     train_images: bool = False
     teacher_logits: bool = False
+    plain_top1: bool = False
 
     def options_from(self, settings: Any) -> Dict[str, Any]:
         """The keyword options of ``fn`` read from an env config.
@@ -219,7 +222,7 @@ class EstimatorSpec:
 #: estimator name -> its entry; ``vanilla`` is the authors' reward
 REWARD_ESTIMATORS: Dict[str, EstimatorSpec] = {
     "vanilla": EstimatorSpec(vanilla, {"batch_size": "eval_batch_size"},
-                             "the authors': top-1 right after pruning"),
+                             "the authors': top-1 right after pruning", plain_top1=True),
     "adaptive_bn": EstimatorSpec(adaptive_bn, {"batch_size": "eval_batch_size", "n_images": "reward_train_images"},
                                  "EagleEye: top-1 after re-estimating BatchNorm statistics on training images",
                                  train_images=True),

@@ -96,8 +96,8 @@ class CandidateScorer:
 
     The estimator runs on a private torch RNG stream seeded with ``seed`` for every estimate (the same model gets
     the same estimate, the caller's RNG is left alone); the teacher's logits on the reward images are computed
-    once per teacher for estimators that read them. ``vanilla`` is the scorer's own top-1 (AMP / channels-last
-    on CUDA), which a backend may queue without waiting (:meth:`top1_hits`).
+    once per teacher for estimators that read them. ``vanilla`` (an entry with ``plain_top1``) is the scorer's own
+    top-1 (AMP / channels-last on CUDA), which a backend may queue without waiting (:meth:`top1_hits`).
 
     :param estimator: a name in :data:`~pruning_env.envs.reward.REWARD_ESTIMATORS`.
     :param options: its keyword options.
@@ -158,7 +158,7 @@ class CandidateScorer:
     @property
     def queues_top1(self) -> bool:
         """Whether the accuracy is the plain top-1 that :meth:`top1_hits` queues without a sync (``vanilla``)."""
-        return self.estimator == "vanilla"
+        return self.spec.plain_top1
 
     @property
     def n_images(self) -> int:
