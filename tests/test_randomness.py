@@ -6,7 +6,6 @@ import random
 
 import gymnasium as gym
 import numpy as np
-import pytest
 import torch
 import torch.nn as nn
 

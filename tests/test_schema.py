@@ -6,7 +6,7 @@ import dataclasses
 import inspect
 import math
 import typing
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import pytest
 
