@@ -462,9 +462,7 @@ class PruneEnv(gym.Env):
 
     def close(self) -> None:
         """Release the models and cached tensors."""
-        self._state = None
-        self._initial_state = None
-        self._probe = None
+        self._state = self._initial_state = self._probe = None
         if self._backend is not None:
             self._backend.close()
             self._backend = None
