@@ -27,7 +27,8 @@ import torch
 import yaml
 
 from agents.rl_pruner.policies import TopKBuffer, initial_distribution, sample_action, update_distribution
-from pruning_env.envs.parallel import build_model, import_ray
+from pruning_env.envs.parallel import import_ray
+from pruning_env.envs.scoring import build_model
 from pruning_env.envs.prune_env import PruneEnv
 from pruning_env.runtime import atomic_write_text, machine_info, sync
 from pruning_env.training import evaluate

@@ -1,18 +1,20 @@
-"""Runtime helpers shared by every command: device choice and synchronisation, seeding and RNG state, machine
-facts for benchmark reports, and atomic file writes (a crash never leaves half a file).
+"""Runtime helpers shared by every command: device choice (and a model's device) and synchronisation, seeding, RNG
+state and private RNG streams, machine facts for benchmark reports, and atomic file writes.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 PathLike = Union[str, os.PathLike]
 
@@ -25,6 +27,17 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} was requested but CUDA is not available; use device='cpu'")
     return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter (else its first buffer); CPU for a module that
+    holds no tensor.
+
+    :param model: any module.
+    """
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -52,6 +65,45 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+
+class TorchRNG:
+    """A private stream of torch's global RNG, for work that cannot take a ``torch.Generator`` (dropout, torchvision
+    augmentation, ``finetune``): inside ``with rng:`` torch draws from this stream (CPU, and ``device``'s CUDA
+    generator), which moves on from block to block; the caller's RNG state is restored on leaving, so an env or an
+    estimate never reseeds the program that uses it. A fresh ``TorchRNG(seed)`` is the one way to run a block
+    seeded: ``with TorchRNG(seed): ...``.
+
+    :param seed: the stream's seed.
+    :param device: the CUDA device whose generator the block uses as well (None or a CPU device: CPU only).
+    """
+
+    def __init__(self, seed: int, device: Union[str, torch.device, None] = None) -> None:
+        self.seed = int(seed)
+        dev = torch.device("cpu" if device is None else device)
+        self._cuda: List[torch.device] = [dev] if dev.type == "cuda" else []
+        self._cpu_state = torch.Generator().manual_seed(self.seed).get_state()
+        self._cuda_states: Optional[List[torch.Tensor]] = None  # seeded on first use (CUDA initialised by then)
+        self._outside: List[Any] = []
+
+    def __enter__(self) -> "TorchRNG":
+        self._outside.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self._cuda]))
+        torch.set_rng_state(self._cpu_state)
+        if self._cuda_states is None:
+            for d in self._cuda:
+                with torch.cuda.device(d):
+                    torch.cuda.manual_seed(self.seed)
+        else:
+            for d, state in zip(self._cuda, self._cuda_states):
+                torch.cuda.set_rng_state(state, d)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cpu_state = torch.get_rng_state()
+        self._cuda_states = [torch.cuda.get_rng_state(d) for d in self._cuda]
+        cpu, cuda = self._outside.pop()
+        torch.set_rng_state(cpu)
+        for d, state in zip(self._cuda, cuda):
+            torch.cuda.set_rng_state(state, d)
 
 
 def sync(device: Union[str, torch.device, None]) -> None:

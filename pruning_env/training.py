@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from pruning_env.data import make_loader
+from pruning_env.runtime import TorchRNG, model_device
 
 EvalData = Union[DataLoader, Dataset, Tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,10 +62,7 @@ def evaluate(model: nn.Module, data: EvalData, device: Union[str, torch.device, 
     :param amp: autocast to float16 on CUDA.
     :param channels_last: run with channels-last memory format (faster convs on GPUs).
     """
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -234,3 +232,32 @@ def finetune(model: nn.Module, train_data: Union[DataLoader, Dataset], val_data:
         model.load_state_dict(best_state)
     return {"val_top1_before": start_acc, "val_top1": best_acc, "epochs": epochs,
             "train_loss": history[-1]["loss"] if history else None, "history": history}
+
+
+def recover(model: nn.Module, train_data: Union[DataLoader, Dataset], seed: int, teacher: Optional[nn.Module] = None,
+            val_data: Optional[EvalData] = None, epochs: int = 1, max_batches: Optional[int] = None,
+            lr: float = 1e-3, batch_size: int = 128, T: float = 2.0, soft_weight: float = 0.75,
+            device: Union[str, torch.device] = "cpu", amp: bool = False) -> nn.Module:
+    """A short recovery fine-tune between pruning steps (spec §5.2): :func:`finetune` in place, without a progress
+    bar, on a private RNG stream seeded with ``seed`` (augmentation, dropout, shuffling), so it repeats for a
+    seed and leaves the caller's RNG alone.
+
+    :param model: the pruned model, trained in place and returned in eval mode.
+    :param train_data: the training split.
+    :param seed: the stream's (and the shuffling's) seed.
+    :param teacher: distil from this model; None: plain cross-entropy.
+    :param val_data: keep the best epoch by top-1 on these images (the start included); None: the last.
+    :param epochs: passes over ``train_data``, used when ``max_batches`` is None.
+    :param max_batches: a single pass of at most this many batches.
+    :param lr: peak learning rate.
+    :param batch_size: training batch size.
+    :param T: distillation temperature.
+    :param soft_weight: weight of the distillation term.
+    :param device: where to train.
+    :param amp: float16 autocast on CUDA.
+    """
+    with TorchRNG(seed, device):
+        finetune(model, train_data, val_data=val_data, epochs=epochs, max_batches=max_batches, lr=lr,
+                 teacher=teacher, T=T, soft_weight=soft_weight, batch_size=batch_size, device=device, amp=amp,
+                 seed=seed, progress=False)
+    return model.eval()

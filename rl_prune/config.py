@@ -1,7 +1,8 @@
 """Typed configurations of the two run CLIs (a prune run of ``train_agent.py``, a ViT run of ``train_vit_agent.py``)
 and their one loader: a YAML file plus ``key=value`` overrides, checked with errors that name the dotted key.
 
-Every field below is documented where it is declared; ``configs/`` holds examples of both kinds.
+Every field below is documented where it is declared, its limits declared with it in the project's one grammar
+(:mod:`pruning_env.schema`, shared with the env configs); ``configs/`` holds examples of both kinds.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Type,
 import yaml
 
 from agents.registry import AGENTS, agent_class
+from pruning_env.schema import Settings, limits_of, setting
 
 Config = TypeVar("Config")
 
@@ -37,64 +39,54 @@ class ConfigError(ValueError):
     """A config file or override that is not valid; the message names the dotted key and what would be valid."""
 
 
-def limits(low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
-           choices: Optional[Sequence[Any]] = None, merge: bool = False) -> Dict[str, Any]:
-    """Field metadata the loader checks: ``low <= value <= high`` (``low < value`` when ``low_open``), one of
-    ``choices``; ``merge`` merges a mapping over the field's default instead of replacing it.
-
-    :param low: smallest allowed value.
-    :param high: largest allowed value.
-    :param low_open: exclude ``low`` itself.
-    :param choices: the allowed values.
-    :param merge: for mapping fields: the given keys update the default mapping.
-    """
-    return {"low": low, "high": high, "low_open": low_open, "choices": choices, "merge": merge}
-
-
 # --------------------------------------------------------------------------------------------------- prune run
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Settings):
     """The knowledge-distillation fine-tune of the best pruned model (``finetune`` section)."""
 
-    epochs: int = field(default=1, metadata=limits(0))
+    section = "finetune"  # errors name finetune.FIELD
+
+    epochs: int = setting(1, low=0)
     """passes over the training split; 0: no fine-tune"""
-    max_batches: Optional[int] = field(default=None, metadata=limits(1))
+    max_batches: Optional[int] = setting(None, low=1)
     """cap on batches (one short pass) for smoke runs; null: whole epochs"""
-    lr: float = field(default=1e-3, metadata=limits(0, low_open=True))
+    lr: float = setting(1e-3, low=0, low_open=True)
     """peak SGD learning rate (warm-up, then cosine to ``min_lr``)"""
-    min_lr: float = field(default=1e-6, metadata=limits(0))
+    min_lr: float = setting(1e-6, low=0)
     """final learning rate of the cosine schedule"""
-    warmup_ratio: float = field(default=0.1, metadata=limits(0, 1))
+    warmup_ratio: float = setting(0.1, low=0, high=1)
     """share of the steps spent warming up"""
-    batch_size: int = field(default=128, metadata=limits(1))
+    batch_size: int = setting(128, low=1)
     """training batch size"""
-    T: float = field(default=2.0, metadata=limits(0, low_open=True))
+    T: float = setting(2.0, low=0, low_open=True)
     """distillation temperature"""
-    soft_weight: float = field(default=0.75, metadata=limits(0, 1))
+    soft_weight: float = setting(0.75, low=0, high=1)
     """weight of the teacher's soft targets (the rest is cross-entropy on the labels)"""
-    teacher: Optional[str] = field(default="original", metadata=limits(choices=("original", "none")))
+    teacher: Optional[str] = setting("original", choices=("original", "none"))
     """``original``: distil from the unpruned model; ``none``: plain cross-entropy"""
 
 
 @dataclass
-class RunOptions:
+class RunOptions(Settings):
     """Where a prune run writes and how it reports (``run`` section)."""
+
+    section = "run"  # errors name run.FIELD
 
     out_dir: str = "runs"
     """parent folder of the run folders (``{out_dir}/{name}``)"""
-    checkpoint_every: int = field(default=1, metadata=limits(0))
+    checkpoint_every: int = setting(1, low=0)
     """pruning steps between run checkpoints (0: never)"""
     progress: bool = True
     """show progress bars"""
     export_torchscript: bool = True
     """also write ``pruned_model.ts``"""
-    eval_batch_size: int = field(default=256, metadata=limits(1))
+    eval_batch_size: int = setting(256, low=1)
     """batch size of the accuracy reports"""
 
 
 @dataclass
-class PruneRunConfig:
+class PruneRunConfig(Settings):
     """A prune run: search with one agent on PruneEnv, fine-tune, report, export (``train_agent.py``)."""
 
     name: Optional[str] = None
@@ -105,7 +97,7 @@ class PruneRunConfig:
     """``cpu``, ``cuda`` or null (CUDA when available)"""
     agent: str = "rl_pruner"
     """the agent to run (``agents.registry.AGENTS``)"""
-    budget: Optional[int] = field(default=None, metadata=limits(1))
+    budget: Optional[int] = setting(None, low=1)
     """evaluations for budgeted agents (random search, SB3); null: the agent's own setting"""
     env: Dict[str, Any] = field(default_factory=dict)
     """PruneEnv keyword arguments, optionally ``id`` of a registered env whose settings come first"""
@@ -207,8 +199,13 @@ def prune_env_problem(kwargs: Dict[str, Any]) -> Optional[str]:
     """
     from pruning_env.envs.config import PruneEnvConfig
 
+    return _problem(PruneEnvConfig, kwargs)
+
+
+def _problem(config_class: Any, kwargs: Dict[str, Any]) -> Optional[str]:
+    """Why ``config_class.from_kwargs(**kwargs)`` refuses the settings, or None."""
     try:
-        PruneEnvConfig.from_kwargs(**kwargs)
+        config_class.from_kwargs(**kwargs)
     except (TypeError, ValueError) as err:
         return str(err)
     return None
@@ -233,24 +230,26 @@ def sb3_keys(algo: str) -> set:
 # ----------------------------------------------------------------------------------------------------- ViT run
 
 @dataclass
-class ViTEvalOptions:
+class ViTEvalOptions(Settings):
     """How a ViT run is evaluated (``eval`` section)."""
 
-    batch_size: int = field(default=128, metadata=limits(1))
+    section = "eval"  # errors name eval.FIELD
+
+    batch_size: int = setting(128, low=1)
     """batch size of the validation and test passes"""
     val_each_epoch: bool = True
     """validate after every training epoch (the run's ``history``)"""
     throughput: bool = True
     """measure images/s with all and with the kept patches"""
-    throughput_batch: int = field(default=128, metadata=limits(1))
+    throughput_batch: int = setting(128, low=1)
     """batch size of the throughput measurement"""
 
 
 @dataclass
-class ViTRunConfig:
+class ViTRunConfig(Settings):
     """A ViT run: train a ViT jointly with a patch-selection policy, then evaluate it (``train_vit_agent.py``)."""
 
-    policy: str = field(default="double_dqn", metadata=limits(choices=VIT_POLICIES))
+    policy: str = setting("double_dqn", choices=VIT_POLICIES)
     """``double_dqn`` / ``faithful`` (ViTDDQN modes), or the baselines ``full`` (all patches), ``random``"""
     seed: int = 0
     """seed of the env, the agent and the evaluation masks"""
@@ -260,7 +259,7 @@ class ViTRunConfig:
     """output folder (results.json, summary.md, vit.pt, agent.pt); null: write nothing"""
     progress: bool = True
     """show progress bars"""
-    env: Dict[str, Any] = field(default_factory=lambda: dict(VIT_QUICKSTART_ENV), metadata=limits(merge=True))
+    env: Dict[str, Any] = setting(default_factory=lambda: dict(VIT_QUICKSTART_ENV), merge=True)
     """PatchSelectEnv keyword arguments, merged over the quickstart's"""
     agent: Optional[Dict[str, Any]] = None
     """constructor arguments of the policy (replace the quickstart's DDQN settings; null: those for the DDQN
@@ -279,12 +278,14 @@ class ViTRunConfig:
         :param path: the YAML file (unused: a ViT run names its folder with ``out``).
         """
         from agents.vit_ddqn import AllPatches, RandomPatches, ViTDDQN
-        from pruning_env.envs.patch_env import PatchSelectEnv
+        from pruning_env.envs.config import PatchEnvConfig
 
         if self.agent is None:
             self.agent = dict(VIT_QUICKSTART_AGENT) if self.policy in ("faithful", "double_dqn") else {}
-        _check_keys(self.env, set(_signature_keys(PatchSelectEnv.__init__)) - {"device", "seed"}, f"{source}: ",
-                    "env")
+        _check_keys(self.env, set(PatchEnvConfig.field_names()) - {"device", "seed"}, f"{source}: ", "env")
+        problem = _problem(PatchEnvConfig, {**self.env, "seed": self.seed})
+        if problem:  # the same check as the env's, before any data is read
+            raise ConfigError(f"{source}: env.{problem}")
         agent_cls = {"full": AllPatches, "random": RandomPatches}.get(self.policy, ViTDDQN)
         _check_keys(self.agent, set(_signature_keys(agent_cls.__init__)) - {"mode"}, f"{source}: ",
                     f"agent (policy {self.policy})")
@@ -368,7 +369,8 @@ def load_config(path: Union[str, Path, None] = None, overrides: Union[Sequence[s
 
 
 def _build(schema: type, data: Any, prefix: str, source: str) -> Any:
-    """An instance of the dataclass ``schema`` from a mapping, every field coerced and checked."""
+    """An instance of the dataclass ``schema`` from a mapping: YAML values coerced to the field types, then the
+    schema's own checks (:func:`pruning_env.schema.validate`), whose errors name the dotted key."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -376,16 +378,17 @@ def _build(schema: type, data: Any, prefix: str, source: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     _check_keys(data, fields, f"{source}: ", prefix.rstrip("."))
     hints = typing.get_type_hints(schema)
-    kwargs: Dict[str, Any] = {}
-    for name, value in data.items():
-        f = fields[name]
-        kwargs[name] = _coerce(value, hints[name], f, f"{prefix}{name}", source)
-    return schema(**kwargs)
+    kwargs = {name: _coerce(value, hints[name], fields[name], f"{prefix}{name}", source)
+              for name, value in data.items()}
+    try:
+        return schema(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def _coerce(value: Any, hint: Any, f: dataclasses.Field, key: str, source: str) -> Any:
-    """``value`` as the field's type, checked against its :func:`limits`."""
-    meta = f.metadata
+    """``value`` read the way YAML users write it: nested sections built, mapping fields merged when declared
+    so, ``1e-3`` (a string to YAML) as a number, ``2.0`` as an integer; the field's checks come after."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) is Union:
         if value is None and type(None) in args:
@@ -398,51 +401,23 @@ def _coerce(value: Any, hint: Any, f: dataclasses.Field, key: str, source: str) 
             value = {}
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
-        if meta.get("merge"):
-            return {**f.default_factory(), **value}
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-    elif hint is int:
-        value = _number(value, int, key, source)
-    elif hint is float:
-        value = _number(value, float, key, source)
-    elif hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
-    _check_limits(value, meta, key, source)
+        return {**f.default_factory(), **value} if limits_of(f).merge else dict(value)
+    if hint in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return value  # the field's check names it
+        if isinstance(number, (int, float)) and math.isfinite(number):
+            if hint is float:
+                return float(number)
+            if float(number).is_integer():
+                return int(number)
+        return value  # not of the field's type: the check names the value as given
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     return value
-
-
-def _number(value: Any, kind: type, key: str, source: str) -> Union[int, float]:
-    """``value`` as an int or a finite float (YAML reads ``1e-3`` as a string: it is accepted)."""
-    what = "an integer" if kind is int else "a finite number"
-    if isinstance(value, str):
-        try:
-            value = float(value) if kind is float else int(value)
-        except ValueError:
-            raise ConfigError(f"{source}: {key} must be {what}, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{source}: {key} must be {what}, got {value!r}")
-    if kind is int:
-        if not float(value).is_integer():
-            raise ConfigError(f"{source}: {key} must be {what}, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def _check_limits(value: Any, meta: Mapping[str, Any], key: str, source: str) -> None:
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{source}: {key} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    low, high = meta.get("low"), meta.get("high")
-    if low is not None and (value <= low if meta.get("low_open") else value < low):
-        raise ConfigError(f"{source}: {key} must be {'>' if meta.get('low_open') else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ConfigError(f"{source}: {key} must be <= {high}, got {value!r}")
 
 
 def _check_keys(section: Mapping[str, Any], allowed: Iterable[str], source: str, where: str) -> None:
@@ -459,5 +434,5 @@ def _signature_keys(fn: Any) -> List[str]:
 
 
 __all__ = ["CONFIG_DIR", "ConfigError", "PruneRunConfig", "FinetuneConfig", "RunOptions", "ViTRunConfig", "ViTEvalOptions",
-           "load_config", "parse_overrides", "apply_overrides", "limits", "sb3_keys", "prune_env_keys",
+           "load_config", "parse_overrides", "apply_overrides", "sb3_keys", "prune_env_keys",
            "prune_env_problem", "RUN_SET", "VIT_POLICIES", "VIT_QUICKSTART_ENV", "VIT_QUICKSTART_AGENT"]

@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny generated data, single-threaded torch, and an isolated working folder.
+"""Shared test fixtures: tiny generated data, single-threaded torch, and ``forbid`` (calls that must not happen).
 
 Nothing here downloads anything; ../shared data is never required.
 """
@@ -15,3 +15,21 @@ def synthetic_splits():
     from pruning_env.data import make_synthetic
 
     return make_synthetic(n_train=256, n_test=64, num_classes=10, seed=0)
+
+
+@pytest.fixture
+def forbid(monkeypatch):
+    """``forbid("pruning_env.pretrain.pretrain", ...)``: calling any of these functions fails the test (e.g. work that
+    must not start before a bad input is refused)."""
+    import importlib
+
+    def forbid_calls(*targets: str) -> None:
+        for target in targets:
+            module, name = target.rsplit(".", 1)
+
+            def refuse(*args, _target=target, **kwargs):
+                raise AssertionError(f"{_target} was called before the bad input was refused")
+
+            monkeypatch.setattr(importlib.import_module(module), name, refuse)
+
+    return forbid_calls

@@ -335,7 +335,7 @@ def test_vit_cli_flags_and_overrides_share_one_grammar(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "unknown key env.epochz" in err and err.count("\n") == 1
     assert vit_main(["--policy", "full", "eval.batch_size=0"]) == 2
-    assert "eval.batch_size must be >= 1, got 0" in capsys.readouterr().err
+    assert "eval.batch_size must be an integer >= 1, got 0" in capsys.readouterr().err
     assert vit_main(["eval.throughput_batch=2.5"]) == 2
     assert "eval.throughput_batch must be an integer" in capsys.readouterr().err
     out = tmp_path / "full"

@@ -50,7 +50,8 @@ def test_adamw_decays_matrices_only_and_the_notebook_default_is_plain_adam(synth
     assert notebook.optimizer.param_groups[0]["weight_decay"] == 0.0
 
 
-@pytest.mark.parametrize("bad, match", [({"optimizer": "sgd"}, "optimizer="), ({"lr_schedule": "step"}, "lr_schedule="),
+@pytest.mark.parametrize("bad, match", [({"optimizer": "sgd"}, r"optimizer must be one of \('adam', 'adamw'\), got 'sgd'"),
+                                        ({"lr_schedule": "step"}, "lr_schedule must be one of .*, got 'step'"),
                                         ({"label_smoothing": 1.0}, "label_smoothing"),
                                         ({"weight_decay": -0.1}, "weight_decay")])
 def test_recipe_settings_are_checked(synthetic_splits, bad, match):

@@ -299,17 +299,18 @@ def test_cuda_matches_cpu(synthetic_splits):
 
 
 def count_finetunes(monkeypatch):
-    """Record every recovery fine-tune (its teacher and its snapshot data) while running the real one."""
-    from pruning_env.envs import prune_env
+    """Record every recovery fine-tune (its teacher and its snapshot data) while running the real one: recovery
+    goes through ``pruning_env.training.recover``, which runs ``training.finetune``."""
+    from pruning_env import training
 
     calls = []
-    real = prune_env.finetune
+    real = training.finetune
 
     def recorded(model, *args, **kwargs):
         calls.append(kwargs)
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(prune_env, "finetune", recorded)
+    monkeypatch.setattr(training, "finetune", recorded)
     return calls
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import pruning_env  # noqa: F401  (registers the env ids)
-from pruning_env.envs.config import REWARD_ESTIMATOR_NAMES, PruneEnvConfig
+from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.reward import REWARD_ESTIMATORS, recalibrate_bn
 from pruning_env.training import evaluate
 from tests.tiny import TinyNet, tiny_env, tiny_splits
@@ -29,8 +29,17 @@ def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_config_names_match_the_estimator_table():
-    assert tuple(REWARD_ESTIMATORS) == REWARD_ESTIMATOR_NAMES
+def test_every_registry_option_is_an_estimator_keyword_read_from_an_env_setting():
+    """The registry is the one list of estimators: each entry's options are keywords of its function and name
+    settings of PruneEnvConfig, which the config offers as its choices."""
+    import inspect
+
+    assert PruneEnvConfig.__dataclass_fields__["reward_estimator"].metadata["limits"].choices == tuple(
+        REWARD_ESTIMATORS)
+    for name, spec in REWARD_ESTIMATORS.items():
+        keywords = {p.name for p in inspect.signature(spec.fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+        assert set(spec.options) <= keywords, name
+        assert set(spec.options.values()) <= set(PruneEnvConfig.field_names()), name
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -44,7 +53,7 @@ def test_bad_estimator_settings_are_refused_by_name(field, value, match):
         PruneEnvConfig(**{field: value})
 
 
-@pytest.mark.parametrize("name", REWARD_ESTIMATOR_NAMES)
+@pytest.mark.parametrize("name", list(REWARD_ESTIMATORS))
 def test_each_estimator_scores_lookahead_and_step_and_leaves_the_source_model_unchanged(splits, name):
     torch.manual_seed(0)
     source = TinyNet()

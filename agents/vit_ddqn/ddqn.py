@@ -9,6 +9,7 @@ r + gamma * (1 - done) * mean_j Q_target(s', j, a*_j) with a* the online network
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -20,6 +21,7 @@ from agents.vit_ddqn.base import PatchAgent
 from agents.vit_ddqn.buffers import ReplayBuffer, Transition
 from agents.vit_ddqn.policies import QNetwork
 from pruning_env.envs.patch_env import mean_threshold_mask, random_topk_mask, topk_mask
+from pruning_env.runtime import TorchRNG
 
 MODES = ("faithful", "double_dqn")
 
@@ -105,8 +107,6 @@ class ViTDDQN(PatchAgent):
         if next_state not in ("same_batch", "observation"):
             raise ValueError(f"next_state={next_state!r}; expected 'same_batch' or 'observation'")
         super().__init__(env=env, n_patches=n_patches, n_keep=n_keep, device=device, seed=seed)
-        if seed is not None:
-            torch.manual_seed(seed)
         self.mode = mode
         self.learning_rate = float(learning_rate)
         self.buffer_size = int(buffer_size)
@@ -131,7 +131,9 @@ class ViTDDQN(PatchAgent):
             raise ValueError("next_state='same_batch' needs the env's same_batch_next_state=True")
 
         values = 1 if mode == "faithful" else 2
-        self.q_net = QNetwork(self.n_patches, self.hidden, values).to(self.device)
+        # the initial weights follow the seed, drawn from a private stream: the program's RNG is not reseeded
+        with TorchRNG(seed) if seed is not None else contextlib.nullcontext():
+            self.q_net = QNetwork(self.n_patches, self.hidden, values).to(self.device)
         self.q_target = copy.deepcopy(self.q_net)
         self.q_target.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.q_net.parameters(), lr=self.learning_rate,

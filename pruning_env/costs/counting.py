@@ -17,6 +17,7 @@ from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
 from pruning_env.costs.cost import Cost
+from pruning_env.runtime import model_device
 
 __all__ = ["NORM_MACS_PER_ELEMENT", "ATTENTION_TYPES", "count_params", "layer_macs", "attention_macs",
            "count_costs"]
@@ -119,8 +120,7 @@ def count_costs(
     :param include_norm: count BatchNorm layers (thop convention, the default).
     """
     if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
+        device = model_device(model)
     total = [0]
 
     def hook(module: nn.Module, _inputs, output) -> None:

@@ -1,17 +1,24 @@
-"""Pure budget arithmetic of the pruning env: the action -> kept-channels mapping (:func:`keep_for_action`),
-distributions to per-group channel counts (RL-Pruner's count matching, spec §2.4), the authors' channel
-sparsity, cumulative per-step goals and monotone bisection.
+"""Pure budget arithmetic of the pruning env: the action -> kept-channels mapping (:func:`keep_for_action`), the
+metrics a budget is met in (:class:`ReductionMeter`), distributions to per-group channel counts (RL-Pruner's count
+matching, spec §2.4), the authors' channel sparsity, cumulative per-step goals and monotone bisection.
 
-Nothing here touches torch; every function works on NumPy arrays indexed by prunable group.
+Nothing here touches torch or an env; every function works on NumPy arrays indexed by prunable group, and costs
+come in as functions (a pruner's analytic ``plan_cost``, or any other cost model).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from pruning_env.costs import Cost, Reductions, reductions
+
 ArrayLike = Sequence[float] | np.ndarray
+#: what a budget or an episode target is measured in: a field of ``Reductions``, or the authors' channel sparsity
+METRICS = ("flops", "channels", "params")
+#: what an action means (:func:`keep_for_action`): per-group sparsity, or the authors' pruning distribution
+ACTION_MODES = ("sparsity", "distribution")
 
 
 def _as_counts(layer_counts: ArrayLike, n: int, what: str = "layer_counts") -> np.ndarray:
@@ -220,6 +227,63 @@ class StepKeep:
     reachable: bool = True
 
 
+@dataclass(frozen=True)
+class ReductionMeter:
+    """How much of the original model a kept vector removes, in each of :data:`METRICS`: the cost side of the
+    budget mapping. A metric that is a field of :class:`~pruning_env.costs.Reductions` is read from the kept
+    vector's cost; ``channels`` needs no cost.
+
+    :ivar original: the original model's cost.
+    :ivar original_channels: its channels per group.
+    :ivar layer_counts: prunable layers per group.
+    """
+
+    original: Cost
+    original_channels: np.ndarray
+    layer_counts: np.ndarray
+
+    def reductions(self, cost: Cost) -> Reductions:
+        """The fractions of the original cost that ``cost`` removes."""
+        return reductions(cost, self.original)
+
+    def value(self, metric: str, keep: np.ndarray, r: Optional[Reductions]) -> float:
+        """The reduction in ``metric`` of a kept vector whose cost reductions are ``r`` (None for ``channels``).
+
+        :param metric: one of :data:`METRICS`.
+        :param keep: channels per group.
+        :param r: the kept vector's reductions.
+        """
+        if metric == "channels":
+            return channel_sparsity(keep, self.original_channels, self.layer_counts)
+        return float(getattr(r, metric))
+
+    def function(self, metric: str, cost_of: Callable[[np.ndarray], Cost]) -> Callable[[np.ndarray], float]:
+        """``keep -> reduction in metric``, the function :func:`keep_for_action` meets a budget with.
+
+        :param metric: one of :data:`METRICS`.
+        :param cost_of: the cost of a kept vector, e.g. ``lambda keep: pruner.plan_cost(keep=keep)`` (analytic).
+        """
+        if metric == "channels":  # no cost needed: skip the analytic plan cost
+            return lambda keep: self.value(metric, keep, None)
+        return lambda keep: self.value(metric, keep, self.reductions(cost_of(keep)))
+
+    def report(self, keep: np.ndarray, cost: Cost, r: Reductions, metric: str) -> Dict[str, Any]:
+        """The cost part of an env info for a kept vector: absolute cost, ratios and reductions, the authors'
+        channel sparsity, per-group sparsity and kept channels, and ``target_progress`` in ``metric``.
+
+        :param keep: channels per group.
+        :param cost: its cost.
+        :param r: its reductions.
+        :param metric: the episode's metric.
+        """
+        keep = np.asarray(keep, dtype=np.int64)
+        return {"macs": int(cost.macs), "params": int(cost.params), "macs_ratio": 1.0 - r.flops,
+                "params_ratio": 1.0 - r.params, "flops_reduction": r.flops, "params_reduction": r.params,
+                "channel_sparsity": channel_sparsity(keep, self.original_channels, self.layer_counts),
+                "group_sparsity": 1.0 - keep / self.original_channels, "kept_channels": keep.copy(),
+                "target_progress": self.value(metric, keep, r)}
+
+
 def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, layer_counts: ArrayLike,
                     keep_counts: Callable[[np.ndarray], np.ndarray],
                     reduction: Optional[Callable[[np.ndarray], float]] = None, goal: Optional[float] = None,
@@ -255,8 +319,8 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
         raise ValueError(f"action has {a.size} entries, expected one per group ({cur.size})")
     if (reduction is None) != (goal is None):
         raise ValueError("pass both `reduction` and `goal` (a budgeted step) or neither (budget-free)")
-    if action_mode not in ("sparsity", "distribution"):
-        raise ValueError(f"action_mode must be 'sparsity' or 'distribution', got {action_mode!r}")
+    if action_mode not in ACTION_MODES:
+        raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
 
     def kept(sparsity: np.ndarray) -> np.ndarray:
         return np.minimum(np.asarray(keep_counts(sparsity), dtype=np.int64), cur)
@@ -339,5 +403,6 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
                   keep_rest(rest_hi))
 
 
-__all__ = ["keep_for_action", "StepKeep", "normalize_distribution", "distribution_to_counts", "charged",
+__all__ = ["keep_for_action", "StepKeep", "ReductionMeter", "METRICS", "ACTION_MODES", "normalize_distribution",
+           "distribution_to_counts", "charged",
            "channel_sparsity", "filter_num", "step_channel_budget", "cumulative_goal", "bisect_increasing"]

@@ -5,31 +5,29 @@ loss_weight * L0/Lt + patch_weight * (-|k - k*| / z*) (spec §2.4). An episode i
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, Dict, Optional, Tuple, Union
 
 import gymnasium as gym
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from pruning_env.runtime import resolve_device, seed_everything, sync
 from pruning_env.data import DatasetSplits, make_datasets, make_loader
-from pruning_env.training import warmup_cosine
+from pruning_env.envs.actions import real_action
+from pruning_env.envs.config import ConfigAttribute, PatchEnvConfig
 # the ids live in the light registration module (this one pulls in torchvision); re-exported for old imports
 from pruning_env.envs.registration import PATCH_ENV_IDS, register_patch_envs
 from pruning_env.envs.registration import PATCH_QUICKSTART_KWARGS as QUICKSTART_KWARGS
+from pruning_env.runtime import TorchRNG, resolve_device, sync
+from pruning_env.schema import merged
+from pruning_env.training import warmup_cosine
 
-ACTION_MODES = ("scores", "mask")
 #: bound of the "scores" action Box. Scores act only through their order and mean, and any finite score is
 #: accepted (outside the bound too); the bound is finite so that samplers and SB3's checker can use the space.
 SCORE_BOUND = 1e6
-BINARIZE_RULES = ("mean", "topk")
-LOSS_REFERENCES = ("first_reward", "first_step")
-VIT_OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
 
 
 def mean_threshold_mask(scores: torch.Tensor) -> torch.Tensor:
@@ -96,127 +94,74 @@ class PatchSelectEnv(gym.Env):
       ``reward_step``, ``r_loss``, ``r_patch`` (reward steps), ``epoch`` (0-based), ``batch`` (1-based in the epoch),
       ``epoch_end``, ``global_step``, ``mask`` (np.bool_ array).
 
-    :param model: a zoo name (``vit_tiny_patch4``) or a built :class:`~pruning_env.models.vit.SimpleViT`.
-    :param dataset: a name for :func:`pruning_env.data.make_datasets` or ready :class:`DatasetSplits`.
-    :param width: zoo width multiplier.
-    :param depth: zoo depth (transformer blocks).
-    :param model_kwargs: extra zoo kwargs (e.g. ``dim_head``).
-    :param data_root: folder holding torchvision's CIFAR files.
-    :param download: let torchvision download CIFAR.
-    :param val_size: validation images held out from train (for the trainer's per-epoch evaluation).
-    :param batch_size: ViT training batch (the notebook: 128); short final batches are dropped.
-    :param epochs: passes over the training split per episode (the notebook: 100).
-    :param lr: ViT learning rate (the notebook: 1e-3); the peak value under ``lr_schedule="cosine"``.
-    :param optimizer: ViT optimiser, ``"adam"`` (the notebook) or ``"adamw"`` (decoupled weight decay; norms,
-        biases and 1-D parameters are not decayed).
-    :param weight_decay: ViT weight decay (the notebook: 0).
-    :param lr_schedule: ``"constant"`` (the notebook) or ``"cosine"``: linear warm-up over ``warmup_epochs``,
-        then cosine decay to ``min_lr`` at the end of the episode, stepped per batch.
-    :param warmup_epochs: warm-up length in epochs (may be fractional); cosine schedule only.
-    :param min_lr: final learning rate of the cosine schedule.
-    :param label_smoothing: label smoothing of the ViT's cross-entropy (the notebook: 0); the reward's
-        loss Lt is this smoothed loss.
-    :param action_mode: ``"scores"`` or ``"mask"``.
-    :param binarize: ``"mean"`` or ``"topk"`` (scores mode only).
-    :param n_keep: target kept count k* (the notebook: 30 of 64).
-    :param loss_weight: weight of L0/Lt (the notebook: 1).
-    :param patch_weight: weight of the patch-count term (the notebook: 20).
-    :param reward_every: reward period in batches (the notebook: 50; its stored run: 10).
-    :param loss_reference: ``"first_reward"`` (notebook) or ``"first_step"``.
-    :param same_batch_next_state: recompute the state of the same batch after the update on reward steps.
-    :param augment: training augmentation on the train split.
-    :param observe: compute the state; False returns zero observations and skips the state passes (for
-        baselines that ignore the state, so their training time holds no agent cost).
-    :param time_info: put ``step_time``/``state_time`` in ``info``. Wall-clock times are the env's only
-        non-repeatable output (Gymnasium's ``check_env`` compares infos of seeded runs, so it is run with
-        False); the running totals ``env.train_time``/``env.state_time`` are kept either way.
-    :param device: ``None``/``"auto"``, ``"cpu"`` or ``"cuda"``.
-    :param seed: seeds the ViT's initial weights, the data split and order.
-    :param num_workers: DataLoader workers.
+    **Settings** are the fields of :class:`~pruning_env.envs.config.PatchEnvConfig` (documented and checked
+    there): pass a config, keyword arguments (as ``gym.make`` does), or both. **Randomness**: the env's torch work
+    (weight init, augmentation, dropout, shuffling) draws from its own stream (seeded by ``seed`` and by
+    ``reset(seed=...)``), never from or into the global RNGs of the program that uses it.
+
+    :param config: the settings (default: ``PatchEnvConfig()``).
+    :param kwargs: settings by name (override ``config``'s).
     """
 
     metadata = {"render_modes": []}
+    # settings read from the config (agents and the trainer read them here)
+    batch_size = ConfigAttribute()
+    epochs = ConfigAttribute()
+    lr = ConfigAttribute()
+    optimizer_name = ConfigAttribute("optimizer")
+    weight_decay = ConfigAttribute()
+    lr_schedule = ConfigAttribute()
+    warmup_epochs = ConfigAttribute()
+    min_lr = ConfigAttribute()
+    label_smoothing = ConfigAttribute()
+    action_mode = ConfigAttribute()
+    binarize = ConfigAttribute()
+    n_keep = ConfigAttribute()
+    loss_weight = ConfigAttribute()
+    patch_weight = ConfigAttribute()
+    reward_every = ConfigAttribute()
+    loss_reference = ConfigAttribute()
+    same_batch_next_state = ConfigAttribute()
+    num_workers = ConfigAttribute()
+    time_info = ConfigAttribute()
+    observe = ConfigAttribute()
+    seed = ConfigAttribute()
 
-    def __init__(self, model: Union[str, nn.Module] = "vit_tiny_patch4", dataset: Union[str, DatasetSplits] = "cifar10",
-                 width: float = 1.0, depth: int = 6, model_kwargs: Optional[Dict[str, Any]] = None,
-                 data_root: str = "data", download: bool = False, val_size: Union[int, float, None] = None,
-                 batch_size: int = 128, epochs: int = 100, lr: float = 1e-3, optimizer: str = "adam",
-                 weight_decay: float = 0.0, lr_schedule: str = "constant", warmup_epochs: float = 0.0,
-                 min_lr: float = 0.0, label_smoothing: float = 0.0, action_mode: str = "scores",
-                 binarize: str = "mean", n_keep: int = 30, loss_weight: float = 1.0, patch_weight: float = 20.0,
-                 reward_every: int = 50, loss_reference: str = "first_reward", same_batch_next_state: bool = True,
-                 augment: bool = True, observe: bool = True, time_info: bool = True, device: Optional[str] = None,
-                 seed: Optional[int] = None, num_workers: int = 0):
+    def __init__(self, config: Optional[PatchEnvConfig] = None, **kwargs: Any) -> None:
         super().__init__()
-        if action_mode not in ACTION_MODES:
-            raise ValueError(f"action_mode={action_mode!r}; expected one of {ACTION_MODES}")
-        if binarize not in BINARIZE_RULES:
-            raise ValueError(f"binarize={binarize!r}; expected one of {BINARIZE_RULES}")
-        if loss_reference not in LOSS_REFERENCES:
-            raise ValueError(f"loss_reference={loss_reference!r}; expected one of {LOSS_REFERENCES}")
-        for name, value in (("batch_size", batch_size), ("epochs", epochs), ("reward_every", reward_every)):
-            if int(value) < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if optimizer not in VIT_OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r}; expected one of {VIT_OPTIMIZERS}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={lr_schedule!r}; expected one of {LR_SCHEDULES}")
-        for name, value in (("lr", lr), ("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs),
-                            ("min_lr", min_lr)):
-            if float(value) < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.device = resolve_device(device)
-        self.seed = seed
-        if seed is not None:
-            seed_everything(seed)
-        self.splits = dataset if isinstance(dataset, DatasetSplits) else make_datasets(
-            dataset, root=data_root, download=download, val_size=val_size, seed=0 if seed is None else seed,
-            augment=augment)
+        self.config = cfg = merged(PatchEnvConfig, config, kwargs)
+        self.device = resolve_device(cfg.device)
+        seed = cfg.seed
+        self.splits = cfg.dataset if isinstance(cfg.dataset, DatasetSplits) else make_datasets(
+            cfg.dataset, root=cfg.data_root, download=cfg.download, val_size=cfg.val_size,
+            seed=0 if seed is None else seed, augment=cfg.augment)
+        model = cfg.model
         if isinstance(model, str):
             from pruning_env.models import create_model
 
             c, h, _ = self.splits.input_size
-            model = create_model(model, num_classes=self.splits.num_classes, width=width, depth=depth,
-                                 image_size=h, channels=c, **(model_kwargs or {}))
+            with TorchRNG(seed) if seed is not None else contextlib.nullcontext():
+                model = create_model(model, num_classes=self.splits.num_classes, width=cfg.width, depth=cfg.depth,
+                                     image_size=h, channels=c, **(cfg.model_kwargs or {}))
         if not (hasattr(model, "patch_state") and hasattr(model, "num_patches")):
             raise TypeError(f"model must be a SimpleViT-like module with patch_state() and num_patches, "
                             f"got {type(model).__name__}")
         self.model = model.to(self.device)
         self.n_patches = int(model.num_patches)
-        if not 1 <= int(n_keep) <= self.n_patches:
-            raise ValueError(f"n_keep must be in 1..{self.n_patches}, got {n_keep}")
-        if len(self.splits.train) < batch_size:
-            raise ValueError(f"batch_size={batch_size} exceeds the {len(self.splits.train)} training images")
-        self.batch_size = int(batch_size)
-        self.epochs = int(epochs)
-        self.lr = float(lr)
-        self.optimizer_name = optimizer
-        self.weight_decay = float(weight_decay)
-        self.lr_schedule = lr_schedule
-        self.warmup_epochs = float(warmup_epochs)
-        self.min_lr = float(min_lr)
-        self.label_smoothing = float(label_smoothing)
-        self.action_mode = action_mode
-        self.binarize = binarize
-        self.n_keep = int(n_keep)
-        self.loss_weight = float(loss_weight)
-        self.patch_weight = float(patch_weight)
-        self.reward_every = int(reward_every)
-        self.loss_reference = loss_reference
-        self.same_batch_next_state = bool(same_batch_next_state)
-        self.num_workers = int(num_workers)
-        self.time_info = bool(time_info)
-        self.observe = bool(observe)
+        if not 1 <= self.n_keep <= self.n_patches:
+            raise ValueError(f"n_keep must be in 1..{self.n_patches} (the model's patches), got {self.n_keep}")
+        if len(self.splits.train) < self.batch_size:
+            raise ValueError(f"batch_size={self.batch_size} exceeds the {len(self.splits.train)} training images")
         self.train_time = 0.0
         self.state_time = 0.0
+        self._rng: Optional[TorchRNG] = None  # the torch stream of the current training run (set by reset)
         self._initial_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.batches_per_epoch = len(self.splits.train) // self.batch_size
         self.total_steps = self.epochs * self.batches_per_epoch
 
-        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(self.batch_size, self.n_patches), dtype=np.float32)
-        if action_mode == "scores":
+        self.observation_space = spaces.Box(-np.inf, np.inf, shape=(self.batch_size, self.n_patches),
+                                            dtype=np.float32)
+        if self.action_mode == "scores":
             self.action_space = spaces.Box(-SCORE_BOUND, SCORE_BOUND, shape=(self.n_patches,), dtype=np.float32)
         else:
             self.action_space = spaces.MultiBinary(self.n_patches)
@@ -234,17 +179,22 @@ class PatchSelectEnv(gym.Env):
 
     # ------------------------------------------------------------------ helpers
     def action_to_mask(self, action: Any) -> torch.Tensor:
-        """The bool keep-mask (N,) on the env's device that ``action`` stands for (see the class docstring)."""
-        a = torch.as_tensor(np.asarray(action), device=self.device).reshape(-1)
-        if a.numel() != self.n_patches:
-            raise ValueError(f"action has {a.numel()} entries; this env has {self.n_patches} patches")
+        """The bool keep-mask (N,) on the env's device that ``action`` stands for (see the class docstring).
+
+        NaN / inf and complex entries, non-numbers and a wrong size raise ``ValueError`` in both action modes."""
+        return self._keep_mask(action)[0]
+
+    def _keep_mask(self, action: Any) -> Tuple[torch.Tensor, bool]:
+        """The keep-mask and whether a mask action kept nothing (then every patch is kept)."""
+        what = "one score" if self.action_mode == "scores" else "one keep flag (0 or 1)"
+        values = real_action(action, self.n_patches, f"shape ({self.n_patches},): {what} per patch",
+                             entries="patches")
         if self.action_mode == "mask":
-            mask = a > 0.5 if a.dtype.is_floating_point else a != 0
-            return mask if bool(mask.any()) else torch.ones_like(mask)
-        a = a.float()
-        if not bool(torch.isfinite(a).all()):
-            raise ValueError("score action contains NaN or inf")
-        return mean_threshold_mask(a) if self.binarize == "mean" else topk_mask(a, self.n_keep)
+            raw = np.asarray(action.detach().cpu() if hasattr(action, "detach") else action).reshape(-1)
+            mask = torch.as_tensor(raw != 0 if raw.dtype.kind in "biu" else values > 0.5, device=self.device)
+            return (mask, False) if bool(mask.any()) else (torch.ones_like(mask), True)
+        a = torch.as_tensor(values, device=self.device).float()
+        return (mean_threshold_mask(a) if self.binarize == "mean" else topk_mask(a, self.n_keep)), False
 
     def patch_reward(self, kept: int) -> float:
         """The patch-count term -|k - k*| / z* with z* = N - k* dropped patches wanted (unweighted)."""
@@ -290,7 +240,8 @@ class PatchSelectEnv(gym.Env):
     def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
         """Start a training run: initial ViT weights (unless ``options["keep_model"]``), fresh Adam, epoch 0.
 
-        ``seed`` seeds everything (torch, numpy, python, data order), so a seeded reset repeats exactly.
+        ``seed`` seeds the run's torch stream and data order (never the global RNGs), so a seeded reset repeats
+        exactly.
         """
         # the first reset without a seed takes the constructor's; a later one draws its seed from np_random, so
         # reset(seed=s) then reset() repeats exactly
@@ -299,8 +250,12 @@ class PatchSelectEnv(gym.Env):
         super().reset(seed=seed)
         options = options or {}
         data_seed = seed if seed is not None else int(self.np_random.integers(2**31 - 1))
-        seed_everything(data_seed)
-        if not options.get("keep_model", False):
+        self._rng = TorchRNG(data_seed, self.device)
+        with self._rng:
+            return self._start_run(data_seed, keep_model=bool(options.get("keep_model", False)))
+
+    def _start_run(self, data_seed: int, keep_model: bool) -> Tuple[np.ndarray, Dict[str, Any]]:
+        if not keep_model:
             self.model.load_state_dict(self._initial_state)
         self.optimizer = self._make_optimizer()
         self._loader = make_loader(self.splits.train, batch_size=self.batch_size, shuffle=True, seed=data_seed,
@@ -324,8 +279,11 @@ class PatchSelectEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         if self.epoch >= self.epochs:
             raise RuntimeError("the training run is over (terminated); call reset()")
-        empty = self.action_mode == "mask" and not bool(np.asarray(action).astype(bool).any())
-        mask = self.action_to_mask(action)
+        mask, empty = self._keep_mask(action)
+        with self._rng:
+            return self._train_step(mask, empty)
+
+    def _train_step(self, mask: torch.Tensor, empty: bool):
         kept = int(mask.sum())
         x, y = self._batch
         self.batch_in_epoch += 1
@@ -394,4 +352,4 @@ class PatchSelectEnv(gym.Env):
 
 
 __all__ = ["PatchSelectEnv", "mean_threshold_mask", "topk_mask", "random_topk_mask", "register_patch_envs",
-           "PATCH_ENV_IDS", "QUICKSTART_KWARGS"]
+           "PATCH_ENV_IDS", "QUICKSTART_KWARGS", "SCORE_BOUND"]

@@ -1,4 +1,5 @@
-"""Reward estimators: how the accuracy term of the pruning reward is estimated for one pruned candidate.
+"""Reward estimators: how the accuracy term of the pruning reward is estimated for one pruned candidate, and their
+registry (:data:`REWARD_ESTIMATORS`): each entry carries its function, its options and what it reads.
 
 Every estimator is a pure function ``fn(model, teacher, reward_data, train_data, **options) -> float``.
 """
@@ -8,22 +9,20 @@ import copy
 import functools
 import inspect
 import itertools
-from dataclasses import dataclass, replace
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pruning_env.training import EvalData, evaluate, iter_batches, kd_loss, make_sgd, model_logits
+from pruning_env.runtime import model_device
+from pruning_env.training import EvalData, evaluate, iter_batches, make_sgd, model_logits, train_epoch
 
 #: ``fn(model, teacher, reward_data, train_data) -> accuracy estimate`` (options bound by :func:`make_estimator`)
 RewardEstimator = Callable[[nn.Module, nn.Module, EvalData, Optional[EvalData]], float]
-
-
-def _device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+#: measures of :func:`teacher_agreement`
+AGREEMENT_METRICS = ("top1", "kl")
 
 
 def _train_batches(train_data: Optional[EvalData], batch_size: int,
@@ -69,7 +68,7 @@ def recalibrate_bn(model: nn.Module, train_data: EvalData, n_images: int = 256, 
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
-    device = _device(net)
+    device = model_device(net)
     seen = 0
     for x, _ in _train_batches(train_data, batch_size, "adaptive_bn"):
         x = x[: n_images - seen].to(device)
@@ -125,21 +124,12 @@ def short_kd(model: nn.Module, teacher: nn.Module, reward_data: EvalData, train_
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")
     if teacher is None:
         raise ValueError("short_kd needs the teacher (the unpruned source model)")
-    net = copy.deepcopy(model).train()
-    device = _device(net)
-    optimizer = make_sgd(net, lr)
-    teacher_was_training = teacher.training
-    teacher.eval()
+    net = copy.deepcopy(model)
     batches = list(itertools.islice(_train_batches(train_data, train_batch_size, "short_kd"), n_batches))
+    teacher_was_training = teacher.training
     try:
-        for x, y in itertools.islice(itertools.cycle(batches), n_batches):
-            x, y = x.to(device), y.to(device)
-            with torch.no_grad():
-                t_logits = model_logits(teacher(x))
-            loss = kd_loss(model_logits(net(x)), t_logits, y, T=T, soft_weight=soft_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        train_epoch(net, itertools.islice(itertools.cycle(batches), n_batches), make_sgd(net, lr),
+                    device=model_device(net), teacher=teacher, T=T, soft_weight=soft_weight)
     finally:
         teacher.train(teacher_was_training)
     return evaluate(net, reward_data, batch_size=batch_size)["top1"]
@@ -156,7 +146,7 @@ def logits_on(model: nn.Module, data: EvalData, batch_size: int = 256) -> torch.
     """
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     try:
         return torch.cat([model_logits(model(x.to(device))).float() for x, _ in iter_batches(data, batch_size)])
     finally:
@@ -179,8 +169,8 @@ def teacher_agreement(model: nn.Module, teacher: nn.Module, reward_data: EvalDat
         evaluates many candidates against one teacher); computed here when None.
     :param batch_size: evaluation batch size.
     """
-    if metric not in ("top1", "kl"):
-        raise ValueError(f"metric must be 'top1' or 'kl', got {metric!r}")
+    if metric not in AGREEMENT_METRICS:
+        raise ValueError(f"metric must be one of {AGREEMENT_METRICS}, got {metric!r}")
     if teacher_logits is None:
         if teacher is None:
             raise ValueError("teacher_agreement needs the teacher or its precomputed teacher_logits")
@@ -197,25 +187,65 @@ def teacher_agreement(model: nn.Module, teacher: nn.Module, reward_data: EvalDat
     return -kl.item()
 
 
-#: estimator name -> function; ``vanilla`` is the authors' reward
-REWARD_ESTIMATORS: Dict[str, Callable[..., float]] = {
-    "vanilla": vanilla,
-    "adaptive_bn": adaptive_bn,
-    "short_kd": short_kd,
-    "teacher_agreement": teacher_agreement,
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """One entry of :data:`REWARD_ESTIMATORS`: an estimator function and what it needs. A new estimator is a
+    function plus an entry (its options name the env settings they are read from, which validate them).
+
+    :ivar fn: ``fn(model, teacher, reward_data, train_data, **options) -> float``.
+    :ivar options: keyword option of ``fn`` -> the ``PruneEnvConfig`` setting it is read from.
+    :ivar summary: what it estimates, in one line.
+    :ivar teacher: the estimate reads the teacher (Ray actors then receive each state's teacher).
+    :ivar train_images: it reads training images (BN statistics, KD batches): the task preloads them.
+    :ivar teacher_logits: ``fn`` takes ``teacher_logits``, the teacher's logits on the reward images, which the
+        scorer computes once per teacher.
+    :ivar plain_top1: the estimate is the plain top-1 on the reward images, which the scorer computes itself (AMP /
+        channels-last on CUDA; a backend may queue it without waiting).
+    """
+
+    fn: Callable[..., float]
+    options: Mapping[str, str]
+    summary: str
+    teacher: bool = False
+    train_images: bool = False
+    teacher_logits: bool = False
+    plain_top1: bool = False
+
+    def options_from(self, settings: Any) -> Dict[str, Any]:
+        """The keyword options of ``fn`` read from an env config.
+
+        :param settings: a :class:`~pruning_env.envs.config.PruneEnvConfig`.
+        """
+        return {option: getattr(settings, name) for option, name in self.options.items()}
+
+
+#: estimator name -> its entry; ``vanilla`` is the authors' reward
+REWARD_ESTIMATORS: Dict[str, EstimatorSpec] = {
+    "vanilla": EstimatorSpec(vanilla, {"batch_size": "eval_batch_size"},
+                             "the authors': top-1 right after pruning", plain_top1=True),
+    "adaptive_bn": EstimatorSpec(adaptive_bn, {"batch_size": "eval_batch_size", "n_images": "reward_train_images"},
+                                 "EagleEye: top-1 after re-estimating BatchNorm statistics on training images",
+                                 train_images=True),
+    "short_kd": EstimatorSpec(short_kd, {"batch_size": "eval_batch_size", "n_batches": "reward_kd_batches",
+                                         "T": "kd_T", "soft_weight": "kd_soft_weight"},
+                              "top-1 after reward_kd_batches SGD steps of distillation from the teacher",
+                              teacher=True, train_images=True),
+    "teacher_agreement": EstimatorSpec(teacher_agreement, {"batch_size": "eval_batch_size",
+                                                           "metric": "reward_agreement"},
+                                       "agreement with the teacher's predictions (top-1 or -KL), no labels",
+                                       teacher=True, teacher_logits=True),
 }
 
 
 def make_estimator(name: str, **options: Union[int, float, str]) -> RewardEstimator:
     """The estimator called ``name`` with its keyword ``options`` bound.
 
-    :param name: one of :data:`REWARD_ESTIMATORS` (``vanilla``, ``adaptive_bn``, ``short_kd``,
-        ``teacher_agreement``).
+    :param name: a key of :data:`REWARD_ESTIMATORS`.
     :param options: keyword options of that function, e.g. ``n_images=256`` for ``adaptive_bn``.
     """
     if name not in REWARD_ESTIMATORS:
         raise ValueError(f"unknown reward estimator {name!r}; choose from {', '.join(REWARD_ESTIMATORS)}")
-    fn = REWARD_ESTIMATORS[name]
+    fn = REWARD_ESTIMATORS[name].fn
     allowed = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -223,50 +253,5 @@ def make_estimator(name: str, **options: Union[int, float, str]) -> RewardEstima
     return functools.partial(fn, **options) if options else fn
 
 
-#: estimators that read the teacher (the others accept it and ignore it)
-TEACHER_ESTIMATORS = ("short_kd", "teacher_agreement")
-
-
-@dataclass
-class BoundEstimator:
-    """A reward estimator ready to score candidates: the function with its options bound, its training images,
-    and the seed torch's RNG is fixed with for each estimate (so ``short_kd`` gives the same estimate for the same
-    model, and the caller's RNG streams are left alone). Picklable: Ray actors receive it once and run it
-    themselves, with the same result as the env.
-
-    :param name: the estimator's name in :data:`REWARD_ESTIMATORS`.
-    :param fn: :func:`make_estimator`'s result.
-    :param train_data: training images ``(x, y)`` for BN statistics / KD batches (None for ``vanilla``).
-    :param seed: the per-estimate RNG seed.
-    """
-
-    name: str
-    fn: RewardEstimator
-    train_data: Optional[Tuple[torch.Tensor, torch.Tensor]]
-    seed: int = 0
-
-    @property
-    def needs_teacher(self) -> bool:
-        """Whether the estimate depends on the teacher."""
-        return self.name in TEACHER_ESTIMATORS
-
-    def to(self, device: Union[str, torch.device]) -> "BoundEstimator":
-        """The same estimator with its training images on ``device``."""
-        data = None if self.train_data is None else tuple(t.to(device) for t in self.train_data)
-        return replace(self, train_data=data)
-
-    def __call__(self, model: nn.Module, teacher: Optional[nn.Module], reward_data: EvalData,
-                 **extra: torch.Tensor) -> float:
-        """The accuracy estimate of ``model`` (left unchanged) on ``reward_data``.
-
-        :param teacher: the KD / agreement teacher.
-        :param extra: per-call options, e.g. cached ``teacher_logits`` of ``teacher_agreement``.
-        """
-        device = _device(model)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(int(self.seed))
-            return float(self.fn(model, teacher, reward_data, self.train_data, **extra))
-
-
-__all__ = ["RewardEstimator", "REWARD_ESTIMATORS", "TEACHER_ESTIMATORS", "BoundEstimator", "make_estimator", "recalibrate_bn", "logits_on", "vanilla",
-           "adaptive_bn", "short_kd", "teacher_agreement"]
+__all__ = ["RewardEstimator", "REWARD_ESTIMATORS", "EstimatorSpec", "AGREEMENT_METRICS", "make_estimator",
+           "recalibrate_bn", "logits_on", "vanilla", "adaptive_bn", "short_kd", "teacher_agreement"]

@@ -18,10 +18,10 @@ import torch.nn as nn
 from pruning_env.checkpoint import default_checkpoint_path, load_model, read_meta
 from pruning_env.data import ArrayDataset, DatasetSplits, make_datasets, preload
 from pruning_env.envs.config import DEFAULT_VAL_SIZE, PruneEnvConfig
+from pruning_env.envs.reward import REWARD_ESTIMATORS
+from pruning_env.runtime import TorchRNG
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
-#: reward estimators that read training images (``PruningTask.estimator_data``)
-ESTIMATORS_WITH_TRAIN_DATA = ("adaptive_bn", "short_kd")
 
 
 @dataclass
@@ -34,8 +34,8 @@ class PruningTask:
     :ivar reward_data: the fixed, seeded validation subset ``(x, y)`` the reward is measured on, on ``device``.
     :ivar calibration: seeded, augmented training batches for the importance criterion, on ``device``.
     :ivar estimator_data: seeded, un-augmented training images ``(x, y)`` for the reward estimator (BN
-        statistics, KD batches), on ``device``; None when ``cfg.reward_estimator`` needs none. Never validation
-        or test images.
+        statistics, KD batches), on ``device``; None when ``cfg.reward_estimator`` reads none (its registry
+        entry says). Never validation or test images.
     :ivar val_size: the held-out validation size that was used (count or fraction).
     :ivar split_seed: the seed of the train/validation split.
     :ivar checkpoint: the checkpoint file the weights came from (None for a module or an untrained model).
@@ -79,7 +79,7 @@ class PruningTask:
         reward_data = preload(splits.val, n=cfg.reward_samples, seed=seed, device=device)
         calibration = _calibration_batches(splits, cfg.calibration_size, cfg.calibration_batches, seed, device)
         estimator_data = (_estimator_images(splits, cfg.reward_train_images, seed, device)
-                          if cfg.reward_estimator in ESTIMATORS_WITH_TRAIN_DATA else None)
+                          if REWARD_ESTIMATORS[cfg.reward_estimator].train_images else None)
         return cls(model=net, splits=splits, input_size=input_size, reward_data=reward_data, calibration=calibration,
                    estimator_data=estimator_data,
                    val_size=val_size, split_seed=split_seed, checkpoint=path,
@@ -120,8 +120,7 @@ def _load_model(cfg: PruneEnvConfig, splits: DatasetSplits, path: Optional[Path]
     if path is None:
         from pruning_env.models import create_model
 
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with TorchRNG(seed):
             return create_model(cfg.model, num_classes=splits.num_classes, width=cfg.width)
     if not path.is_file() and cfg.auto_pretrain_epochs > 0:
         from pruning_env.pretrain import ensure_pretrained
@@ -166,10 +165,9 @@ def _traced_outputs(net: nn.Module, input_size: Tuple[int, ...]) -> Optional[int
 
 def _calibration_batches(splits: DatasetSplits, size: int, n_batches: int, seed: int,
                          device: torch.device) -> List[Batch]:
-    # the train split is augmented with torch's global RNG: fork it so calibration is seeded and the
+    # the train split is augmented with torch's global RNG: a private stream, so calibration is seeded and the
     # caller's RNG stream is left alone
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
+    with TorchRNG(seed + 1):
         x, y = preload(splits.train, n=size * n_batches, seed=seed + 1, device=device)
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
@@ -177,13 +175,12 @@ def _calibration_batches(splits: DatasetSplits, size: int, n_batches: int, seed:
 def _estimator_images(splits: DatasetSplits, n: int, seed: int, device: torch.device) -> Batch:
     """``n`` seeded training images for the reward estimator, without the training augmentation (crop, flip,
     rotation would skew BatchNorm statistics away from the evaluation images); an augmented split that is not
-    an :class:`ArrayDataset` is preloaded with its augmentation, RNG forked."""
+    an :class:`ArrayDataset` is preloaded with its augmentation, on a private RNG stream."""
     train = splits.train
     if isinstance(train, ArrayDataset) and train.augmented and isinstance(splits.val, ArrayDataset):
         train = ArrayDataset(train.images, train.labels, splits.val.transform)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 2)
+    with TorchRNG(seed + 2):
         return preload(train, n=n, seed=seed + 2, device=device)
 
 
-__all__ = ["PruningTask", "checkpoint_path", "ESTIMATORS_WITH_TRAIN_DATA"]
+__all__ = ["PruningTask", "checkpoint_path"]
