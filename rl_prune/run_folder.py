@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import yaml
 
-from agents.common.save_util import load_parts, save_parts
 from pruning_env.export import export_torchscript
+from pruning_env.persistence import load_parts, save_parts
 from pruning_env.runtime import PathLike, atomic_path, atomic_save, atomic_write_text
 
 #: ``metrics.json``: every key a finished run writes, and what it holds
@@ -57,7 +57,7 @@ METRICS_SCHEMA: Dict[str, str] = {
     "torchscript": "how pruned_model.ts was exported (script | trace) or null",
     "seconds": "wall time of the search, the fine-tune and the whole run",
 }
-#: kind and version of ``checkpoint.pt`` in :mod:`agents.common.save_util`'s format
+#: kind and version of ``checkpoint.pt`` in the one persistence format (:mod:`pruning_env.persistence`)
 CHECKPOINT_KIND = "run-checkpoint"
 CHECKPOINT_VERSION = 1
 #: the settings of a run that ``evaluate.py`` takes from its folder
@@ -227,7 +227,7 @@ class RunFolder:
 
     # --------------------------------------------------------------------------------------------- checkpoint
     def write_checkpoint(self, checkpoint: RunCheckpoint) -> None:
-        """``checkpoint.pt`` (atomically, in :mod:`agents.common.save_util`'s versioned format).
+        """``checkpoint.pt`` (atomically, in :mod:`pruning_env.persistence`'s versioned format).
 
         :param checkpoint: the run's state.
         """
