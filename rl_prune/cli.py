@@ -16,11 +16,13 @@ DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
 TRAIN_DESCRIPTION = """\
 Prune a pretrained CNN with an agent on PruneEnv, fine-tune the result with knowledge distillation and write a run
-folder: python train_agent.py --config configs/X.yaml [--agent NAME] [--resume] [key=value ...]
+folder: python train_agent.py --config configs/X.yaml [--agent NAME] [--resume | --overwrite] [key=value ...]
 
 With no arguments it runs the offline quickstart (configs/quickstart.yaml): a few minutes on 2 CPU cores.
 Run folder runs/{name}/: pruned_model.pt (torch.save of the module), pruned_model.ts (TorchScript, needs only
-torch), original_model.pt, metrics.json, steps.csv, tb/, checkpoint.pt, distribution.png, config.yaml.
+torch), original_model.pt, metrics.json, steps.csv, tb/, checkpoint.pt, distribution.png, config.yaml, and
+run.lock while the run writes it. A name in use gets the next free folder (runs/{name}_2, ...): no run is
+overwritten unless --overwrite says so.
 """
 
 EVALUATE_DESCRIPTION = """\
@@ -67,7 +69,8 @@ def train_parser() -> argparse.ArgumentParser:
                                                 "a name in use gets the next number: NAME_2, NAME_3, ...")
     reuse = p.add_mutually_exclusive_group()
     reuse.add_argument("--resume", action="store_true",
-                       help="continue the latest run of the name (runs/NAME or its highest NAME_k) from checkpoint.pt")
+                       help="continue a killed run from its checkpoint.pt: runs/NAME with --name, else the latest run "
+                            "of the config's name (runs/NAME or its highest NAME_k)")
     reuse.add_argument("--overwrite", action="store_true",
                        help="replace what runs/NAME holds (a finished or killed run) instead of writing NAME_2")
     _overrides_argument(p, "env.target=0.3 agents.rl_pruner.lr_epoch=2")
@@ -88,7 +91,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             overrides["agent"] = args.agent
         cfg = load_config(args.config, overrides)
         cfg.name = args.name or (cfg.name if args.agent is None else f"{cfg.name}_{args.agent}")
-        folder, lock = choose_run_folder(Path(cfg.run.out_dir), cfg.name, args.resume, args.overwrite)
+        folder, lock = choose_run_folder(Path(cfg.run.out_dir), cfg.name, args.resume, args.overwrite,
+                                         exact=args.name is not None)
         cfg.name = folder.name
         try:
             metrics = run(cfg, cfg.agent, folder.path, resume=args.resume, overwrite=args.overwrite)
@@ -102,20 +106,23 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def choose_run_folder(out_dir: Path, name: str, resume: bool, overwrite: bool) -> Tuple[Any, Any]:
+def choose_run_folder(out_dir: Path, name: str, resume: bool, overwrite: bool,
+                      exact: bool = False) -> Tuple[Any, Any]:
     """The folder a ``train_agent.py`` run writes, and its lock when claimed here (None: ``run`` takes it).
 
-    ``--overwrite``: ``out_dir/name``; ``--resume``: the latest folder of the name (``name`` or its highest
-    ``name_k``); otherwise a new, empty folder, numbered when ``name`` is in use, so no earlier run is touched.
+    ``--overwrite``: ``out_dir/name``; ``--resume``: ``out_dir/name`` when the name was given (``--name``), else
+    the latest folder of the config's name (``name`` or its highest ``name_k``); otherwise a new, empty folder,
+    numbered when ``name`` is in use, so no earlier run is touched.
 
     :param out_dir: ``run.out_dir``.
     :param name: the run name.
     :param resume: the ``--resume`` flag.
     :param overwrite: the ``--overwrite`` flag.
+    :param exact: the name was given explicitly (``--name``).
     """
     from rl_prune.run_folder import RunFolder, claim_new_run_folder, latest_run_folder
 
-    if overwrite:
+    if overwrite or (resume and exact):
         return RunFolder(out_dir / name), None
     if resume:
         return latest_run_folder(out_dir, name) or RunFolder(out_dir / name), None

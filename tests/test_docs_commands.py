@@ -231,7 +231,7 @@ def make_workspace(path: Path, checkpoint: Optional[Path] = None) -> Workspace:
 
 @dataclass
 class Plan:
-    """How one command runs here: its argv and working folder, or why it cannot."""
+    """How one command runs here (its arguments after the program, in the workspace), or why it cannot."""
 
     argv: List[str] = field(default_factory=list)
     skip: Optional[str] = None

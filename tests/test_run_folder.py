@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stable_baselines3.common.callbacks import BaseCallback
 
 from rl_prune.cli import evaluate_main, train_main
 from rl_prune.config import load_config
@@ -93,6 +94,33 @@ def test_a_rerun_keeps_the_finished_run(tmp_path, capsys):
     assert [n for n, _ in numbered_run_dirs(runs, "tiny")] == [1, 2]
     with pytest.raises(SystemExit):  # one or the other
         train_main(["--config", str(path), "--overwrite", "--resume"])
+
+
+class KillAt(BaseCallback):
+    """A kill (Ctrl-C) right after pruning step ``k`` (after that step's checkpoint)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def _on_step(self):
+        if self.model.num_timesteps == self.k:
+            raise KeyboardInterrupt
+        return True
+
+
+def test_resume_continues_the_named_or_the_latest_folder(tmp_path, capsys):
+    path = write_config(tmp_path)
+    runs = tmp_path / "runs"
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(path), run_dir=runs / "tiny", callbacks=[KillAt(1)])
+    assert train_main(["--config", str(path)]) == 0  # the killed run stays resumable
+    assert "runs/tiny holds an earlier run (resumable); this run writes" in capsys.readouterr().err
+    assert RunFolder(runs / "tiny").status == "resumable" and RunFolder(runs / "tiny_2").is_finished
+    assert train_main(["--config", str(path), "--resume"]) == 2  # the latest of the name, tiny_2, is finished
+    assert "tiny_2 holds a finished run" in capsys.readouterr().err
+    assert train_main(["--config", str(path), "--name", "tiny", "--resume"]) == 0
+    assert "resumed" in capsys.readouterr().err and RunFolder(runs / "tiny").is_finished
 
 
 def test_the_python_api_refuses_a_used_folder(tmp_path):
