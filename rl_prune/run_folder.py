@@ -287,7 +287,8 @@ class RunFolder:
             return "finished"
         if self.has_checkpoint:
             return "resumable"
-        names = {p.name for p in self.path.iterdir()} - {self.LOCK} if self.path.is_dir() else set()
+        # unit.lock: the benchmark sweeps' lock before RunLock (a killed worker's may remain)
+        names = {p.name for p in self.path.iterdir()} - {self.LOCK, "unit.lock"} if self.path.is_dir() else set()
         if not names:
             return "empty"
         return "unfinished" if names & {self.CONFIG, self.STEPS, self.TENSORBOARD} else "other"

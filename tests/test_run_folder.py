@@ -206,6 +206,9 @@ def test_lock_is_reentrant_and_names_are_numbered(tmp_path):
     (runs / "x" / "config.yaml").write_text("{}")
     lock.release()
     assert not (runs / "x" / RunFolder.LOCK).exists() and RunFolder(runs / "x").status == "unfinished"
+    (runs / "u").mkdir()
+    (runs / "u" / "unit.lock").write_text("12345")  # a benchmark worker's lock of the earlier layout
+    assert RunFolder(runs / "u").status == "empty"
     (runs / "x_7").mkdir()
     (runs / "x_7" / "metrics.json").write_text("{}")
     third, lock3 = claim_new_run_folder(runs, "x")  # after the highest number, as SB3 numbers its logs
