@@ -63,6 +63,36 @@ class StopAtTimesteps(BaseCallback):
         return False
 
 
+class StepProgressBar(BaseCallback):
+    """The project's tqdm bar over SB3's env steps (one step = one evaluated model), as the other agents show it,
+    in place of SB3's own ``progress_bar`` (which needs ``rich``, not a dependency here).
+
+    :param total: env steps of this ``learn`` call.
+    :param desc: the bar's label.
+    """
+
+    def __init__(self, total: int, desc: str) -> None:
+        super().__init__()
+        self.total, self.desc = int(total), desc
+        self.bar: Any = None
+
+    def _on_training_start(self) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.desc, unit="step", dynamic_ncols=True, leave=False)
+
+    def _on_step(self) -> bool:
+        self.bar.update(int(self.training_env.num_envs) if self.training_env is not None else 1)
+        info = (self.locals.get("infos") or [{}])[0]
+        if "accuracy" in info:
+            self.bar.set_postfix(acc=f"{info['accuracy']:.3f}", flops=f"{info.get('flops_reduction', 0.0):.3f}")
+        return True
+
+    def _on_training_end(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 #: smallest sparsity an SB3 action maps to (see :class:`SymmetricAction`)
 ACTION_FLOOR = 0.01
 
@@ -197,6 +227,8 @@ class SB3Agent(BasePruningAgent):
 
         :param total_timesteps: env steps; required (SB3 has no "one episode" default).
         :param callback: SB3 callback(s), called by SB3 after every env step.
+        :param progress_bar: show a tqdm bar over the env steps (:class:`StepProgressBar`; SB3's own bar needs
+            ``rich``).
         :param final_episode: finish with a deterministic episode of the learned policy (its evaluations are
             counted too); the best finished episode is kept either way.
         """
@@ -212,10 +244,12 @@ class SB3Agent(BasePruningAgent):
         start = 0 if reset_num_timesteps else self.model.num_timesteps
         stop = StopAtTimesteps(start + int(total_timesteps))
         user_cb = make_callback(callback)
-        cb = stop if user_cb is None else CallbackList([stop, user_cb])
-        self.model.learn(total_timesteps=int(total_timesteps), callback=cb, log_interval=log_interval,
+        cbs = [stop] + ([] if user_cb is None else [user_cb])
+        if progress_bar:
+            cbs.append(StepProgressBar(int(total_timesteps), f"SB3Agent({self.algo})"))
+        self.model.learn(total_timesteps=int(total_timesteps), callback=CallbackList(cbs), log_interval=log_interval,
                          tb_log_name=tb_log_name or self.algo.upper(), reset_num_timesteps=reset_num_timesteps,
-                         progress_bar=progress_bar)
+                         progress_bar=False)
         if self.n_envs > 1:
             self.model.get_env().collect(self.record)
         if final_episode:

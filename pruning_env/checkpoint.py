@@ -1,5 +1,5 @@
 """Model checkpoints: zoo checkpoints that rebuild without the training code, whole-module files, and their
-metadata. Writes are atomic (:mod:`pruning_env.runtime`).
+metadata, in the one persistence format (:mod:`pruning_env.persistence`); files of earlier layouts still load.
 """
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ from typing import Any, Union
 import torch
 import torch.nn as nn
 
-from pruning_env.runtime import PathLike, atomic_save
+from pruning_env.persistence import load_any, read_meta, save_parts
+from pruning_env.runtime import PathLike
+
+#: kind and version of a model checkpoint in :mod:`pruning_env.persistence`
+MODEL_KIND = "model"
+MODEL_VERSION = 1
 
 
 def default_checkpoint_path(model: str, dataset: str, width: float = 1.0, root: PathLike = "checkpoints") -> Path:
@@ -27,41 +32,26 @@ def default_checkpoint_path(model: str, dataset: str, width: float = 1.0, root: 
 
 
 def save_checkpoint(model: nn.Module, path: PathLike, **meta: Any) -> Path:
-    """Save a model so that it can be rebuilt without the code that trained it.
+    """Save a model so that it can be rebuilt without the code that trained it (atomically).
 
     Zoo models (with ``zoo_config``) are stored as config + state_dict; any other module (e.g. a pruned
-    model, whose shapes no longer match its constructor) is stored whole. ``meta`` is kept alongside.
+    model, whose shapes no longer match its constructor) is stored whole.
+
+    :param model: the model.
+    :param path: destination file.
+    :param meta: JSON facts kept alongside (dataset, epoch, val_top1, ...), read back by :func:`read_meta`.
     """
     config = getattr(model, "zoo_config", None)
-    payload = {"format": "rl-prune/1", "meta": meta}
     if config is not None and not getattr(model, "pruned", False):
-        payload.update(kind="zoo", zoo_config=dict(config), state_dict=model.state_dict())
+        data = {"kind": "zoo", "zoo_config": dict(config), "state_dict": model.state_dict()}
     else:
-        payload.update(kind="module", module=model)
-    return atomic_save(payload, path)
-
-
-def _read(path: Path, map_location: Union[str, torch.device]) -> Any:
-    """The object stored in a checkpoint file, or an error naming the file and what was expected."""
-    expected = "a file written by pruning_env.checkpoint.save_checkpoint, torch.save(model) or torch.jit.save"
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a directory, not a file; expected {expected}")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes); expected {expected}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch reports garbage or truncated files as many error types, none naming the file
-        try:
-            return torch.jit.load(str(path), map_location=map_location)
-        except Exception:
-            raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated or "
-                             f"not a PyTorch file; expected {expected}") from err
+        data = {"kind": "module", "module": model}
+    return save_parts(path, MODEL_KIND, MODEL_VERSION, data, info=meta)
 
 
 def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> nn.Module:
-    """Load a model written by :func:`save_checkpoint`, a pickled ``nn.Module`` or a TorchScript file.
+    """Load a model written by :func:`save_checkpoint` (this or an earlier layout), a pickled ``nn.Module`` or a
+    TorchScript file.
 
     :param path: checkpoint file.
     :param map_location: device for the tensors.
@@ -69,30 +59,27 @@ def load_model(path: PathLike, map_location: Union[str, torch.device] = "cpu") -
     :raises ValueError: the path is a directory, or the file is empty, unreadable or holds no model.
     """
     path = Path(path)
-    obj = _read(path, map_location)
-    if isinstance(obj, nn.Module):
-        return obj
-    if isinstance(obj, dict) and obj.get("kind") == "zoo":
+    parts = load_any(path, map_location, kind=MODEL_KIND)
+    kind, version, data = parts.meta.get("kind"), parts.meta.get("version"), parts.data
+    if kind == "module":
+        return data["module"]
+    if kind != MODEL_KIND:
+        raise ValueError(f"{path} holds a {kind!r} file, not a model; expected a file written by "
+                         f"pruning_env.checkpoint.save_checkpoint, torch.save(model) or torch.jit.save")
+    if version not in (0, MODEL_VERSION):
+        raise ValueError(f"{path} is a model checkpoint of version {version!r}; this code reads version "
+                         f"{MODEL_VERSION} (save it again with the matching code)")
+    if data.get("kind") == "zoo":
         from pruning_env.models import create_model
 
-        cfg = dict(obj["zoo_config"])
+        cfg = dict(data["zoo_config"])
         model = create_model(cfg.pop("name"), **cfg)
-        model.load_state_dict(obj["state_dict"])
+        model.load_state_dict(data["state_dict"])
         return model.to(map_location)
-    if isinstance(obj, dict) and obj.get("kind") == "module":
-        return obj["module"]
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], nn.Module):
-        return obj["model"]
-    raise ValueError(f"{path} holds no model this project can load (a {type(obj).__name__}); "
-                     f"expected a file written by pruning_env.checkpoint.save_checkpoint or torch.save(model)")
+    if data.get("kind") == "module" and isinstance(data.get("module"), nn.Module):
+        return data["module"]
+    raise ValueError(f"{path} holds no model this project can load (a model checkpoint of kind "
+                     f"{data.get('kind')!r}); expected a file written by pruning_env.checkpoint.save_checkpoint")
 
 
-def read_meta(path: PathLike) -> dict:
-    """The metadata stored by :func:`save_checkpoint` (empty for other model files).
-
-    :param path: checkpoint file.
-    :raises FileNotFoundError: the file does not exist.
-    :raises ValueError: the path is a directory, or the file is empty or unreadable.
-    """
-    obj = _read(Path(path), "cpu")
-    return dict(obj.get("meta", {})) if isinstance(obj, dict) else {}
+__all__ = ["default_checkpoint_path", "save_checkpoint", "load_model", "read_meta", "MODEL_KIND", "MODEL_VERSION"]

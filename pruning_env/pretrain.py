@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from pruning_env.checkpoint import default_checkpoint_path, save_checkpoint
-from pruning_env.runtime import atomic_save, atomic_write_text, resolve_device, rng_state, seed_everything, set_rng_state
+from pruning_env.persistence import LEGACY_VERSION, load_parts, save_parts
+from pruning_env.runtime import atomic_write_text, resolve_device, rng_state, seed_everything, set_rng_state
 from pruning_env.data import make_datasets, make_loader
 from pruning_env.models import create_model, list_models
 from pruning_env.training import evaluate, make_sgd, train_epoch, warmup_cosine
@@ -57,6 +58,21 @@ RECIPES: Dict[str, Recipe] = {
     "small_data": Recipe(epochs=100, lr=0.05, batch_size=128, warmup_ratio=0.3, min_lr=0.0, weight_decay=5e-4,
                          rotation=False, head="linear"),
 }
+
+
+#: kind and version of the resume file ``{checkpoint}.state`` in :mod:`pruning_env.persistence`
+RESUME_KIND = "pretrain-state"
+RESUME_VERSION = 1
+
+
+def read_resume_state(path: Path, device: Union[str, torch.device]) -> Dict[str, object]:
+    """The training state in a resume file written after every epoch (this layout or the earlier plain
+    ``torch.save`` dict); a file of another kind or version raises ``ValueError`` naming it.
+
+    :param path: the ``.state`` file.
+    :param device: where its tensors are loaded.
+    """
+    return load_parts(path, RESUME_KIND, (LEGACY_VERSION, RESUME_VERSION), map_location=device).data
 
 
 def get_recipe(name: str, **overrides: object) -> Recipe:
@@ -149,7 +165,7 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
     scheduler = warmup_cosine(optimizer, steps, int(round(steps * rc.warmup_ratio)), rc.min_lr)
     start, best_acc, best_state, log = 0, -1.0, None, []
     if resume and state_path.is_file():
-        st = torch.load(state_path, map_location=dev, weights_only=False)
+        st = read_resume_state(state_path, dev)
         net.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -173,10 +189,12 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
             # dataset, split seed and held-out count pin down the validation split: PruneEnv rebuilds exactly it
             save_checkpoint(net, out, dataset=dataset, epoch=epoch + 1, val_top1=best_acc, seed=seed,
                             val_size=len(splits.val), recipe=recipe_meta)
-        atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
-                     "best_state": best_state, "log": log, "loader_rng": loader.generator.get_state(),
-                     "rng": rng_state()}, state_path)
+        save_parts(state_path, RESUME_KIND, RESUME_VERSION,
+                   {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
+                    "best_state": best_state, "log": log, "loader_rng": loader.generator.get_state(),
+                    "rng": rng_state()},
+                   info={"model": model, "dataset": dataset, "epoch": epoch + 1, "epochs": epochs})
     net.load_state_dict(best_state)
     test = evaluate(net, splits.test, dev, batch_size=512)
     summary = {"model": model, "width": width, "dataset": dataset, "num_classes": splits.num_classes,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from agents.registry import AGENTS
 from rl_prune.config import CONFIG_DIR, VIT_POLICIES, ConfigError, ViTRunConfig, load_config, parse_overrides
@@ -16,11 +16,13 @@ DEFAULT_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
 TRAIN_DESCRIPTION = """\
 Prune a pretrained CNN with an agent on PruneEnv, fine-tune the result with knowledge distillation and write a run
-folder: python train_agent.py --config configs/X.yaml [--agent NAME] [--resume] [key=value ...]
+folder: python train_agent.py --config configs/X.yaml [--agent NAME] [--resume | --overwrite] [key=value ...]
 
 With no arguments it runs the offline quickstart (configs/quickstart.yaml): a few minutes on 2 CPU cores.
 Run folder runs/{name}/: pruned_model.pt (torch.save of the module), pruned_model.ts (TorchScript, needs only
-torch), original_model.pt, metrics.json, steps.csv, tb/, checkpoint.pt, distribution.png, config.yaml.
+torch), original_model.pt, metrics.json, steps.csv, tb/, checkpoint.pt, distribution.png, config.yaml, and
+run.lock while the run writes it. A name in use gets the next free folder (runs/{name}_2, ...): no run is
+overwritten unless --overwrite says so.
 """
 
 EVALUATE_DESCRIPTION = """\
@@ -63,8 +65,14 @@ def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the offline quickstart)")
     p.add_argument("--agent", default=None, choices=sorted(AGENTS), help="agent to run (default: the config's)")
-    p.add_argument("--name", default=None, help="run folder name under run.out_dir (default: config name[_agent])")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint.pt")
+    p.add_argument("--name", default=None, help="run folder name under run.out_dir (default: config name[_agent]); "
+                                                "a name in use gets the next number: NAME_2, NAME_3, ...")
+    reuse = p.add_mutually_exclusive_group()
+    reuse.add_argument("--resume", action="store_true",
+                       help="continue a killed run from its checkpoint.pt: runs/NAME with --name, else the latest run "
+                            "of the config's name (runs/NAME or its highest NAME_k)")
+    reuse.add_argument("--overwrite", action="store_true",
+                       help="replace what runs/NAME holds (a finished or killed run) instead of writing NAME_2")
     _overrides_argument(p, "env.target=0.3 agents.rl_pruner.lr_epoch=2")
     return p
 
@@ -83,19 +91,84 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
             overrides["agent"] = args.agent
         cfg = load_config(args.config, overrides)
         cfg.name = args.name or (cfg.name if args.agent is None else f"{cfg.name}_{args.agent}")
-        run_dir = Path(cfg.run.out_dir) / cfg.name
-        metrics = run(cfg, cfg.agent, run_dir, resume=args.resume)
+        folder, lock = choose_run_folder(Path(cfg.run.out_dir), cfg.name, args.resume, args.overwrite,
+                                         exact=args.name is not None)
+        cfg.name = folder.name
+        try:
+            metrics = run(cfg, cfg.agent, folder.path, resume=args.resume, overwrite=args.overwrite)
+        finally:
+            if lock is not None:
+                lock.release()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    o, p = metrics["original"], metrics["pruned"]
-    print(f"\n{cfg.agent} on {metrics['dataset']}: FLOPs -{metrics['flops_reduction']:.1%}, params "
-          f"-{metrics['params_reduction']:.1%}, {metrics['n_evaluations']} evaluations, "
-          f"{metrics['seconds']['total']:.0f} s")
-    print(f"test top-1: original {o['test_top1']:.4f} | pruned {metrics['pruned_before_finetune']['test_top1']:.4f}"
-          f" | after fine-tune {p['test_top1']:.4f}")
-    print(f"run folder: {run_dir}  (evaluate with: python evaluate.py {run_dir})")
+    print("\n" + summary_text(metrics, folder.path))
     return 0
+
+
+def choose_run_folder(out_dir: Path, name: str, resume: bool, overwrite: bool,
+                      exact: bool = False) -> Tuple[Any, Any]:
+    """The folder a ``train_agent.py`` run writes, and its lock when claimed here (None: ``run`` takes it).
+
+    ``--overwrite``: ``out_dir/name``; ``--resume``: ``out_dir/name`` when the name was given (``--name``), else
+    the latest folder of the config's name (``name`` or its highest ``name_k``); otherwise a new, empty folder,
+    numbered when ``name`` is in use, so no earlier run is touched.
+
+    :param out_dir: ``run.out_dir``.
+    :param name: the run name.
+    :param resume: the ``--resume`` flag.
+    :param overwrite: the ``--overwrite`` flag.
+    :param exact: the name was given explicitly (``--name``).
+    """
+    from rl_prune.run_folder import RunFolder, claim_new_run_folder, latest_run_folder
+
+    if overwrite or (resume and exact):
+        return RunFolder(out_dir / name), None
+    if resume:
+        return latest_run_folder(out_dir, name) or RunFolder(out_dir / name), None
+    folder, lock = claim_new_run_folder(out_dir, name)
+    if folder.name != name:
+        print(f"note: {out_dir / name} holds an earlier run ({RunFolder(out_dir / name).status}); this run writes "
+              f"{folder.path} (--resume continues the latest run of the name, --overwrite replaces "
+              f"{out_dir / name})", file=sys.stderr)
+    return folder, lock
+
+
+def summary_text(metrics: Dict[str, Any], run_dir: Path) -> str:
+    """The end-of-run summary: costs, then each accuracy of the story named (the original, the pruned model as
+    cut, after BatchNorm re-estimation when the reward used it, after the fine-tune) with what the search scored,
+    then the run folder.
+
+    :param metrics: the run's ``metrics.json``.
+    :param run_dir: its folder.
+    """
+    estimator = metrics.get("reward_estimator") or "vanilla"
+    scored = f"the search scored {metrics['reward_accuracy']:.4f} on its validation reward images"
+    ft = metrics.get("finetune") or {}
+    ft_cfg = ft.get("config") or {}
+    epochs = ft_cfg.get("epochs")
+    kind = "KD fine-tune" if ft_cfg.get("teacher", "original") == "original" else "fine-tune"
+    rows = [("original model", metrics["original"], None),
+            ("pruned, as cut", metrics["pruned_before_finetune"],
+             "BatchNorm statistics still the unpruned model's, no training"
+             + (f"; {scored} (vanilla reward)" if estimator == "vanilla" else ""))]
+    if metrics.get("pruned_bn_reestimated") is not None:
+        rows.append(("pruned, BatchNorm re-estimated", metrics["pruned_bn_reestimated"],
+                     f"what the adaptive_bn reward measures: {scored}"))
+    elif estimator != "vanilla":
+        rows[-1] = rows[-1][:2] + (rows[-1][2] + f"; {scored} ({estimator} reward)",)
+    rows.append((f"pruned, after the {kind} ({epochs} epoch{'s' if epochs != 1 else ''})" if epochs else "pruned, no fine-tune (epochs 0)",
+                 metrics["pruned"], None))
+    lines = [f"{metrics['agent']} on {metrics['dataset']}: FLOPs -{metrics['flops_reduction']:.1%}, params "
+             f"-{metrics['params_reduction']:.1%}, {metrics['n_evaluations']} evaluations, "
+             f"{metrics['seconds']['total']:.0f} s",
+             f"{'top-1 accuracy of the':<46}{'test':>8}{'val':>8}"]
+    for label, report, note in rows:
+        lines.append(f"  {label:<44}{report['test_top1']:>8.4f}{report['val_top1']:>8.4f}")
+        if note:
+            lines.append(f"    ({note})")
+    lines.append(f"run folder: {run_dir}  (evaluate with: python evaluate.py {run_dir})")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- evaluate
@@ -199,4 +272,4 @@ def vit_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 __all__ = ["train_main", "evaluate_main", "vit_main", "train_parser", "evaluate_parser", "vit_parser",
-           "DEFAULT_CONFIG", "VIT_FLAGS"]
+           "choose_run_folder", "summary_text", "DEFAULT_CONFIG", "VIT_FLAGS"]

@@ -24,7 +24,7 @@ from pruning_env.data import DatasetSplits, make_datasets, preload
 from pruning_env.export import export_onnx, export_torchscript, max_abs_diff, quiet_jit
 from pruning_env.runtime import atomic_write_text, machine_info, resolve_device, seed_everything, sync
 from pruning_env.training import evaluate, model_logits
-from rl_prune.run_folder import RunFolder
+from rl_prune.run_folder import RunFolder, describe_owner
 
 FORMAT = "rl-prune-evaluation/1"
 EXPORT_FORMATS = ("torchscript", "onnx")
@@ -102,6 +102,10 @@ def resolve_inputs(options: EvaluationOptions) -> Tuple[Path, Path, Dict[str, An
         if not run_dir.is_dir():
             raise EvaluationError(f"run folder not found: {run_dir}. Create it with: {TRAIN_HINT}")
         folder = RunFolder(run_dir)
+        owner = folder.lock_owner()
+        if owner is not None:
+            raise EvaluationError(f"{run_dir} is being written by a run ({describe_owner(owner)}); evaluate it once "
+                                  f"that run has finished (its metrics.json is its last file)")
         settings = folder.data_settings()
         original = Path(options.original) if options.original else folder.file(RunFolder.ORIGINAL_MODEL)
         pruned = Path(options.pruned) if options.pruned else folder.file(RunFolder.PRUNED_MODEL)
@@ -111,6 +115,10 @@ def resolve_inputs(options: EvaluationOptions) -> Tuple[Path, Path, Dict[str, An
             if not path.is_file():
                 raise EvaluationError(f"{role} model not found: {path}. The run did not finish; complete it with: "
                                       f"{resume}  (or start a new one with: {TRAIN_HINT})")
+        if not folder.is_finished and not (options.original and options.pruned):
+            raise EvaluationError(f"{run_dir} holds no {RunFolder.METRICS}: the run did not finish, its models may "
+                                  f"be from another moment; complete it with: {resume}  (or pass --original and "
+                                  f"--pruned to evaluate these files anyway)")
     else:
         if not (options.original and options.pruned):
             raise EvaluationError("give a run folder (python evaluate.py runs/NAME) or both --original A.pt and "

@@ -22,7 +22,7 @@ from pruning_env.costs import Cost, count_costs, reductions
 from pruning_env.runtime import rng_state, seed_everything, set_rng_state
 from pruning_env.training import evaluate, finetune
 from rl_prune.config import ConfigError, PruneRunConfig, sb3_keys
-from rl_prune.run_folder import RunCheckpoint, RunFolder
+from rl_prune.run_folder import RunCheckpoint, RunFolder, RunFolderError
 
 #: config sections that do not change results (the output folder and progress bars, the run's name; the agent is
 #: checked on its own, so the run folder's config.yaml, which names it, resumes too)
@@ -162,6 +162,24 @@ def model_report(model: torch.nn.Module, env: Any, batch_size: int) -> Dict[str,
             "macs": int(cost.macs), "params": int(cost.params)}
 
 
+def bn_reestimated_report(model: torch.nn.Module, env: Any, batch_size: int) -> Optional[Dict[str, Any]]:
+    """:func:`model_report` of ``model`` after the BatchNorm re-estimation the env's ``adaptive_bn`` reward applies
+    (on a copy; the same training images): what the search's reward saw. None for the other estimators, or a model
+    without BatchNorm.
+
+    :param model: the pruned model (left unchanged).
+    :param env: the PruneEnv it was searched on.
+    :param batch_size: evaluation batch size.
+    """
+    from pruning_env.envs.reward import recalibrate_bn
+
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if env.config.reward_estimator != "adaptive_bn" or not has_bn or env.task.estimator_data is None:
+        return None
+    net = recalibrate_bn(model, env.task.estimator_data, n_images=int(env.config.reward_train_images))
+    return model_report(net, env, batch_size)
+
+
 def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> None:
     """PNG: the learned per-group pruning distribution (or the realised share of removed channels) and the
     kept vs original channels per group.
@@ -213,7 +231,7 @@ def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> Non
 # ---------------------------------------------------------------------------------------------------- run
 
 def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[str, Path, None] = None,
-        resume: bool = False, callbacks: Sequence[BaseCallback] = ()) -> Dict[str, Any]:
+        resume: bool = False, callbacks: Sequence[BaseCallback] = (), overwrite: bool = False) -> Dict[str, Any]:
     """Prune with one agent, fine-tune, evaluate and write the run folder; returns the metrics.
 
     Every phase (building the task, the search, the fine-tune) starts from ``cfg.seed``, so a run's result does
@@ -223,14 +241,54 @@ def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[st
     :param cfg: a checked config (:func:`rl_prune.config.load_config`).
     :param agent_name: agent to run (default ``cfg.agent``).
     :param run_dir: output folder (default ``{run.out_dir}/{name}``).
+    The run holds the folder's lock (``run.lock``) throughout, and never reuses a folder that holds another run
+    unless asked (:func:`check_folder_use`): ``resume`` continues it, ``overwrite`` replaces it.
+
     :param resume: continue from the folder's checkpoint when it has one.
     :param callbacks: extra SB3 callbacks for ``learn`` (after the checkpoint callback).
-    :raises ConfigError: a bad setting or a refused resume (:class:`ResumeMismatch`), with a one-line message.
+    :param overwrite: replace what the folder holds (a finished or unfinished run); never a running one.
+    :raises ConfigError: a bad setting, a refused resume (:class:`ResumeMismatch`) or a refused folder
+        (:class:`~rl_prune.run_folder.RunFolderError`, :class:`~rl_prune.run_folder.RunFolderLocked`), with a
+        one-line message.
     """
     name = agent_name or cfg.agent
     if name not in AGENTS:
         raise ConfigError(f"unknown agent {name!r}; choose from {', '.join(AGENTS)}")
     folder = RunFolder(run_dir if run_dir is not None else Path(cfg.run.out_dir) / cfg.name)
+    with folder.lock():
+        check_folder_use(folder, resume, overwrite)
+        return _run_in_folder(cfg, name, folder, resume, callbacks)
+
+
+def check_folder_use(folder: RunFolder, resume: bool, overwrite: bool) -> None:
+    """Refuse to start in a folder that holds another run unless asked: a finished or resumable run needs
+    ``resume`` (to continue it) or ``overwrite`` (to replace it); a finished run has nothing to resume; files that
+    are not a run's are never touched. A folder left by a run killed before its first checkpoint is reused.
+
+    :param folder: the run folder (its lock held by this process).
+    :param resume: the run continues the folder's checkpoint.
+    :param overwrite: the run replaces the folder's contents.
+    :raises RunFolderError: naming the folder and the options.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pass one of them")
+    status = folder.status
+    if status == "other":
+        raise RunFolderError(f"{folder.path} holds files that are not a run's; pick another run name (--name)")
+    if resume and status == "finished":
+        raise RunFolderError(f"{folder.path} holds a finished run (metrics.json): nothing to resume. Evaluate it "
+                             f"(python evaluate.py {folder.path}), start a new run without --resume (it writes the "
+                             f"next free name) or replace it with --overwrite")
+    if not resume and not overwrite and status in ("finished", "resumable"):
+        what = "a finished run" if status == "finished" else "an unfinished run with a checkpoint"
+        raise RunFolderError(f"{folder.path} holds {what}; pass --resume to continue it or --overwrite to replace "
+                             f"it (train_agent.py without either writes the next free name, e.g. "
+                             f"{folder.path.name}_2)")
+
+
+def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bool,
+                   callbacks: Sequence[BaseCallback]) -> Dict[str, Any]:
+    """:func:`run` once the folder is locked and may be used."""
     progress = cfg.run.progress
     saved: Optional[RunCheckpoint] = None
     if resume and not folder.has_checkpoint:
@@ -260,7 +318,10 @@ def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[st
         print(f"note: budget={cfg.budget} does not apply to {name!r} except as a cap: the evaluations it uses "
               f"are set by its own arguments (see docs/agents.md); look-aheads past the cap are stopped",
               file=sys.stderr)
+    if saved is None:
+        folder.clear()  # a new run starts from nothing: an overwritten run's files, or a killed one's leftovers
     folder.write_config({**cfg.to_dict(), "agent": name})
+    print(f"run folder: {folder.path}", file=sys.stderr)
 
     def save_checkpoint(phase: str) -> None:
         folder.write_checkpoint(RunCheckpoint(phase=phase, agent_name=name, config=cfg.to_dict(),
@@ -299,7 +360,8 @@ def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[st
     bs = cfg.run.eval_batch_size
     pruned = copy.deepcopy(best["model"]).to(env.device)
     original = env.original_model
-    report = {"original": model_report(original, env, bs), "pruned_before_finetune": model_report(pruned, env, bs)}
+    report = {"original": model_report(original, env, bs), "pruned_before_finetune": model_report(pruned, env, bs),
+              "pruned_bn_reestimated": bn_reestimated_report(pruned, env, bs)}
     ft = cfg.finetune
     seed_everything(cfg.seed)  # phase 3: the fine-tune (dropout, augmentation) as in every other run
     t_ft = time.perf_counter()
@@ -335,7 +397,7 @@ def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[st
         "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta,
         "n_evaluations": agent.n_evaluations, "timesteps": agent.num_timesteps,
         "best_episode": best["episode"], "best_reward": best["reward"],
-        "reward_accuracy": best["info"]["accuracy"],
+        "reward_accuracy": best["info"]["accuracy"], "reward_estimator": env.config.reward_estimator,
         "flops_reduction": reduced.flops, "params_reduction": reduced.params,
         "speedup_macs": orig["macs"] / max(prn["macs"], 1),
         "group_names": list(env.group_names), "original_channels": np.asarray(env.original_channels).tolist(),
@@ -352,5 +414,5 @@ def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[st
     return metrics
 
 
-__all__ = ["run", "build_env", "build_agent", "sb3_hyperparams", "check_resume", "ResumeMismatch",
-           "CheckpointEvery", "model_report", "plot_distribution", "NOT_COMPARED"]
+__all__ = ["run", "build_env", "build_agent", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
+           "CheckpointEvery", "model_report", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]

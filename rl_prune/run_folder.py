@@ -2,25 +2,33 @@
 ``metrics.json`` schema, the ``steps.csv`` layout and the run checkpoint, for writing and for reading.
 
 Layout: config.yaml, metrics.json, steps.csv, original_model.pt, pruned_model.pt (``torch.save`` of the modules),
-pruned_model.ts (TorchScript), distribution.png, tb/ (TensorBoard), checkpoint.pt (resumable runs).
+pruned_model.ts (TorchScript), distribution.png, tb/ (TensorBoard), checkpoint.pt (resumable runs), and run.lock
+while a run writes the folder (:class:`RunLock`: no run ever writes into another's folder).
 """
 from __future__ import annotations
 
 import copy
 import csv
 import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import yaml
 
-from agents.common.save_util import load_parts, save_parts
 from pruning_env.export import export_torchscript
+from pruning_env.persistence import load_parts, save_parts
 from pruning_env.runtime import PathLike, atomic_path, atomic_save, atomic_write_text
+from rl_prune.config import ConfigError
 
 #: ``metrics.json``: every key a finished run writes, and what it holds
 METRICS_SCHEMA: Dict[str, str] = {
@@ -41,7 +49,10 @@ METRICS_SCHEMA: Dict[str, str] = {
     "timesteps": "env steps of the search",
     "best_episode": "episode whose final model was kept",
     "best_reward": "its final reward",
-    "reward_accuracy": "its validation accuracy on the reward images (before the fine-tune)",
+    "reward_accuracy": "its validation accuracy on the reward images (before the fine-tune), as the reward "
+                       "estimator measured it",
+    "reward_estimator": "how the search estimated that accuracy (vanilla: right after pruning; adaptive_bn: after "
+                        "BatchNorm re-estimation; ...; docs/env.md)",
     "flops_reduction": "1 - pruned MACs / original MACs",
     "params_reduction": "1 - pruned params / original params",
     "speedup_macs": "original MACs / pruned MACs",
@@ -51,13 +62,16 @@ METRICS_SCHEMA: Dict[str, str] = {
     "actions": "actions of the best episode",
     "pd": "learned pruning distribution (RL-Pruner) or null",
     "original": "report of the original model: val_top1, test_top1, test_top5, macs, params",
-    "pruned_before_finetune": "the same report of the pruned model before the fine-tune",
+    "pruned_before_finetune": "the same report of the pruned model as cut: BatchNorm statistics of the unpruned "
+                              "model, no training",
+    "pruned_bn_reestimated": "the same report after the BatchNorm re-estimation of the adaptive_bn reward (what "
+                             "the search saw), or null for the other estimators",
     "pruned": "the same report after the fine-tune",
     "finetune": "fine-tune statistics and its config",
     "torchscript": "how pruned_model.ts was exported (script | trace) or null",
     "seconds": "wall time of the search, the fine-tune and the whole run",
 }
-#: kind and version of ``checkpoint.pt`` in :mod:`agents.common.save_util`'s format
+#: kind and version of ``checkpoint.pt`` in the one persistence format (:mod:`pruning_env.persistence`)
 CHECKPOINT_KIND = "run-checkpoint"
 CHECKPOINT_VERSION = 1
 #: the settings of a run that ``evaluate.py`` takes from its folder
@@ -97,6 +111,7 @@ class RunFolder:
     PRUNED_TORCHSCRIPT = "pruned_model.ts"
     DISTRIBUTION_PLOT = "distribution.png"
     TENSORBOARD = "tb"
+    LOCK = "run.lock"
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
@@ -227,7 +242,7 @@ class RunFolder:
 
     # --------------------------------------------------------------------------------------------- checkpoint
     def write_checkpoint(self, checkpoint: RunCheckpoint) -> None:
-        """``checkpoint.pt`` (atomically, in :mod:`agents.common.save_util`'s versioned format).
+        """``checkpoint.pt`` (atomically, in :mod:`pruning_env.persistence`'s versioned format).
 
         :param checkpoint: the run's state.
         """
@@ -244,6 +259,316 @@ class RunFolder:
         return RunCheckpoint(phase=data["phase"], agent_name=data["agent_name"], config=data["config"],
                              timesteps=int(data["timesteps"]), agent_state=data["agent_state"], rng=data["rng"])
 
+    # ----------------------------------------------------------------------------- ownership: lock, status, reuse
+    def lock(self) -> "RunLock":
+        """The folder's lock (``run.lock``): ``with folder.lock(): ...`` refuses to start while another live process
+        writes the folder (:class:`RunFolderLocked`); re-entrant within one process."""
+        return RunLock(self.path)
+
+    def lock_owner(self) -> Optional[Dict[str, Any]]:
+        """Who writes the folder now: the live owner recorded in ``run.lock`` (pid, host, started, command), or None
+        when no lock exists or its process is gone (a stale lock, e.g. after SIGKILL)."""
+        owner = _read_owner(self.file(self.LOCK))
+        return owner if owner is not None and _owner_alive(owner, self.file(self.LOCK)) else None
+
+    @property
+    def is_empty(self) -> bool:
+        """No folder, or a folder with nothing in it."""
+        return not self.path.is_dir() or next(self.path.iterdir(), None) is None
+
+    @property
+    def status(self) -> str:
+        """``empty``, ``running`` (another live process holds the lock), ``finished`` (metrics.json), ``resumable``
+        (checkpoint.pt of an unfinished run), ``unfinished`` (files of a run killed before its first checkpoint)
+        or ``other`` (files that are not a run's)."""
+        if self.lock_owner() is not None and not self.lock().held:
+            return "running"
+        if self.is_finished:
+            return "finished"
+        if self.has_checkpoint:
+            return "resumable"
+        # unit.lock: the benchmark sweeps' lock before RunLock (a killed worker's may remain)
+        names = {p.name for p in self.path.iterdir()} - {self.LOCK, "unit.lock"} if self.path.is_dir() else set()
+        if not names:
+            return "empty"
+        return "unfinished" if names & {self.CONFIG, self.STEPS, self.TENSORBOARD} else "other"
+
+    def clear(self) -> None:
+        """Remove everything in the folder but its lock (a new run then starts from nothing: no old TensorBoard
+        events, exports or evaluation files remain). Refused for a folder whose files are not a run's."""
+        if self.status == "other":
+            raise RunFolderError(f"{self.path} holds files that are not a run's; nothing was removed. Pick another "
+                                 f"run name (--name)")
+        if not self.path.is_dir():
+            return
+        for entry in self.path.iterdir():
+            if entry.name == self.LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+
+# ------------------------------------------------------------------------------ claiming a folder: lock and names
+
+class RunFolderError(ConfigError):
+    """A run folder cannot be used as asked (it holds another run, or files that are not a run's); the message
+    names the folder and the options (``--resume``, ``--overwrite``, ``--name``). Nothing was changed."""
+
+
+class RunFolderLocked(RunFolderError):
+    """Another live process writes the run folder (its ``run.lock``).
+
+    :param path: the run folder.
+    :param owner: the lock's owner record (pid, host, started, command), or None when unreadable.
+    """
+
+    def __init__(self, path: Path, owner: Optional[Dict[str, Any]]) -> None:
+        self.path, self.owner = Path(path), owner
+        who = describe_owner(owner)
+        super().__init__(f"{path} is being written by another run ({who}); wait for it to finish, or stop that "
+                         f"process: a stale lock (its process gone) is taken over by the next run")
+
+
+#: run-folder locks this process holds: lock file -> [fd, depth] (re-entrant: the CLI or a sweep claims a folder,
+#: then :func:`rl_prune.pipeline.run` locks it again)
+_HELD: Dict[str, List[int]] = {}
+#: the folders each held lock created
+_CREATED: Dict[str, List[Path]] = {}
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (the run wrote something) or already gone
+            return
+
+
+class RunLock:
+    """The lock file ``run.lock`` of a run folder: an exclusive ``flock`` (released by the kernel when its process
+    dies, SIGKILL included) on a file that records the owner (pid, host, start time, command) for messages.
+
+    A lock file left by a killed process holds no ``flock``: the next acquirer takes it over and says so. Locks are
+    re-entrant within a process. Use as a context manager, or :meth:`acquire` / :meth:`release`.
+
+    :param folder: the run folder (created on :meth:`acquire`).
+    """
+
+    def __init__(self, folder: PathLike) -> None:
+        self.folder = Path(folder)
+        self.file = self.folder / RunFolder.LOCK
+        self.stale: Optional[Dict[str, Any]] = None
+        """the owner record of a stale lock this acquisition took over, or None"""
+
+    def _key(self) -> str:
+        return os.path.realpath(self.file)
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock."""
+        return self._key() in _HELD
+
+    def acquire(self) -> "RunLock":
+        """Take the lock; :class:`RunFolderLocked` when a live process holds it."""
+        key = self._key()
+        if key in _HELD:
+            _HELD[key][1] += 1
+            return self
+        created = []  # folders made here: removed again on release while they stay empty
+        for folder in (self.folder, *self.folder.parents):
+            if folder.exists():
+                break
+            created.append(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._take(key)
+        except BaseException:
+            _remove_empty(created)
+            raise
+        _CREATED[key] = created
+        return self
+
+    def _take(self, key: str) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: an exclusive create, liveness by pid
+            fcntl = None
+        while True:
+            if fcntl is None:
+                try:
+                    fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                except FileExistsError:
+                    owner = _read_owner(self.file)
+                    if owner is not None and _owner_alive(owner, self.file):
+                        raise RunFolderLocked(self.folder, owner) from None
+                    self.stale = owner
+                    self.file.unlink(missing_ok=True)
+                    continue
+            else:
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    os.close(fd)
+                    raise RunFolderLocked(self.folder, _read_owner(self.file)) from None
+                # the previous holder unlinks the file before it lets go: then this fd is an orphan, try again
+                try:
+                    current = os.stat(self.file).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    current = False
+                if not current:
+                    os.close(fd)
+                    continue
+                previous = _parse_owner(os.pread(fd, 65536, 0))
+                self.stale = previous if previous is not None and previous.get("pid") != os.getpid() else None
+            record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                 "process_start": _process_start(os.getpid()), "command": " ".join(sys.argv)})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record.encode(), 0)
+            os.fsync(fd)
+            _HELD[key] = [fd, 1]
+            if self.stale is not None:
+                print(f"note: took over the stale lock of {self.folder} ({describe_owner(self.stale)}, no longer "
+                      f"running)", file=sys.stderr)
+            return
+
+    def release(self) -> None:
+        """Let go (the file is removed when the outermost holder in this process lets go)."""
+        key = self._key()
+        entry = _HELD.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _HELD[key]
+        try:
+            self.file.unlink(missing_ok=True)  # before closing: a waiting acquirer then sees an orphan and retries
+        finally:
+            os.close(entry[0])
+            # a run refused before writing anything leaves no empty folder behind
+            _remove_empty(_CREATED.pop(key, []))
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _parse_owner(raw: bytes) -> Optional[Dict[str, Any]]:
+    try:
+        owner = json.loads(raw.decode() or "null")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+def _read_owner(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return _parse_owner(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The kernel's start time of process ``pid`` (Linux), to tell a live owner from a new process with its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22, after the parenthesised command name
+
+
+def _owner_alive(owner: Dict[str, Any], lock_file: Path) -> bool:
+    """Whether the process recorded in a lock still runs (another host's lock is assumed alive)."""
+    pid = int(owner["pid"])
+    if owner.get("host") not in (None, socket.gethostname()):
+        return True
+    if pid == os.getpid():
+        return os.path.realpath(lock_file) in _HELD
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    recorded, now = owner.get("process_start"), _process_start(pid)
+    return recorded is None or now is None or recorded == now
+
+
+def describe_owner(owner: Optional[Dict[str, Any]]) -> str:
+    """``pid N on HOST, started DATE`` of a lock's owner record (:meth:`RunFolder.lock_owner`).
+
+    :param owner: the record, or None.
+    """
+    if owner is None:
+        return "owner unknown"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(owner.get("started", 0))))
+    host = owner.get("host")
+    return f"pid {owner['pid']}" + (f" on {host}" if host else "") + f", started {started}"
+
+
+def numbered_run_dirs(out_dir: PathLike, name: str) -> List[Tuple[int, Path]]:
+    """The existing folders of a run name, SB3-style: ``name`` is number 1, then ``name_2``, ``name_3``, ...
+
+    :param out_dir: the runs folder (``run.out_dir``).
+    :param name: the run name.
+    :return: ``(number, path)`` sorted by number.
+    """
+    out = Path(out_dir)
+    found = [(1, out / name)] if (out / name).is_dir() else []
+    if out.is_dir():
+        pattern = re.compile(re.escape(name) + r"_(\d+)")
+        for entry in out.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if match and entry.is_dir() and int(match.group(1)) >= 2:
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def claim_new_run_folder(out_dir: PathLike, name: str) -> Tuple[RunFolder, RunLock]:
+    """A folder for a new run that holds nothing, locked by this process: ``{out_dir}/{name}`` when it is empty,
+    else the next number after the highest existing one (``name_2``, ``name_3``, ..., as SB3 numbers its logs).
+    Two runs started at once get different folders; no earlier run is touched.
+
+    :param out_dir: the runs folder.
+    :param name: the run name.
+    :return: the folder and its (held) lock; release it, or use it as a context manager.
+    """
+    out = Path(out_dir)
+    existing = numbered_run_dirs(out, name)
+    number = 1
+    if existing:
+        top, path = existing[-1]
+        number = top if RunFolder(path).is_empty else top + 1
+    while True:
+        folder = RunFolder(out / (name if number == 1 else f"{name}_{number}"))
+        number += 1
+        if not folder.is_empty:
+            continue
+        lock = RunLock(folder.path)
+        try:
+            lock.acquire()
+        except RunFolderLocked:  # claimed by a run started at the same moment
+            continue
+        if folder.status != "empty":  # a run wrote it between the check and the lock
+            lock.release()
+            continue
+        return folder, lock
+
+
+def latest_run_folder(out_dir: PathLike, name: str) -> Optional[RunFolder]:
+    """The latest (highest-numbered) existing folder of a run name, the one ``--resume`` continues; None if none.
+
+    :param out_dir: the runs folder.
+    :param name: the run name.
+    """
+    existing = numbered_run_dirs(out_dir, name)
+    return RunFolder(existing[-1][1]) if existing else None
+
 
 def _format_cell(value: Any) -> Any:
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -251,4 +576,6 @@ def _format_cell(value: Any) -> Any:
     return value
 
 
-__all__ = ["RunFolder", "RunCheckpoint", "METRICS_SCHEMA", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "DATA_SETTINGS"]
+__all__ = ["RunFolder", "RunCheckpoint", "METRICS_SCHEMA", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "DATA_SETTINGS",
+           "RunLock", "RunFolderError", "RunFolderLocked", "numbered_run_dirs", "claim_new_run_folder",
+           "latest_run_folder", "describe_owner"]

@@ -6,7 +6,6 @@ skipped when finished, resumed when killed, locked while a worker runs it; mean 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -17,14 +16,14 @@ import numpy as np
 from pruning_env.runtime import atomic_write_text
 from rl_prune.config import CONFIG_DIR, PruneRunConfig, load_config
 from rl_prune.pipeline import ResumeMismatch, run
-from rl_prune.run_folder import RunFolder
+from rl_prune.run_folder import RunFolder, RunFolderLocked
 
 #: the CPU benchmark task (VGG-19 width 0.25 on the 5k-image CIFAR-10 npz)
 BENCH_CONFIG = CONFIG_DIR / "bench_cpu_vgg19w025_npz.yaml"
 #: file a failed unit leaves in its run folder (the traceback)
 ERROR_FILE = "error.txt"
-#: file that marks a unit a live worker is running (its process id)
-LOCK_FILE = "unit.lock"
+#: file that marks a unit a live worker is running (the run folder's lock, :class:`rl_prune.run_folder.RunLock`)
+LOCK_FILE = RunFolder.LOCK
 
 
 def unit_config(config: Union[str, Path], agent: str, seed: int, budget: int,
@@ -48,61 +47,43 @@ def run_unit(cfg: PruneRunConfig, agent: str, run_dir: Path) -> Dict[str, Any]:
 
     Returns ``{"status": "done" | "skipped" | "busy" | "failed", ...}``; a failure writes ``error.txt`` with
     the traceback into the run folder and does not raise, so the other units go on. A unit another live
-    benchmark process is running (its ``unit.lock``) is left to it ("busy"), so two workers can share a queue.
+    process is running (its run folder's lock) is left to it ("busy"), so two workers can share a queue.
 
     :param cfg: the unit's config (:func:`unit_config`).
     :param agent: agent name.
     :param run_dir: the unit's run folder.
     """
-    if RunFolder(run_dir).is_finished:
+    folder = RunFolder(run_dir)
+    if folder.is_finished:
         return {"status": "skipped"}
-    lock = Path(run_dir) / LOCK_FILE
-    if not _acquire(lock):
+    try:
+        lock = folder.lock().acquire()
+    except RunFolderLocked:
         return {"status": "busy"}
     try:
+        if folder.is_finished:  # another worker finished it before the lock was ours
+            return {"status": "skipped"}
         return _run_locked(cfg, agent, Path(run_dir))
     finally:
-        lock.unlink(missing_ok=True)
-
-
-def _acquire(lock: Path) -> bool:
-    """Create ``lock`` holding this process id; False when a live process holds it (a dead one's is taken)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)  # left by a killed worker
-                continue
-            except PermissionError:  # alive, another user's
-                return False
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
+        lock.release()
 
 
 def _run_locked(cfg: PruneRunConfig, agent: str, run_dir: Path) -> Dict[str, Any]:
     resume = RunFolder(run_dir).has_checkpoint
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)  # the last attempt's: the folder then holds only run files
     try:
         try:
             run(cfg, agent, run_dir, resume=resume)
         except ResumeMismatch as err:
             # a checkpoint of another config (e.g. a changed budget): start the unit again
             print(f"{run_dir}: {err}; starting it again", file=sys.stderr)
-            run(cfg, agent, run_dir, resume=False)
+            run(cfg, agent, run_dir, resume=False, overwrite=True)
     except Exception:  # any agent bug: record it, go on with the next unit
         tb = traceback.format_exc()
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tb, run_dir / ERROR_FILE)
         print(f"\n{run_dir.name} FAILED:\n{tb}", file=sys.stderr, flush=True)
         return {"status": "failed", "traceback": tb}
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
     return {"status": "done"}
 
 

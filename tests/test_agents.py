@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from agents.common.base import BasePruningAgent
 from agents.common.monitor import PruneMonitor
-from agents.common.save_util import load_parts, read_meta, save_parts
+from agents.common.save_util import load_parts, read_header, read_meta, save_parts
 from agents.heuristics import GlobalTaylorPruner, RandomSearch, UniformPruner
 from agents.rl_pruner import (RLPrunerAgent, TopKBuffer, adjust_distribution, epsilon_at, initial_distribution,
                               sample_action, update_distribution)
@@ -465,7 +465,7 @@ def test_save_format_checks_kind_version_and_class(splits, tmp_path):
                       info={"phase": "search"})
     parts = load_parts(path, "run-checkpoint", 2)
     assert parts.data["a"].tolist() == [0, 1, 2] and parts.files == {"blob": b"raw"}
-    assert read_meta(path)["info"] == {"phase": "search"} and parts.meta["format"] == "rl-prune"
+    assert read_header(path)["info"] == read_meta(path) == {"phase": "search"} and parts.meta["format"] == "rl-prune"
     with pytest.raises(ValueError, match="expected a 'agent' file"):
         load_parts(path, "agent", 2)
     with pytest.raises(ValueError, match="of version 2; this code reads version 1"):
@@ -476,7 +476,7 @@ def test_save_format_checks_kind_version_and_class(splits, tmp_path):
     agent = UniformPruner(make_env(splits, action_mode="sparsity", budget="flops", n_steps=1))
     agent.learn()
     saved = agent.save(tmp_path / "uniform.pt")
-    assert read_meta(saved)["info"]["class"] == "agents.heuristics:UniformPruner"
+    assert read_meta(saved)["class"] == "agents.heuristics:UniformPruner"
     loaded = BasePruningAgent.load(saved)  # the saved class, through the base
     assert isinstance(loaded, UniformPruner) and loaded.history == agent.history and loaded.n_evaluations == 1
     with pytest.raises(ValueError, match="holds a UniformPruner, not a RandomSearch"):
