@@ -130,7 +130,7 @@ class CandidateScorer:
     def __init__(self, estimator: str, options: Dict[str, Any], reward_images: Batch, train_images: Optional[Batch],
                  original: Cost, alpha: float, beta: float, batch_size: int, amp: bool = False,
                  channels_last: bool = False, seed: int = 0, base_options: Optional[Dict[str, Any]] = None,
-                 refine_top: int = 1) -> None:
+                 refine_top: int = 2) -> None:
         self.estimator = estimator
         self.options = dict(options)
         make_estimator(estimator, **self.options)  # an unknown name or option is refused here
@@ -142,7 +142,7 @@ class CandidateScorer:
                 raise ValueError(f"refine_top must be an integer >= 1, got {refine_top!r}")
             self.refine_spec, self.refine_top = REWARD_ESTIMATORS[estimator], int(refine_top)
             cheap = self.options.pop("base", "adaptive_bn")
-            if REWARD_ESTIMATORS[cheap].refine_top is not None:
+            if cheap not in CHEAP_ESTIMATORS:
                 raise ValueError(f"{estimator}'s base must score one candidate on its own, one of "
                                  f"{CHEAP_ESTIMATORS}; got {cheap!r}")
             cheap_options = dict(base_options or {})
