@@ -143,6 +143,10 @@ def test_the_monitor_counts_batches_and_refines_within_the_budget(splits):
     monitor.step(actions[0])  # the final step of the episode evaluates one model (cheap), past nothing refused
     monitor.reset(seed=0)
     assert monitor.n_train_batches == KD_BATCHES and monitor.record.train_batches_done == KD_BATCHES
+    monitor.max_evaluations = 20
+    # an agent keeping evaluations for later passes less than the budget leaves: no room for a refinement here
+    _, infos = monitor.evaluate_actions(_actions(env.n_groups, 3, seed=4), max_evaluations=3)
+    assert not any(info["refined"] for info in infos) and monitor.n_evaluations == 11
     state = monitor.record.state_dict()
     del state["train_batches_done"]  # a record saved before the counter existed still loads
     monitor.record.load_state_dict(state)

@@ -6,6 +6,7 @@ by a run checkpoint); :class:`PruneMonitor` is the wrapper every agent, SB3 ones
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -187,13 +188,20 @@ class PruneMonitor(RecordView, Monitor):
                                             f"stop sampling when evaluations_left reaches 0")
         return reward, info
 
-    def evaluate_actions(self, actions: Sequence[Any]):
+    def evaluate_actions(self, actions: Sequence[Any], max_evaluations: Optional[int] = None):
         """The env's batched look-ahead: ``(rewards, infos)`` of ``evaluate_action`` for every action.
 
+        :param actions: the actions.
+        :param max_evaluations: evaluations this call may use, at most :attr:`evaluations_left`: a multi-fidelity
+            estimator refines fewer candidates to fit (an agent keeping evaluations for later steps passes less).
         :raises EvaluationBudgetExhausted: as :meth:`evaluate_action`, when the batch went past the budget.
         """
-        left = self.evaluations_left  # the env refines (multi-fidelity) no more candidates than the budget allows
-        rewards, infos = self.unwrapped.evaluate_actions(actions, **({} if left is None else {"max_evaluations": left}))
+        left = self.evaluations_left
+        if max_evaluations is not None:
+            left = int(max_evaluations) if left is None else min(left, int(max_evaluations))
+        # the cap goes to envs that take one (PruneEnv; a scripted or wrapping env may not)
+        cap = left is not None and "max_evaluations" in inspect.signature(self.unwrapped.evaluate_actions).parameters
+        rewards, infos = self.unwrapped.evaluate_actions(actions, **({"max_evaluations": left} if cap else {}))
         if self.max_evaluations is not None and self.n_evaluations > self.max_evaluations:
             raise EvaluationBudgetExhausted(f"batched look-ahead past the evaluation budget of "
                                             f"{self.max_evaluations}: send at most evaluations_left actions")

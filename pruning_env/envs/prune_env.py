@@ -316,13 +316,11 @@ class PruneEnv(gym.Env):
               counts: Tuple[int, int], time_prune: float = 0.0, time_importance: float = 0.0,
               time_eval: float = 0.0, **extra: Any) -> Dict[str, Any]:
         timing = self.config.record_timings  # off: infos repeat exactly (Gymnasium's checker compares them)
-        info = {"accuracy": float(accuracy), "reward": float(reward),
+        times = {"time_prune": time_prune, "time_importance": time_importance, "time_eval": time_eval}
+        return {"accuracy": float(accuracy), "reward": float(reward),
                 **self.meter.report(keep, cost, r, self.episode_metric), "step": int(step),
                 "n_evaluations": int(counts[0]), "train_batches": int(counts[1]),
-                **{k: float(v) if timing else 0.0 for k, v in (("time_prune", time_prune), ("time_importance",
-                                                                time_importance), ("time_eval", time_eval))}}
-        info.update(extra)
-        return info
+                **{k: float(v) if timing else 0.0 for k, v in times.items()}, **extra}
 
     def _step_info(self, state: _State, cand: Candidate, cached: bool, counts: Tuple[int, int],
                    **extra: Any) -> Dict[str, Any]:

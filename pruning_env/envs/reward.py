@@ -260,6 +260,8 @@ def kd_refined(model: nn.Module, teacher: nn.Module, reward_data: EvalData, trai
     :param soft_weight: its weight of the distillation term.
     :param train_batch_size: its batch size.
     """
+    if isinstance(base, str) and base in REWARD_ESTIMATORS and REWARD_ESTIMATORS[base].refine_top is not None:
+        raise ValueError(f"base must score one candidate on its own, one of {CHEAP_ESTIMATORS}; got {base!r}")
     fn = make_estimator(base) if isinstance(base, str) else base
     net = kd_finetune(model, teacher, train_data, n_batches=n_batches, lr=lr, T=T, soft_weight=soft_weight,
                       train_batch_size=train_batch_size)

@@ -367,7 +367,7 @@ class CandidateScorer:
         refined = backend.evaluate(pruner, [out[i].plan for i in best], teacher, method="refine") if best else []
         for i, s in zip(best, refined):
             c = out[i]
-            accuracy = max(c.accuracy, s.accuracy)
+            accuracy = max(c.accuracy, s.accuracy)  # a diverged fine-tune (NaN) keeps the cheap score too
             out[i] = replace(c, accuracy=accuracy, reward=self.reward(accuracy, c.reductions), refined=True,
                              evaluations=2, train_batches=c.train_batches + self.refine_batches,
                              time_prune=c.time_prune + s.time_prune, time_eval=c.time_eval + s.time_eval)
