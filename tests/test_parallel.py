@@ -165,6 +165,28 @@ def test_ray_runs_the_reward_estimator_like_the_env(splits, ray_cluster, estimat
     batch_env.close()
 
 
+def test_ray_refines_like_the_serial_backend(splits, ray_cluster):
+    """``multi_fidelity`` over ``bn_kd_loss`` (both new estimators at once): the actors give the serial backend's
+    cheap scores and refinements (KD fine-tunes), so rewards, infos, counts and cache match."""
+    kwargs = dict(reward_estimator="multi_fidelity", reward_refine_base="bn_kd_loss", reward_train_images=32,
+                  reward_kd_batches=2)
+    serial_env = _env(splits, **kwargs)
+    ray_env = _env(splits, **kwargs, parallel={"backend": "ray", "num_workers": 2})
+    actions, prior = _batch(serial_env.n_groups)
+    for env in (serial_env, ray_env):
+        env.reset(seed=0)
+        env.evaluate_action(prior)
+    rewards, infos = serial_env.evaluate_actions(actions)
+    assert ray_env.evaluate_actions(actions)[0] == rewards
+    assert sum(info["refined"] and not info["cached"] for info in infos) == 2
+    assert ray_env.n_evaluations == serial_env.n_evaluations and ray_env.n_train_batches == serial_env.n_train_batches
+    best = actions[int(np.argmax(rewards))]
+    assert ray_env.step(best)[1] == serial_env.step(best)[1]
+    a = _actions(serial_env.n_groups, 3, seed=4)  # the next state: a new pruner and teacher logits on the actors
+    assert ray_env.evaluate_actions(a)[0] == serial_env.evaluate_actions(a)[0]
+    ray_env.close()
+
+
 def test_sb3_with_two_worker_envs_counts_every_evaluation(splits):
     from agents.sb3_baselines import SB3Agent
 

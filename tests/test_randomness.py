@@ -6,6 +6,7 @@ import random
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -68,14 +69,16 @@ def test_patch_env_never_touches_the_global_rngs_and_repeats_exactly():
         np.testing.assert_array_equal(a, b)
 
 
-def test_prune_env_recovery_and_estimates_leave_the_global_rngs_alone():
+@pytest.mark.parametrize("estimator", ["short_kd", "multi_fidelity"])
+def test_prune_env_recovery_and_estimates_leave_the_global_rngs_alone(estimator):
     splits = tiny_splits()
     env = tiny_env(splits, n_steps=2, budget="flops", target=0.4, recovery="kd", recovery_batches=2,
-                   recovery_batch_size=16, reward_estimator="short_kd", reward_train_images=32, reward_kd_batches=2)
+                   recovery_batch_size=16, reward_estimator=estimator, reward_train_images=32, reward_kd_batches=2)
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     before = _global_states()
     env.reset(seed=0)
     env.evaluate_action(np.full(env.n_groups, 0.3))
+    env.evaluate_actions([np.full(env.n_groups, 0.2), np.full(env.n_groups, 0.4)])  # multi_fidelity refines
     _, _, _, _, info = env.step(np.full(env.n_groups, 0.3))  # recovers (a KD fine-tune with augmentation)
     assert "accuracy_recovered" in info
     assert _same_global_states(before, _global_states()), "the pruning env moved a global RNG"

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 from pruning_env.data import preload
-from pruning_env.envs.reward import (REWARD_ESTIMATORS, adaptive_bn, make_estimator, recalibrate_bn, short_kd,
-                                     teacher_agreement, vanilla)
+from pruning_env.envs.reward import (REWARD_ESTIMATORS, adaptive_bn, bn_kd_loss, kd_refined, make_estimator,
+                                     recalibrate_bn, short_kd, teacher_agreement, vanilla)
 from pruning_env.pruning import Pruner
-from pruning_env.training import evaluate
+from pruning_env.training import evaluate, kd_loss
 from tiny import TinyNet, tiny_splits
 
 
@@ -121,3 +121,14 @@ def test_bad_names_and_missing_inputs_are_named(task):
         adaptive_bn(student, teacher, val, None)
     with pytest.raises(ValueError, match="metric"):
         teacher_agreement(student, teacher, val, metric="top5")
+    with pytest.raises(ValueError, match="base must score one candidate on its own"):
+        kd_refined(student, teacher, val, val, base="multi_fidelity")
+
+
+def test_bn_kd_loss_is_minus_the_kd_loss_of_the_recalibrated_copy(task):
+    teacher, student, train, val, _ = task
+    value = bn_kd_loss(student, teacher, val, train, n_images=64, bn_batch_size=32, T=4.0, soft_weight=1.0)
+    with torch.no_grad():
+        kl = kd_loss(recalibrate_bn(student, train, n_images=64, batch_size=32)(val[0]), teacher(val[0]), val[1],
+                     T=4.0, soft_weight=1.0).item()
+    assert kl > 0 and value == pytest.approx(-kl, rel=1e-5)

@@ -6,6 +6,7 @@ by a run checkpoint); :class:`PruneMonitor` is the wrapper every agent, SB3 ones
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -30,7 +31,8 @@ class PruneRecord:
 
     ``history`` holds one row per pruning step; ``best`` is ``{"reward", "episode", "model", "info",
     "actions"}`` of the best finished episode (None before one ends); ``episodes`` counts finished episodes;
-    ``evaluations_done`` counts the models evaluated in episodes that are no longer running.
+    ``evaluations_done`` and ``train_batches_done`` count the models evaluated and the estimators' SGD batches
+    (the env's ``n_train_batches``) in episodes that are no longer running.
     """
 
     def __init__(self) -> None:
@@ -38,6 +40,7 @@ class PruneRecord:
         self.best: Optional[Dict[str, Any]] = None
         self.episodes = 0
         self.evaluations_done = 0
+        self.train_batches_done = 0
 
     def state_dict(self, include_model: bool = False) -> Dict[str, Any]:
         """The record as plain data.
@@ -48,7 +51,7 @@ class PruneRecord:
         if self.best is not None:
             best = {k: v for k, v in self.best.items() if include_model or k != "model"}
         return {"history": [dict(row) for row in self.history], "best": best, "episodes": self.episodes,
-                "evaluations_done": self.evaluations_done}
+                "evaluations_done": self.evaluations_done, "train_batches_done": self.train_batches_done}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (in place: monitors sharing this record see it)."""
@@ -56,6 +59,7 @@ class PruneRecord:
         self.best = None if state["best"] is None else dict(state["best"])
         self.episodes = int(state["episodes"])
         self.evaluations_done = int(state["evaluations_done"])
+        self.train_batches_done = int(state.get("train_batches_done", 0))  # absent in records saved before it
 
 
 class RecordView:
@@ -84,7 +88,8 @@ class PruneMonitor(RecordView, Monitor):
     the pruning record (:class:`PruneRecord`).
 
     Every ``step`` adds a history row: ``timestep``, ``episode``, ``step``, the :data:`STEP_KEYS` of the env's
-    info, ``accuracy_recovered`` when the env recovers between steps, ``n_evaluations`` (running total),
+    info, ``accuracy_recovered`` when the env recovers between steps, ``n_evaluations`` and ``train_batches``
+    (running totals: models evaluated, and SGD batches of the estimators: ``short_kd``, multi-fidelity refinements),
     ``seconds`` (wall time since the previous ``reset``/``step`` returned: the agent's choice plus the step)
     and ``kept_channels``; agents add their own numbers with :meth:`annotate`. An episode's end updates the
     best episode. Look-aheads go through :meth:`evaluate_action`; the evaluation count is the env's own
@@ -96,7 +101,9 @@ class PruneMonitor(RecordView, Monitor):
         best episode carry over when it gets a new env.
     :param max_evaluations: the evaluation budget (None: unlimited). A look-ahead that would evaluate a new
         model beyond it raises :class:`EvaluationBudgetExhausted` (cache hits stay free); agents read
-        :attr:`evaluations_left` to stop at it. Steps are never refused: an episode can always finish.
+        :attr:`evaluations_left` to stop at it. Steps are never refused: an episode can always finish. A
+        multi-fidelity refinement counts one evaluation, and a batched look-ahead refines only as many candidates
+        as the budget leaves room for.
     """
 
     def __init__(self, env: gym.Env, record: Optional[PruneRecord] = None,
@@ -108,7 +115,7 @@ class PruneMonitor(RecordView, Monitor):
         self.max_evaluations = max_evaluations
         self.episode_actions: List[np.ndarray] = []
         self._counting = False  # the env's counter belongs to an episode not yet folded into the record
-        self._env_evals_at_start = 0
+        self._env_evals_at_start = self._env_batches_at_start = 0
         self._last_time = time.perf_counter()
 
     # ------------------------------------------------------------------ episode and evaluation count
@@ -124,6 +131,15 @@ class PruneMonitor(RecordView, Monitor):
         return self.record.evaluations_done + current
 
     @property
+    def n_train_batches(self) -> int:
+        """SGD batches the env's estimators trained (``short_kd``, multi-fidelity refinements), over all episodes."""
+        current = self._env_batches() - self._env_batches_at_start if self._counting else 0
+        return self.record.train_batches_done + current
+
+    def _env_batches(self) -> int:
+        return int(getattr(self.unwrapped, "n_train_batches", 0))
+
+    @property
     def evaluations_left(self) -> Optional[int]:
         """Evaluations left of ``max_evaluations`` (None: no budget)."""
         return None if self.max_evaluations is None else max(0, self.max_evaluations - self.n_evaluations)
@@ -131,11 +147,10 @@ class PruneMonitor(RecordView, Monitor):
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, **kwargs: Any):
         """Start an episode (an unfinished one keeps its evaluations in the count)."""
-        self.record.evaluations_done = self.n_evaluations
-        self._counting = False
+        self._fold_counts()
         out = super().reset(**kwargs)
         self.episode_actions = []
-        self._env_evals_at_start = self.unwrapped.n_evaluations
+        self._env_evals_at_start, self._env_batches_at_start = self.unwrapped.n_evaluations, self._env_batches()
         self._counting = True
         self._last_time = time.perf_counter()
         return out
@@ -151,7 +166,7 @@ class PruneMonitor(RecordView, Monitor):
             row[key] = float(info[key]) if key in info else float("nan")
         if "accuracy_recovered" in info:
             row["accuracy_recovered"] = float(info["accuracy_recovered"])
-        row["n_evaluations"] = self.n_evaluations
+        row["n_evaluations"], row["train_batches"] = self.n_evaluations, self.n_train_batches
         row["seconds"] = now - self._last_time
         row["kept_channels"] = [int(k) for k in np.asarray(info.get("kept_channels", []))]
         self.record.history.append(row)
@@ -173,12 +188,20 @@ class PruneMonitor(RecordView, Monitor):
                                             f"stop sampling when evaluations_left reaches 0")
         return reward, info
 
-    def evaluate_actions(self, actions: Sequence[Any]):
+    def evaluate_actions(self, actions: Sequence[Any], max_evaluations: Optional[int] = None):
         """The env's batched look-ahead: ``(rewards, infos)`` of ``evaluate_action`` for every action.
 
+        :param actions: the actions.
+        :param max_evaluations: evaluations this call may use, at most :attr:`evaluations_left`: a multi-fidelity
+            estimator refines fewer candidates to fit (an agent keeping evaluations for later steps passes less).
         :raises EvaluationBudgetExhausted: as :meth:`evaluate_action`, when the batch went past the budget.
         """
-        rewards, infos = self.unwrapped.evaluate_actions(actions)
+        left = self.evaluations_left
+        if max_evaluations is not None:
+            left = int(max_evaluations) if left is None else min(left, int(max_evaluations))
+        # the cap goes to envs that take one (PruneEnv; a scripted or wrapping env may not)
+        cap = left is not None and "max_evaluations" in inspect.signature(self.unwrapped.evaluate_actions).parameters
+        rewards, infos = self.unwrapped.evaluate_actions(actions, **({"max_evaluations": left} if cap else {}))
         if self.max_evaluations is not None and self.n_evaluations > self.max_evaluations:
             raise EvaluationBudgetExhausted(f"batched look-ahead past the evaluation budget of "
                                             f"{self.max_evaluations}: send at most evaluations_left actions")
@@ -202,10 +225,14 @@ class PruneMonitor(RecordView, Monitor):
             self.record.best = {"reward": reward, "episode": self.record.episodes, "model": self.unwrapped.model,
                                 "info": {k: _plain(v) for k, v in info.items() if k != "episode"},
                                 "actions": [a.tolist() for a in self.episode_actions]}
-        self.record.evaluations_done = self.n_evaluations
-        self._counting = False
+        self._fold_counts()
         self.record.episodes += 1
         self.episode_actions = []
+
+    def _fold_counts(self) -> None:
+        """Add the running episode's counts to the record (the env's counters restart with its next episode)."""
+        self.record.evaluations_done, self.record.train_batches_done = self.n_evaluations, self.n_train_batches
+        self._counting = False
 
     # ------------------------------------------------------------------ resume
     def episode_state(self) -> Dict[str, Any]:
@@ -223,7 +250,7 @@ class PruneMonitor(RecordView, Monitor):
         self.rewards = [float(r) for r in state["rewards"]]
         self.needs_reset = not state["active"]
         self._counting = bool(state["active"])
-        self._env_evals_at_start = self.unwrapped.n_evaluations
+        self._env_evals_at_start, self._env_batches_at_start = self.unwrapped.n_evaluations, self._env_batches()
         self._last_time = time.perf_counter()
 
 

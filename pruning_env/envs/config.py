@@ -19,7 +19,7 @@ import torch.nn as nn
 from pruning_env.data import DatasetSplits
 from pruning_env.envs.budget import ACTION_MODES, METRICS
 from pruning_env.envs.parallel import ParallelConfig
-from pruning_env.envs.reward import AGREEMENT_METRICS, REWARD_ESTIMATORS
+from pruning_env.envs.reward import AGREEMENT_METRICS, CHEAP_ESTIMATORS, REWARD_ESTIMATORS
 from pruning_env.pruning.importance import CRITERIA, Importance
 from pruning_env.schema import Settings, setting
 
@@ -144,12 +144,24 @@ class PruneEnvConfig(Settings):
     ``pruning_env.envs.reward.REWARD_ESTIMATORS`` (each entry says what it estimates and which settings it
     reads); ``"vanilla"`` is the authors' top-1 right after pruning."""
     reward_train_images: int = setting(256, low=2)
-    """training images (never validation or test) for ``adaptive_bn``'s BN statistics and ``short_kd``'s
-    batches (>= 2)."""
+    """training images (never validation or test) for the estimators' BN statistics (``adaptive_bn``,
+    ``bn_kd_loss``: all of them) and KD batches (``short_kd``, ``multi_fidelity``: the first ones, cycled) (>= 2)."""
+    reward_bn_batch_size: int = setting(64, low=2)
+    """batch size of the BN statistics passes: the statistics average ``reward_train_images / reward_bn_batch_size``
+    training batches (>= 2)."""
     reward_kd_batches: int = setting(10, low=1)
-    """SGD steps of ``short_kd`` (>= 1)."""
+    """SGD steps of batch 64 of the estimators' short KD fine-tune (``short_kd``; ``multi_fidelity``'s refinement)
+    (>= 1)."""
+    reward_kd_lr: float = setting(0.01, low=0, low_open=True)
+    """constant SGD learning rate of that fine-tune (finite, > 0)."""
     reward_agreement: str = setting("top1", choices=AGREEMENT_METRICS)
     """``teacher_agreement``'s measure: ``"top1"`` (same prediction as the teacher) or ``"kl"``."""
+    reward_refine_base: str = setting("adaptive_bn", choices=CHEAP_ESTIMATORS)
+    """``multi_fidelity``'s cheap estimator: every candidate of a batched look-ahead gets it, and the refined ones
+    are measured with it again after the fine-tune."""
+    reward_refine_top: int = setting(2, low=1)
+    """``multi_fidelity``: new candidates of each batched look-ahead that are refined, the best by cheap reward
+    (>= 1)."""
     # ---- importance and pruning granularity
     calibration_size: int = setting(100, low=1)
     """training images per calibration batch of the importance criterion (>= 1)."""

@@ -141,8 +141,7 @@ class PruneEnv(gym.Env):
         self._state: Optional[_State] = None
         self._initial_state: Optional[_State] = None
         # counters live on the env, not on states: restoring a snapshot does not refund evaluations
-        self._episode_evaluations = 0
-        self.total_evaluations = 0
+        self._spent, self.total_evaluations = np.zeros(2, dtype=np.int64), 0  # episode: evaluations, SGD batches
 
     def _make_pruner(self, model: nn.Module) -> Pruner:
         cfg = self.config
@@ -193,9 +192,14 @@ class PruneEnv(gym.Env):
 
     @property
     def n_evaluations(self) -> int:
-        """Models evaluated in this episode (look-aheads plus steps that did not reuse one);
-        ``total_evaluations`` counts over the env's lifetime."""
-        return self._episode_evaluations
+        """Models evaluated in this episode (look-aheads plus steps that did not reuse one; a multi-fidelity
+        refinement is one more); ``total_evaluations`` counts over the env's lifetime."""
+        return int(self._spent[0])
+
+    @property
+    def n_train_batches(self) -> int:
+        """SGD batches the estimates of this episode trained (``short_kd``, refinements; recovery aside)."""
+        return int(self._spent[1])
 
     @property
     def original_accuracy(self) -> float:
@@ -213,8 +217,7 @@ class PruneEnv(gym.Env):
 
     def keep_for_action(self, action: Any) -> np.ndarray:
         """Kept channels per group that ``step(action)`` would produce from the current state (no evaluation)."""
-        state = self._require_active()
-        return self._step_keep(state, self._validate_action(action)).keep.copy()
+        return self._step_keep(self._require_active(), self._validate_action(action)).keep.copy()
 
     def reduction(self, keep: Any, metric: Optional[str] = None) -> float:
         """Cumulative reduction (analytic, no evaluation) if the current state kept ``keep`` channels per group.
@@ -255,23 +258,24 @@ class PruneEnv(gym.Env):
                                reduction=reduction, goal=goal, max_step_sparsity=self.max_step_sparsity,
                                granularity=pruner.granularity)
 
-    def _lookahead(self, state: _State, actions: Sequence[np.ndarray],
-                   batched: bool) -> List[Tuple[Candidate, bool, int]]:
-        """``(candidate, cached, n_evaluations)`` per validated action: cache hits are reused, the misses built
-        and scored together (``batched``: by ``config.parallel``'s backend, else here), evaluations counted and
-        the cache left exactly as a loop of single look-aheads leaves it."""
+    def _lookahead(self, state: _State, actions: Sequence[np.ndarray], batched: bool,
+                   max_evaluations: Optional[int] = None) -> List[Tuple[Candidate, bool, Tuple[int, int]]]:
+        """``(candidate, cached, (n_evaluations, n_train_batches))`` per validated action: cache hits are reused,
+        the misses built and scored together (``batched``: by ``config.parallel``'s backend, a multi-fidelity
+        estimator refining the best; else here), costs counted, the cache left as a loop of look-aheads leaves it."""
         def build(misses: List[int]) -> List[Candidate]:
             backend = self.evaluation_backend if batched else self._serial
             steps = (self._step_keep(state, actions[i]) for i in misses)
-            return self.scorer.candidates(backend, state.pruner, steps, state.teacher)
+            return self.scorer.candidates(backend, state.pruner, steps, state.teacher, refine=batched,
+                                          max_evaluations=max_evaluations)
 
         out = []
         for cand, cached in state.candidates.resolve([CandidateCache.key(a) for a in actions], self.lookahead_cache,
                                                      build):
             if not cached:
-                self._episode_evaluations += 1
-                self.total_evaluations += 1
-            out.append((cand, cached, self._episode_evaluations))
+                self._spent += (cand.evaluations, cand.train_batches)
+                self.total_evaluations += cand.evaluations
+            out.append((cand, cached, (self.n_evaluations, self.n_train_batches)))
         return out
 
     def _make_state(self, model: nn.Module, pruner: Pruner, channels: np.ndarray, cost: Cost, r: Reductions,
@@ -309,24 +313,24 @@ class PruneEnv(gym.Env):
         return state, time_importance
 
     def _info(self, accuracy: float, reward: float, cost: Cost, r: Reductions, keep: np.ndarray, step: int,
-              n_evaluations: int, time_prune: float = 0.0, time_importance: float = 0.0, time_eval: float = 0.0,
-              **extra: Any) -> Dict[str, Any]:
+              counts: Tuple[int, int], time_prune: float = 0.0, time_importance: float = 0.0,
+              time_eval: float = 0.0, **extra: Any) -> Dict[str, Any]:
         timing = self.config.record_timings  # off: infos repeat exactly (Gymnasium's checker compares them)
-        info = {"accuracy": float(accuracy), "reward": float(reward),
+        times = {"time_prune": time_prune, "time_importance": time_importance, "time_eval": time_eval}
+        return {"accuracy": float(accuracy), "reward": float(reward),
                 **self.meter.report(keep, cost, r, self.episode_metric), "step": int(step),
-                "n_evaluations": int(n_evaluations), "time_prune": float(time_prune) if timing else 0.0,
-                "time_importance": float(time_importance) if timing else 0.0,
-                "time_eval": float(time_eval) if timing else 0.0}
-        info.update(extra)
-        return info
+                "n_evaluations": int(counts[0]), "train_batches": int(counts[1]),
+                **{k: float(v) if timing else 0.0 for k, v in times.items()}, **extra}
 
-    def _step_info(self, state: _State, cand: Candidate, cached: bool, n_evaluations: int,
+    def _step_info(self, state: _State, cand: Candidate, cached: bool, counts: Tuple[int, int],
                    **extra: Any) -> Dict[str, Any]:
         step = cand.step
         if step.goal is not None:
             extra.update(budget_goal=step.goal, budget_missed=not step.reachable)
+        if self.scorer.refines:
+            extra.update(refined=cand.refined, accuracy_cheap=cand.cheap_accuracy)
         return self._info(cand.accuracy, cand.reward, cand.cost, cand.reductions, step.keep, state.step_index + 1,
-                          n_evaluations, 0.0 if cached else cand.time_prune, extra.pop("time_importance", 0.0),
+                          counts, 0.0 if cached else cand.time_prune, extra.pop("time_importance", 0.0),
                           0.0 if cached else cand.time_eval, step_budget=step.budget, cached=cached, **extra)
 
     def _observation(self, state: _State) -> np.ndarray:
@@ -365,9 +369,9 @@ class PruneEnv(gym.Env):
                 teacher_accuracy=self.original_accuracy if self.config.teacher_switch else None)
             t_imp += t_trace
         state = self._state = self._initial_state
-        self._episode_evaluations = 0
+        self._spent[:] = 0
         info = self._info(state.accuracy, self.scorer.reward(state.accuracy, state.reductions), state.cost,
-                          state.reductions, state.channels, 0, 0, time_importance=t_imp)
+                          state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
         return self._observation(state), info
 
     def evaluate_action(self, action: Any) -> Tuple[float, Dict[str, Any]]:
@@ -378,24 +382,23 @@ class PruneEnv(gym.Env):
         info = self._step_info(state, cand, cached, count, lookahead=True)
         return info["reward"], info
 
-    def evaluate_actions(self, actions: Sequence[Any]) -> Tuple[List[float], List[Dict[str, Any]]]:
+    def evaluate_actions(self, actions: Sequence[Any],
+                         max_evaluations: Optional[int] = None) -> Tuple[List[float], List[Dict[str, Any]]]:
         """``(rewards, infos)`` of :meth:`evaluate_action` for each action, the new candidates scored together by
-        ``config.parallel``'s backend; rewards, infos, counters and cache end exactly as after the loop (an
-        invalid action raises before anything is evaluated)."""
+        ``config.parallel``'s backend; all ends exactly as after the loop (an invalid action raises first), except
+        that a multi-fidelity estimator refines the best new ones, as many as ``max_evaluations`` allows."""
         state = self._require_active()
         acts = [self._validate_action(a) for a in actions]
         infos = [self._step_info(state, cand, cached, count, lookahead=True)
-                 for cand, cached, count in self._lookahead(state, acts, batched=True)]
+                 for cand, cached, count in self._lookahead(state, acts, True, max_evaluations)]
         return [info["reward"] for info in infos], infos
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
-        """Prune the current model with ``action`` (one value per group): ``(obs, reward, terminated, truncated,
-        info)``."""
+        """Prune the current model with ``action`` (one per group): ``(obs, reward, terminated, truncated, info)``."""
         return self._advance(action, recover=True)
 
     def lookahead_step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
-        """:meth:`step` as a look-ahead: never fine-tunes, so a deeper tree search (spec §2.5) costs evaluations
-        only; return with :meth:`restore`."""
+        """:meth:`step` that never fine-tunes: a deeper tree search (spec §2.5) costs evaluations only; see restore."""
         return self._advance(action, recover=False)
 
     def _advance(self, action: Any, recover: bool) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
@@ -403,11 +406,9 @@ class PruneEnv(gym.Env):
         a = self._validate_action(action)
         [(cand, cached, count)] = self._lookahead(state, [a], batched=False)
         step_index = state.step_index + 1
-        if self.budget is not None:
-            final = step_index >= self.n_steps
-        else:
-            progress = self.meter.value(self.target_metric, cand.step.keep, cand.reductions)
-            final = progress >= self.target - self.target_tolerance
+        final = (step_index >= self.n_steps if self.budget is not None else
+                 self.meter.value(self.target_metric, cand.step.keep, cand.reductions)
+                 >= self.target - self.target_tolerance)
         recovering = (recover and not final and self.config.recovers
                       and step_index % self.config.recovery_period == 0)
         # the candidate leaves the cache: it becomes the new state's model (recovery or train-mode importance

@@ -1,7 +1,8 @@
 """Reward estimators: how the accuracy term of the pruning reward is estimated for one pruned candidate, and their
 registry (:data:`REWARD_ESTIMATORS`): each entry carries its function, its options and what it reads.
 
-Every estimator is a pure function ``fn(model, teacher, reward_data, train_data, **options) -> float``.
+Every estimator is a pure function ``fn(model, teacher, reward_data, train_data, **options) -> float`` (larger is
+better); a multi-fidelity entry's function is the refinement the env applies to a batch's best candidates only.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning_env.runtime import model_device
-from pruning_env.training import EvalData, evaluate, iter_batches, make_sgd, model_logits, train_epoch
+from pruning_env.training import EvalData, evaluate, iter_batches, kd_loss, make_sgd, model_logits, train_epoch
 
 #: ``fn(model, teacher, reward_data, train_data) -> accuracy estimate`` (options bound by :func:`make_estimator`)
 RewardEstimator = Callable[[nn.Module, nn.Module, EvalData, Optional[EvalData]], float]
@@ -101,13 +102,42 @@ def adaptive_bn(model: nn.Module, teacher: Optional[nn.Module], reward_data: Eva
     return evaluate(net, reward_data, batch_size=batch_size)["top1"]
 
 
+def kd_finetune(model: nn.Module, teacher: nn.Module, train_data: EvalData, *, n_batches: int = 10,
+                lr: float = 0.01, T: float = 2.0, soft_weight: float = 0.75, train_batch_size: int = 64) -> nn.Module:
+    """A copy of ``model`` after ``n_batches`` SGD steps of knowledge distillation from ``teacher``: the one short
+    KD fine-tune of the estimators (:func:`short_kd`, the refinement of :func:`kd_refined`).
+
+    The batches are the first ones of ``train_data`` in order (cycled if it runs out), so the copy is deterministic
+    for a given ``train_data``; the loss is :func:`pruning_env.training.kd_loss`. The copy is returned in eval mode.
+
+    :param model: the pruned candidate (left unchanged).
+    :param teacher: the unpruned source model (left unchanged, its train/eval flag restored).
+    :param train_data: training images ``(x, y)`` (never validation or test images).
+    :param n_batches: SGD steps.
+    :param lr: SGD learning rate (momentum 0.9, weight decay 5e-4), constant.
+    :param T: distillation temperature.
+    :param soft_weight: weight of the distillation term.
+    :param train_batch_size: batch size of the steps.
+    """
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    if teacher is None:
+        raise ValueError("a KD fine-tune needs the teacher (the unpruned source model)")
+    net = copy.deepcopy(model)
+    batches = list(itertools.islice(_train_batches(train_data, train_batch_size, "KD fine-tune"), n_batches))
+    teacher_was_training = teacher.training
+    try:
+        train_epoch(net, itertools.islice(itertools.cycle(batches), n_batches), make_sgd(net, lr),
+                    device=model_device(net), teacher=teacher, T=T, soft_weight=soft_weight)
+    finally:
+        teacher.train(teacher_was_training)
+    return net.eval()
+
+
 def short_kd(model: nn.Module, teacher: nn.Module, reward_data: EvalData, train_data: EvalData, *,
              n_batches: int = 10, lr: float = 0.01, T: float = 2.0, soft_weight: float = 0.75,
              train_batch_size: int = 64, batch_size: int = 256) -> float:
-    """Top-1 on the reward images after ``n_batches`` SGD steps of knowledge distillation on a copy.
-
-    The training batches are taken in order from ``train_data`` (cycled if it runs out), so the estimate is
-    deterministic for a given ``train_data``; the loss is :func:`pruning_env.training.kd_loss`.
+    """Top-1 on the reward images after :func:`kd_finetune` (``n_batches`` SGD steps of distillation) on a copy.
 
     :param model: the pruned candidate (left unchanged).
     :param teacher: the unpruned source model (left unchanged).
@@ -120,18 +150,8 @@ def short_kd(model: nn.Module, teacher: nn.Module, reward_data: EvalData, train_
     :param train_batch_size: batch size of the recovery steps.
     :param batch_size: evaluation batch size.
     """
-    if n_batches < 1:
-        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
-    if teacher is None:
-        raise ValueError("short_kd needs the teacher (the unpruned source model)")
-    net = copy.deepcopy(model)
-    batches = list(itertools.islice(_train_batches(train_data, train_batch_size, "short_kd"), n_batches))
-    teacher_was_training = teacher.training
-    try:
-        train_epoch(net, itertools.islice(itertools.cycle(batches), n_batches), make_sgd(net, lr),
-                    device=model_device(net), teacher=teacher, T=T, soft_weight=soft_weight)
-    finally:
-        teacher.train(teacher_was_training)
+    net = kd_finetune(model, teacher, train_data, n_batches=n_batches, lr=lr, T=T, soft_weight=soft_weight,
+                      train_batch_size=train_batch_size)
     return evaluate(net, reward_data, batch_size=batch_size)["top1"]
 
 
@@ -187,6 +207,67 @@ def teacher_agreement(model: nn.Module, teacher: nn.Module, reward_data: EvalDat
     return -kl.item()
 
 
+def bn_kd_loss(model: nn.Module, teacher: nn.Module, reward_data: EvalData, train_data: EvalData, *,
+               n_images: int = 256, bn_batch_size: int = 64, T: float = 2.0, soft_weight: float = 0.75,
+               teacher_logits: Optional[torch.Tensor] = None, batch_size: int = 256) -> float:
+    """The negated distillation loss of the fine-tune on the reward images after :func:`recalibrate_bn` on a copy:
+    ``-(w * T^2 * KL(p_teacher || p_model) + (1 - w) * CE)`` at temperature ``T``, averaged over the images
+    (:func:`pruning_env.training.kd_loss`). Larger is better (0 would be a perfect copy of confident, correct
+    teacher predictions); unlike a top-1 it moves with every image's probabilities, not only with its argmax.
+
+    :param model: the pruned candidate (left unchanged).
+    :param teacher: the unpruned source model (left unchanged).
+    :param reward_data: validation images with labels (evaluated in eval mode only).
+    :param train_data: training images for the BN statistics.
+    :param n_images: training images used for the statistics.
+    :param bn_batch_size: batch size of the statistics passes.
+    :param T: distillation temperature.
+    :param soft_weight: weight ``w`` of the distillation term (1: pure KL to the teacher; 0: cross-entropy).
+    :param teacher_logits: the teacher's logits on ``reward_data`` in order, when already computed.
+    :param batch_size: evaluation batch size.
+    """
+    net = recalibrate_bn(model, train_data, n_images=n_images, batch_size=bn_batch_size)
+    if teacher_logits is None:
+        if teacher is None:
+            raise ValueError("bn_kd_loss needs the teacher or its precomputed teacher_logits")
+        teacher_logits = logits_on(teacher, reward_data, batch_size)
+    logits = logits_on(net, reward_data, batch_size)
+    labels = torch.cat([y for _, y in iter_batches(reward_data, batch_size)]).to(logits.device)
+    teacher_logits = teacher_logits.to(logits.device).float()
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"teacher_logits has shape {tuple(teacher_logits.shape)}, the model gives "
+                         f"{tuple(logits.shape)} on reward_data")
+    # one call over every image: kd_loss's batch means are then the means over the whole reward set
+    return -kd_loss(logits, teacher_logits, labels, T=T, soft_weight=soft_weight).item()
+
+
+def kd_refined(model: nn.Module, teacher: nn.Module, reward_data: EvalData, train_data: EvalData, *,
+               base: Union[str, RewardEstimator] = "adaptive_bn", n_batches: int = 10, lr: float = 0.01,
+               T: float = 2.0, soft_weight: float = 0.75, train_batch_size: int = 64) -> float:
+    """The refined score of the ``multi_fidelity`` estimator: the cheap estimator ``base`` measured on a copy after
+    :func:`kd_finetune` (``n_batches`` KD steps on training images). The env refines only a batch's best
+    candidates with it (``CandidateScorer.candidates``) and keeps the better of this and the cheap score.
+
+    :param model: the pruned candidate (left unchanged).
+    :param teacher: the unpruned source model (left unchanged).
+    :param reward_data: validation images (evaluated in eval mode only).
+    :param train_data: training images for the fine-tune (and the base's BN statistics).
+    :param base: the cheap estimator: a name in :data:`REWARD_ESTIMATORS` (its default options) or a bound
+        estimator ``fn(model, teacher, reward_data, train_data) -> float``.
+    :param n_batches: KD steps of the fine-tune.
+    :param lr: its SGD learning rate.
+    :param T: its distillation temperature.
+    :param soft_weight: its weight of the distillation term.
+    :param train_batch_size: its batch size.
+    """
+    if isinstance(base, str) and base in REWARD_ESTIMATORS and REWARD_ESTIMATORS[base].refine_top is not None:
+        raise ValueError(f"base must score one candidate on its own, one of {CHEAP_ESTIMATORS}; got {base!r}")
+    fn = make_estimator(base) if isinstance(base, str) else base
+    net = kd_finetune(model, teacher, train_data, n_batches=n_batches, lr=lr, T=T, soft_weight=soft_weight,
+                      train_batch_size=train_batch_size)
+    return float(fn(net, teacher, reward_data, train_data))
+
+
 @dataclass(frozen=True)
 class EstimatorSpec:
     """One entry of :data:`REWARD_ESTIMATORS`: an estimator function and what it needs. A new estimator is a
@@ -201,6 +282,11 @@ class EstimatorSpec:
         scorer computes once per teacher.
     :ivar plain_top1: the estimate is the plain top-1 on the reward images, which the scorer computes itself (AMP /
         channels-last on CUDA; a backend may queue it without waiting).
+    :ivar train_batches: the option of ``fn`` that is its number of SGD batches per call (each is counted in the
+        env's ``train_batches``), or None when it trains nothing.
+    :ivar refine_top: marks a multi-fidelity entry: the setting of how many of a batched look-ahead's best new
+        candidates are refined. Every candidate first gets the cheap estimate named by ``fn``'s ``base`` option;
+        ``fn`` is then the refinement of the best ones (``CandidateScorer.candidates``).
     """
 
     fn: Callable[..., float]
@@ -210,6 +296,19 @@ class EstimatorSpec:
     train_images: bool = False
     teacher_logits: bool = False
     plain_top1: bool = False
+    train_batches: Optional[str] = None
+    refine_top: Optional[str] = None
+
+    def batches_per_call(self, options: Mapping[str, Any]) -> int:
+        """SGD batches one call of ``fn`` with ``options`` trains (its :attr:`train_batches` option, else 0).
+
+        :param options: the keyword options it is called with (a missing one takes ``fn``'s default).
+        """
+        if self.train_batches is None:
+            return 0
+        if self.train_batches in options:
+            return int(options[self.train_batches])
+        return int(inspect.signature(self.fn).parameters[self.train_batches].default)
 
     def options_from(self, settings: Any) -> Dict[str, Any]:
         """The keyword options of ``fn`` read from an env config.
@@ -223,18 +322,32 @@ class EstimatorSpec:
 REWARD_ESTIMATORS: Dict[str, EstimatorSpec] = {
     "vanilla": EstimatorSpec(vanilla, {"batch_size": "eval_batch_size"},
                              "the authors': top-1 right after pruning", plain_top1=True),
-    "adaptive_bn": EstimatorSpec(adaptive_bn, {"batch_size": "eval_batch_size", "n_images": "reward_train_images"},
+    "adaptive_bn": EstimatorSpec(adaptive_bn, {"batch_size": "eval_batch_size", "n_images": "reward_train_images",
+                                               "bn_batch_size": "reward_bn_batch_size"},
                                  "EagleEye: top-1 after re-estimating BatchNorm statistics on training images",
                                  train_images=True),
     "short_kd": EstimatorSpec(short_kd, {"batch_size": "eval_batch_size", "n_batches": "reward_kd_batches",
-                                         "T": "kd_T", "soft_weight": "kd_soft_weight"},
+                                         "lr": "reward_kd_lr", "T": "kd_T", "soft_weight": "kd_soft_weight"},
                               "top-1 after reward_kd_batches SGD steps of distillation from the teacher",
-                              teacher=True, train_images=True),
+                              teacher=True, train_images=True, train_batches="n_batches"),
     "teacher_agreement": EstimatorSpec(teacher_agreement, {"batch_size": "eval_batch_size",
                                                            "metric": "reward_agreement"},
                                        "agreement with the teacher's predictions (top-1 or -KL), no labels",
                                        teacher=True, teacher_logits=True),
+    "bn_kd_loss": EstimatorSpec(bn_kd_loss, {"batch_size": "eval_batch_size", "n_images": "reward_train_images",
+                                             "bn_batch_size": "reward_bn_batch_size", "T": "kd_T",
+                                             "soft_weight": "kd_soft_weight"},
+                                "minus the fine-tune's KD loss (KL + CE) after re-estimating BatchNorm statistics",
+                                teacher=True, train_images=True, teacher_logits=True),
+    "multi_fidelity": EstimatorSpec(kd_refined, {"base": "reward_refine_base", "n_batches": "reward_kd_batches",
+                                                 "lr": "reward_kd_lr", "T": "kd_T", "soft_weight": "kd_soft_weight"},
+                                    "successive halving: reward_refine_base for every candidate of a batch, "
+                                    "re-measured after a short KD fine-tune for its reward_refine_top best",
+                                    teacher=True, train_images=True, train_batches="n_batches",
+                                    refine_top="reward_refine_top"),
 }
+#: the estimators that score one candidate on their own: the cheap estimates a multi-fidelity entry can build on
+CHEAP_ESTIMATORS = tuple(name for name, spec in REWARD_ESTIMATORS.items() if spec.refine_top is None)
 
 
 def make_estimator(name: str, **options: Union[int, float, str]) -> RewardEstimator:
@@ -253,5 +366,6 @@ def make_estimator(name: str, **options: Union[int, float, str]) -> RewardEstima
     return functools.partial(fn, **options) if options else fn
 
 
-__all__ = ["RewardEstimator", "REWARD_ESTIMATORS", "EstimatorSpec", "AGREEMENT_METRICS", "make_estimator",
-           "recalibrate_bn", "logits_on", "vanilla", "adaptive_bn", "short_kd", "teacher_agreement"]
+__all__ = ["RewardEstimator", "REWARD_ESTIMATORS", "CHEAP_ESTIMATORS", "EstimatorSpec", "AGREEMENT_METRICS",
+           "make_estimator", "recalibrate_bn", "kd_finetune", "logits_on", "vanilla", "adaptive_bn", "short_kd",
+           "teacher_agreement", "bn_kd_loss", "kd_refined"]

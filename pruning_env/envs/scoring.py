@@ -2,7 +2,8 @@
 candidate from its plan, estimates its accuracy and turns it into the reward; :class:`CandidateCache` keeps a state's.
 
 The scorer owns the reward images, the reward estimator (with its training images and per-estimate seed), the
-teacher logits it caches, the reward's top-1 and the reward formula. The serial backend calls it in this process and
+teacher logits it caches, the reward's top-1, the reward formula and, for a multi-fidelity estimator, the
+refinement of a batch's best candidates. The serial backend calls it in this process and
 every Ray actor holds a copy of it (``envs/parallel.py``), so both score a candidate with the same code, as SB3's
 ``DummyVecEnv`` and ``SubprocVecEnv`` step the same env.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 from pruning_env.costs import Cost, Reductions, reductions
 from pruning_env.envs.budget import StepKeep
-from pruning_env.envs.reward import REWARD_ESTIMATORS, logits_on, make_estimator
+from pruning_env.envs.reward import CHEAP_ESTIMATORS, REWARD_ESTIMATORS, EstimatorSpec, logits_on, make_estimator
 from pruning_env.pruning import Pruner, PrunePlan
 from pruning_env.runtime import TorchRNG, model_device, sync
 from pruning_env.training import iter_batches, model_logits
@@ -63,6 +64,10 @@ class Candidate:
     :param reward: the reward.
     :param time_prune: seconds of budget search, planning and surgery.
     :param time_eval: seconds of the estimate.
+    :param cheap_accuracy: the cheap estimate (equal to ``accuracy`` unless refined).
+    :param refined: a multi-fidelity refinement gave ``accuracy``.
+    :param evaluations: models evaluated for it: 1, or 2 when refined (the search's cost unit).
+    :param train_batches: SGD batches its estimates trained (``short_kd``'s, a refinement's fine-tune).
     """
 
     model: Optional[nn.Module]
@@ -74,6 +79,10 @@ class Candidate:
     reward: float
     time_prune: float
     time_eval: float
+    cheap_accuracy: float
+    refined: bool = False
+    evaluations: int = 1
+    train_batches: int = 0
 
 
 def build_model(pruner: Pruner, plan: PrunePlan, channels_last: bool = False) -> nn.Module:
@@ -99,6 +108,10 @@ class CandidateScorer:
     once per teacher for estimators that read them. ``vanilla`` (an entry with ``plain_top1``) is the scorer's own
     top-1 (AMP / channels-last on CUDA), which a backend may queue without waiting (:meth:`top1_hits`).
 
+    A multi-fidelity estimator (an entry with ``refine_top``, e.g. ``multi_fidelity``) scores every candidate with
+    its cheap ``base`` estimator (:meth:`accuracy`, :meth:`score`); :meth:`candidates` then refines the
+    ``refine_top`` best of a batch (:meth:`refine`).
+
     :param estimator: a name in :data:`~pruning_env.envs.reward.REWARD_ESTIMATORS`.
     :param options: its keyword options.
     :param reward_images: the reward's validation images ``(x, y)``, on the scoring device.
@@ -110,15 +123,37 @@ class CandidateScorer:
     :param amp: float16 autocast of the top-1 on CUDA.
     :param channels_last: build and evaluate candidates channels-last.
     :param seed: the per-estimate seed.
+    :param base_options: a multi-fidelity estimator's: the keyword options of its cheap ``base`` estimator.
+    :param refine_top: a multi-fidelity estimator's: candidates of a batch refined (>= 1).
     """
 
     def __init__(self, estimator: str, options: Dict[str, Any], reward_images: Batch, train_images: Optional[Batch],
                  original: Cost, alpha: float, beta: float, batch_size: int, amp: bool = False,
-                 channels_last: bool = False, seed: int = 0) -> None:
+                 channels_last: bool = False, seed: int = 0, base_options: Optional[Dict[str, Any]] = None,
+                 refine_top: int = 2) -> None:
         self.estimator = estimator
-        self.spec = REWARD_ESTIMATORS[estimator]
         self.options = dict(options)
-        self._fn = make_estimator(estimator, **self.options)
+        make_estimator(estimator, **self.options)  # an unknown name or option is refused here
+        self.refine_spec: Optional[EstimatorSpec] = None
+        self.refine_top = 0
+        cheap, cheap_options = estimator, self.options
+        if REWARD_ESTIMATORS[estimator].refine_top is not None:
+            if int(refine_top) < 1:
+                raise ValueError(f"refine_top must be an integer >= 1, got {refine_top!r}")
+            self.refine_spec, self.refine_top = REWARD_ESTIMATORS[estimator], int(refine_top)
+            cheap = self.options.pop("base", "adaptive_bn")
+            if cheap not in CHEAP_ESTIMATORS:
+                raise ValueError(f"{estimator}'s base must score one candidate on its own, one of "
+                                 f"{CHEAP_ESTIMATORS}; got {cheap!r}")
+            cheap_options = dict(base_options or {})
+            self._refine_fn = make_estimator(estimator, **self.options)
+        self.cheap = cheap
+        self.spec = REWARD_ESTIMATORS[cheap]
+        self._fn = make_estimator(cheap, **cheap_options)
+        #: SGD batches of one cheap estimate, and of one refinement (its fine-tune, then the cheap estimate again)
+        self.cheap_batches = self.spec.batches_per_call(cheap_options)
+        self.refine_batches = (self.refine_spec.batches_per_call(self.options) + self.cheap_batches
+                               if self.refine_spec is not None else 0)
         self.x, self.y = reward_images
         self.train_images = train_images
         self.original = original
@@ -140,9 +175,13 @@ class CandidateScorer:
         """
         cuda = torch.device(device).type == "cuda"
         spec = REWARD_ESTIMATORS[cfg.reward_estimator]
+        refine = {}
+        if spec.refine_top is not None:  # multi-fidelity: the base's own options, and how many are refined
+            refine = dict(base_options=REWARD_ESTIMATORS[cfg.reward_refine_base].options_from(cfg),
+                          refine_top=getattr(cfg, spec.refine_top))
         return cls(cfg.reward_estimator, spec.options_from(cfg), task.reward_data, task.estimator_data, original,
                    cfg.alpha, cfg.beta, cfg.eval_batch_size, amp=cuda and cfg.amp,
-                   channels_last=cuda and cfg.channels_last, seed=int(cfg.seed or 0))
+                   channels_last=cuda and cfg.channels_last, seed=int(cfg.seed or 0), **refine)
 
     # ---------------------------------------------------------------- where it runs
     @property
@@ -153,7 +192,12 @@ class CandidateScorer:
     @property
     def needs_teacher(self) -> bool:
         """Whether the estimate depends on the teacher (a Ray actor then receives each state's)."""
-        return self.spec.teacher
+        return self.spec.teacher or self.refine_spec is not None
+
+    @property
+    def refines(self) -> bool:
+        """Whether the estimator is multi-fidelity: :meth:`candidates` refines a batch's best candidates."""
+        return self.refine_spec is not None
 
     @property
     def queues_top1(self) -> bool:
@@ -201,21 +245,31 @@ class CandidateScorer:
         return hits
 
     def accuracy(self, model: nn.Module, teacher: Optional[nn.Module]) -> float:
-        """The reward's accuracy term of ``model`` (left unchanged, its train/eval flag restored).
+        """The reward's accuracy term of ``model`` (left unchanged, its train/eval flag restored); a multi-fidelity
+        estimator's cheap one.
 
         :param model: a built candidate, or any model of the task (the original, a recovered one).
         :param teacher: the KD / agreement teacher of the state.
         """
         if self.queues_top1:
-            was_training = model.training
-            model.eval()
-            try:
-                return int(self.top1_hits(model)) / self.n_images
-            finally:
-                model.train(was_training)
-        extra = {"teacher_logits": self._logits_of(teacher)} if self.spec.teacher_logits else {}
+            return self._top1(model)
         with TorchRNG(self.seed, model_device(model)):
-            return float(self._fn(model, teacher, (self.x, self.y), self.train_images, **extra))
+            return self._estimate(model, teacher)
+
+    def _top1(self, model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return int(self.top1_hits(model)) / self.n_images
+        finally:
+            model.train(was_training)
+
+    def _estimate(self, model: nn.Module, teacher: Optional[nn.Module]) -> float:
+        """The cheap estimate, on the caller's RNG stream."""
+        if self.queues_top1:
+            return self._top1(model)
+        extra = {"teacher_logits": self._logits_of(teacher)} if self.spec.teacher_logits else {}
+        return float(self._fn(model, teacher, (self.x, self.y), self.train_images, **extra))
 
     def _logits_of(self, teacher: Optional[nn.Module]) -> Optional[torch.Tensor]:
         if teacher is None:
@@ -238,6 +292,26 @@ class CandidateScorer:
         accuracy = self.accuracy(model, teacher)
         return Scored(model, accuracy, t1 - t0, time.perf_counter() - t1)
 
+    def refine(self, pruner: Pruner, plan: PrunePlan, teacher: Optional[nn.Module]) -> Scored:
+        """Build the candidate of ``plan`` and give its refined score (timed; multi-fidelity estimators): the cheap
+        estimate of a copy after the estimator's short KD fine-tune on training images. What a backend runs per
+        refined candidate (``method="refine"``); the candidate itself is left unchanged.
+
+        :param pruner: the state's pruner (importance computed).
+        :param plan: a plan of that pruner.
+        :param teacher: the state's teacher (the fine-tune's).
+        """
+        if self.refine_spec is None:
+            raise RuntimeError(f"the {self.estimator!r} estimator does not refine candidates (no refine_top entry)")
+        t0 = time.perf_counter()
+        model = self.build(pruner, plan)
+        sync(self.device)
+        t1 = time.perf_counter()
+        with TorchRNG(self.seed, model_device(model)):
+            accuracy = float(self._refine_fn(model, teacher, (self.x, self.y), self.train_images,
+                                             base=lambda net, *_: self._estimate(net, teacher)))
+        return Scored(None, accuracy, t1 - t0, time.perf_counter() - t1)
+
     def reductions(self, cost: Cost) -> Reductions:
         """Fractions of the original cost that ``cost`` removes."""
         return reductions(cost, self.original)
@@ -247,16 +321,25 @@ class CandidateScorer:
         return float(accuracy) + self.alpha * r.flops + self.beta * r.params
 
     def candidates(self, backend: "CandidateBackend", pruner: Pruner, steps: Iterable[StepKeep],
-                   teacher: Optional[nn.Module]) -> List[Candidate]:
+                   teacher: Optional[nn.Module], refine: bool = False,
+                   max_evaluations: Optional[int] = None) -> List[Candidate]:
         """Plan each step's kept channels here (analytic cost) and let ``backend`` build and score them: the one
-        path from kept channels to rewarded candidates (an estimator that refines its best candidates, e.g. with a
-        short fine-tune, would do it here, through the same backend).
+        path from kept channels to rewarded candidates.
+
+        With a multi-fidelity estimator and ``refine``, the ``refine_top`` candidates with the best cheap rewards
+        (ties: the earlier) are then refined through the same backend (:meth:`refine`): a refined candidate's
+        accuracy is the better of its cheap and its refined score (a fine-tune that keeps its best snapshot, the
+        start included), so no unrefined candidate of the batch rewards more than the best refined one; the others
+        keep their cheap rewards. A refined candidate counts two evaluations and its fine-tune's batches.
 
         :param backend: where candidates are scored (``envs/parallel.py``).
         :param pruner: the state's pruner.
         :param steps: budget-mapped actions, consumed lazily: a backend with workers scores the first candidates
             while the next are planned (their budget search included).
         :param teacher: the state's teacher.
+        :param refine: refine the batch's best (a batched look-ahead; a single candidate keeps its cheap score).
+        :param max_evaluations: evaluations the batch may use, refinements included: fewer candidates are refined
+            when the cheap ones leave less room (None: no limit).
         """
         planned: List[Tuple[StepKeep, PrunePlan, Cost, float]] = []
 
@@ -276,7 +359,18 @@ class CandidateScorer:
         for (step, plan, cost, t_plan), s in zip(planned, scored):
             r = self.reductions(cost)
             out.append(Candidate(s.model, plan, step, cost, r, s.accuracy, self.reward(s.accuracy, r),
-                                 t_plan + s.time_prune, s.time_eval))
+                                 t_plan + s.time_prune, s.time_eval, s.accuracy, train_batches=self.cheap_batches))
+        n = min(self.refine_top if refine else 0, len(out))
+        if max_evaluations is not None:
+            n = max(0, min(n, int(max_evaluations) - len(out)))
+        best = sorted(range(len(out)), key=lambda i: -out[i].reward)[:n]  # a stable sort: ties go to the earlier
+        refined = backend.evaluate(pruner, [out[i].plan for i in best], teacher, method="refine") if best else []
+        for i, s in zip(best, refined):
+            c = out[i]
+            accuracy = max(c.accuracy, s.accuracy)  # a diverged fine-tune (NaN) keeps the cheap score too
+            out[i] = replace(c, accuracy=accuracy, reward=self.reward(accuracy, c.reductions), refined=True,
+                             evaluations=2, train_batches=c.train_batches + self.refine_batches,
+                             time_prune=c.time_prune + s.time_prune, time_eval=c.time_eval + s.time_eval)
         return out
 
 
