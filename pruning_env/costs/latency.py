@@ -343,6 +343,10 @@ def _same_skeleton(a: Any, b: Any) -> bool:
     return a == b
 
 
+#: Functions whose output has their first argument's shape and layout (recorded without running them on meta).
+_SHAPE_PRESERVING = {torch.nn.functional.batch_norm}
+
+
 class _OpRecorder(TorchFunctionMode):
     """Records every torch function call of a forward pass (nested calls run with the mode disabled)."""
 
@@ -363,25 +367,38 @@ class _OpRecorder(TorchFunctionMode):
             self.ops.append(_Op(func, skeleton, flat.ints, flat.tensors, n_first))
         except TypeError as e:
             self.failure = self.failure or f"{_func_name(func)}: {e}"
+        if func in _SHAPE_PRESERVING and args and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            return torch.empty_like(args[0])  # meta batch_norm runs a slow Python decomposition for a known shape
         return func(*args, **kwargs)
 
 
-def _record(model: nn.Module, input_shape: Sequence[int], memory_format: torch.memory_format) -> List[_Op]:
-    """The ops of one eval-mode forward pass of a copy of ``model`` on the meta device (shapes only, no compute)."""
-    meta = copy.deepcopy(model).to("meta").eval()
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (no tensor data is copied)."""
+    memo: Dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _record(meta_model: nn.Module, input_shape: Sequence[int], memory_format: torch.memory_format) -> List[_Op]:
+    """The ops of one eval-mode forward pass of ``meta_model`` (on the meta device: shapes only, no compute) on an
+    input of ``input_shape``."""
+    model = meta_model.eval()
     if memory_format == torch.channels_last:
-        meta = meta.to(memory_format=torch.channels_last)
-    param_ids = {id(p) for p in meta.parameters()} | {id(b) for b in meta.buffers()}
+        model = model.to(memory_format=torch.channels_last)
+    param_ids = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
     x = torch.empty(*input_shape, device="meta")
     if memory_format == torch.channels_last and x.dim() == 4:
         x = x.to(memory_format=torch.channels_last)
     recorder = _OpRecorder(param_ids)
     try:
         with torch.inference_mode(), recorder:
-            meta(x)
+            model(x)
     except Exception as e:  # data-dependent ops (.item(), nonzero) cannot run on meta tensors
-        raise _unsupported(f"the latency model replays the forward pass on shapes only (meta tensors) and "
-                           f"{type(model).__name__}'s forward failed there: {e}") from e
+        raise _unsupported(f"the latency model records the forward pass on shapes only (meta tensors) and "
+                           f"{type(meta_model).__name__}'s forward failed there: {e}") from e
     if recorder.failure:
         raise _unsupported(f"the latency model cannot replay the op {recorder.failure}")
     return recorder.ops
@@ -417,28 +434,34 @@ class _OpModel:
 def _fit_ops(pruner: "Pruner", input_shape: Sequence[int], memory_format: torch.memory_format, seed: int = 0
              ) -> List[_OpModel]:
     """Record the ops of the model and of pruned copies (each group narrowed in turn) and read off how every int of
-    every op depends on the group widths; a random pruned copy checks the fit exactly."""
+    every op (tensor sizes, int arguments) depends on the group widths; a random pruned copy checks the fit
+    exactly. Everything runs on the meta device (shapes only)."""
     from pruning_env.pruning.pruner import PrunePlan
 
     full = pruner.num_channels.astype(np.int64)
     gran = pruner.granularity.astype(np.int64)
     n = len(full)
 
-    def build(counts: np.ndarray) -> nn.Module:
-        plan = PrunePlan.from_indices([range(int(c)) for c in counts])
-        return pruner.apply(plan)
+    # the pruned copies are built from a meta copy of the model: shapes only, no weight is sliced or copied
+    meta = _meta_copy(pruner.model)
+    meta_pruner = type(pruner)(meta, pruner.example_input, ignore=pruner.ignore, min_channels=pruner.min_channels,
+                               prune_normalized=pruner.prune_normalized, graph=pruner.graph.derive(meta, full),
+                               costs=pruner.costs)
 
-    base = _record(pruner.model, input_shape, memory_format)
+    def build(counts: np.ndarray) -> nn.Module:
+        return meta_pruner.apply(PrunePlan.from_indices([range(int(c)) for c in counts]))
+
+    base = _record(meta, input_shape, memory_format)
     base_ints = [np.asarray(op.ints, dtype=np.float64) for op in base]
     coefs = [np.zeros((len(op.ints), n)) for op in base]
 
-    def record_pruned(counts: np.ndarray, what: str) -> List[_Op]:
+    def record_like_base(counts: np.ndarray, what: str) -> List[_Op]:
         ops = _record(build(counts), input_shape, memory_format)
         if len(ops) != len(base) or any(
                 o.func is not b.func or len(o.ints) != len(b.ints) or o.first_arg_slots != b.first_arg_slots
                 or [(t.first, t.ndim, t.kind, t.param) for t in o.tensors]
                 != [(t.first, t.ndim, t.kind, t.param) for t in b.tensors]
-                or o.first_arg_slots != b.first_arg_slots or not _same_skeleton(o.skeleton, b.skeleton)
+                or not _same_skeleton(o.skeleton, b.skeleton)
                 for o, b in zip(ops, base)):
             raise _unsupported(f"the forward pass of {type(pruner.model).__name__} runs different ops once {what} is "
                                f"narrowed; the latency model needs the same ops at every width")
@@ -450,16 +473,15 @@ def _fit_ops(pruner: "Pruner", input_shape: Sequence[int], memory_format: torch.
         counts = full.copy()
         blocks = full[g] // gran[g]
         counts[g] = (blocks - max(1, blocks // 2)) * gran[g]
-        for i, op in enumerate(record_pruned(counts, f"group {pruner.groups[g].name!r}")):
+        for i, op in enumerate(record_like_base(counts, f"group {pruner.groups[g].name!r}")):
             coefs[i][:, g] = (np.asarray(op.ints, dtype=np.float64) - base_ints[i]) / float(counts[g] - full[g])
     # check: a random narrowing of every group at once must give exactly the predicted ints
     rng = np.random.default_rng(seed)
     check = np.maximum(gran, (np.floor(rng.uniform(0.2, 1.0, n) * full / gran)).astype(np.int64) * gran)
     models = []
-    for i, op in enumerate(record_pruned(check, "every group")):
+    for i, op in enumerate(record_like_base(check, "every group")):
         const = base_ints[i] - coefs[i] @ full
-        predicted = const + coefs[i] @ check
-        if np.any(np.abs(predicted - np.asarray(op.ints)) > 1e-6):
+        if np.any(np.abs(const + coefs[i] @ check - np.asarray(op.ints)) > 1e-6):
             raise _unsupported(f"op #{i} ({op.name}) has a size that is not an affine function of the group widths; "
                                f"the latency model cannot interpolate it")
         models.append(_OpModel(base[i], const, coefs[i], _axes(base[i], coefs[i])))
