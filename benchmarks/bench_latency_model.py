@@ -8,7 +8,9 @@ predictor's rho. Units are resumable: a finished (model, setting) is kept unless
     nice -n 10 python benchmarks/bench_latency_model.py            # 3 models x CPU 1 thread x batch 1, 64
     python benchmarks/bench_latency_model.py --threads 1 2 --tag threads
     python benchmarks/bench_latency_model.py --device cuda --batch 1 64 --tag cuda
-Writes benchmarks/results/bench_latency_model{_TAG}.md|json|png.
+    nice -n 10 python benchmarks/bench_latency_model.py --build-only --models vgg19:1 resnet56:1 ...   # build times
+Writes benchmarks/results/bench_latency_model{_TAG}.md|json|png (``--build-only``: bench_latency_build{_TAG}.md|json,
+the seconds a table takes to build, each measured fresh into a temporary cache).
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="latency table cache folder (default: the user cache)")
     p.add_argument("--rebuild", action="store_true", help="measure the tables even when cached")
     p.add_argument("--force", action="store_true", help="redo finished units")
+    p.add_argument("--build-only", action="store_true",
+                   help="only time building each table (fresh, into a temporary cache) and write bench_latency_build")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -202,6 +206,52 @@ def plot(units: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def build_times(args: argparse.Namespace, settings: List[LatencySetting], meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Seconds to build each (model, setting) table from scratch (resumable per unit)."""
+    import tempfile
+
+    out = Path(args.out)
+    suffix = f"_{args.tag}" if args.tag else ""
+    json_path = out / f"bench_latency_build{suffix}.json"
+    done = {u["unit"]: u for u in (json.loads(json_path.read_text())["units"] if json_path.exists() else [])}
+    for spec in args.models:
+        for setting in settings:
+            key = unit_key(spec, setting)
+            if key in done and not args.force:
+                continue
+            name, _, width = spec.partition(":")
+            torch.manual_seed(args.seed)
+            pruner = Pruner(create_model(name, num_classes=10, width=float(width or 1.0)).eval(),
+                            torch.randn(1, 3, 32, 32))
+            load = list(os.getloadavg())
+            with tempfile.TemporaryDirectory() as tmp:
+                started = time.perf_counter()
+                model = LatencyModel.build(pruner, setting, cache=tmp, rounds=args.table_rounds, clock=args.clock,
+                                           seed=args.seed)
+                total = time.perf_counter() - started
+            done[key] = {"unit": key, "model": spec, "setting": setting.tag, "seconds": round(total, 1),
+                         "n_groups": int(pruner.n_groups), "n_ops": len(model.tables),
+                         "macs": int(pruner.plan_cost(keep=pruner.num_channels).macs),
+                         "predicted_ms": model.original * 1e3, "load_average": [load[0], os.getloadavg()[0]]}
+            atomic_write_text(json.dumps({"meta": meta, "units": list(done.values())}, indent=1), json_path)
+    units = list(done.values())
+    lines = ["# Latency table build times", "", f"Command: `{meta['command']}`.  ", f"Date: {meta['date']}.  ",
+             f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpu_count']} cores), torch "
+             f"{meta['machine']['torch']}; load average at start {meta['load_average_start']}.", "",
+             f"`LatencyModel.build` from scratch with the defaults (11-point grid, {args.table_rounds} rounds, 5 "
+             "calibration models): record and fit the ops, the table passes, the calibration.", "",
+             "| model | setting | groups | ops | MMACs / image | predicted latency | build | load before / after |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for u in units:
+        lines.append(f"| {u['model']} | {u['setting']} | {u['n_groups']} | {u['n_ops']} | {u['macs'] / 1e6:.1f} | "
+                     f"{u['predicted_ms']:.2f} ms | {u['seconds']:.0f} s | {u['load_average'][0]:.1f} / "
+                     f"{u['load_average'][1]:.1f} |")
+    md = "\n".join(lines) + "\n"
+    atomic_write_text(md, out / f"bench_latency_build{suffix}.md")
+    print(md)
+    return units
+
+
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     args = build_parser().parse_args(argv)
     settings = [LatencySetting(device=args.device, threads=t, batch_size=b, dtype=args.dtype,
@@ -219,6 +269,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     meta = {"command": command.strip(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(max(args.threads)), "load_average_start": [round(x, 2) for x in os.getloadavg()],
             "per_budget": args.per_budget, "notes": previous.get("meta", {}).get("notes", [])}
+    if args.build_only:
+        return build_times(args, settings, meta)
     units: List[Dict[str, Any]] = []
     todo = [(spec, s) for spec in args.models for s in settings]
     for spec, setting in tqdm(todo, desc="units", dynamic_ncols=True):

@@ -98,6 +98,35 @@ def test_every_op_of_the_forward_pass_is_modelled(built):
     assert len(model.tables[-1].axes) == 1
 
 
+class _ConcatNet(nn.Module):
+    """Two branches concatenated and read by one conv: that conv's input axis holds two groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(10, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+def test_an_op_reading_several_groups_gets_a_multi_group_axis():
+    torch.manual_seed(0)
+    pruner = Pruner(_ConcatNet().eval(), torch.randn(1, 3, 8, 8))
+    model = LatencyModel.build(pruner, LatencySetting(), cache=False, **FAST)
+    conv_c = [t for t in model.tables if "conv2d" in t.name][2]
+    assert sorted(conv_c.axes[0]) == [0, 1] and list(conv_c.axes[1]) == [2]
+    i = model.tables.index(conv_c)
+    full = pruner.num_channels
+    assert model.op_latencies(full)[i] == pytest.approx(conv_c.table[-1, -1])
+    narrow = np.ones_like(full)
+    assert model.op_latencies(narrow)[i] == pytest.approx(conv_c.table[0, 0])
+    assert np.all(np.isfinite(model.predict(np.stack([full, narrow]))))
+
+
 class _ItemNet(nn.Module):
     def __init__(self):
         super().__init__()

@@ -458,7 +458,7 @@ def _fit_ops(pruner: "Pruner", input_shape: Sequence[int], memory_format: torch.
     def record_like_base(counts: np.ndarray, what: str) -> List[_Op]:
         ops = _record(build(counts), input_shape, memory_format)
         if len(ops) != len(base) or any(
-                o.func is not b.func or len(o.ints) != len(b.ints) or o.first_arg_slots != b.first_arg_slots
+                o.func != b.func or len(o.ints) != len(b.ints) or o.first_arg_slots != b.first_arg_slots
                 or [(t.first, t.ndim, t.kind, t.param) for t in o.tensors]
                 != [(t.first, t.ndim, t.kind, t.param) for t in b.tensors]
                 or not _same_skeleton(o.skeleton, b.skeleton)
@@ -952,8 +952,12 @@ class LatencyModel:
         from pruning_env.pruning.pruner import PrunePlan
 
         counts = _calibration_counts(full, gran, calibration, calibration_random, seed)
-        timers = _ModelTimers([pruner.apply(PrunePlan.from_indices([range(int(c)) for c in k])) for k in counts],
-                              input_size, setting, clock, 0.02, seed)
+        built = [pruner.apply(PrunePlan.from_indices([range(int(c)) for c in k])) for k in counts]
+        try:
+            timers = _ModelTimers(built, input_size, setting, clock, 0.02, seed)
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            raise ValueError(f"latency setting {setting.tag} cannot be measured: {e}") from e
+        del built
         per_round = int(math.ceil(int(calibration_rounds) / int(rounds)))
         samples: List[np.ndarray] = []
         try:
