@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo finished units")
     p.add_argument("--build-only", action="store_true",
                    help="only time building each table (fresh, into a temporary cache) and write bench_latency_build")
+    p.add_argument("--note", action="append", default=[], help="a line for the Notes section (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -111,10 +112,16 @@ def run_unit(spec: str, setting: LatencySetting, args: argparse.Namespace) -> Di
         budgets += [b] * args.per_budget
     keeps.append(pruner.num_channels.copy())  # the original model too
     budgets.append(1.0)
-    built = [pruner.apply(PrunePlan.from_indices([range(int(c)) for c in k])) for k in keeps]
-    measured = measure_latency(built, (3, 32, 32), setting, rounds=args.rounds, clock=args.clock, seed=args.seed + 1,
-                               desc=f"{spec} {setting.tag}")
+    # the table's calibration models are timed again beside them: their ratio to the build-time timings shows how
+    # much the machine drifted between building the table and this measurement
+    calib = latency.meta.get("calibration", [])
+    extra = [np.asarray(c["keep"]) for c in calib]
+    built = [pruner.apply(PrunePlan.from_indices([range(int(c)) for c in k])) for k in keeps + extra]
+    timed = measure_latency(built, (3, 32, 32), setting, rounds=args.rounds, clock=args.clock, seed=args.seed + 1,
+                            desc=f"{spec} {setting.tag}")
     del built
+    measured, again = timed[:len(keeps)], timed[len(keeps):]
+    drift = [float(a / c["measured_s"]) for a, c in zip(again, calib)]
     predicted = np.asarray(latency.predict(np.stack(keeps)))
     macs = np.array([pruner.plan_cost(keep=k).macs for k in keeps], dtype=np.float64)
     return {"model": spec, "setting": setting.tag, "setting_fields": {
@@ -124,7 +131,7 @@ def run_unit(spec: str, setting: LatencySetting, args: argparse.Namespace) -> Di
             "n_ops": len(latency.tables), "table_from_cache": bool(latency.from_cache),
             "table_build_s": float(latency.meta.get("build_seconds", float("nan"))),
             "table_built": latency.meta.get("created"), "table_call_s": round(build_wall, 2),
-            "scale": latency.scale, "offset_ms": latency.offset * 1e3,
+            "scale": latency.scale, "offset_ms": latency.offset * 1e3, "calibration_drift": drift,
             "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
             "budgets": budgets, "keeps": [k.tolist() for k in keeps], "macs": macs.tolist(),
             "measured_ms": (measured * 1e3).tolist(), "predicted_ms": (predicted * 1e3).tolist(),
@@ -136,20 +143,26 @@ def metrics(unit: Dict[str, Any]) -> Dict[str, float]:
     meas, pred, macs = (np.asarray(unit[k]) for k in ("measured_ms", "predicted_ms", "macs"))
     budgets = np.asarray(unit["budgets"])
     err = np.abs(pred - meas) / meas * 100
+    drift = float(np.median(unit["calibration_drift"])) if unit.get("calibration_drift") else float("nan")
+    corrected = np.abs(pred * drift - meas) / meas * 100
     spread = [float(meas[budgets == b].max() / meas[budgets == b].min()) for b in np.unique(budgets) if b < 1.0]
     within = [spearmanr(pred[budgets == b], meas[budgets == b])[0] for b in np.unique(budgets) if b < 1.0]
     return {"n": int(len(meas)), "median_err_pct": float(np.median(err)), "worst_err_pct": float(err.max()),
+            "median_err_drift_corrected_pct": float(np.median(corrected)),
+            "worst_err_drift_corrected_pct": float(np.max(corrected)),
             "mean_signed_err_pct": float(np.mean((pred - meas) / meas * 100)),
             "rho": float(spearmanr(pred, meas)[0]), "rho_macs": float(spearmanr(macs, meas)[0]),
             "rho_within_budget": float(np.nanmean(within)) if within else float("nan"),
             "spread_within_budget": float(np.mean(spread)) if spread else float("nan"),
-            "speedup_range": [float(meas[-1] / meas[:-1].max()), float(meas[-1] / meas[:-1].min())]}
+            "speedup_range": [float(meas[-1] / meas[:-1].max()), float(meas[-1] / meas[:-1].min())],
+            "calibration_drift": drift}
 
 
 def to_markdown(units: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines = ["# Latency model vs measured latency", "",
              f"Command: `{meta['command']}`.  ", f"Date: {meta['date']}.  ",
-             f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpu_count']} cores), torch {meta['machine']['torch']}"
+             f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpu_count']} cores), "
+             f"torch {meta['machine']['torch']}"
              f"{', CUDA ' + meta['machine']['cuda'] if meta['machine'].get('cuda') else ''}; load average at start "
              f"{meta['load_average_start']}.", "",
              "Per (model, setting): random per-group kept ratios scaled to keep 30 %, 50 % and 70 % of the MACs "
@@ -157,10 +170,15 @@ def to_markdown(units: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
              "`measure_latency` (interleaved rounds, median); predicted = `LatencyModel.predict(keep)` (no model "
              "built). rho: Spearman rank correlation with the measured latency over all models; within budget: mean "
              "rho among models of one MACs budget, where a MACs predictor cannot rank at all (equal MACs); spread: "
-             "mean slowest/fastest measured ratio at one MACs budget.", "",
+             "mean slowest/fastest measured ratio at one MACs budget; drift: median ratio of the table's calibration "
+             "models timed again here to their timings while the table was built (1.00: the machine ran as fast as "
+             "then; a bias of the predictions of about 1/drift - 1 is the machine, not the model); drift-corrected: "
+             "the errors of predictions multiplied by the drift (on a quiet machine the drift is 1 and both agree). "
+             "speed-up: original / pruned, measured, fastest and slowest of the random models.", "",
              "| model | setting | clock | n | median abs err | worst | mean signed | rho (latency model) | "
-             "rho (MACs) | rho within budget | spread within budget | table build | load before/after |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "rho (MACs) | rho within budget | spread within budget | speed-up range | drift | drift-corrected "
+             "median / worst | table build | load before/after |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     verdicts = []
     for u in units:
         m = metrics(u)
@@ -168,11 +186,15 @@ def to_markdown(units: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         lines.append(f"| {u['model']} | {u['setting']} | {u['clock']} | {m['n']} | {m['median_err_pct']:.1f} % | "
                      f"{m['worst_err_pct']:.1f} % | {m['mean_signed_err_pct']:+.1f} % | {m['rho']:.3f} | "
                      f"{m['rho_macs']:.3f} | {m['rho_within_budget']:.2f} | {m['spread_within_budget']:.2f}x | "
-                     f"{build} | {u['load_average_before'][0]:.1f} / {u['load_average_after'][0]:.1f} |")
+                     f"{m['speedup_range'][0]:.2f}-{m['speedup_range'][1]:.2f}x | {m['calibration_drift']:.2f} | "
+                     f"{m['median_err_drift_corrected_pct']:.1f} % / {m['worst_err_drift_corrected_pct']:.1f} % | "
+                     f"{build} | {u['load_average_before'][0]:.1f} / "
+                     f"{u['load_average_after'][0]:.1f} |")
         ok = m["median_err_pct"] <= 10 and m["rho"] >= 0.9
         verdicts.append(f"- {u['model']} {u['setting']}: {'meets' if ok else 'misses'} the aim (median error "
-                        f"{m['median_err_pct']:.1f} % vs <= 10 %, rho {m['rho']:.3f} vs >= 0.9); MACs alone rank "
-                        f"with rho {m['rho_macs']:.3f}.")
+                        f"{m['median_err_pct']:.1f} % vs <= 10 %, rho {m['rho']:.3f} vs >= 0.9; drift-corrected "
+                        f"median error {m['median_err_drift_corrected_pct']:.1f} %); MACs alone rank with rho "
+                        f"{m['rho_macs']:.3f}.")
     lines += ["", "## Verdict", "", *verdicts, ""]
     if meta.get("notes"):
         lines += ["## Notes", "", *meta["notes"], ""]
@@ -268,19 +290,23 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(max(args.threads)), "load_average_start": [round(x, 2) for x in os.getloadavg()],
-            "per_budget": args.per_budget, "notes": previous.get("meta", {}).get("notes", [])}
+            "per_budget": args.per_budget, "notes": args.note or previous.get("meta", {}).get("notes", [])}
     if args.build_only:
         return build_times(args, settings, meta)
     units: List[Dict[str, Any]] = []
     todo = [(spec, s) for spec in args.models for s in settings]
+    ran = False
     for spec, setting in tqdm(todo, desc="units", dynamic_ncols=True):
         key = unit_key(spec, setting)
         if key in done and not args.force:
             units.append(done[key])
             continue
         units.append(run_unit(spec, setting, args))
+        ran = True
         done[key] = units[-1]
         atomic_write_text(json.dumps({"meta": meta, "units": list(done.values())}, indent=1), json_path)
+    if not ran and "meta" in previous:  # nothing measured: re-render, keeping the command and date of the run
+        meta = {**previous["meta"], "notes": args.note or previous["meta"].get("notes", [])}
     all_units = list(done.values())
     atomic_write_text(json.dumps({"meta": meta, "units": all_units}, indent=1), json_path)
     md = to_markdown(all_units, meta)

@@ -1015,7 +1015,8 @@ class LatencyModel:
         :param path: destination file.
         """
         data = {"format": _FORMAT, "setting": asdict(self.setting), "full_widths": self.full_widths.tolist(),
-                "scale": self.scale, "offset": self.offset, "meta": self.meta, "ops": [t.to_json() for t in self.tables]}
+                "scale": self.scale, "offset": self.offset, "meta": self.meta,
+                "ops": [t.to_json() for t in self.tables]}
         return atomic_write_text(json.dumps(data, indent=1), path)
 
     @classmethod
