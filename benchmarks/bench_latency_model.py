@@ -235,7 +235,9 @@ def build_times(args: argparse.Namespace, settings: List[LatencySetting], meta: 
     out = Path(args.out)
     suffix = f"_{args.tag}" if args.tag else ""
     json_path = out / f"bench_latency_build{suffix}.json"
-    done = {u["unit"]: u for u in (json.loads(json_path.read_text())["units"] if json_path.exists() else [])}
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {"units": []}
+    done = {u["unit"]: u for u in previous["units"]}
+    ran = False
     for spec in args.models:
         for setting in settings:
             key = unit_key(spec, setting)
@@ -255,12 +257,15 @@ def build_times(args: argparse.Namespace, settings: List[LatencySetting], meta: 
                          "n_groups": int(pruner.n_groups), "n_ops": len(model.tables),
                          "macs": int(pruner.plan_cost(keep=pruner.num_channels).macs),
                          "predicted_ms": model.original * 1e3, "load_average": [load[0], os.getloadavg()[0]]}
+            ran = True
             atomic_write_text(json.dumps({"meta": meta, "units": list(done.values())}, indent=1), json_path)
+    if not ran and "meta" in previous:  # nothing measured: re-render, keeping the command and date of the run
+        meta = previous["meta"]
     units = list(done.values())
     lines = ["# Latency table build times", "", f"Command: `{meta['command']}`.  ", f"Date: {meta['date']}.  ",
              f"Machine: {meta['machine']['cpu']} ({meta['machine']['cpu_count']} cores), torch "
              f"{meta['machine']['torch']}; load average at start {meta['load_average_start']}.", "",
-             f"`LatencyModel.build` from scratch with the defaults (11-point grid, {args.table_rounds} rounds, 5 "
+             f"`LatencyModel.build` from scratch with the defaults (11-point grid, {args.table_rounds} rounds, 6 "
              "calibration models): record and fit the ops, the table passes, the calibration.", "",
              "| model | setting | groups | ops | MMACs / image | predicted latency | build | load before / after |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
