@@ -138,16 +138,28 @@ class RandomSearch(BasePruningAgent):
         # reuses the built model instead of evaluating it again (the budget stays n_candidates)
         size = max(1, cache - 1)
         best_reward, best_action = -np.inf, None
-        todo = self.n_candidates
-        while todo > 0:
-            actions = [self._random_action() for _ in range(min(size, todo))]
-            todo -= len(actions)
-            rewards, _ = self.env.evaluate_actions(actions)
+        # the step spends ``n_candidates`` evaluations, a multi-fidelity estimator's refinements included (the
+        # env refines fewer candidates to fit ``max_evaluations``), and never more than the monitor has left
+        start = self.env.n_evaluations
+        refine = int(getattr(getattr(self.penv, "scorer", None), "refine_top", 0) or 0)
+        while True:
+            todo = self.n_candidates - (self.env.n_evaluations - start)
+            left = self.env.evaluations_left
+            if left is not None:
+                todo = min(todo, left)
+            if todo <= 0:
+                break
+            # leave room for the batch's refinements (2 evaluations each) when the step can afford them
+            room = todo - 2 * refine if todo - 2 * refine >= 1 else todo
+            actions = [self._random_action() for _ in range(min(size, room))]
+            rewards, _ = self.env.evaluate_actions(actions, max_evaluations=todo)
             for action, reward in zip(actions, rewards):
                 if reward > best_reward:
                     best_reward, best_action = reward, action
             if cache >= 2:
                 self.env.evaluate_action(best_action)  # a free look-up: the best becomes the most recent
+        if best_action is None:  # no evaluation left for this step: a random action, stepped unscored
+            best_action = self._random_action()
         self._best_action = best_action
         return best_action, {"best_candidate_reward": float(best_reward)}
 

@@ -151,3 +151,26 @@ def test_the_monitor_counts_batches_and_refines_within_the_budget(splits):
     del state["train_batches_done"]  # a record saved before the counter existed still loads
     monitor.record.load_state_dict(state)
     assert monitor.record.train_batches_done == 0
+
+
+@pytest.mark.parametrize("agent_name", ["random_search", "rl_pruner_improved"])
+def test_search_agents_stay_within_their_budget_when_refinements_cost_evaluations(splits, agent_name):
+    """A refined candidate costs two evaluations more: the agents pass what they may spend to the batched
+    look-ahead, so the env refines fewer to fit and the search ends within (and close to) its budget instead of
+    running into EvaluationBudgetExhausted."""
+    from agents.heuristics import RandomSearch
+    from agents.rl_pruner import RLPrunerAgent
+
+    budget = 14
+    env = PruneMonitor(_env(splits, action_mode="distribution" if agent_name != "random_search" else "sparsity"),
+                       max_evaluations=budget)
+    if agent_name == "random_search":
+        agent = RandomSearch(env, n_candidates=budget // 2, seed=0)
+    else:
+        agent = RLPrunerAgent(env, sample_num=4, lr_epoch=3, greedy_epsilon=0.0, seed=0,
+                              collapse_reference="reset_candidate")
+    agent.learn()
+    assert agent.episodes == 1
+    assert agent.n_evaluations <= budget
+    assert env.unwrapped.n_train_batches > 0, "some candidates should have been refined"
+    assert agent.n_evaluations >= budget - 3  # it spends the budget: at most one refinement's cost (2) + 1 unused

@@ -202,7 +202,9 @@ class RLPrunerAgent(BasePruningAgent):
                 while n < self.sample_num and self._budget_allows(self._reserve + n):
                     n += 1
                 actions = [self._sample(eligible) for _ in range(n)]
-                rewards, infos = self.env.evaluate_actions(actions)
+                # a multi-fidelity estimator's refinements come out of the same evaluations: the batch may use
+                # what the budget has left beyond the later steps' and the guard's reserve, no more
+                rewards, infos = self.env.evaluate_actions(actions, max_evaluations=self._spendable(n))
                 scored = list(zip(actions, rewards, infos))
             else:
                 scored = []
@@ -241,6 +243,15 @@ class RLPrunerAgent(BasePruningAgent):
         cost = sum(self.sample_num ** d for d in range(self.sample_step))
         later = max(0, int(self.penv.n_steps) - int(self.penv.step_index) - 1)
         return left - later >= cost * (1 + reserve)
+
+    def _spendable(self, n: int) -> Optional[int]:
+        """Evaluations a batch of ``n`` one-step look-aheads may use (refinements included): what the budget has
+        left, less one per later pruning step and the guard's reserve; ``None`` without a budget."""
+        left = self.env.evaluations_left
+        if left is None:
+            return None
+        later = max(0, int(self.penv.n_steps) - int(self.penv.step_index) - 1)
+        return max(int(n), left - later - self._reserve)
 
     def _ensure_cache(self) -> None:
         """Make the env keep at least ``2 * sample_num`` look-ahead candidates (an epoch's batch plus the
