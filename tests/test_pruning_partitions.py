@@ -148,3 +148,26 @@ def test_constant_split_sizes_and_slice_prefix_are_kept():
     assert "primary.0" not in ghost.group_names and "stem.0" in ghost.group_names
     sliced = Pruner(ChannelSliceNet(), torch.randn(1, 3, 16, 16))
     assert sliced.num_channels.tolist() == [4, 8]  # conv1's tail after the slice [:, :4], conv2
+
+
+def test_a_channel_tensor_giving_only_its_dtype_is_no_dependency():
+    """YOLO's anchors: ``torch.arange(w).type_as(feats)`` and ``feats.new_zeros`` carry no channels."""
+
+    class Anchors(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = ConvBN(3, 8, 3), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            f = self.conv(x)
+            grid = torch.arange(f.shape[-1]).type_as(f) + f.new_zeros(f.shape[-1])
+            return self.head(f) + grid
+
+    model = _randomise(Anchors())
+    pruner = Pruner(model, torch.randn(1, 3, 8, 8))
+    assert pruner.group_names == ["conv.0"]
+    pruner.compute_importance(criterion="l1")
+    x = torch.randn(2, 3, 8, 8)
+    plan = pruner.plan(sparsity=0.5)
+    with torch.no_grad():
+        assert torch.allclose(check_built(model, pruner, x, plan)(x), zeroed_copy(model, pruner, plan)(x), atol=1e-5)

@@ -181,6 +181,8 @@ _ADD_OPS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__
 _MUL_OPS = {"mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__",
             "__itruediv__", "__rtruediv__", "true_divide", "divide"}
 _CAT_OPS = {"cat", "concat", "concatenate"}
+# Ops creating a fresh tensor that takes only dtype / device from their channel-carrying argument.
+_NEW_OPS = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 _RESHAPE_OPS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
 # Ops that move the channel dim (channel-last blocks: ConvNeXt, Swin, ViT tokens).
 _PERMUTE_OPS = {"permute", "transpose", "transpose_", "swapaxes", "swapdims"}
@@ -406,6 +408,8 @@ class _Tracer:
             return
         if name.startswith("_") and not name.startswith("__"):
             name = name[1:]  # boolean-dispatch helpers such as _max_pool2d
+        if name == "type_as" and self.layout(args[0]) is None or name in _NEW_OPS:
+            return  # the channel tensor only gives a dtype / device (e.g. YOLO's anchors: arange(w).type_as(feats))
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not outs:
             if name == "__setitem__" and not all(self.is_fixed(lay) for _, lay in sourced):
