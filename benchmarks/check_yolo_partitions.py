@@ -1,13 +1,14 @@
 """Check (prints only, not a benchmark): a random-init Ultralytics YOLOv8n DetectionModel (from its yaml, no weights)
 prunes at 50 % uniform channel sparsity: MACs kept, counter == plan cost, pruned == zeroed on the head outputs.
-Needs `pip install ultralytics` (optional). Run: PYTHONPATH=$PWD python benchmarks/check_yolo_partitions.py
+Needs `pip install ultralytics` (optional). Run: PYTHONPATH=$PWD python benchmarks/check_yolo_partitions.py [yolov8n.yaml|yolo11n.yaml]
 """
+import sys
 import torch, torch.nn as nn
 from ultralytics.nn.tasks import DetectionModel
 from pruning_env.pruning import Pruner, zeroed_copy
 from pruning_env.costs import count_costs
 torch.manual_seed(0)
-m = DetectionModel('yolov8n.yaml', verbose=False).eval()
+m = DetectionModel(sys.argv[1] if len(sys.argv) > 1 else 'yolov8n.yaml', verbose=False).eval()
 for mod in m.modules():  # non-trivial BN statistics, so slicing errors show
     if isinstance(mod, nn.BatchNorm2d):
         mod.running_mean.uniform_(-0.5, 0.5); mod.running_var.uniform_(0.5, 2.0)
