@@ -78,6 +78,22 @@ class CSP(nn.Module):
         return self.head(self.fuse(torch.cat([a, b], 1)).mean((2, 3)))
 
 
+class ChunkAfterAdd(nn.Module):
+    """A chunk of a residual sum (its sources already tied) and an int ``Tensor.split``: both kept whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = ConvBN(3, 8, 3), ConvBN(3, 8, 1), ConvBN(3, 6, 1)
+        self.d, self.e = ConvBN(4, 5, 3), ConvBN(3, 5, 3)
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x):
+        p, q = (self.a(x) + self.b(x)).chunk(2, 1)
+        r, s = self.c(x).split(3, 1)
+        y = torch.cat([self.d(p * q), self.e(r + s)], 1)
+        return self.head(y.mean((2, 3)))
+
+
 def _randomise(model):
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -102,7 +118,8 @@ def _check_built(model, pruner, x, plan):
     return new
 
 
-MODELS = {"c2f": C2f, "split": EqualSplit, "ghost": Ghost, "csp": CSP, "slice": ChannelSliceNet}
+MODELS = {"c2f": C2f, "split": EqualSplit, "ghost": Ghost, "csp": CSP, "slice": ChannelSliceNet,
+          "chunk_after_add": ChunkAfterAdd}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -146,6 +163,8 @@ def test_constant_split_sizes_and_slice_prefix_are_kept():
     assert "cv1.0" not in split.group_names and {"a.0", "b.0"} <= set(split.group_names)
     ghost = Pruner(_randomise(Ghost()), torch.randn(1, 3, 16, 16))
     assert "primary.0" not in ghost.group_names and "stem.0" in ghost.group_names
+    tied = Pruner(_randomise(ChunkAfterAdd()), torch.randn(1, 3, 16, 16))
+    assert tied.group_names == ["d.0", "e.0"]
     sliced = Pruner(ChannelSliceNet(), torch.randn(1, 3, 16, 16))
     assert sliced.num_channels.tolist() == [4, 8]  # conv1's tail after the slice [:, :4], conv2
 
