@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from pruning_env.costs.counting import attention_macs, layer_macs
 from pruning_env.pruning.attention import AttentionHandler, attention_handler
+from pruning_env.pruning import partitions
 
 __all__ = [
     "Segment",
@@ -180,6 +181,8 @@ _ADD_OPS = {"add", "add_", "__add__", "__iadd__", "__radd__", "sub", "sub_", "__
 _MUL_OPS = {"mul", "mul_", "__mul__", "__imul__", "__rmul__", "div", "div_", "__truediv__",
             "__itruediv__", "__rtruediv__", "true_divide", "divide"}
 _CAT_OPS = {"cat", "concat", "concatenate"}
+# Ops creating a fresh tensor that takes only dtype / device from their channel-carrying argument.
+_NEW_OPS = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor"}
 _RESHAPE_OPS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
 # Ops that move the channel dim (channel-last blocks: ConvNeXt, Swin, ViT tokens).
 _PERMUTE_OPS = {"permute", "transpose", "transpose_", "swapaxes", "swapdims"}
@@ -329,6 +332,7 @@ class _Tracer:
         self.pending: List[Tuple[Optional[Layout], int]] = []
         self.modes: List[str] = []  # per module call on the stack: "attention", "opaque", "leaf" or ""
         self.frames: List[_AttentionFrame] = []  # attention calls being traced
+        self.parts: Dict[int, List[Tuple[int, int]]] = {}  # partitioned source -> its (part source, channels)
 
     # ---- layouts -------------------------------------------------------------------------------------------
     def layout(self, t: Any) -> Optional[Layout]:
@@ -337,7 +341,7 @@ class _Tracer:
         entry = self.layouts.get(id(t))
         if entry is None or entry[0] is not t:
             return None
-        return entry[1]
+        return partitions.expand(self, entry[1]) if self.parts else entry[1]
 
     def cdim(self, t: torch.Tensor) -> int:
         """The dim that holds ``t``'s channels (1 unless a permute moved them, e.g. channel-last blocks)."""
@@ -404,6 +408,8 @@ class _Tracer:
             return
         if name.startswith("_") and not name.startswith("__"):
             name = name[1:]  # boolean-dispatch helpers such as _max_pool2d
+        if name == "type_as" and self.layout(args[0]) is None or name in _NEW_OPS:
+            return  # the channel tensor only gives a dtype / device (e.g. YOLO's anchors: arange(w).type_as(feats))
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         if not outs:
             if name == "__setitem__" and not all(self.is_fixed(lay) for _, lay in sourced):
@@ -421,6 +427,8 @@ class _Tracer:
         try:
             if any(self.cdim(t) < 0 for t, _ in sourced):
                 self.on_split(name, args, kwargs, sourced, outs)
+            elif name in partitions.PARTITION_OPS:
+                partitions.on_partition(self, name, args, kwargs, sourced, outs)
             elif name in _CAT_OPS:
                 self.on_cat(args, kwargs, out)
             elif name in _ADD_OPS or name in _MUL_OPS:
@@ -539,8 +547,8 @@ class _Tracer:
         c = self.cdim(src)
         for o in outs:
             if name == "__getitem__":
-                new = self.index_cdim(args[1] if len(args) > 1 else None, src, c, layout)
-                self.set_layout(o, layout, new)
+                new, sliced = self.index_cdim(args[1] if len(args) > 1 else None, src, c, layout)
+                self.set_layout(o, sliced, new)
             elif c == 1 and name in _RESHAPE_OPS and o.dim() == src.dim() + 1 and o.shape[0] == src.shape[0] \
                     and o.shape[1] * o.shape[2] == src.shape[1] and o.shape[3:] == src.shape[2:] and o.shape[1] > 1:
                 self.set_layout(o, layout, _SPLIT)  # (N, C, ...) -> (N, groups, C / groups, ...): a shuffle?
@@ -549,8 +557,9 @@ class _Tracer:
             else:
                 self.set_layout(o, layout, self.channel_last_cdim(name, args, kwargs, src, c, layout, o))
 
-    def index_cdim(self, index: Any, src: torch.Tensor, c: int, layout: Layout) -> int:
-        """Where the channels go under basic indexing; channel slicing or advanced indexing is refused."""
+    def index_cdim(self, index: Any, src: torch.Tensor, c: int, layout: Layout) -> Tuple[int, Layout]:
+        """Where the channels go under basic indexing, and their layout (a channel slice is a partition, see
+        :func:`partitions.channel_slice`); advanced indexing is refused."""
         items = list(index) if isinstance(index, tuple) else [index]
         if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) for it in items):
             raise self.unsupported("the op '__getitem__' with an index tensor or list", layout)
@@ -569,15 +578,17 @@ class _Tracer:
             if in_pos == c:
                 full = isinstance(it, slice) and it.step in (None, 1) and it.start in (None, 0) and (
                     it.stop is None or it.stop >= src.shape[c])
+                if isinstance(it, int):
+                    raise self.unsupported(f"the op '__getitem__' indexing the channel dimension ({it})", layout)
                 if not full:
-                    raise self.unsupported(f"the op '__getitem__' slicing the channel dimension ({it})", layout)
+                    layout = partitions.channel_slice(self, it, int(src.shape[c]), layout)
                 new = out_pos
             in_pos += 1
             if not isinstance(it, int):
                 out_pos += 1
         if new <= 0:
             raise self.unsupported("the op '__getitem__' indexing the batch dimension of a channel tensor", layout)
-        return new
+        return new, layout
 
     def channel_last_cdim(self, name: str, args, kwargs, src: torch.Tensor, c: int, layout: Layout,
                           o: torch.Tensor) -> int:
@@ -1093,6 +1104,9 @@ class DependencyGraph:
     @classmethod
     def _finalize(cls, model: nn.Module, tracer: _Tracer, input_size: Tuple[int, ...]) -> "DependencyGraph":
         uf = tracer.uf
+        for call in tracer.calls:  # layouts recorded before a partition cut their sources
+            call.in_layout = partitions.expand(tracer, call.in_layout)
+            call.out_layout = partitions.expand(tracer, call.out_layout)
         roots: Dict[int, List[int]] = {}
         for sid in range(len(uf.parent)):
             root = uf.find(sid)
@@ -1112,8 +1126,9 @@ class DependencyGraph:
                     f"different widths {sorted(channels)}")
             for s in sources:
                 group_of_source[s] = len(groups)
-            members = tuple(tracer.source_names[s] for s in sources if s not in param_ids)
-            kinds = uf.kinds[root]
+            # the parts of a partitioned layer's output are named after it (tied chunks: one member)
+            members = tuple(dict.fromkeys(tracer.source_names[s] for s in sources if s not in param_ids))
+            kinds = uf.kinds[root] - {"partition"}
             kind = "layer" if len(members) == 1 and not kinds else ("residual" if "residual" in kinds else "se")
             groups.append(Group(name="", members=members, num_channels=channels.pop(), kind=kind,
                                 granularity=uf.granularity[root]))
