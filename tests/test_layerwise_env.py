@@ -77,3 +77,13 @@ def test_checkers(splits):
 
     check_env(make(splits), skip_render_check=True)
     sb3_check_env(make(splits), warn=True)
+
+
+def test_registered_beside_every_prune_id():
+    import gymnasium as gym
+    import pruning_env  # noqa: F401  (registers the ids)
+    from pruning_env.envs.registration import prune_env_ids
+
+    for env_id in prune_env_ids():
+        lw = gym.registry[env_id.replace("RLPrune-", "RLPruneLW-", 1)]
+        assert lw.entry_point.endswith("LayerwisePruneEnv")
