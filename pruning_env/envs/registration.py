@@ -12,6 +12,7 @@ import gymnasium as gym
 
 PRUNE_ENTRY_POINT = "pruning_env.envs.prune_env:PruneEnv"
 PATCH_ENTRY_POINT = "pruning_env.envs.patch_env:PatchSelectEnv"
+LAYERWISE_ENTRY_POINT = "pruning_env.envs.layerwise_env:LayerwisePruneEnv"
 CIFAR_DATASETS = ("cifar10", "cifar100")
 
 #: digits has 1,437 training images: hold out 300 for validation (the reward) instead of CIFAR's 5,000
@@ -75,10 +76,14 @@ def register_envs() -> List[str]:
     for env_id, kwargs in ids.items():
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=PRUNE_ENTRY_POINT, kwargs=kwargs)
+        # AMC's layer-by-layer twin of every id (a one-step FLOPs-budget inner env; see docs/amc.md)
+        lw_id, lw_kwargs = env_id.replace("RLPrune-", "RLPruneLW-", 1), {**kwargs, "record_timings": False}
+        if lw_id not in gym.registry:
+            gym.register(id=lw_id, entry_point=LAYERWISE_ENTRY_POINT, kwargs=lw_kwargs)
     register_patch_envs()
     return list(ids)
 
 
 __all__ = ["register_envs", "register_patch_envs", "prune_env_ids", "prunable_models", "QUICKSTART_KWARGS",
            "DIGITS_KWARGS", "PATCH_QUICKSTART_KWARGS", "PATCH_ENV_IDS", "CIFAR_DATASETS", "PRUNE_ENTRY_POINT",
-           "PATCH_ENTRY_POINT"]
+           "PATCH_ENTRY_POINT", "LAYERWISE_ENTRY_POINT"]
