@@ -137,3 +137,65 @@ def knapsack_keep(pruner: Any, cost: CostFn, budget: float, importance: Optional
         current = float(costs[pick])
         steps.append(g)
     return KnapsackResult(keep=k, cost=current, budget=float(budget), met=bool(current <= budget), steps=steps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The agent: knapsack_keep on the env's state, cost and budget
+# --------------------------------------------------------------------------------------------------------------
+from agents.common.base import BasePruningAgent  # noqa: E402  (the allocation above needs no agent machinery)
+from agents.heuristics import _to_action  # noqa: E402
+
+
+class LatencyKnapsackPruner(BasePruningAgent):
+    """HALP-style greedy knapsack as an agent: each step keeps what :func:`knapsack_keep` chooses with the env's
+    importance scores and the env's own budget metric as the cost (predicted latency with ``budget="latency"``,
+    MACs with ``budget="flops"``, params, channels), so the same agent serves latency and MACs budgets.
+
+    The cost of kept counts is ``1 - env.reduction(keep)`` (the fraction of the original model left in the budget
+    metric, the env's one budget mapping) and the budget is ``1 - goal`` of the step; the action is the removed
+    fraction of each group, which the env's budget mapping then meets exactly.
+
+    :param env: a ``PruneEnv`` with a budget; its importance criterion (Taylor by default) is used.
+    :param normalize: ``"mean"`` (groups' scores on one scale, as global Taylor) or ``"none"``.
+    """
+
+    _init_keys = BasePruningAgent._init_keys + ("normalize",)
+
+    def __init__(self, env: Any = None, normalize: str = "mean", seed: Optional[int] = None, verbose: int = 0,
+                 tensorboard_log: Any = None) -> None:
+        if normalize not in ("mean", "none"):
+            raise ValueError(f"normalize must be 'mean' or 'none', got {normalize!r}")
+        self.normalize = normalize
+        super().__init__(env, seed=seed, verbose=verbose, tensorboard_log=tensorboard_log)
+
+    def _choose_action(self, obs: np.ndarray):
+        action, _ = self.predict(obs)
+        return action, {"knapsack_met": self._met}
+
+    _met = False
+
+    def predict(self, observation: Any = None, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True):
+        """The knapsack action for the env's current state."""
+        from pruning_env.envs.budget import cumulative_goal
+
+        env = self.penv
+        pruner = env.pruner
+        if pruner is None:
+            raise RuntimeError("the env's episode is over (no pruner for a final state); reset it before predict()")
+        if env.budget is None:
+            raise ValueError("the knapsack agent needs an env with a budget (budget='latency', 'flops', ...)")
+        goal = cumulative_goal(env.target, env.step_index + 1, env.n_steps)
+        metric = env.budget
+
+        def cost(keep: np.ndarray) -> np.ndarray:
+            rows = np.atleast_2d(np.asarray(keep, dtype=np.int64))
+            return np.array([1.0 - env.reduction(k, metric=metric) for k in rows])
+
+        result = knapsack_keep(pruner, cost, 1.0 - goal, normalize=self.normalize)
+        self._met = bool(result.met)
+        current = np.asarray(env.current_channels, dtype=np.float64)
+        return _to_action(env, 1.0 - result.keep / np.maximum(current, 1.0)), state
+
+
+__all__ += ["LatencyKnapsackPruner"]

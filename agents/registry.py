@@ -56,6 +56,9 @@ AGENTS: Dict[str, AgentSpec] = {
     "uniform": AgentSpec("agents.heuristics:UniformPruner", description="same sparsity for every group"),
     "global_taylor": AgentSpec("agents.heuristics:GlobalTaylorPruner",
                                description="globally least important channels (Torch-Pruning global pruning)"),
+    "latency_knapsack": AgentSpec("agents.knapsack:LatencyKnapsackPruner",
+                                  description="HALP-style greedy knapsack: least importance per unit of the budget "
+                                              "metric saved (latency or MACs)"),
     "random_search": AgentSpec("agents.heuristics:RandomSearch", budget_arg="n_candidates",
                                description="best of N random actions per step (look-ahead)"),
     "ppo": _sb3("ppo", "Stable-Baselines3 PPO"),

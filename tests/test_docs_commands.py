@@ -55,6 +55,7 @@ SMOKE_AGENT: Dict[str, Dict[str, object]] = {
     "rl_pruner_bounded": {"sample_num": 2, "lr_epoch": 1},
     "uniform": {},
     "global_taylor": {},
+    "latency_knapsack": {},
     "random_search": {"n_candidates": 2},
     "ppo": {**_ON_POLICY, "batch_size": 4, "n_epochs": 1},
     "a2c": dict(_ON_POLICY),

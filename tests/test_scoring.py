@@ -78,11 +78,12 @@ def test_the_candidate_cache_resolves_a_batch_as_a_loop_of_lookups():
 
 def test_the_reduction_meter_reads_every_metric_from_one_cost():
     original = Cost(macs=1000, params=200)
-    meter = ReductionMeter(original, np.array([8, 4]), np.array([1, 2]))
+    meter = ReductionMeter(original, np.array([8, 4]), np.array([1, 2]), latency=lambda k: float(np.sum(k)))
     keep, cost = np.array([4, 4]), Cost(macs=600, params=150)
     r = reductions(cost, original)
     assert meter.value("flops", keep, r) == pytest.approx(0.4) and meter.value("params", keep, r) == 0.25
     assert meter.value("channels", keep, None) == channel_sparsity(keep, [8, 4], [1, 2]) == pytest.approx(0.25)
+    assert meter.value("latency", keep, None) == pytest.approx(1 - 8 / 12)  # from the latency function, not the cost
     for metric in METRICS:
         assert meter.function(metric, lambda k: cost)(keep) == meter.value(metric, keep, r)
     info = meter.report(keep, cost, r, "flops")

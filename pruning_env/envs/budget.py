@@ -16,7 +16,7 @@ from pruning_env.costs import Cost, Reductions, reductions
 
 ArrayLike = Sequence[float] | np.ndarray
 #: what a budget or an episode target is measured in: a field of ``Reductions``, or the authors' channel sparsity
-METRICS = ("flops", "channels", "params")
+METRICS = ("flops", "channels", "params", "latency")
 #: what an action means (:func:`keep_for_action`): per-group sparsity, or the authors' pruning distribution
 ACTION_MODES = ("sparsity", "distribution")
 
@@ -241,6 +241,8 @@ class ReductionMeter:
     original: Cost
     original_channels: np.ndarray
     layer_counts: np.ndarray
+    #: predicted seconds per forward pass of a kept vector (``LatencyModel.predict``); None without a latency model
+    latency: Optional[Callable[[np.ndarray], float]] = None
 
     def reductions(self, cost: Cost) -> Reductions:
         """The fractions of the original cost that ``cost`` removes."""
@@ -255,7 +257,15 @@ class ReductionMeter:
         """
         if metric == "channels":
             return channel_sparsity(keep, self.original_channels, self.layer_counts)
+        if metric == "latency":
+            return self.latency_reduction(keep)
         return float(getattr(r, metric))
+
+    def latency_reduction(self, keep: np.ndarray) -> float:
+        """``1 - latency(keep) / latency(original)``, predicted by the latency model."""
+        if self.latency is None:
+            raise ValueError("the latency metric needs a latency model (target_metric/budget 'latency' or gamma != 0)")
+        return 1.0 - float(self.latency(np.asarray(keep, dtype=np.int64))) / float(self.latency(self.original_channels))
 
     def function(self, metric: str, cost_of: Callable[[np.ndarray], Cost]) -> Callable[[np.ndarray], float]:
         """``keep -> reduction in metric``, the function :func:`keep_for_action` meets a budget with.
@@ -263,7 +273,7 @@ class ReductionMeter:
         :param metric: one of :data:`METRICS`.
         :param cost_of: the cost of a kept vector, e.g. ``lambda keep: pruner.plan_cost(keep=keep)`` (analytic).
         """
-        if metric == "channels":  # no cost needed: skip the analytic plan cost
+        if metric in ("channels", "latency"):  # no cost needed: skip the analytic plan cost
             return lambda keep: self.value(metric, keep, None)
         return lambda keep: self.value(metric, keep, self.reductions(cost_of(keep)))
 
@@ -277,7 +287,9 @@ class ReductionMeter:
         :param metric: the episode's metric.
         """
         keep = np.asarray(keep, dtype=np.int64)
-        return {"macs": int(cost.macs), "params": int(cost.params), "macs_ratio": 1.0 - r.flops,
+        extra = {} if self.latency is None else {"predicted_latency": float(self.latency(keep)),
+                                                 "latency_reduction": self.latency_reduction(keep)}
+        return {**extra, "macs": int(cost.macs), "params": int(cost.params), "macs_ratio": 1.0 - r.flops,
                 "params_ratio": 1.0 - r.params, "flops_reduction": r.flops, "params_reduction": r.params,
                 "channel_sparsity": channel_sparsity(keep, self.original_channels, self.layer_counts),
                 "group_sparsity": 1.0 - keep / self.original_channels, "kept_channels": keep.copy(),

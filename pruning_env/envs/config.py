@@ -92,6 +92,19 @@ class PruneEnvConfig(Settings):
 
     key_label = "PruneEnv setting"
 
+    @property
+    def uses_latency(self) -> bool:
+        """Whether the env needs the latency model (a latency target or budget, or ``gamma != 0``)."""
+        return "latency" in (self.target_metric, self.step_metric) or self.gamma != 0
+
+    def latency_setting(self) -> Any:
+        """The :class:`~pruning_env.costs.latency.LatencySetting` of the ``latency_*`` fields."""
+        from pruning_env.costs.latency import LatencySetting
+
+        return LatencySetting(device=self.latency_device, threads=self.latency_threads,
+                              batch_size=self.latency_batch_size, dtype=self.latency_dtype,
+                              channels_last=self.latency_channels_last)
+
     # ---- task: model, data, checkpoint
     model: Union[str, nn.Module] = setting("vgg19", what="a zoo name or an nn.Module", check=zoo_model_problem)
     """zoo name (``pruning_env.models.list_models()``) or an ``nn.Module`` (copied, never modified)."""
@@ -116,12 +129,15 @@ class PruneEnvConfig(Settings):
     # ---- episode
     action_mode: str = setting("sparsity", choices=ACTION_MODES)
     """``"sparsity"`` (fraction of each group removed) or ``"distribution"`` (authors' pruning distribution)."""
-    budget: Optional[str] = setting(None, choices=(None,) + METRICS)
-    """None, ``"flops"``, ``"channels"`` or ``"params"``: rescale actions so each step meets its cumulative goal."""
+    budget: Optional[str] = setting(None, choices=(None, "target") + METRICS)
+    """None, ``"flops"``, ``"channels"``, ``"params"``, ``"latency"`` (predicted by the latency model of the
+    ``latency_*`` setting) or ``"target"`` (whatever ``target_metric`` is): rescale actions so each step meets its
+    cumulative goal."""
     target: float = setting(0.5, low=0, high=1, low_open=True, high_open=True, what="a fraction")
     """fraction of the target metric removed by the end of the episode, in (0, 1)."""
     target_metric: str = setting("flops", choices=METRICS)
-    """``"flops"``, ``"channels"`` (the authors' sparsity) or ``"params"``."""
+    """``"flops"``, ``"channels"`` (the authors' sparsity), ``"params"`` or ``"latency"`` (predicted latency of the
+    ``latency_*`` device setting, see ``docs/latency.md``)."""
     n_steps: int = setting(1, low=1)
     """pruning steps per episode (integer >= 1; 1 = one-shot)."""
     max_step_sparsity: float = setting(0.9, low=0, high=1, low_open=True, high_open=True)
@@ -135,6 +151,24 @@ class PruneEnvConfig(Settings):
     """weight of the FLOPs reduction in the reward (finite)."""
     beta: float = 0.25
     """weight of the params reduction in the reward (finite)."""
+    gamma: float = 0.0
+    """weight of the predicted latency reduction in the reward (finite; 0 keeps the authors' reward; non-zero
+    builds the latency model of the ``latency_*`` setting)."""
+    # ---- latency model (built only when target_metric / budget is "latency" or gamma != 0)
+    latency_device: str = setting("cpu", what="'cpu', 'cuda' or 'cuda:N'")
+    """device the latency is predicted for (a setting that cannot be measured here is refused at construction)."""
+    latency_threads: int = setting(1, low=1)
+    """torch intra-op threads of the latency setting (CPU)."""
+    latency_batch_size: int = setting(1, low=1)
+    """images per forward pass of the latency setting."""
+    latency_dtype: str = setting("float32", choices=("float32", "float16", "bfloat16"))
+    """dtype of the latency setting."""
+    latency_channels_last: bool = False
+    """time 4-D tensors in channels_last memory format."""
+    latency_cache: Optional[Union[str, Path]] = setting(None, what="None or a folder path")
+    """folder of cached latency tables; None: ``~/.cache/rl-prune/latency``."""
+    latency_grid: Tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    """width fractions each op is measured at when the table is built."""
     reward_samples: Optional[int] = setting(1000, low=1)
     """validation images the reward is measured on (>= 1; None = all)."""
     eval_batch_size: int = setting(500, low=1)
@@ -232,7 +266,7 @@ class PruneEnvConfig(Settings):
         """The metric each step is matched to: ``budget``, or ``target_metric`` in distribution mode (which
         always has a budget), else None (budget-free)."""
         if self.budget is not None:
-            return self.budget
+            return self.target_metric if self.budget == "target" else self.budget
         return self.target_metric if self.action_mode == "distribution" else None
 
     @property

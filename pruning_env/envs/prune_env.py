@@ -127,7 +127,11 @@ class PruneEnv(gym.Env):
                              "classifier); nothing to prune")
         self.original_channels = np.asarray(probe.num_channels, dtype=np.int64).copy()
         self.layer_counts = np.asarray(probe.layer_counts, dtype=np.int64).copy()
-        self.meter = ReductionMeter(self.original_cost, self.original_channels, self.layer_counts)
+        self.latency_model = self._latency_model(probe) if cfg.uses_latency else None
+        self.meter = ReductionMeter(self.original_cost, self.original_channels, self.layer_counts,
+                                    latency=None if self.latency_model is None else self.latency_model.predict)
+        if cfg.gamma != 0:
+            self.scorer.use_latency(cfg.gamma, self.meter.latency_reduction)
         self.step_filter_budget = step_channel_budget(self.original_channels, self.layer_counts, self.target,
                                                       self.n_steps)
         self._refuse_unreachable_target(probe)
@@ -147,6 +151,20 @@ class PruneEnv(gym.Env):
         cfg = self.config
         return Pruner(model, torch.zeros((1, *self.input_size), device=self.device), ignore=cfg.ignore_layers,
                       min_channels=cfg.min_channels, round_to=cfg.round_to, prune_normalized=cfg.prune_normalized)
+
+    def _latency_model(self, probe: Pruner) -> Any:
+        """The latency model of the original model in the config's ``latency_*`` setting (cached on disk; a
+        setting this machine cannot measure, e.g. CUDA without a GPU, is a ``ValueError`` here)."""
+        from pruning_env.costs.latency import LatencyModel
+
+        cfg = self.config
+        setting = cfg.latency_setting()
+        try:
+            setting.torch_device  # noqa: B018  (CUDA asked without one fails here, before any table is built)
+        except RuntimeError as e:
+            raise ValueError(f"latency_device={cfg.latency_device!r}: {e}") from e
+        cache = True if cfg.latency_cache is None else cfg.latency_cache
+        return LatencyModel.build(probe, setting, cache=cache, grid=cfg.latency_grid)
 
     def _refuse_unreachable_target(self, probe: Pruner) -> None:
         """A budget whose target even every group at its channel floor cannot reach is refused before any
@@ -370,7 +388,7 @@ class PruneEnv(gym.Env):
             t_imp += t_trace
         state = self._state = self._initial_state
         self._spent[:] = 0
-        info = self._info(state.accuracy, self.scorer.reward(state.accuracy, state.reductions), state.cost,
+        info = self._info(state.accuracy, self.scorer.reward(state.accuracy, state.reductions, state.channels), state.cost,
                           state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
         return self._observation(state), info
 

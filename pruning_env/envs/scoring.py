@@ -158,6 +158,8 @@ class CandidateScorer:
         self.train_images = train_images
         self.original = original
         self.alpha, self.beta = float(alpha), float(beta)
+        self.gamma = 0.0  # weight of the predicted latency reduction: set with the latency model by use_latency
+        self.latency_reduction: Optional[Callable[[np.ndarray], float]] = None
         self.batch_size, self.amp, self.channels_last = int(batch_size), bool(amp), bool(channels_last)
         self.seed = int(seed)
         self._teacher: Optional[nn.Module] = None  # the teacher whose logits are cached (held: ids are not reused)
@@ -316,9 +318,21 @@ class CandidateScorer:
         """Fractions of the original cost that ``cost`` removes."""
         return reductions(cost, self.original)
 
-    def reward(self, accuracy: float, r: Reductions) -> float:
-        """The reward of an accuracy estimate at reductions ``r``: ``accuracy + alpha * r.flops + beta * r.params``."""
-        return float(accuracy) + self.alpha * r.flops + self.beta * r.params
+    def use_latency(self, gamma: float, latency_reduction: Callable[[np.ndarray], float]) -> None:
+        """Add ``gamma * latency_reduction(keep)`` (the predicted latency reduction of the kept channels) to every
+        reward (``ReductionMeter.latency_reduction``)."""
+        self.gamma, self.latency_reduction = float(gamma), latency_reduction
+
+    def reward(self, accuracy: float, r: Reductions, keep: Optional[np.ndarray] = None) -> float:
+        """The reward of an accuracy estimate at reductions ``r`` of kept channels ``keep``:
+        ``accuracy + alpha * r.flops + beta * r.params + gamma * latency_reduction(keep)`` (the last term only
+        when ``gamma != 0``)."""
+        out = float(accuracy) + self.alpha * r.flops + self.beta * r.params
+        if self.gamma != 0:
+            if keep is None or self.latency_reduction is None:
+                raise ValueError("gamma != 0 needs the kept channels and the latency model (use_latency)")
+            out += self.gamma * self.latency_reduction(keep)
+        return out
 
     def candidates(self, backend: "CandidateBackend", pruner: Pruner, steps: Iterable[StepKeep],
                    teacher: Optional[nn.Module], refine: bool = False,
@@ -358,7 +372,7 @@ class CandidateScorer:
         out = []
         for (step, plan, cost, t_plan), s in zip(planned, scored):
             r = self.reductions(cost)
-            out.append(Candidate(s.model, plan, step, cost, r, s.accuracy, self.reward(s.accuracy, r),
+            out.append(Candidate(s.model, plan, step, cost, r, s.accuracy, self.reward(s.accuracy, r, step.keep),
                                  t_plan + s.time_prune, s.time_eval, s.accuracy, train_batches=self.cheap_batches))
         n = min(self.refine_top if refine else 0, len(out))
         if max_evaluations is not None:
@@ -368,7 +382,7 @@ class CandidateScorer:
         for i, s in zip(best, refined):
             c = out[i]
             accuracy = max(c.accuracy, s.accuracy)  # a diverged fine-tune (NaN) keeps the cheap score too
-            out[i] = replace(c, accuracy=accuracy, reward=self.reward(accuracy, c.reductions), refined=True,
+            out[i] = replace(c, accuracy=accuracy, reward=self.reward(accuracy, c.reductions, c.step.keep), refined=True,
                              evaluations=2, train_batches=c.train_batches + self.refine_batches,
                              time_prune=c.time_prune + s.time_prune, time_eval=c.time_eval + s.time_eval)
         return out

@@ -1,0 +1,102 @@
+"""Latency budgets and the latency reward term in PruneEnv, on the tiny setup (a tiny grid; timings never asserted)."""
+import numpy as np
+import pytest
+import torch
+
+from tiny import tiny_env, tiny_splits
+
+GRID = (0.25, 0.5, 1.0)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return tiny_splits()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One latency table for the module (the tiny net's latency is mostly overhead: tables measured twice differ)."""
+    return tmp_path_factory.mktemp("latency_cache")
+
+
+@pytest.fixture(scope="module")
+def reachable(splits, cache):
+    """Half the predicted latency reduction of every group at its floor: a target the tiny net can reach."""
+    env = _env(splits, cache, target_metric="flops", budget="flops", target=0.3, gamma=1.0)
+    floor = np.minimum(env._probe.keep_counts(np.ones(env.n_groups)), env.original_channels)
+    most = env.meter.latency_reduction(floor)
+    assert most > 0, "the tiny net's predicted latency does not fall when every group is at its floor"
+    return 0.5 * most
+
+
+def _env(splits, cache, **kw):
+    return tiny_env(splits, **{**dict(action_mode="sparsity", target_metric="latency", budget="latency", target=0.12,
+                                      n_steps=1, latency_grid=GRID, latency_cache=str(cache)), **kw})
+
+
+def test_latency_budget_is_met_in_predicted_latency(splits, cache, reachable):
+    env = _env(splits, cache, target=reachable)
+    _, info0 = env.reset(seed=0)
+    model = env.latency_model
+    assert info0["predicted_latency"] == pytest.approx(model.original)
+    assert info0["latency_reduction"] == pytest.approx(0.0)
+    _, _, terminated, _, info = env.step(np.array([0.9, 0.2, 0.5], dtype=np.float32))
+    kept = info["kept_channels"]
+    predicted = float(model.predict(kept))
+    assert info["predicted_latency"] == pytest.approx(predicted)
+    assert info["latency_reduction"] == pytest.approx(1.0 - predicted / model.original)
+    # the episode's progress is the predicted latency reduction, not FLOPs
+    assert info["target_progress"] == pytest.approx(info["latency_reduction"])
+    assert info["budget_goal"] == pytest.approx(reachable)
+    assert terminated
+    # the budget search picks the closest reachable kept vector: nothing is pruned further than needed by much
+    assert abs(info["latency_reduction"] - reachable) < 0.5 * reachable
+    assert env.meter.value("latency", kept, None) == pytest.approx(info["latency_reduction"])
+
+
+def test_device_setting_is_recorded_in_the_config(splits, tmp_path):
+    env = _env(splits, tmp_path, target_metric="flops", budget="flops", gamma=1.0, latency_batch_size=4)
+    s = env.config.latency_setting()
+    assert (s.device, s.threads, s.batch_size, s.dtype, s.channels_last) == ("cpu", 1, 4, "float32", False)
+    assert env.latency_model.setting == s
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_latency_without_a_gpu_is_a_clear_error(splits, tmp_path):
+    with pytest.raises(ValueError, match="latency_device='cuda'.*CUDA is not available"):
+        _env(splits, tmp_path, latency_device="cuda")
+
+
+def test_no_latency_model_unless_asked(splits):
+    env = tiny_env(splits, action_mode="sparsity", budget="flops", target=0.3, n_steps=1)
+    assert env.latency_model is None
+    _, info = env.reset(seed=0)
+    assert "predicted_latency" not in info
+
+
+def test_gamma_adds_the_latency_reduction_to_the_reward(splits, cache):
+    action = np.array([0.6, 0.3, 0.4], dtype=np.float32)
+    out = {}
+    for gamma in (0.0, 2.0):
+        env = _env(splits, cache, target_metric="flops", budget="flops", target=0.3, gamma=gamma)
+        env.reset(seed=0)
+        _, reward, _, _, info = env.step(action)
+        out[gamma] = (reward, info)
+    (r0, i0), (r2, i2) = out[0.0], out[2.0]
+    np.testing.assert_array_equal(i0["kept_channels"], i2["kept_channels"])
+    assert i2["latency_reduction"] != 0  # the sign is whatever the table predicts: the tiny net is mostly overhead
+    assert r2 - r0 == pytest.approx(2.0 * i2["latency_reduction"])
+    assert r0 == pytest.approx(i0["accuracy"] + 0.25 * i0["flops_reduction"] + 0.25 * i0["params_reduction"])
+
+
+def test_budget_target_follows_target_metric(splits, cache, reachable):
+    env = _env(splits, cache, budget="target", target=reachable)
+    assert env.budget == "latency"
+
+
+def test_checkers_pass_on_a_latency_budget(splits, cache, reachable):
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    check_env(_env(splits, cache, target=reachable))
+    sb3_check_env(_env(splits, cache, target=reachable), warn=False)
