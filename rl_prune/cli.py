@@ -167,6 +167,11 @@ def summary_text(metrics: Dict[str, Any], run_dir: Path) -> str:
         lines.append(f"  {label:<44}{report['test_top1']:>8.4f}{report['val_top1']:>8.4f}")
         if note:
             lines.append(f"    ({note})")
+    budget = metrics.get("budget")
+    lines.append(f"evaluations used {metrics['n_evaluations']} of budget "
+                 f"{budget if budget is not None else 'none (no cap)'}")
+    if metrics.get("budget_schedule"):
+        lines.append(f"  (schedule: {metrics['budget_schedule']})")
     lines.append(f"run folder: {run_dir}  (evaluate with: python evaluate.py {run_dir})")
     return "\n".join(lines)
 

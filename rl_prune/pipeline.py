@@ -99,9 +99,46 @@ def build_agent(cfg: PruneRunConfig, name: str, env: Any,
     kwargs = {**spec.kwargs, **cfg.agent_kwargs(name)}
     if spec.budget_arg is not None and cfg.budget is not None:
         kwargs[spec.budget_arg] = max(1, int(cfg.budget) // int(env.n_steps))
+    schedule = None
+    if cfg.budget is not None and spec.target == "agents.rl_pruner:RLPrunerAgent":
+        kwargs["lr_epoch"], schedule = rl_pruner_schedule(name, int(cfg.budget), int(env.n_steps), kwargs)
     # equal budgets: every agent's monitor stops look-aheads at the budget, counted by the env for all alike
     monitored = PruneMonitor(env, max_evaluations=int(cfg.budget)) if cfg.budget is not None else env
-    return cls(monitored, seed=cfg.seed, tensorboard_log=tensorboard_log, **kwargs), learn
+    agent = cls(monitored, seed=cfg.seed, tensorboard_log=tensorboard_log, **kwargs)
+    agent.budget_schedule = schedule
+    return agent, learn
+
+
+def rl_pruner_schedule(name: str, budget: int, n_steps: int, kwargs: Dict[str, Any]) -> Tuple[int, str]:
+    """RL epochs per pruning step that spend ``budget`` evaluations: ``budget // n_steps`` per step, each RL epoch
+    scoring ``sample_num`` Q values of ``1 + K + ... + K^(sample_step-1)`` evaluations, less the improved guard's
+    reset point (one Q value per step). The config's ``lr_epoch`` is replaced.
+
+    :param name: agent name, for messages.
+    :param budget: the run's evaluation budget.
+    :param n_steps: pruning steps of the episode.
+    :param kwargs: the agent's constructor arguments (``sample_num``, ``sample_step``, ``collapse_reference``).
+    :raises ConfigError: the budget does not pay for one RL epoch per step, naming the numbers.
+    """
+    sample_num = int(kwargs.get("sample_num", 10))
+    sample_step = int(kwargs.get("sample_step", 1))
+    q_cost = sum(sample_num ** d for d in range(sample_step))
+    reserve = q_cost if kwargs.get("collapse_reference", "previous") == "reset_candidate" else 0
+    per_step = budget // max(1, n_steps)
+    epoch_cost = sample_num * q_cost
+    lr_epoch = (per_step - reserve) // epoch_cost
+    if lr_epoch < 1:
+        raise ConfigError(f"budget: {budget} evaluations over {n_steps} pruning steps give {per_step} per step, "
+                          f"fewer than one RL epoch of {name} needs ({epoch_cost} = sample_num {sample_num} x "
+                          f"{q_cost} per Q value" + (f", plus {reserve} for the reset point" if reserve else "")
+                          + f"); raise the budget to >= {n_steps * (epoch_cost + reserve)} or lower sample_num")
+    given = kwargs.get("lr_epoch")
+    text = (f"{n_steps} steps x {lr_epoch} RL epochs x {sample_num} samples"
+            + (f" x {q_cost} evaluations per Q value" if q_cost > 1 else "")
+            + (f" + {reserve} reset point per step" if reserve else "")
+            + f" = {n_steps * (lr_epoch * epoch_cost + reserve)} evaluations, derived from budget {budget}"
+            + (f" (config lr_epoch {given} replaced)" if given is not None and int(given) != lr_epoch else ""))
+    return lr_epoch, text
 
 
 # ------------------------------------------------------------------------------------------------- resume
@@ -314,7 +351,8 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     if saved is not None and not agent.supports_resume:
         raise ConfigError(f"--resume is not supported by agent {name!r} (its supports_resume is False); rerun "
                           f"without it")
-    if cfg.budget is not None and AGENTS[name].sb3_algo is None and AGENTS[name].budget_arg is None:
+    if cfg.budget is not None and AGENTS[name].sb3_algo is None and AGENTS[name].budget_arg is None \
+            and getattr(agent, "budget_schedule", None) is None:
         print(f"note: budget={cfg.budget} does not apply to {name!r} except as a cap: the evaluations it uses "
               f"are set by its own arguments (see docs/agents.md); look-aheads past the cap are stopped",
               file=sys.stderr)
@@ -322,6 +360,8 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
         folder.clear()  # a new run starts from nothing: an overwritten run's files, or a killed one's leftovers
     folder.write_config({**cfg.to_dict(), "agent": name})
     print(f"run folder: {folder.path}", file=sys.stderr)
+    if getattr(agent, "budget_schedule", None):
+        print(f"{name} schedule: {agent.budget_schedule}", file=sys.stderr)
 
     def save_checkpoint(phase: str) -> None:
         folder.write_checkpoint(RunCheckpoint(phase=phase, agent_name=name, config=cfg.to_dict(),
@@ -395,7 +435,8 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
         "input_size": list(env.input_size),
         "target": env.target, "target_metric": env.episode_metric, "n_steps": env.n_steps,
         "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta,
-        "n_evaluations": agent.n_evaluations, "timesteps": agent.num_timesteps,
+        "n_evaluations": agent.n_evaluations, "budget": cfg.budget,
+        "budget_schedule": getattr(agent, "budget_schedule", None), "timesteps": agent.num_timesteps,
         "best_episode": best["episode"], "best_reward": best["reward"],
         "reward_accuracy": best["info"]["accuracy"], "reward_estimator": env.config.reward_estimator,
         "flops_reduction": reduced.flops, "params_reduction": reduced.params,
@@ -414,5 +455,5 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     return metrics
 
 
-__all__ = ["run", "build_env", "build_agent", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
+__all__ = ["run", "build_env", "build_agent", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
            "CheckpointEvery", "model_report", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]

@@ -46,6 +46,8 @@ METRICS_SCHEMA: Dict[str, str] = {
     "alpha": "reward weight of the FLOPs reduction",
     "beta": "reward weight of the params reduction",
     "n_evaluations": "pruned models scored by the search",
+    "budget": "the config's evaluation budget (None: no cap)",
+    "budget_schedule": "the schedule an agent derived from the budget (RL-Pruner's RL epochs), None if fixed",
     "timesteps": "env steps of the search",
     "best_episode": "episode whose final model was kept",
     "best_reward": "its final reward",
