@@ -232,7 +232,7 @@ def test_bad_inputs(env):
 
 
 def test_constructor_rejects_bad_arguments(synthetic_splits):
-    for kwargs, match in [(dict(action_mode="nope"), "action_mode"), (dict(budget="latency"), "budget"),
+    for kwargs, match in [(dict(action_mode="nope"), "action_mode"), (dict(budget="energy"), "budget"),
                           (dict(target=1.5), "target"), (dict(n_steps=0), "n_steps"),
                           (dict(recovery="sgd"), "recovery"), (dict(target_metric="acc"), "target_metric")]:
         with pytest.raises(ValueError, match=match):
