@@ -40,7 +40,7 @@ BAD_SETTINGS = [
     (dict(recovery_period=0), "recovery_period"), (dict(importance="magic"), "importance"),
     (dict(seed=-1), "seed"), (dict(lookahead_cache=-1), "lookahead_cache"), (dict(amp="yes"), "amp"),
     (dict(recovery="kd"), "recovery_batches >= 1 or recovery_epochs >= 1"),
-    (dict(action_mode="nope"), "action_mode"), (dict(budget="latency"), "budget"),
+    (dict(action_mode="nope"), "action_mode"), (dict(budget="energy"), "budget"),
 ]
 
 
@@ -199,7 +199,7 @@ def _bad_values():
         "max_step_sparsity": [0.0, 1.0, nan], "calibration_size": [0, 1.5], "min_channels": [0, -3],
         "round_to": [0, 1.5], "val_size": [0, -1, 1.0, "x"], "recovery_batches": [-1, 0.5],
         "kd_soft_weight": [-0.1, 1.1, nan], "width": [0, -0.5, inf], "seed": [-1, 1.5], "max_steps": [0, 2.5],
-        "action_mode": ["", "scores"], "budget": ["", "latency"], "target_metric": ["acc"],
+        "action_mode": ["", "scores"], "budget": ["", "energy"], "target_metric": ["acc"],
         "recovery": ["sgd", True], "importance": ["magic"], "lookahead_cache": [-1],
         "recovery_period": [0], "ignore_layers": ["fc1"],
     }
