@@ -155,6 +155,60 @@ def bootstrap_rho(x: Sequence[float], y: Sequence[float], n: int, seed: int) -> 
             "ci95_low": float(np.percentile(draws, 2.5)), "ci95_high": float(np.percentile(draws, 97.5))}
 
 
+def spearman_brown(r: float, k: int = 2) -> float:
+    """Reliability of the mean of ``k`` parallel measurements whose single-measurement reliability is ``r``:
+    ``k r / (1 + (k - 1) r)`` (e.g. the test-retest rho of two fine-tune seeds gives the mean-of-two's)."""
+    if not (-1.0 <= r <= 1.0):
+        raise ValueError(f"a reliability must lie in [-1, 1], got {r}")
+    if k < 1:
+        raise ValueError(f"k must be a positive count of measurements, got {k}")
+    denominator = 1.0 + (k - 1) * r
+    return float(k * r / denominator) if denominator > 0 else float("nan")
+
+
+def fidelity_vs_ceiling(estimate: Sequence[float], seed_a: Sequence[float], seed_b: Sequence[float]) -> Dict[str, float]:
+    """An estimator's Spearman rho against the mean-of-two-seeds truth, against that truth's own ceiling.
+
+    ``retest``: rho between the two seeds' truths; ``reliability``: its Spearman-Brown value for their mean;
+    ``ceiling``: the highest rho any estimator can reach against a criterion of that reliability,
+    ``sqrt(reliability)`` (attenuation); ``share``: ``rho / ceiling`` (nan when the truth is not reliable).
+    """
+    a, b = np.asarray(seed_a, float), np.asarray(seed_b, float)
+    if not (len(estimate) == len(a) == len(b)):
+        raise ValueError(f"estimate, seed_a and seed_b need one value per candidate, got lengths "
+                         f"{len(estimate)}, {len(a)}, {len(b)}")
+    retest = spearman(a, b)
+    rel = spearman_brown(retest) if np.isfinite(retest) else float("nan")
+    ceiling = float(np.sqrt(rel)) if np.isfinite(rel) and rel > 0 else float("nan")
+    rho = spearman(estimate, (a + b) / 2.0)
+    return {"rho": rho, "retest": retest, "reliability": rel, "ceiling": ceiling,
+            "share": rho / ceiling if np.isfinite(ceiling) else float("nan"),
+            "distinct": int(len(np.unique(np.asarray(estimate, float))))}
+
+
+def bootstrap_fidelity(estimate: Sequence[float], seed_a: Sequence[float], seed_b: Sequence[float], n: int,
+                       seed: int) -> Dict[str, Any]:
+    """:func:`fidelity_vs_ceiling` and the spread of each of its numbers over ``n`` resamples of the candidates
+    (fixed ``seed``; resamples where a quantity is undefined are left out of that quantity)."""
+    e, a, b = (np.asarray(v, float) for v in (estimate, seed_a, seed_b))
+    point = fidelity_vs_ceiling(e, a, b)
+    rng = np.random.default_rng(seed)
+    draws: Dict[str, list] = {k: [] for k in ("rho", "retest", "ceiling", "share")}
+    for _ in range(n):
+        idx = rng.integers(0, len(e), len(e))
+        d = fidelity_vs_ceiling(e[idx], a[idx], b[idx])
+        for k in draws:
+            if np.isfinite(d[k]):
+                draws[k].append(d[k])
+    out: Dict[str, Any] = dict(point)
+    for k, v in draws.items():
+        v = np.asarray(v, float)
+        out[f"{k}_std"] = float(v.std()) if len(v) else float("nan")
+        out[f"{k}_ci95"] = ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v)
+                            else [float("nan"), float("nan")])
+    return out
+
+
 def summarize(rows: Dict[str, Dict[str, Any]], targets: Sequence[float], n_boot: int, seed: int) -> Dict[str, Any]:
     """rho, its bootstrap spread and the cost ratio of every estimator, per target and pooled."""
     out: Dict[str, Any] = {}
