@@ -491,6 +491,7 @@ def test_the_docs_show_every_cli():
     assert set(CONSOLE_KINDS) == {t.partition(":")[2] for t in console_scripts().values()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{c.where} {c.text[:70]}" for c in COMMANDS])
 def test_documented_command_runs(cmd: DocCommand, smoke: Session):
     plan, done = smoke.jobs[cmd.where].result(f"{cmd.where} `{cmd.text}`")
@@ -509,6 +510,7 @@ def test_every_agent_has_a_smoke_budget():
     assert set(SMOKE_AGENT) == set(AGENTS), "give each registered agent a tiny budget in SMOKE_AGENT"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("agent", list(AGENTS))
 def test_every_agent_runs_from_the_cli(agent: str, smoke: Session):
     """``python train_agent.py --agent NAME`` on the quickstart, progress bars on, for every registered agent."""
