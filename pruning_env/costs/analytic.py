@@ -22,6 +22,19 @@ __all__ = ["BilinearTerms", "CostTerms"]
 _Expr = Tuple[int, np.ndarray]  # c + v . k: a constant plus a multiple of each group's width
 
 
+def _conv_extras(m, e_out, li, param_rows, one) -> int:
+    """Param rows of a conv subclass's extra per-output-channel tensors (the gain of a weight-standardised conv,
+    see :data:`pruning_env.pruning.surgery.CONV_OUT_EXTRAS`); returns their numel."""
+    from pruning_env.pruning.surgery import CONV_OUT_EXTRAS
+    n = 0
+    for name in CONV_OUT_EXTRAS:
+        p = m._parameters.get(name)
+        if p is not None:
+            param_rows.append((p.numel() // p.shape[0], one, e_out, li))
+            n += p.numel()
+    return n
+
+
 @dataclass(frozen=True)
 class BilinearTerms:
     """Rows ``weight * (c1 + v1 . k) * (c2 + v2 . k)`` over group widths ``k``, each owned by one layer.
@@ -114,6 +127,7 @@ class CostTerms:
                     param_rows.append((k_area, e_in, e_out, li))
                     if m.bias is not None:
                         param_rows.append((1, one, e_out, li))
+                    handled_params += _conv_extras(m, e_out, li, param_rows, one) if call.role == "conv" else 0
             elif call.role == "depthwise":  # or grouped with equal widths: each output reads its group's inputs
                 k_area = int(np.prod(m.kernel_size)) * (m.in_channels // m.groups)
                 e = expr(spec.out_layout, m.out_channels)
@@ -122,6 +136,7 @@ class CostTerms:
                     param_rows.append((k_area, one, e, li))
                     if m.bias is not None:
                         param_rows.append((1, one, e, li))
+                    handled_params += _conv_extras(m, e, li, param_rows, one)
             elif call.role == "norm":
                 e = expr(spec.out_layout, m.num_features)
                 macs_rows.append((NORM_MACS_PER_ELEMENT * call.positions, one, e, li))

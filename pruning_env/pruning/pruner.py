@@ -14,10 +14,10 @@ import torch.nn as nn
 
 from pruning_env.costs import Cost
 from pruning_env.costs.analytic import CostTerms
-from pruning_env.pruning.graph import DependencyGraph, ExampleInput, Group, Layout, UnsupportedModelError
+from pruning_env.pruning.graph import CONV_TYPES, DependencyGraph, ExampleInput, Group, Layout, UnsupportedModelError
 from pruning_env.pruning.importance import (Batches, Importance, accumulate_gradients, group_importance,
                                             make_criterion)
-from pruning_env.pruning.surgery import build_pruned_model
+from pruning_env.pruning.surgery import HANDLERS, build_pruned_model, unhandled_channel_tensors
 
 __all__ = ["Pruner", "PrunePlan", "PerGroup"]
 
@@ -40,6 +40,48 @@ class PrunePlan:
     def from_indices(cls, kept: Sequence[Iterable[int]]) -> "PrunePlan":
         """A plan from explicit kept indices per group (sorted and de-duplicated here)."""
         return cls(tuple(np.unique(np.asarray(list(k), dtype=np.int64)) for k in kept))
+
+
+#: Conv subclasses with their own ``forward`` that stay correct when their input channels are cut (their forward
+#: only pads, say). Any other such subclass (a weight-standardised conv normalises each filter over its input
+#: channels: cutting them changes the function) is refused when a group would cut its inputs. Extension point.
+INPUT_CUT_SAFE_CONVS = {"Conv2dSame", "Conv1dSame", "Conv3dSame"}
+
+
+def _cut(layout) -> bool:
+    return layout is not None and any(seg.source is not None for seg in layout)
+
+
+def _refuse_unhandled_tensors(graph: DependencyGraph) -> None:
+    """Refuse, before any surgery, a prunable layer surgery would get wrong: one that holds a tensor of its channel
+    width which its handler does not slice (a conv subclass with an extra per-channel parameter), or a conv
+    subclass with its own ``forward`` whose input channels would be cut (see :data:`INPUT_CUT_SAFE_CONVS`)."""
+    for name, spec in graph.specs.items():
+        if not (_cut(spec.out_layout) or _cut(spec.in_layout)):
+            continue  # never cut
+        module = spec.module
+        base = next((c for c in type(module).__mro__ if c in HANDLERS), None)
+        if spec.role == "attention" or base is None or not base.__module__.startswith("torch.nn"):
+            continue  # attention and other layers with their own handlers know their tensors
+        own_forward = type(module).forward is not base.forward
+        what = f"layer {name!r} ({type(module).__name__}, a {base.__name__} subclass" + (
+            " with its own forward)" if own_forward else ")")
+        layouts = [lay for lay in (spec.out_layout, spec.in_layout) if lay is not None]
+        widths = tuple(sum(seg.features for seg in lay) for lay in layouts)
+        bad = unhandled_channel_tensors(module, widths)
+        if bad:
+            tensors = ", ".join(f"{n!r} of shape {list(shape)}" for n, shape in bad)
+            raise UnsupportedModelError(
+                f"{what} holds {tensors}, sized like its channels (widths {sorted(set(widths))}) but unknown to "
+                f"the pruning handler; register it in pruning_env.pruning.surgery (CONV_OUT_EXTRAS or HANDLERS) "
+                f"or pass the layer in ignore=")
+        if (own_forward and isinstance(module, CONV_TYPES) and _cut(spec.in_layout) and spec.role == "conv"
+                and type(module).__name__ not in INPUT_CUT_SAFE_CONVS):
+            raise UnsupportedModelError(
+                f"{what} would lose input channels, and its forward may use the whole filter (a weight-"
+                f"standardised conv normalises each filter over its inputs: cutting them changes the function); "
+                f"keep the producing layer in ignore=, or add the class to "
+                f"pruning_env.pruning.pruner.INPUT_CUT_SAFE_CONVS when its forward allows it")
 
 
 class Pruner:
@@ -73,6 +115,7 @@ class Pruner:
         self.prune_normalized = bool(prune_normalized)
         self.graph = graph if graph is not None else DependencyGraph.build(model, example_input, self.ignore,
                                                                            self.prune_normalized)
+        _refuse_unhandled_tensors(self.graph)
         self.costs = costs if costs is not None else CostTerms.from_graph(self.graph)
         self._membership: Optional[np.ndarray] = None
         self._granularity = self.graph.granularity  # constant per graph; read on every plan and cost query

@@ -12,7 +12,8 @@ import torch.nn as nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 __all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "HANDLERS",
-           "WIDTH_ATTRIBUTES", "handler_for", "build_pruned_model"]
+           "WIDTH_ATTRIBUTES", "CONV_OUT_EXTRAS", "handler_for", "unhandled_channel_tensors",
+           "build_pruned_model"]
 
 Index = Optional[torch.Tensor]  # kept indices along a dimension; None keeps everything
 
@@ -64,7 +65,9 @@ class ConvHandler(LayerHandler):
     whole conv groups are removed, so the channels per conv group stay the same)."""
 
     def out_tensors(self, module: nn.Conv2d) -> List[Tuple[str, int]]:
-        return [("weight", 0), ("bias", 0)]
+        # known per-output-channel tensors of conv subclasses (the gain of a weight-standardised conv) go along
+        extra = [(n, 0) for n in CONV_OUT_EXTRAS if _own_tensor(module, n) is not None]
+        return [("weight", 0), ("bias", 0)] + extra
 
     def in_tensors(self, module: nn.Conv2d) -> List[Tuple[str, int]]:
         # a grouped weight is (C, C / groups, k, k): its channels are already cut through dim 0
@@ -119,6 +122,33 @@ class LayerNormHandler(LayerHandler):
     def set_shape(self, module: nn.LayerNorm, n_out: Optional[int], n_in: Optional[int]) -> None:
         if n_out is not None:
             module.__dict__["normalized_shape"] = (n_out,)
+
+
+#: Per-output-channel tensors (dim 0) that conv subclasses add, pruned with the output channels: timm's
+#: ``ScaledStdConv2d`` multiplies its standardised weight by ``gain`` of shape ``(out, 1, 1, 1)``. Extension point.
+CONV_OUT_EXTRAS: Tuple[str, ...] = ("gain",)
+
+
+def _own_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    t = module._parameters.get(name)
+    return t if t is not None else module._buffers.get(name)
+
+
+def unhandled_channel_tensors(module: nn.Module, widths: Tuple[int, ...]) -> List[Tuple[str, Tuple[int, ...]]]:
+    """Own parameters / buffers of a layer that its handler does not slice but that have a dim of one of the
+    layer's prunable ``widths`` (so they presumably follow the channels): surgery would leave them at the old
+    width and the pruned model would crash or be wrong. ``[(name, shape), ...]``."""
+    handler = handler_for(module)
+    handled = {n for n, _ in handler.out_tensors(module)} | {n for n, _ in handler.in_tensors(module)}
+    sizes = {int(w) for w in widths if int(w) > 1}
+    found = []
+    for registry in (module._parameters, module._buffers):
+        for name, t in registry.items():
+            if t is None or name in handled or t.dim() == 0:
+                continue
+            if sizes.intersection(int(d) for d in t.shape):
+                found.append((name, tuple(int(d) for d in t.shape)))
+    return found
 
 
 _CONV = ConvHandler()
