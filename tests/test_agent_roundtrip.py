@@ -13,18 +13,8 @@ from agents.common.base import BasePruningAgent, unwrap_env
 from agents.registry import AGENTS, agent_class
 from rl_prune.config import PruneRunConfig
 from rl_prune.pipeline import build_agent, build_env
-from tiny import TinyNet, tiny_splits
+from tiny import SB3_SMALL, TinyNet, tiny_splits
 
-#: tiny overrides of the zoo files so that the budget includes gradient updates (an SB3 algorithm not listed
-#: here runs with its zoo settings)
-SB3_SMALL = {
-    "ppo": dict(n_steps=8, batch_size=8, n_epochs=2),
-    "a2c": dict(n_steps=4),
-    "trpo": dict(n_steps=8, batch_size=8),
-    "sac": dict(learning_starts=8, batch_size=8, buffer_size=100),
-    "td3": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
-    "ddpg": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
-}
 #: tiny settings of the RL-Pruner family (any agent with these constructor arguments)
 RL_PRUNER_SMALL = dict(sample_num=3, lr_epoch=2)
 BUDGET = 24

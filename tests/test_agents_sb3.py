@@ -11,7 +11,7 @@ from agents.common.save_util import AGENT_KIND, AGENT_VERSION, load_parts
 from agents.sb3_baselines import SB3Agent, StopAtTimesteps, load_zoo_hyperparams, sb3_algorithms, to_sparsity
 from rl_prune.config import PruneRunConfig
 from rl_prune.pipeline import build_agent
-from tiny import tiny_env, tiny_splits
+from tiny import SB3_SMALL, tiny_env, tiny_splits
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +24,7 @@ def make_env(splits, **kwargs):
                                       target=0.5, alpha=0.0, beta=0.0), **kwargs})
 
 
-#: tiny overrides of the zoo files so that a couple of dozen timesteps include gradient updates
-SMALL = {
-    "ppo": dict(n_steps=8, batch_size=8, n_epochs=2),
-    "a2c": dict(n_steps=4),
-    "trpo": dict(n_steps=8, batch_size=8),
-    "sac": dict(learning_starts=8, batch_size=8, buffer_size=100),
-    "td3": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
-    "ddpg": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
-}
+SMALL = SB3_SMALL
 POLICY = dict(policy_kwargs={"net_arch": [16, 16]})
 
 

@@ -44,3 +44,14 @@ def tiny_splits():
     from pruning_env.data import make_synthetic
 
     return make_synthetic(n_train=160, n_test=32, num_classes=10, image_size=16, seed=0)
+
+
+#: tiny overrides of the SB3 zoo files so that a couple of dozen timesteps include gradient updates
+SB3_SMALL = {
+    "ppo": dict(n_steps=8, batch_size=8, n_epochs=2),
+    "a2c": dict(n_steps=4),
+    "trpo": dict(n_steps=8, batch_size=8),
+    "sac": dict(learning_starts=8, batch_size=8, buffer_size=100),
+    "td3": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
+    "ddpg": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
+}
