@@ -17,6 +17,14 @@ def synthetic_splits():
     return make_synthetic(n_train=256, n_test=64, num_classes=10, seed=0)
 
 
+@pytest.fixture(scope="module")
+def splits():
+    """The 16x16 generated dataset of the tiny env and agent tests (``tests/tiny.py``), built once per module."""
+    from tiny import tiny_splits
+
+    return tiny_splits()
+
+
 @pytest.fixture
 def forbid(monkeypatch):
     """``forbid("pruning_env.pretrain.pretrain", ...)``: calling any of these functions fails the test (e.g. work that

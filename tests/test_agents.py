@@ -17,12 +17,7 @@ from agents.heuristics import GlobalTaylorPruner, RandomSearch, UniformPruner
 from agents.rl_pruner import (RLPrunerAgent, TopKBuffer, adjust_distribution, epsilon_at, initial_distribution,
                               sample_action, update_distribution)
 from pruning_env.envs.budget import distribution_to_counts
-from tiny import tiny_env, tiny_splits
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
+from tiny import tiny_env
 
 
 def make_env(splits, **kwargs):

@@ -11,12 +11,7 @@ from agents.common.save_util import AGENT_KIND, AGENT_VERSION, load_parts
 from agents.sb3_baselines import SB3Agent, StopAtTimesteps, load_zoo_hyperparams, sb3_algorithms, to_sparsity
 from rl_prune.config import PruneRunConfig
 from rl_prune.pipeline import build_agent
-from tiny import SB3_SMALL, tiny_env, tiny_splits
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
+from tiny import SB3_SMALL, tiny_env
 
 
 def make_env(splits, **kwargs):

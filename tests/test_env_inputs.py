@@ -9,12 +9,7 @@ import torch
 
 import pruning_env  # noqa: F401  (registers the ids)
 from pruning_env.models import list_models
-from tiny import tiny_env, tiny_splits
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
+from tiny import tiny_env
 
 
 @pytest.fixture

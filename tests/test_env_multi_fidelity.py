@@ -10,14 +10,9 @@ import torch
 
 from agents.common.monitor import PruneMonitor
 from pruning_env.envs.reward import kd_refined, make_estimator
-from tiny import tiny_env, tiny_splits
+from tiny import tiny_env
 
 KD_BATCHES = 2
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
 
 
 def _env(splits, **kwargs):

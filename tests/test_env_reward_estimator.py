@@ -13,14 +13,9 @@ from pruning_env.data import preload
 from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.reward import REWARD_ESTIMATORS, recalibrate_bn
 from pruning_env.training import evaluate, kd_loss
-from tests.tiny import TinyNet, tiny_env, tiny_splits
+from tests.tiny import TinyNet, tiny_env
 
 ACTION = np.array([0.3, 0.5, 0.2], dtype=np.float32)
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
 
 
 def _state(model: nn.Module):

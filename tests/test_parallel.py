@@ -16,14 +16,9 @@ import pytest
 from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.parallel import ParallelConfig, RayNotInstalledError
 
-from tiny import tiny_env, tiny_splits
+from tiny import tiny_env
 
 TESTS = str(Path(__file__).resolve().parent)
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
 
 
 def _env(splits, **kwargs):

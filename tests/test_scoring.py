@@ -13,12 +13,7 @@ from pruning_env.envs.budget import METRICS, ReductionMeter, channel_sparsity
 from pruning_env.envs.parallel import SerialBackend
 from pruning_env.envs.reward import REWARD_ESTIMATORS
 from pruning_env.envs.scoring import CandidateCache
-from tiny import tiny_env, tiny_splits
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
+from tiny import tiny_env
 
 
 @pytest.mark.parametrize("estimator", list(REWARD_ESTIMATORS))
