@@ -97,6 +97,8 @@ def test_action_map_keeps_every_group_positive(splits):
     env.reset(seed=0)
     _, _, _, _, info = env.step(to_sparsity([-1.0, -1.0, 1.0]))  # every group stays in the scaled action
     assert info["flops_reduction"] == pytest.approx(0.5, abs=0.05)
+    # exactly: the step aimed at the target and the env reports it reachable (not a budget miss)
+    assert info["budget_goal"] == 0.5 and info["budget_missed"] is False
 
 
 def test_sb3_rejects_bad_arguments(splits):
