@@ -323,11 +323,19 @@ class BasePruningAgent(RecordView):
         :param path: the saved file.
         :param env: env to attach (needed to ``learn``; ``predict`` of a distribution agent works without).
         :param kwargs: constructor arguments that override the saved ones.
+
+        Called on a base class (``BasePruningAgent.load``), it rebuilds the class the file names, through that
+        class's own :meth:`_from_saved` (an SB3 agent's file holds SB3's model zip, not the base's state).
         """
         saved_cls, parts = load_agent(path, cls)
+        return saved_cls._from_saved(parts, env, **kwargs)
+
+    @classmethod
+    def _from_saved(cls, parts: Any, env: Any = None, **kwargs: Any) -> "BasePruningAgent":
+        """Rebuild an agent of exactly this class from the parts of its file (see :meth:`load`)."""
         params = dict(parts.data["params"])
         params.update(kwargs)
-        agent = saved_cls(env=env, **params)
+        agent = cls(env=env, **params)
         agent._load_agent_state(parts.data["state"]["agent"])
         agent.record.load_state_dict(parts.data["state"]["record"])
         return agent
