@@ -18,7 +18,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
 from agents.common.base import BasePruningAgent, make_callback, unwrap_env
-from agents.common.save_util import save_agent
+from agents.common.save_util import load_agent, save_agent
 
 
 def sb3_algorithms() -> Dict[str, type]:
@@ -289,12 +289,17 @@ class SB3Agent(BasePruningAgent):
         return save_agent(path, self, self.get_parameters(), state, files={self.MODEL_PART: buffer.getvalue()})
 
     @classmethod
-    def _from_saved(cls, parts: Any, env: Any = None, **kwargs: Any) -> "SB3Agent":
-        """Rebuild an agent written by :meth:`save` from its file's parts (``load``, inherited, reads the file;
-        ``env`` is needed to keep learning)."""
+    def load(cls, path: Union[str, Path], env: Any = None, **kwargs: Any) -> "SB3Agent":
+        """Rebuild an agent written by :meth:`save` (``env`` is needed to keep learning).
+
+        :param path: the saved file.
+        :param env: env to attach.
+        :param kwargs: constructor arguments that override the saved ones.
+        """
+        saved_cls, parts = load_agent(path, cls)
         params = dict(parts.data["params"])
         params.update(kwargs)
-        agent = cls(env=None, **params)
+        agent = saved_cls(env=None, **params)
         algo_cls = sb3_algorithms()[agent.algo]
         agent.model = algo_cls.load(io.BytesIO(parts.files[cls.MODEL_PART]), device=agent.device)
         agent.num_timesteps = int(parts.data["state"]["num_timesteps"])

@@ -324,18 +324,15 @@ class BasePruningAgent(RecordView):
         :param env: env to attach (needed to ``learn``; ``predict`` of a distribution agent works without).
         :param kwargs: constructor arguments that override the saved ones.
 
-        Called on a base class (``BasePruningAgent.load``), it rebuilds the class the file names, through that
-        class's own :meth:`_from_saved` (an SB3 agent's file holds SB3's model zip, not the base's state).
+        Called on a base class (``BasePruningAgent.load``), it rebuilds the class the file names; a class with a
+        ``load`` of its own reads the file itself (an SB3 agent's file holds SB3's model zip, not this state).
         """
         saved_cls, parts = load_agent(path, cls)
-        return saved_cls._from_saved(parts, env, **kwargs)
-
-    @classmethod
-    def _from_saved(cls, parts: Any, env: Any = None, **kwargs: Any) -> "BasePruningAgent":
-        """Rebuild an agent of exactly this class from the parts of its file (see :meth:`load`)."""
+        if saved_cls is not cls and saved_cls.load.__func__ is not BasePruningAgent.load.__func__:
+            return saved_cls.load(path, env=env, **kwargs)
         params = dict(parts.data["params"])
         params.update(kwargs)
-        agent = cls(env=env, **params)
+        agent = saved_cls(env=env, **params)
         agent._load_agent_state(parts.data["state"]["agent"])
         agent.record.load_state_dict(parts.data["state"]["record"])
         return agent
