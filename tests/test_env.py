@@ -95,6 +95,9 @@ def test_budget_meets_cumulative_goal(splits, mode):
     # channel granularity of a 12-16-20 channel net: within a few percent of the cumulative goals
     assert abs(first["flops_reduction"] - 0.25) < 0.06
     assert abs(last["flops_reduction"] - 0.5) < 0.06
+    # exactly: the cumulative goals the steps aimed at, both reachable
+    assert (first["budget_goal"], last["budget_goal"]) == (0.25, 0.5)
+    assert first["budget_missed"] is False and last["budget_missed"] is False
 
 
 def test_budget_is_met_when_the_named_groups_cannot_carry_it(splits):
@@ -108,6 +111,7 @@ def test_budget_is_met_when_the_named_groups_cannot_carry_it(splits):
     _, _, terminated, _, info = env.step(action)
     assert terminated
     assert abs(info["flops_reduction"] - 0.5) < 0.06
+    assert info["budget_goal"] == 0.5 and info["budget_missed"] is False  # met, not silently missed
     # the named group is pruned hardest
     removed = 1.0 - info["kept_channels"] / env.original_channels
     assert removed[-1] == removed.max()
@@ -406,6 +410,7 @@ def test_env_prunes_a_torchvision_classifier_on_an_image_folder(tmp_path):
     _, reward, terminated, _, info = env.step(np.full(env.n_groups, 0.5, dtype=np.float32))
     assert terminated and np.isfinite(reward)
     assert info["flops_reduction"] == pytest.approx(0.5, abs=0.02)
+    assert info["budget_goal"] == 0.5 and info["budget_missed"] is False
     before = count_costs(net, (3, 32, 32))
     after = count_costs(env.model, (3, 32, 32))
     assert after.params < 0.8 * before.params and after.macs < 0.55 * before.macs
