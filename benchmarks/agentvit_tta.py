@@ -421,8 +421,9 @@ def verdict(summary: Dict[str, Any]) -> List[str]:
                     theirs = dict(zip(pol[other]["seeds"], pol[other][key]))
                     common = [s for s in mine if s in theirs]
                     sooner = sum(mine[s] < theirs[s] for s in common)
-                    comp.append(f"{'sooner' if t < to else 'later'} than {LABELS[other]} ({to:.1f} s; sooner in "
-                                f"{sooner} of {len(common)} paired seeds)")
+                    order = "sooner than" if t < to else "later than" if t > to else "as soon as"
+                    comp.append(f"{order} {LABELS[other]} ({to:.1f} s; sooner in {sooner} of {len(common)} paired "
+                                "seeds)")
             parts.append(f"reaches {int(q * 100)} % in {t:.1f} s, " + ", ".join(comp))
         loss = 100 * (np.mean(pol[p]["test_all"]) - np.mean(pol["full"]["test_all"]))
         out.append(f"- {LABELS[p]}: " + "; ".join(parts) + f"; final test top-1 {loss:+.1f} points vs all patches.")

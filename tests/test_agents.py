@@ -242,6 +242,7 @@ def test_rl_pruner_reaches_target_with_exact_evaluation_count(splits):
     env, agent = run_rl_pruner(splits)
     assert len(agent.history) == env.n_steps and agent.episodes == 1
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
     assert agent.best is not None and agent.best["episode"] == 0
     # 3 samples x 2 RL epochs per step, plus 6 per collapse-guard resample; the chosen candidate is reused
     collapses = sum(row["collapse_reset"] for row in agent.history)
@@ -298,6 +299,7 @@ def test_rl_pruner_lookahead_tree_depth_two(splits):
     # chosen candidate is rebuilt once because the deeper look-ahead stepped it out of the cache
     assert agent.history[0]["n_evaluations"] == 2 * (1 + 2) + 1
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
 
 
 # ----------------------------------------------------------------------------------------------- heuristics
@@ -337,6 +339,7 @@ def test_global_taylor_end_to_end_reaches_target(splits):
     agent = GlobalTaylorPruner(env)
     agent.learn()
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
     assert agent.n_evaluations == env.n_steps
     with pytest.raises(ValueError, match="max_sparsity"):
         GlobalTaylorPruner(None, max_sparsity=1.0)
@@ -349,6 +352,7 @@ def test_random_search_uses_exactly_its_budget(splits, mode):
     agent.learn()
     assert agent.n_evaluations == 12 * env.n_steps  # the best candidate stays cached for its step
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
     for row in agent.history:
         assert row["accuracy"] == pytest.approx(row["best_candidate_reward"])
     np.testing.assert_array_equal(agent.predict()[0], agent._best_action)

@@ -88,6 +88,7 @@ def test_agents_on_the_tiny_net_never_exceed_the_budget(splits, make_agent):
     agent.learn()
     assert agent.episodes == 1 and agent.n_evaluations <= 10
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.05)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
 
 
 def test_min_keep_fraction_keeps_every_group_above_its_floor(splits):

@@ -45,6 +45,7 @@ def test_sb3_learns_and_counts_evaluations(splits, algo, tmp_path):
     for row in agent.history:
         assert row["flops_reduction"] == pytest.approx(0.5, abs=0.05)
     assert agent.best is not None and agent.best["reward"] == max(r["reward"] for r in agent.history)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
 
     obs, _ = agent.wrapped.reset(seed=0)
     action, _ = agent.predict(obs, deterministic=True)
