@@ -37,7 +37,7 @@ from pruning_env.costs import state_macs, vit_gflops
 from pruning_env.data import DatasetSplits, make_datasets
 from pruning_env.models import create_model
 from pruning_env.runtime import atomic_write_text, machine_info, resolve_device
-from rl_prune.config import ViTRunConfig, load_config
+from rl_prune.config import ConfigError, ViTRunConfig, load_config
 from rl_prune.vit_run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -507,7 +507,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = resolve_settings(args)
+    try:
+        settings = resolve_settings(args)
+    except ConfigError as err:  # a missing or bad recipe file, named with the key
+        print(f"agentvit_tta.py: {err}", file=sys.stderr)
+        return 2
     device = torch.device(settings["device"])
     num_workers = args.num_workers if args.num_workers is not None else (6 if device.type == "cuda" else 0)
     out = Path(args.out)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stable_baselines3.common.callbacks import BaseCallback
 
 from rl_prune.cli import evaluate_main, train_main
 from rl_prune.config import load_config
 from rl_prune.pipeline import run
 from rl_prune.run_folder import (RunFolder, RunFolderError, RunFolderLocked, RunLock, claim_new_run_folder,
                                  latest_run_folder, numbered_run_dirs)
+from tiny import KillAt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,19 +94,6 @@ def test_a_rerun_keeps_the_finished_run(tmp_path, capsys):
     assert [n for n, _ in numbered_run_dirs(runs, "tiny")] == [1, 2]
     with pytest.raises(SystemExit):  # one or the other
         train_main(["--config", str(path), "--overwrite", "--resume"])
-
-
-class KillAt(BaseCallback):
-    """A kill (Ctrl-C) right after pruning step ``k`` (after that step's checkpoint)."""
-
-    def __init__(self, k):
-        super().__init__()
-        self.k = k
-
-    def _on_step(self):
-        if self.model.num_timesteps == self.k:
-            raise KeyboardInterrupt
-        return True
 
 
 def test_resume_continues_the_named_or_the_latest_folder(tmp_path, capsys):

@@ -9,13 +9,12 @@ import csv
 import pytest
 import torch
 import yaml
-from stable_baselines3.common.callbacks import BaseCallback
 
 from rl_prune.cli import train_main
 from rl_prune.config import load_config
 from rl_prune.pipeline import run
 from rl_prune.run_folder import RunFolder
-from tiny import TINY_RUN
+from tiny import TINY_RUN, KillAt
 
 N_STEPS = TINY_RUN["env"]["n_steps"]
 
@@ -84,19 +83,6 @@ def test_same_seed_gives_same_metrics(reference, tmp_path):
     path, run_dir = reference
     assert train_main(["--config", str(path), "--name", "again", f"run.out_dir={tmp_path}"]) == 0
     assert_same_run(run_dir, tmp_path / "again")
-
-
-class KillAt(BaseCallback):
-    """Simulates a kill (Ctrl-C) right after pruning step ``k`` (after that step's checkpoint)."""
-
-    def __init__(self, k):
-        super().__init__()
-        self.k = k
-
-    def _on_step(self):
-        if self.model.num_timesteps == self.k:
-            raise KeyboardInterrupt
-        return True
 
 
 @pytest.mark.parametrize("k", [1, N_STEPS])

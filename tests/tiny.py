@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from stable_baselines3.common.callbacks import BaseCallback
 
 from pruning_env.costs import attention_macs, count_costs, layer_macs
 from pruning_env.pruning import Pruner
@@ -53,11 +54,38 @@ def tiny_env(splits, **kwargs):
     return PruneEnv(**defaults)
 
 
+def tiny_patch_env(splits, **kwargs):
+    """A seeded PatchSelectEnv (AgentViT) over a width-0.125, depth-1 SimpleViT: 2 epochs of batch 32, a reward
+    every 2 batches, k* = 20, no wall-clock seconds in ``info``; ``kwargs`` override."""
+    from pruning_env.envs.patch_env import PatchSelectEnv
+
+    defaults = dict(dataset=splits, width=0.125, depth=1, batch_size=32, epochs=2, reward_every=2, n_keep=20, seed=0,
+                    time_info=False)
+    defaults.update(kwargs)
+    return PatchSelectEnv(**defaults)
+
+
 def tiny_splits():
     """Generated 16x16 images, 10 classes: a quarter of the conftest set's compute."""
     from pruning_env.data import make_synthetic
 
     return make_synthetic(n_train=160, n_test=32, num_classes=10, image_size=16, seed=0)
+
+
+def random_actions(n_groups: int, count: int, seed: int = 0):
+    """``count`` seeded sparsity actions, each group's value uniform in [0.05, 1)."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.05, 1.0, n_groups).astype(np.float32) for _ in range(count)]
+
+
+def state_copy(model: nn.Module) -> dict:
+    """A detached copy of ``model``'s state dict (to check later that nothing changed it)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 #: tiny overrides of the SB3 zoo files so that a couple of dozen timesteps include gradient updates
@@ -134,6 +162,19 @@ class ScriptedEnv(gym.Env):
 
 
 # --------------------------------------------------------------------------------------- run layer
+class KillAt(BaseCallback):
+    """Simulates a kill (Ctrl-C) right after pruning step ``k`` (after that step's checkpoint)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def _on_step(self):
+        if self.model.num_timesteps == self.k:
+            raise KeyboardInterrupt
+        return True
+
+
 #: the train_agent.py config of the run-layer tests (untrained width-0.0625 VGG-11, two-batch fine-tune)
 TINY_RUN = {
     "name": "tiny",
