@@ -13,7 +13,7 @@ from pruning_env.data import preload
 from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.reward import REWARD_ESTIMATORS, recalibrate_bn
 from pruning_env.training import evaluate, kd_loss
-from tests.tiny import TinyNet, tiny_env
+from tiny import TinyNet, tiny_env
 
 ACTION = np.array([0.3, 0.5, 0.2], dtype=np.float32)
 
