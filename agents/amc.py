@@ -255,7 +255,8 @@ class AMCAgent(SB3Agent):
                              f"alone evaluates 1); raise the budget to >= 2")
         episodes, n_groups = int(budget) - 1, int(self.penv.n_groups)
         warm = min(self.warmup_episodes(episodes), episodes)
-        text = (f"{episodes} episodes x {n_groups} group steps (warm-up {warm} random episodes, then DDPG with "
+        text = (f"{episodes} episodes x {n_groups} group steps (warm-up {warm} random episode{'s' * (warm != 1)}, "
+                f"then DDPG with "
                 f"truncated-normal noise sigma {self.init_delta:g} x {self.delta_decay:g}^episode) + 1 deterministic "
                 f"episode = {budget} evaluations (one per episode)")
         return episodes * n_groups, text
@@ -264,7 +265,8 @@ class AMCAgent(SB3Agent):
               tb_log_name: Optional[str] = None, reset_num_timesteps: bool = True,
               progress_bar: bool = False, final_episode: bool = True) -> "AMCAgent":
         """Train for ``total_timesteps`` env steps (``n_groups`` per episode, one evaluation per episode), warm-up
-        first (:meth:`warmup_episodes` of this call's episodes), then the final deterministic episode.
+        first (:meth:`warmup_episodes` of this call's episodes; a call with ``reset_num_timesteps=False`` continues
+        the search and its schedule instead), then the final deterministic episode.
 
         :param total_timesteps: env steps; whole episodes are used (a partial last one is dropped).
         """
@@ -276,10 +278,9 @@ class AMCAgent(SB3Agent):
         episodes = int(total_timesteps) // n_groups
         if episodes < 1:
             raise ValueError(f"total_timesteps={total_timesteps} is below one episode ({n_groups} group steps)")
-        start = 0 if reset_num_timesteps else int(self.model.num_timesteps)
-        warm = self.warmup_episodes(episodes)
-        self.model.warmup_episodes = warm + (0 if reset_num_timesteps else int(self.model._episode_num))
-        self.model.learning_starts = start + warm * n_groups
+        if reset_num_timesteps:  # SB3 restarts its step and episode counters: a new search, a new warm-up
+            warm = self.warmup_episodes(episodes)
+            self.model.warmup_episodes, self.model.learning_starts = warm, warm * n_groups
         return super().learn(episodes * n_groups, callback=callback, log_interval=log_interval,
                              tb_log_name=tb_log_name or "AMC", reset_num_timesteps=reset_num_timesteps,
                              progress_bar=progress_bar, final_episode=final_episode)
