@@ -19,6 +19,7 @@ the episodes, AMC's 100 of 800) unless ``warmup`` names a number. Deviations: do
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Dict, List, Optional, Tuple
 
 import gymnasium as gym
@@ -31,6 +32,11 @@ from agents.sb3_baselines import SB3Agent
 
 #: AMC's warm-up share of the search: 100 warm-up episodes of 800 (``amc_search.py`` defaults)
 AMC_WARMUP_FRACTION = 100 / 800
+#: AMC's DDPG settings that are SB3 arguments: AMCAgent's defaults when built directly (``configs/sb3/amc.yaml``
+#: states the same values for runs; ``tests/test_agent_amc.py`` checks that the two agree)
+AMC_DDPG_DEFAULTS: Dict[str, Any] = {"policy_kwargs": {"net_arch": [300, 300]}, "learning_rate": 1e-3,
+                                     "batch_size": 64, "tau": 0.01, "gamma": 1.0, "train_freq": (1, "episode"),
+                                     "gradient_steps": -1}
 
 
 def truncated_normal(rng: np.random.Generator, mean: np.ndarray, sigma: float, low: np.ndarray,
@@ -175,12 +181,15 @@ class AMCAgent(SB3Agent):
     :param moving_alpha: step of the reward baseline (:class:`AMCReplayBuffer`; AMC: 0.5).
     :param buffer_episodes: replay buffer size in episodes (AMC's ``rmsize`` 100 per layer); an explicit
         ``buffer_size`` wins.
-    :param hyperparams: :class:`SB3Agent`'s arguments and DDPG's (``learning_rate``, ``batch_size``, ``tau``, ...).
+    :param hyperparams: :class:`SB3Agent`'s arguments and DDPG's (``learning_rate``, ``batch_size``, ``tau``, ...);
+        those not given take AMC's values (:data:`AMC_DDPG_DEFAULTS`).
     """
 
     def __init__(self, env: Any = None, warmup: Optional[int] = None, warmup_fraction: float = AMC_WARMUP_FRACTION,
                  init_delta: float = 0.5, delta_decay: float = 0.95, actor_learning_rate: Optional[float] = 1e-4,
                  moving_alpha: float = 0.5, buffer_episodes: int = 100, **hyperparams: Any) -> None:
+        for key, value in AMC_DDPG_DEFAULTS.items():
+            hyperparams.setdefault(key, copy.deepcopy(value))
         hyperparams.setdefault("algo", "ddpg")
         if hyperparams["algo"] != "ddpg":
             raise ValueError(f"AMCAgent is DDPG (algo='ddpg'), got algo={hyperparams['algo']!r}")
@@ -286,4 +295,4 @@ class AMCAgent(SB3Agent):
                              progress_bar=progress_bar, final_episode=final_episode)
 
 
-__all__ = ["AMCAgent", "AMCDDPG", "AMCReplayBuffer", "truncated_normal", "AMC_WARMUP_FRACTION"]
+__all__ = ["AMCAgent", "AMCDDPG", "AMCReplayBuffer", "truncated_normal", "AMC_WARMUP_FRACTION", "AMC_DDPG_DEFAULTS"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from agents.amc import AMC_WARMUP_FRACTION, AMCAgent, AMCReplayBuffer, truncated_normal
+from agents.amc import AMC_DDPG_DEFAULTS, AMC_WARMUP_FRACTION, AMCAgent, AMCReplayBuffer, truncated_normal
 from rl_prune.config import ConfigError, PruneRunConfig
 from rl_prune.pipeline import build_agent, build_env
 from tiny import SB3_SMALL, TinyNet, tiny_env
@@ -213,3 +213,19 @@ def test_cli_tiny_run(tmp_path, capsys):
     assert metrics["n_steps"] == len(metrics["group_names"]) == len(metrics["actions"])
     assert metrics["flops_reduction"] == pytest.approx(0.4, abs=0.03)
     assert "warm-up 1 random episode" in metrics["budget_schedule"]
+
+
+def test_zoo_file_states_amcs_defaults():
+    """configs/sb3/amc.yaml (what runs use) and AMCAgent's defaults (direct use) give the same AMC settings."""
+    import inspect
+
+    from agents.registry import SB3_CONFIG_DIR
+    from agents.sb3_baselines import load_zoo_hyperparams
+
+    zoo = load_zoo_hyperparams("ddpg", SB3_CONFIG_DIR / "amc.yaml")
+    for key, value in AMC_DDPG_DEFAULTS.items():
+        assert (tuple(zoo[key]) if key == "train_freq" else zoo[key]) == value, key
+    own = inspect.signature(AMCAgent.__init__).parameters
+    for key in ("init_delta", "delta_decay", "actor_learning_rate", "moving_alpha", "buffer_episodes", "warmup",
+                "warmup_fraction"):
+        assert zoo[key] == own[key].default, key
