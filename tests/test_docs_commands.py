@@ -63,6 +63,7 @@ SMOKE_AGENT: Dict[str, Dict[str, object]] = {
     "sac": dict(_OFF_POLICY),
     "td3": dict(_OFF_POLICY),
     "ddpg": dict(_OFF_POLICY),
+    "amc": {"batch_size": 8, "warmup": 2},
 }
 #: evaluations of an SB3 smoke run (its final deterministic episode included)
 SMOKE_SB3_BUDGET = 7
