@@ -63,6 +63,9 @@ AGENTS: Dict[str, AgentSpec] = {
     "latency_knapsack": AgentSpec("agents.knapsack:LatencyKnapsackPruner",
                                   description="HALP-style greedy knapsack: least importance per unit of the budget "
                                               "metric saved (latency or MACs)"),
+    "sensitivity": AgentSpec("agents.sensitivity:SensitivityPruner",
+                             description="Li et al. 2017 sensitivity analysis: each group pruned alone at a grid of "
+                                         "ratios (budget-derived), greedy allocation to the target (docs/agents.md)"),
     "random_search": AgentSpec("agents.heuristics:RandomSearch", budget_arg="n_candidates",
                                description="best of N random actions per step (look-ahead)"),
     "ppo": _sb3("ppo", "Stable-Baselines3 PPO"),

@@ -107,7 +107,7 @@ def build_agent(cfg: PruneRunConfig, name: str, env: Any,
     # equal budgets: every agent's monitor stops look-aheads at the budget, counted by the env for all alike
     monitored = PruneMonitor(env, max_evaluations=int(cfg.budget)) if cfg.budget is not None else env
     agent = cls(monitored, seed=cfg.seed, tensorboard_log=tensorboard_log, **kwargs)
-    agent.budget_schedule = schedule
+    agent.budget_schedule = schedule or getattr(agent, "budget_schedule", None)  # or the agent's own account
     return agent, learn
 
 

@@ -57,6 +57,7 @@ SMOKE_AGENT: Dict[str, Dict[str, object]] = {
     "global_taylor": {},
     "latency_knapsack": {},
     "random_search": {"n_candidates": 2},
+    "sensitivity": {"n_ratios": 1},
     "ppo": {**_ON_POLICY, "batch_size": 4, "n_epochs": 1},
     "a2c": dict(_ON_POLICY),
     "trpo": {**_ON_POLICY, "batch_size": 4},
