@@ -267,6 +267,62 @@ def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> Non
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------------------------- fine-tune
+
+def finetune_pruned(cfg: PruneRunConfig, model: torch.nn.Module, env: Any, seed: int) -> Dict[str, Any]:
+    """The run's final fine-tune of ``model`` in place (``cfg.finetune``: KD from the env's original model by
+    default), every random draw from ``seed``; returns its statistics ({} for ``finetune.epochs`` 0) and leaves the
+    model in eval mode.
+
+    :param cfg: the run's config.
+    :param model: the pruned model, on the env's device.
+    :param env: the PruneEnv of the task (its splits, original model and device).
+    :param seed: seed of the fine-tune (dropout, augmentation, batch order).
+    """
+    ft = cfg.finetune
+    seed_everything(seed)
+    stats: Dict[str, Any] = {}
+    if ft.epochs > 0:
+        stats = finetune(model, env.splits.train, val_data=env.splits.val, epochs=ft.epochs,
+                         max_batches=ft.max_batches, lr=ft.lr, min_lr=ft.min_lr, warmup_ratio=ft.warmup_ratio,
+                         teacher=env.original_model if ft.teacher == "original" else None, T=ft.T,
+                         soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=seed,
+                         progress=cfg.run.progress)
+    model.eval()
+    return stats
+
+
+def finetune_searched(cfg: PruneRunConfig, folder: Union[RunFolder, str, Path], seed: Optional[int] = None,
+                      env: Any = None) -> Dict[str, Any]:
+    """Fine-tune the searched model of a run folder (rebuilt from the env's original model and checked by
+    :meth:`RunFolder.read_searched_model`) with ``cfg``'s recipe and ``seed``: the run's own fine-tune for
+    ``seed = cfg.seed``, another draw of it otherwise. Nothing is written.
+
+    :param cfg: the config of the fine-tune (the run's, or another ``finetune`` section).
+    :param folder: a run folder whose search finished.
+    :param seed: seed of the fine-tune (default ``cfg.seed``).
+    :param env: a PruneEnv of the run's task (default: built from ``cfg`` for the folder's agent).
+    :return: ``{"seed", "report"`` (:func:`model_report` after the fine-tune), ``"finetune"`` (its statistics
+        without the history), ``"seconds"}``.
+    """
+    folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+    own_env = env is None
+    if own_env:
+        env = build_env(cfg, folder.read_config().get("agent") or cfg.agent)
+    try:
+        model = folder.read_searched_model(env.original_model).to(env.device)
+        seed = cfg.seed if seed is None else int(seed)
+        t0 = time.perf_counter()
+        stats = finetune_pruned(cfg, model, env, seed)
+        seconds = time.perf_counter() - t0
+        report = model_report(model, env, cfg.run.eval_batch_size)
+    finally:
+        if own_env:
+            env.close()
+    return {"seed": seed, "report": report, "finetune": {k: v for k, v in stats.items() if k != "history"},
+            "seconds": seconds}
+
+
 # ---------------------------------------------------------------------------------------------------- run
 
 def run(cfg: PruneRunConfig, agent_name: Optional[str] = None, run_dir: Union[str, Path, None] = None,
@@ -402,20 +458,19 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     bs = cfg.run.eval_batch_size
     pruned = copy.deepcopy(best["model"]).to(env.device)
     original = env.original_model
+    if best.get("kept_indices") is not None:
+        folder.write_searched_model(pruned, original, best["kept_indices"], env.input_size,
+                                    {"ignore": env.config.ignore_layers,
+                                     "prune_normalized": env.config.prune_normalized},
+                                    source_name=cfg.env.get("checkpoint"))
+    else:
+        print(f"note: the env of {name!r} does not track kept-channel indices (kept_indices): no "
+              f"{RunFolder.SEARCHED_MODEL} in {folder.path}", file=sys.stderr)
     report = {"original": model_report(original, env, bs), "pruned_before_finetune": model_report(pruned, env, bs),
               "pruned_bn_reestimated": bn_reestimated_report(pruned, env, bs)}
-    ft = cfg.finetune
-    seed_everything(cfg.seed)  # phase 3: the fine-tune (dropout, augmentation) as in every other run
     t_ft = time.perf_counter()
-    ft_stats: Dict[str, Any] = {}
-    if ft.epochs > 0:
-        ft_stats = finetune(pruned, env.splits.train, val_data=env.splits.val, epochs=ft.epochs,
-                            max_batches=ft.max_batches, lr=ft.lr, min_lr=ft.min_lr, warmup_ratio=ft.warmup_ratio,
-                            teacher=original if ft.teacher == "original" else None, T=ft.T,
-                            soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=cfg.seed,
-                            progress=progress)
+    ft_stats = finetune_pruned(cfg, pruned, env, cfg.seed)  # phase 3, from cfg.seed as in every other run
     finetune_seconds = time.perf_counter() - t_ft
-    pruned.eval()
     report["pruned"] = model_report(pruned, env, bs)
 
     example = torch.randn(2, *env.input_size) if cfg.run.export_torchscript else None
@@ -457,5 +512,5 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     return metrics
 
 
-__all__ = ["run", "build_env", "build_agent", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
+__all__ = ["run", "build_env", "build_agent", "finetune_pruned", "finetune_searched", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
            "CheckpointEvery", "model_report", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]

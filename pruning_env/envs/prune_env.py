@@ -204,6 +204,12 @@ class PruneEnv(gym.Env):
         return self._require_state().channels.copy()
 
     @property
+    def kept_indices(self) -> List[np.ndarray]:
+        """Kept channel indices per group in the original model's numbering (the episode's plans composed):
+        ``Pruner(original).apply(PrunePlan(kept_indices))`` rebuilds the current model's structure."""
+        return [k.copy() for k in self._require_state().pruner.origin]
+
+    @property
     def step_index(self) -> int:
         """Steps taken in this episode."""
         return self._require_state().step_index
