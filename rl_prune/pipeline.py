@@ -219,6 +219,33 @@ def bn_reestimated_report(model: torch.nn.Module, env: Any, batch_size: int) -> 
     return model_report(net, env, batch_size)
 
 
+def latency_record(env: Any, kept: np.ndarray) -> Dict[str, Any]:
+    """The run's latency setting (``metrics.json``'s ``latency``): the env's ``latency_*`` device setting, the
+    table's grid and cache, the pruner options that define its groups (what ``evaluate.py`` needs to rebuild the same
+    table), and the predicted latencies of the original and the kept channels when the env built a latency model
+    (a latency target or budget, or ``gamma != 0``; otherwise ``predicted`` is None).
+
+    :param env: the PruneEnv of the run.
+    :param kept: kept channels per group of the best episode.
+    """
+    from dataclasses import asdict
+
+    cfg = env.config
+    record: Dict[str, Any] = {
+        "setting": asdict(cfg.latency_setting()), "grid": [float(f) for f in cfg.latency_grid],
+        "cache": None if cfg.latency_cache is None else str(cfg.latency_cache),
+        "pruner": {"ignore_layers": list(cfg.ignore_layers), "min_channels": int(cfg.min_channels),
+                   "round_to": int(cfg.round_to), "prune_normalized": bool(cfg.prune_normalized)},
+        "predicted": None,
+    }
+    model = env.latency_model
+    if model is not None:
+        original, pruned = float(model.original), float(model.predict(kept))
+        record["predicted"] = {"original_s": original, "pruned_s": pruned, "reduction": 1.0 - pruned / original,
+                               "speedup": original / pruned, "from_cache": bool(getattr(model, "from_cache", False))}
+    return record
+
+
 def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> None:
     """PNG: the learned per-group pruning distribution (or the realised share of removed channels) and the
     kept vs original channels per group.
@@ -491,7 +518,8 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
                  "split_seed": env.split_seed},
         "input_size": list(env.input_size),
         "target": env.target, "target_metric": env.episode_metric, "n_steps": env.n_steps,
-        "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta,
+        "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta, "gamma": float(env.config.gamma),
+        "latency": latency_record(env, kept),
         "n_evaluations": agent.n_evaluations, "budget": cfg.budget,
         "budget_schedule": getattr(agent, "budget_schedule", None), "timesteps": agent.num_timesteps,
         "best_episode": best["episode"], "best_reward": best["reward"],
@@ -513,4 +541,4 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
 
 
 __all__ = ["run", "build_env", "build_agent", "finetune_pruned", "finetune_searched", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
-           "CheckpointEvery", "model_report", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]
+           "CheckpointEvery", "model_report", "latency_record", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]
