@@ -10,7 +10,8 @@ Read one file at a time, bottom up:
 - :mod:`.graph`: ``DependencyGraph`` (groups, slicing specs, layer calls) and its result types.
 """
 from pruning_env.pruning.graph.graph import DependencyGraph, Group, LayerCall, ModuleSpec, ParamSpec
-from pruning_env.pruning.graph.layouts import FIXED, ExampleInput, Layout, Segment, UnsupportedModelError, layout_features
+from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
+                                               layout_features)
 from pruning_env.pruning.graph.ops import CONV_TYPES, LEAF_TYPES, NORM_TYPES, OPAQUE_TYPES, is_opaque
 
 __all__ = [

@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning.graph import partitions
-from pruning_env.pruning.graph.layouts import FIXED, ExampleInput, Layout, Segment, UnsupportedModelError, layout_features
+from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
+                                               layout_features)
 from pruning_env.pruning.graph.norms import norm_width
 from pruning_env.pruning.graph.ops import CONV_TYPES
 from pruning_env.pruning.graph.tracer import Tracer
@@ -81,23 +82,26 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One call of a conv/linear/norm layer during the trace, as the analytic cost model needs it.
+    """One call of a conv/linear/norm layer during the trace, as the analytic cost model needs it: geometry only
+    (the MACs formulas are the cost model's, :mod:`pruning_env.costs.counting`).
 
     :ivar role: ``"conv"``, ``"linear"``, ``"norm"``, ``"layernorm"``, ``"depthwise"``, ``"attention"`` (widths
         follow the groups; the layer's layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never
         change, e.g. a grouped conv that changes the width, or a layer inside an opaque module) or ``"other"``
         (no group touches it).
-    :ivar positions: output positions per channel (spatial size; rows or tokens for linear layers).
-    :ivar fixed_macs: MACs of a ``"fixed"`` / ``"other"`` call (constant under pruning), else 0.
-    :ivar context: for ``"attention"`` calls, the keys each query attends to (the QK^T and AV matmuls cost
-        ``2 * positions * context`` MACs per q feature); else 0.
+    :ivar name: the layer's qualified module name.
+    :ivar positions: output positions per channel (spatial size; rows or tokens for linear layers; queries of an
+        ``"attention"`` call).
+    :ivar context: for ``"attention"`` calls, the keys each query attends to; else 0.
+    :ivar geometry: for a ``"fixed"`` call of an opaque attention module the cost model counts, its
+        ``(queries, keys, context)`` (:func:`pruning_env.costs.counting.attention_geometry`); else ``None``.
     """
 
     name: str
     role: str
     positions: int
-    fixed_macs: int = 0
     context: int = 0
+    geometry: Optional[Tuple[int, int, int]] = None
 
 
 def _common_prefix(names: Sequence[str]) -> str:
@@ -140,18 +144,16 @@ class DependencyGraph:
     :ivar calls: every conv/linear/norm call of the trace in execution order (a layer called twice appears twice).
     :ivar params: parameters used outside any layer whose channels follow a group, by qualified name (only with
         ``prune_normalized``).
-    :ivar traced_macs: MACs per image the trace counted (``None`` for a derived graph, which was not traced).
     """
 
     def __init__(self, model: nn.Module, groups: List[Group], specs: Dict[str, ModuleSpec],
-                 calls: Tuple[LayerCall, ...], input_size: Tuple[int, ...], traced_macs: Optional[int] = None,
+                 calls: Tuple[LayerCall, ...], input_size: Tuple[int, ...],
                  params: Optional[Dict[str, ParamSpec]] = None) -> None:
         self.model = model
         self.groups = groups
         self.specs = specs
         self.calls = calls
         self.input_size = input_size
-        self.traced_macs = traced_macs
         self.params = params or {}
 
     @property
@@ -332,10 +334,8 @@ class DependencyGraph:
             g.followers = tuple(followers[gi])
             g.consumers = tuple(consumers[gi])
         cls._name_groups(groups)
-        calls = tuple(LayerCall(c.name, c.role, c.factor, c.const_macs if c.role in ("fixed", "other") else 0,
-                                c.context) for c in tracer.calls)
-        return cls(model, groups, specs, calls, input_size, traced_macs=sum(c.const_macs for c in tracer.calls),
-                   params=params)
+        calls = tuple(LayerCall(c.name, c.role, c.factor, c.context, c.geometry) for c in tracer.calls)
+        return cls(model, groups, specs, calls, input_size, params=params)
 
     @staticmethod
     def _name_groups(groups: List[Group]) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
-from pruning_env.costs.counting import attention_macs, layer_macs
+from pruning_env.costs.counting import attention_geometry, layer_positions
 from pruning_env.pruning.attention import AttentionHandler
 from pruning_env.pruning.graph.layouts import FIXED, Layout, Segment, UnsupportedModelError, layout_features
 from pruning_env.pruning.graph.ops import CONV_TYPES, CONVT_TYPES, NORM_TYPES
@@ -23,7 +23,7 @@ __all__ = ["TracedCall", "AttentionFrame", "LayerOps"]
 
 @dataclass
 class TracedCall:
-    """One call of a leaf layer during the trace (raw layouts use source ids)."""
+    """One call of a leaf layer during the trace (raw layouts use source ids): its geometry, never its cost."""
 
     name: str
     module: nn.Module
@@ -31,8 +31,8 @@ class TracedCall:
     in_layout: Optional[Layout]
     out_layout: Optional[Layout]
     factor: int  # output positions per channel (spatial size; rows for linear)
-    const_macs: int  # MACs of this call as the cost model counts them in the traced model
     context: int = 0  # attention calls: keys per query
+    geometry: Optional[Tuple[int, int, int]] = None  # opaque attention calls: costs.counting.attention_geometry
 
 
 @dataclass
@@ -65,8 +65,7 @@ class LayerOps:
                 or len(tuple(shape)) != 1 or self.cdim(x) != x.dim() - 1 or len(outs) != 1):
             return False
         name = self.stack[-1]
-        self.calls.append(TracedCall(name, module, "layernorm", layout, layout, x.numel() // x.shape[0] // x.shape[-1],
-                                0))
+        self.calls.append(TracedCall(name, module, "layernorm", layout, layout, x.numel() // x.shape[0] // x.shape[-1]))
         self.set_layout(outs[0], layout, outs[0].dim() - 1)
         return True
 
@@ -78,7 +77,6 @@ class LayerOps:
         in_layout, in_cdim = pending
         batch = out.shape[0] if out.dim() > 1 else 1
         per_item = out.numel() // max(batch, 1)
-        macs = layer_macs(module, out)
         out_layout: Optional[Layout] = None
         out_cdim = 1
         channel_last = isinstance(module, nn.Linear) and inp is not None and inp.dim() > 2
@@ -90,7 +88,7 @@ class LayerOps:
         if isinstance(module, CONVT_TYPES):
             if in_layout is not None:
                 raise self.unsupported_leaf(module, name, in_layout)
-            self.calls.append(TracedCall(name, module, "other", None, None, 1, macs))
+            self.calls.append(TracedCall(name, module, "other", None, None, layer_positions(module, out)))
             return
         if isinstance(module, CONV_TYPES):
             if in_layout is not None and layout_features(in_layout) != module.in_channels:
@@ -114,7 +112,7 @@ class LayerOps:
                 if name not in self.ignore:
                     sid = self.new_source(module, name, module.out_channels)
                     out_layout = (Segment(sid, module.out_channels),)
-            self.calls.append(TracedCall(name, module, role, in_layout, out_layout, factor, macs))
+            self.calls.append(TracedCall(name, module, role, in_layout, out_layout, factor))
         elif isinstance(module, nn.Linear):
             # a linear layer on a >2-d input acts on every position's last dim (tokens, channel-last maps)
             if in_layout is not None and layout_features(in_layout) != module.in_features:
@@ -124,12 +122,12 @@ class LayerOps:
                 sid = self.new_source(module, name, module.out_features)
                 out_layout = (Segment(sid, module.out_features),)
                 out_cdim = out.dim() - 1
-            self.calls.append(TracedCall(name, module, "linear", in_layout, out_layout, per_item // module.out_features,
-                                    macs))
+            self.calls.append(TracedCall(name, module, "linear", in_layout, out_layout,
+                                         per_item // module.out_features))
         elif isinstance(module, NORM_TYPES):
             out_layout = in_layout
-            self.calls.append(TracedCall(name, module, "norm", in_layout, out_layout, per_item // module.num_features,
-                                    macs))
+            self.calls.append(TracedCall(name, module, "norm", in_layout, out_layout,
+                                         per_item // module.num_features))
         self.set_layout(out, out_layout, out_cdim)
 
     @staticmethod
@@ -172,36 +170,32 @@ class LayerOps:
         frame = self.frames.pop()
         module, name, x, heads = frame.module, frame.name, frame.x, frame.heads
         tokens, context = frame.handler.tokens(module, x)
-        inner = layout_features(heads)
         qkv_name, out_name = frame.handler.projections(module)
-        qkv_macs, matmul_macs = tokens * x.shape[-1] * 3 * inner, 2 * tokens * context * inner
-        if qkv_name is None:  # the module's own weights project q, k and v
-            self.calls.append(TracedCall(name, module, "attention", frame.in_layout, heads, tokens,
-                                    qkv_macs + matmul_macs, context))
+        if qkv_name is None:  # the module's own weights project q, k and v (the call covers them and the matmuls)
+            self.calls.append(TracedCall(name, module, "attention", frame.in_layout, heads, tokens, context))
         else:
             self.calls.append(TracedCall(f"{name}.{qkv_name}", module.get_submodule(qkv_name), "linear",
-                                    frame.in_layout, heads * 3, tokens, qkv_macs))
+                                         frame.in_layout, heads * 3, tokens))
             # its input layout makes a narrower embedding swap in the head-pruned forward (read from the weights)
-            self.calls.append(TracedCall(name, module, "attention", frame.in_layout, heads, tokens, matmul_macs,
-                                    context))
+            self.calls.append(TracedCall(name, module, "attention", frame.in_layout, heads, tokens, context))
         proj, proj_name = module.get_submodule(out_name), f"{name}.{out_name}"
         out_layout: Optional[Layout] = None
         if proj_name not in self.ignore:
             out_layout = (Segment(self.new_source(proj, proj_name, proj.out_features), proj.out_features),)
-        self.calls.append(TracedCall(proj_name, proj, "linear", heads, out_layout, tokens,
-                                tokens * inner * proj.out_features))
+        self.calls.append(TracedCall(proj_name, proj, "linear", heads, out_layout, tokens))
         result = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         self.leave_opaque(out)
         self.set_layout(result[0], out_layout, result[0].dim() - 1)
 
     # ---- opaque modules (attention) ------------------------------------------------------------------------
     def enter_opaque(self, module: nn.Module, name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
-        """An opaque module keeps every channel it reads; nothing inside it is traced (its products count)."""
+        """An opaque module keeps every channel it reads; nothing inside it is traced (the products of an
+        attention module the cost model knows are recorded by their geometry, its layers as inner calls)."""
         for t in tree_flatten((args, kwargs))[0]:
             self.fix_layout(self.layout(t))
-        macs = attention_macs(module, args, kwargs)
-        if macs:
-            self.calls.append(TracedCall(name, module, "fixed", None, None, 1, macs))
+        geometry = attention_geometry(module, args, kwargs)
+        if geometry is not None:
+            self.calls.append(TracedCall(name, module, "fixed", None, None, 1, geometry=geometry))
 
     def leave_opaque(self, out: Any) -> None:
         for o in tree_flatten(out)[0]:
@@ -209,16 +203,15 @@ class LayerOps:
                 self.set_layout(o, None)
 
     def on_inner_leaf(self, module: nn.Module, name: str, out: torch.Tensor) -> None:
-        """A layer inside an opaque or attention module: its cost counts and its channels are kept, except the
-        output rows of a per-head layer of a traced attention (one row per head) and its projections (recorded
-        with their layouts when the attention returns)."""
-        macs = layer_macs(module, out)
+        """A layer inside an opaque or attention module: it is recorded (its cost counts) and its channels are
+        kept, except the output rows of a per-head layer of a traced attention (one row per head) and its
+        projections (recorded with their layouts when the attention returns)."""
         frame = self.frames[-1] if self.frames and self.opaque_depth == 1 else None
         if frame is not None and name in frame.projections:
             return
         if frame is not None and name in frame.per_head_linears:
             heads = frame.heads[0]
             self.calls.append(TracedCall(name, module, "linear", None, (Segment(heads.source, heads.channels),),
-                                    out.numel() // out.shape[-1], macs))
+                                         out.numel() // out.shape[-1]))
         else:
-            self.calls.append(TracedCall(name, module, "fixed", None, None, 1, macs))
+            self.calls.append(TracedCall(name, module, "fixed", None, None, layer_positions(module, out)))

@@ -48,6 +48,6 @@ class NormOps:
                 if seg.source not in (None, FIXED):
                     self.uf.require_blocks(seg.source, per_group)
         positions = x.numel() // x.shape[0] // x.shape[1]
-        self.calls.append(TracedCall(self.stack[-1], module, "layernorm", layout, layout, positions, 0))
+        self.calls.append(TracedCall(self.stack[-1], module, "layernorm", layout, layout, positions))
         self.set_layout(outs[0], layout, 1)
         return True

@@ -6,15 +6,14 @@ from typing import Set
 
 import torch.nn as nn
 
+# The layer types are the cost model's table: the tracer records exactly the layers the counter counts.
+# LEAF_TYPES: layer types the tracer treats as leaves (their inner functional calls are not recorded).
+from pruning_env.costs.counting import CONV_TYPES, CONVT_TYPES, NORM_TYPES
+from pruning_env.costs.counting import COUNTED_TYPES as LEAF_TYPES
+
 __all__ = ["CONV_TYPES", "CONVT_TYPES", "NORM_TYPES", "LEAF_TYPES", "PRESERVE_OPS", "ADD_OPS", "MUL_OPS",
            "CAT_OPS", "NEW_OPS", "RESHAPE_OPS", "PERMUTE_OPS", "SPLIT", "SHUFFLED", "FREEZE_OPS", "EXPAND_OPS",
            "OPAQUE_TYPES", "is_opaque"]
-
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-#: Layer types the tracer treats as opaque leaves (their inner functional calls are not recorded).
-LEAF_TYPES = CONV_TYPES + NORM_TYPES + CONVT_TYPES + (nn.Linear,)
 
 # Functional ops that keep dim 0 and dim 1 (channels) of their first tensor argument: the output has its layout.
 PRESERVE_OPS = {

@@ -19,8 +19,9 @@ from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning.graph import partitions
 from pruning_env.pruning.graph.functional import FunctionalOps
 from pruning_env.pruning.graph.layers import AttentionFrame, LayerOps, TracedCall
+from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
+                                               layout_features)
 from pruning_env.pruning.graph.norms import NormOps
-from pruning_env.pruning.graph.layouts import FIXED, ExampleInput, Layout, Segment, UnsupportedModelError, layout_features
 from pruning_env.pruning.graph.ops import (ADD_OPS, CAT_OPS, EXPAND_OPS, FREEZE_OPS, LEAF_TYPES, MUL_OPS, NEW_OPS,
                                           PERMUTE_OPS, PRESERVE_OPS, is_opaque)
 from pruning_env.pruning.graph.unionfind import UnionFind
