@@ -168,8 +168,8 @@ class CostTerms:
                     for p in (m.weight, m.bias):
                         if p is not None:
                             param_rows.append((1, one, e, li))
-            elif call.role == "layernorm":  # parameters only: LayerNorm counts no MACs (counting's convention)
-                e = expr(spec.out_layout, m.normalized_shape[0])
+            elif call.role == "layernorm":  # parameters only: LayerNorm / GroupNorm count no MACs (counting's convention)
+                e = expr(spec.out_layout, m.num_channels if isinstance(m, nn.GroupNorm) else m.normalized_shape[0])
                 if first:
                     for p in (m.weight, m.bias):
                         if p is not None:

@@ -17,6 +17,7 @@ from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning.graph import partitions
 from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
                                                layout_features)
+from pruning_env.pruning.graph.norms import norm_width
 from pruning_env.pruning.graph.ops import CONV_TYPES
 from pruning_env.pruning.graph.tracer import Tracer
 
@@ -252,7 +253,7 @@ class DependencyGraph:
             heads, head_dim = attention_handler(m).heads(m)
             out_n, in_n = heads * head_dim, None
         elif spec.role == "layernorm":
-            out_n, in_n = m.normalized_shape[0], None
+            out_n, in_n = norm_width(m), None
         else:
             out_n, in_n = m.num_features, None
         for layout, n, what in ((spec.out_layout, out_n, "outputs"), (spec.in_layout, in_n, "inputs")):

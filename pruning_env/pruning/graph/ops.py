@@ -46,8 +46,9 @@ PERMUTE_OPS = {"permute", "transpose", "transpose_", "swapaxes", "swapdims"}
 # transpose of a channel shuffle.
 SPLIT, SHUFFLED = -1, -2
 # Ops that normalise over the channels: removing one would change every other one, so their inputs are kept
-# (``layer_norm`` of an ``nn.LayerNorm`` over the channel dim is pruned instead with ``prune_normalized``).
-FREEZE_OPS = {"layer_norm", "rms_norm"}
+# (``layer_norm`` of an ``nn.LayerNorm`` over the channel dim is pruned instead with ``prune_normalized``;
+# ``group_norm`` of an ``nn.GroupNorm`` by whole groups, see :mod:`.norms`).
+FREEZE_OPS = {"layer_norm", "rms_norm", "group_norm"}
 # Ops that repeat a parameter along its size-1 dims: the channels of the result are the parameter's.
 EXPAND_OPS = {"expand", "expand_as"}
 

@@ -21,6 +21,7 @@ from pruning_env.pruning.graph.functional import FunctionalOps
 from pruning_env.pruning.graph.layers import AttentionFrame, LayerOps, TracedCall
 from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
                                                layout_features)
+from pruning_env.pruning.graph.norms import NormOps
 from pruning_env.pruning.graph.ops import (ADD_OPS, CAT_OPS, EXPAND_OPS, FREEZE_OPS, LEAF_TYPES, MUL_OPS, NEW_OPS,
                                           PERMUTE_OPS, PRESERVE_OPS, is_opaque)
 from pruning_env.pruning.graph.unionfind import UnionFind
@@ -48,7 +49,7 @@ class Recorder(TorchFunctionMode):
         return out
 
 
-class Tracer(FunctionalOps, LayerOps):
+class Tracer(FunctionalOps, LayerOps, NormOps):
     """Records one eager forward pass: the layout of every channel tensor, the sources tied by the ops, and the
     calls of conv / linear / norm / attention layers. :meth:`run` drives it; the graph reads :attr:`calls`,
     :attr:`uf` and the sources afterwards."""
@@ -161,6 +162,8 @@ class Tracer(FunctionalOps, LayerOps):
                 raise self.unsupported("an in-place item assignment", sourced[0][1])
             return  # shape queries, python scalars: channels are not affected
         if name == "layer_norm" and self.prune_normalized and self.on_layer_norm(args, kwargs, sourced, outs):
+            return
+        if name == "group_norm" and self.on_group_norm(args, kwargs, sourced, outs):
             return
         if name in FREEZE_OPS:
             # normalised over the channels (statistics would change if one went): keep them all
