@@ -24,7 +24,8 @@ LAYER_FEATURES = ("index", "channels", "kernel", "stride", "macs", "macs_removed
 #: costs, the evaluation counters; ``model`` / ``current_channels`` are the pruned ones after the last step)
 INNER_ATTRS = frozenset({"splits", "device", "input_size", "original_model", "config", "task", "val_size",
                          "split_seed", "episode_metric", "target_metric", "alpha", "beta", "layer_counts", "scorer",
-                         "model", "current_channels", "n_evaluations", "n_train_batches", "total_evaluations"})
+                         "model", "current_channels", "n_evaluations", "n_train_batches", "total_evaluations",
+                         "kept_indices", "latency_model"})
 
 
 class LayerwisePruneEnv(gym.Env):
