@@ -27,7 +27,7 @@ def run_config(name, splits):
                budget="flops", n_steps=2, target=0.5, alpha=0.0, beta=0.0)
     agent = {}
     if spec.sb3_algo is not None:
-        agent = dict(SB3_SMALL.get(spec.sb3_algo, {}), policy_kwargs={"net_arch": [16, 16]})
+        agent = dict(SB3_SMALL.get(name, SB3_SMALL.get(spec.sb3_algo, {})), policy_kwargs={"net_arch": [16, 16]})
     elif agent_class(name).__name__ == "RLPrunerAgent":
         agent = dict(RL_PRUNER_SMALL)
     return PruneRunConfig(agent=name, seed=0, device="cpu", budget=BUDGET, env=env, agents={name: agent})
@@ -48,7 +48,7 @@ def assert_same(a, b, where="state"):
     elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         np.testing.assert_array_equal(a, b, err_msg=where)
     else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN: a step with nothing evaluated
 
 
 def deterministic_action(agent, env):
@@ -89,5 +89,5 @@ def test_every_registered_agent_survives_save_and_load(name, splits, tmp_path):
         assert_same(via_base.history, agent.history, "history")
     # the same deterministic action in the same state (the original's env reset beside the loaded one's)
     action = deterministic_action(agent, unwrap_env(env))
-    assert action.shape == (unwrap_env(env).n_groups,)
+    assert action.shape == unwrap_env(env).action_space.shape  # (n_groups,); AMC's layer-wise env: (1,)
     np.testing.assert_array_equal(deterministic_action(loaded, unwrap_env(fresh_env)), action)

@@ -16,7 +16,8 @@ from gymnasium.utils.env_checker import check_env
 from torch.utils.flop_counter import FlopCounterMode
 
 from agents.vit_ddqn import AllPatches, RandomPatches, ReplayBuffer, Transition, ViTDDQN, epsilon_at, polyak_update
-from pruning_env.costs import state_macs, vit_macs
+from pruning_env.costs import count_costs, state_macs, vit_macs
+from pruning_env.costs.counting import matmul_term
 from pruning_env.envs.patch_env import mean_threshold_mask, random_topk_mask, register_patch_envs, topk_mask
 from pruning_env.models import create_model
 from pruning_env.models.vit import SimpleViT, posemb_sincos_2d
@@ -41,6 +42,15 @@ def test_notebook_config_has_the_notebook_parameter_count_and_macs():
     assert model.zoo_config == {"name": "vit_tiny_patch4", "num_classes": 10, "width": 1.0, "depth": 6}
     assert vit_macs(model) == 302_384_384  # spec: 302.4 MMACs for 64 tokens
     assert round(state_macs(model) / 1e6, 1) == 42.3  # spec: state pass 42.3 MMACs
+
+
+def test_vit_count_is_the_counters_convention_plus_the_matmuls_hooks_cannot_see():
+    # one convention: the hook counter sees every linear layer (LayerNorm counts 0 in both); the analytic count adds
+    # only the functional QK^T and AV products, by the counter's own matmul formula
+    model = tiny_simple_vit(depth=2)
+    inner, n = model.heads * model.dim_head, model.num_patches
+    assert vit_macs(model) == count_costs(model).macs + model.depth * matmul_term(n, n, inner).macs
+    assert count_costs(model).macs == count_costs(model, include_norm=False).macs  # no BatchNorm in the ViT
 
 
 def test_width_knob_scales_dim_mlp_and_heads():

@@ -96,6 +96,8 @@ SB3_SMALL = {
     "sac": dict(learning_starts=8, batch_size=8, buffer_size=100),
     "td3": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
     "ddpg": dict(learning_starts=8, batch_size=8, buffer_size=100, noise_type="normal", noise_std=0.2),
+    # AMC (keyed by agent name: its noise is its own); a warm-up of 2 episodes, then DDPG updates
+    "amc": dict(batch_size=8, buffer_episodes=20, warmup=2),
 }
 
 
