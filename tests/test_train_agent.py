@@ -4,7 +4,6 @@ unkilled run), a refused --resume that changes nothing, and a first run (pretrai
 
 Every run is an untrained width-0.0625 VGG-11 on generated images with a two-batch fine-tune: a few seconds.
 """
-import csv
 
 import pytest
 import torch
@@ -38,8 +37,7 @@ def read_metrics(run_dir):
 
 
 def read_steps(run_dir):
-    with open(run_dir / "steps.csv") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in RunFolder(run_dir).read_steps()]
 
 
 def assert_same_run(a_dir, b_dir):
@@ -75,7 +73,7 @@ def test_run_folder_contents(reference):
     rows = read_steps(run_dir)
     assert [int(r["step"]) for r in rows] == list(range(1, N_STEPS + 1))
     assert int(rows[-1]["n_evaluations"]) == metrics["n_evaluations"]
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = RunFolder(run_dir).read_config()
     assert saved["agents"]["rl_pruner"] == {"sample_num": 2, "lr_epoch": 2}
 
 
@@ -201,7 +199,7 @@ def test_refused_resume_changes_nothing(reference, tmp_path, capsys):
         assert message in capsys.readouterr().err
         after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         assert after == before, extra
-    assert yaml.safe_load((folder / "config.yaml").read_text())["agent"] == "rl_pruner"
+    assert RunFolder(folder).read_config()["agent"] == "rl_pruner"
 
 
 def test_first_run_pretraining_in_process_equals_later_runs(tmp_path):

@@ -8,6 +8,8 @@
   <= 24 channels), tiny torchvision transformers, ``random_plan``, ``check_built``, ``randomise`` and
   ``hooked_group_costs`` (reference costs by forward hooks).
 """
+import copy
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -63,6 +65,19 @@ def tiny_patch_env(splits, **kwargs):
                     time_info=False)
     defaults.update(kwargs)
     return PatchSelectEnv(**defaults)
+
+
+def tiny_run_config(splits, agent, budget, agent_kwargs=None, **env):
+    """The typed run config (``rl_prune``) of ``agent`` over a fresh seeded TinyNet: small reward and calibration
+    sets, a FLOPs budget, accuracy-only reward, ``budget`` evaluations; ``env`` overrides env settings."""
+    from rl_prune.config import PruneRunConfig
+
+    torch.manual_seed(0)
+    settings = dict(model=TinyNet(), dataset=splits, reward_samples=16, calibration_size=16, record_timings=False,
+                    budget="flops", alpha=0.0, beta=0.0)
+    settings.update(env)
+    return PruneRunConfig(agent=agent, seed=0, device="cpu", budget=budget, env=settings,
+                          agents={agent: dict(agent_kwargs or {})})
 
 
 def tiny_splits():
@@ -192,6 +207,17 @@ TINY_RUN = {
     "finetune": {"epochs": 1, "max_batches": 2, "batch_size": 16},
     "run": {"progress": False, "export_torchscript": False, "checkpoint_every": 1},
 }
+
+
+def tiny_run(env=None, agents=None, **changes):
+    """A fresh copy of :data:`TINY_RUN`: top-level ``changes`` replace keys, ``env`` updates the env section,
+    ``agents`` replaces the agents section."""
+    cfg = copy.deepcopy(TINY_RUN)
+    cfg.update(copy.deepcopy(changes))
+    cfg["env"].update(env or {})
+    if agents is not None:
+        cfg["agents"] = copy.deepcopy(agents)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------- pruning engine
