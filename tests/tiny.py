@@ -2,11 +2,14 @@
 
 - env and agent tests: ``TinyNet`` (conv1 | conv2+conv3, closed by a residual add: one group of two layers | fc1 |
   classifier; a step costs a few ms), ``tiny_env`` / ``tiny_splits`` (16x16 generated images; the ``splits``
-  fixture of conftest.py), ``ScriptedEnv`` (a stand-in PruneEnv with scripted accuracies), ``SB3_SMALL``;
-- run-layer tests: ``TINY_RUN``, the train_agent.py config of an untrained width-0.0625 VGG-11 (a few seconds);
+  fixture of conftest.py), ``tiny_patch_env`` (AgentViT's env on a tiny SimpleViT), ``ScriptedEnv`` (a stand-in
+  PruneEnv with scripted accuracies), ``random_actions``, ``state_copy`` / ``same_state``, ``SB3_SMALL``;
+- run-layer tests: ``TINY_RUN`` / ``tiny_run(...)``, the train_agent.py config of an untrained width-0.0625 VGG-11
+  (a few seconds), ``tiny_run_config`` (a typed run config over TinyNet), ``KillAt`` (a kill after step k);
 - pruning-engine tests: hand-written nets covering every construct the tracer must handle (16x16 inputs,
-  <= 24 channels), tiny torchvision transformers, ``random_plan``, ``check_built``, ``randomise`` and
-  ``hooked_group_costs`` (reference costs by forward hooks).
+  <= 24 channels), tiny torchvision transformers, ``random_plan``, ``check_built``, ``randomise`` /
+  ``random_batchnorm``, ``hooked_group_costs`` (reference costs by forward hooks), ``flop_counter_macs``,
+  ``head_groups``, ``n_heads``.
 """
 import copy
 
@@ -457,3 +460,24 @@ def tiny_maxvit() -> nn.Module:
 
     return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=3)
+
+
+def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """FlopCounterMode / 2 with autograd on (no fused MHA fast path) and the math attention kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def n_heads(module: nn.Module) -> int:
+    """The head count of an attention module (its handler's view)."""
+    return attention_handler(module).heads(module)[0]
+
+
+def head_groups(pruner):
+    """The pruner's groups whose members are attention modules (pruned by whole heads)."""
+    return [g for g in pruner.groups if attention_handler(pruner.graph.specs[g.members[0]].module) is not None]
