@@ -20,11 +20,12 @@ from pruning_env.envs.prune_env import PruneEnv
 
 LAYER_FEATURES = ("index", "channels", "kernel", "stride", "macs", "macs_removed", "macs_to_remove",
                   "previous_action")
-#: PruneEnv members that act on the inner one-step episode, so mean something else here: not offered (every other
-#: public attribute of the inner env is, read-only: task, data, costs, evaluation counters, ``model`` /
-#: ``current_channels`` / ``kept_indices`` of the pruned model after the last step, ...)
-NOT_DELEGATED = frozenset({"evaluate_action", "evaluate_actions", "evaluate_keep", "keep_for_action",
-                           "lookahead_step", "snapshot", "restore", "step_index"})
+#: read-only attributes of the inner PruneEnv that runs, reports and agents read through this env (task, data,
+#: costs, the evaluation counters; ``model`` / ``current_channels`` are the pruned ones after the last step)
+INNER_ATTRS = frozenset({"splits", "device", "input_size", "original_model", "config", "task", "val_size",
+                         "split_seed", "episode_metric", "target_metric", "alpha", "beta", "layer_counts", "scorer",
+                         "model", "current_channels", "n_evaluations", "n_train_batches", "total_evaluations",
+                         "kept_indices", "latency_model"})
 
 
 class LayerwisePruneEnv(gym.Env):
@@ -62,12 +63,10 @@ class LayerwisePruneEnv(gym.Env):
         self._clipped = 0
 
     def __getattr__(self, name: str) -> Any:
-        """A public attribute of the inner PruneEnv that this env does not define, except :data:`NOT_DELEGATED`
-        (what runs, reports and agents read: ``splits``, ``device``, ``original_model``, ``config``,
-        ``n_evaluations``, ``model``, ...)."""
-        if name.startswith("_") or name in NOT_DELEGATED or "inner" not in self.__dict__:
-            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-        return getattr(self.inner, name)
+        """The inner env's :data:`INNER_ATTRS` (only those: anything else is this env's own or missing)."""
+        if name in INNER_ATTRS and "inner" in self.__dict__:
+            return getattr(self.inner, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def n_steps(self) -> int:
@@ -157,4 +156,4 @@ class LayerwisePruneEnv(gym.Env):
         self.inner.close()
 
 
-__all__ = ["LayerwisePruneEnv", "LAYER_FEATURES", "NOT_DELEGATED"]
+__all__ = ["LayerwisePruneEnv", "LAYER_FEATURES", "INNER_ATTRS"]
