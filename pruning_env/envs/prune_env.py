@@ -116,7 +116,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         self.latency_model = cfg.build_latency_model(probe) if cfg.uses_latency else None
         self.meter = ReductionMeter(self.original_cost, self.original_channels, self.layer_counts,
                                     latency=None if self.latency_model is None else self.latency_model.predict)
-        self.infos = InfoBuilder(self.meter, cfg, self.scorer.refines)
+        self._infos = InfoBuilder(self.meter, cfg, self.scorer.refines)
         if cfg.gamma != 0:
             self.scorer.use_latency(cfg.gamma, self.meter.latency_reduction)
         self.step_filter_budget = step_channel_budget(self.original_channels, self.layer_counts, self.target,
@@ -334,8 +334,8 @@ class PruneEnv(PruneEnvSettings, gym.Env):
             t_imp += t_trace
         state = self._state = self._initial_state
         self._spent[:] = 0
-        info = self.infos.state(state.accuracy, self.scorer.reward(state.accuracy, state.reductions, state.channels),
-                                state.cost, state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
+        info = self._infos.state(state.accuracy, self.scorer.reward(state.accuracy, state.reductions, state.channels),
+                                 state.cost, state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
         return self._observation(state), info
 
     def evaluate_action(self, action: Any) -> Tuple[float, Dict[str, Any]]:
@@ -343,7 +343,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         move, and the candidate is cached for a following step (``info["cached"]``: an earlier one was reused)."""
         state = self._require_active()
         [(cand, cached, count)] = self._lookahead(state, [self._validate_action(action)], batched=False)
-        info = self.infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
+        info = self._infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
         return info["reward"], info
 
     def evaluate_actions(self, actions: Sequence[Any],
@@ -353,7 +353,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         that a multi-fidelity estimator refines the best new ones, as many as ``max_evaluations`` allows."""
         state = self._require_active()
         acts = [self._validate_action(a) for a in actions]
-        infos = [self.infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
+        infos = [self._infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
                  for cand, cached, count in self._lookahead(state, acts, True, max_evaluations)]
         return [info["reward"] for info in infos], infos
 
@@ -370,7 +370,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
                        f"min_channels={self.config.min_channels}, granularity {state.pruner.granularity.tolist()}",
                        caller="evaluate_keep")
         [cand] = self.scorer.candidates(self._serial, state.pruner, [StepKeep(k, 1.0)], state.teacher)
-        info = self.infos.candidate(cand, False, state.step_index + 1, self._charge(cand), lookahead=True)
+        info = self._infos.candidate(cand, False, state.step_index + 1, self._charge(cand), lookahead=True)
         return info["reward"], info
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
@@ -417,8 +417,8 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         self._state = new_state
         if new_state.end_reason is not None:
             extra["truncated_reason"] = new_state.end_reason
-        info = self.infos.candidate(cand, cached, step_index, count, lookahead=not recover, time_importance=t_imp,
-                                    time_recovery=time_recovery, **extra)
+        info = self._infos.candidate(cand, cached, step_index, count, lookahead=not recover, time_importance=t_imp,
+                                     time_recovery=time_recovery, **extra)
         return self._observation(new_state), info["reward"], new_state.terminated, new_state.truncated, info
 
     def _recover(self, model: nn.Module, teacher: nn.Module) -> float:
