@@ -11,8 +11,6 @@ import torch
 import torch.nn as nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from pruning_env.costs.counting import CONV_TYPES, LINEAR_TYPES, NORM_TYPES
-
 __all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "GroupNormHandler", "HANDLERS",
            "WIDTH_ATTRIBUTES", "CONV_OUT_EXTRAS", "handler_for", "unhandled_channel_tensors",
            "build_pruned_model"]
@@ -172,9 +170,13 @@ _LINEAR = LinearHandler()
 _NORM = BatchNormHandler()
 #: The handler table, keyed by layer type (subclasses are found through the MRO). Extend it to add a layer.
 HANDLERS: Dict[type, LayerHandler] = {
-    **{t: _CONV for t in CONV_TYPES},  # the layer types of the costs' one table (costs/counting.py)
-    **{t: _LINEAR for t in LINEAR_TYPES},
-    **{t: _NORM for t in NORM_TYPES},
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
+    nn.Linear: _LINEAR,
+    nn.BatchNorm1d: _NORM,
+    nn.BatchNorm2d: _NORM,
+    nn.BatchNorm3d: _NORM,
     nn.LayerNorm: LayerNormHandler(),
     nn.GroupNorm: GroupNormHandler(),
 }
