@@ -32,15 +32,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from agents.vit_ddqn.evaluation import time_train_steps
-from pruning_env.costs import state_macs, vit_gflops
-from pruning_env.data import DatasetSplits, make_datasets
-from pruning_env.models import create_model
-from pruning_env.runtime import atomic_write_text, machine_info, resolve_device
-from rl_prune.config import ViTRunConfig, load_config
-from rl_prune.vit_run import run_training
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.common is imported from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from agents.vit_ddqn.evaluation import time_train_steps  # noqa: E402
+from benchmarks.common import fmt, mean_std  # noqa: E402
+from pruning_env.costs import state_macs, vit_gflops  # noqa: E402
+from pruning_env.data import DatasetSplits, make_datasets  # noqa: E402
+from pruning_env.models import create_model  # noqa: E402
+from pruning_env.runtime import atomic_write_text, machine_info, resolve_device  # noqa: E402
+from rl_prune.config import ConfigError, ViTRunConfig, load_config  # noqa: E402
+from rl_prune.vit_run import run_training  # noqa: E402
+
 DEFAULT_RECIPE = ROOT / "configs" / "agentvit" / "recipe_small_data.yaml"
 #: ``--recipe notebook``: the notebook's optimiser (the env's defaults) on the benchmark's ViT
 NOTEBOOK_RECIPE = ROOT / "configs" / "agentvit" / "recipe_notebook.yaml"
@@ -271,11 +275,10 @@ def time_to(curve: List[Dict[str, float]], level: float) -> Optional[float]:
     return next((c["time_s"] for c in curve if c["val_top1"] >= level), None)
 
 
-def _ms(values: Sequence[float], digits: int = 1, scale: float = 1.0) -> str:
-    v = np.asarray([x for x in values if x is not None], dtype=float) * scale
-    if v.size == 0:
-        return "–"
-    return f"{v.mean():.{digits}f}" if v.size == 1 else f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+def _ms(values: Sequence[Optional[float]], digits: int = 1) -> str:
+    """``mean ± std`` over seeds (:func:`benchmarks.common.fmt`) of the values that are not None; "–" for none."""
+    v = [x for x in values if x is not None]
+    return fmt(mean_std(v), digits) if v else "–"
 
 
 def summarise(payload: Dict[str, Any]) -> Dict[str, Any]:
@@ -507,7 +510,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = resolve_settings(args)
+    try:
+        settings = resolve_settings(args)
+    except ConfigError as err:  # a missing or bad recipe file, named with the key
+        print(f"agentvit_tta.py: {err}", file=sys.stderr)
+        return 2
     device = torch.device(settings["device"])
     num_workers = args.num_workers if args.num_workers is not None else (6 if device.type == "cuda" else 0)
     out = Path(args.out)

@@ -3,28 +3,24 @@ episode), AMC's exploration (uniform warm-up without updates, then truncated-nor
 decaying sigma), the replay buffer's final-reward fill and moving-average baseline, seeded repeatability, the best
 allocation meeting the FLOPs goal, bad input refused, and one tiny run through train_agent.py's CLI.
 """
-import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from agents.amc import AMC_DDPG_DEFAULTS, AMC_WARMUP_FRACTION, AMCAgent, AMCReplayBuffer, truncated_normal
-from rl_prune.config import ConfigError, PruneRunConfig
+from rl_prune.config import ConfigError
 from rl_prune.pipeline import build_agent, build_env
-from tiny import SB3_SMALL, TinyNet, tiny_env
+from rl_prune.run_folder import RunFolder
+from tiny import SB3_SMALL, tiny_env, tiny_run_config
 
 TARGET = 0.5
 
 
 def amc_config(splits, budget, **agent):
-    torch.manual_seed(0)
-    env = dict(model=TinyNet(), dataset=splits, reward_samples=16, calibration_size=16, record_timings=False,
-               budget="flops", target=TARGET, alpha=0.0, beta=0.0)
     kwargs = dict(SB3_SMALL["amc"], policy_kwargs={"net_arch": [16, 16]})
     kwargs.update(agent)
-    return PruneRunConfig(agent="amc", seed=0, device="cpu", budget=budget, env=env, agents={"amc": kwargs})
+    return tiny_run_config(splits, "amc", budget, kwargs, target=TARGET)
 
 
 def built(splits, budget, **agent):
@@ -208,7 +204,7 @@ def test_cli_tiny_run(tmp_path, capsys):
     assert train_main(["--config", str(path)]) == 0
     out = capsys.readouterr()
     assert "evaluations used 5 of budget 5" in out.out + out.err
-    metrics = json.loads((tmp_path / "runs" / "tiny_amc" / "metrics.json").read_text())
+    metrics = RunFolder(tmp_path / "runs" / "tiny_amc").read_metrics()
     assert metrics["agent"] == "amc" and metrics["n_evaluations"] == 5 and metrics["action_mode"] == "layerwise"
     assert metrics["n_steps"] == len(metrics["group_names"]) == len(metrics["actions"])
     assert metrics["flops_reduction"] == pytest.approx(0.4, abs=0.03)

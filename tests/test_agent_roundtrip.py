@@ -11,9 +11,8 @@ import torch
 
 from agents.common.base import BasePruningAgent, unwrap_env
 from agents.registry import AGENTS, agent_class
-from rl_prune.config import PruneRunConfig
 from rl_prune.pipeline import build_agent, build_env
-from tiny import SB3_SMALL, TinyNet
+from tiny import SB3_SMALL, tiny_run_config
 
 #: tiny settings of the RL-Pruner family (any agent with these constructor arguments)
 RL_PRUNER_SMALL = dict(sample_num=3, lr_epoch=2)
@@ -22,15 +21,12 @@ BUDGET = 24
 
 def run_config(name, splits):
     spec = AGENTS[name]
-    torch.manual_seed(0)
-    env = dict(model=TinyNet(), dataset=splits, reward_samples=16, calibration_size=16, record_timings=False,
-               budget="flops", n_steps=2, target=0.5, alpha=0.0, beta=0.0)
     agent = {}
     if spec.sb3_algo is not None:
         agent = dict(SB3_SMALL.get(name, SB3_SMALL.get(spec.sb3_algo, {})), policy_kwargs={"net_arch": [16, 16]})
     elif agent_class(name).__name__ == "RLPrunerAgent":
         agent = dict(RL_PRUNER_SMALL)
-    return PruneRunConfig(agent=name, seed=0, device="cpu", budget=BUDGET, env=env, agents={name: agent})
+    return tiny_run_config(splits, name, BUDGET, agent, n_steps=2, target=0.5)
 
 
 def assert_same(a, b, where="state"):

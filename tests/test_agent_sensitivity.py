@@ -8,9 +8,8 @@ import pytest
 
 from agents.common.monitor import EvaluationBudgetExhausted, PruneMonitor
 from agents.sensitivity import SensitivityPruner, derived_grid, thin_grid
-from rl_prune.config import PruneRunConfig
 from rl_prune.pipeline import build_agent, build_env
-from tiny import TinyNet, tiny_env
+from tiny import tiny_env, tiny_run_config
 
 N_STEPS = 2
 TARGET = 0.5
@@ -85,18 +84,8 @@ def test_grids():
 
 # ------------------------------------------------------------------------------------------- budget accounting
 
-def run_config(splits, budget, **agent):
-    env = dict(model=TinyNet(), dataset=splits, reward_samples=16, calibration_size=16, record_timings=False,
-               budget="flops", n_steps=N_STEPS, target=TARGET, alpha=0.0, beta=0.0)
-    return PruneRunConfig(agent="sensitivity", seed=0, device="cpu", budget=budget, env=env,
-                          agents={"sensitivity": agent})
-
-
 def built(splits, budget, **agent):
-    import torch
-
-    torch.manual_seed(0)
-    cfg = run_config(splits, budget, **agent)
+    cfg = tiny_run_config(splits, "sensitivity", budget, agent, n_steps=N_STEPS, target=TARGET)
     env = build_env(cfg, "sensitivity")
     return build_agent(cfg, "sensitivity", env)[0]
 

@@ -18,27 +18,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from agents.vit_ddqn import AllPatches, RandomPatches, ReplayBuffer, Transition, ViTDDQN, epsilon_at, polyak_update
 from pruning_env.costs import count_costs, state_macs, vit_macs
 from pruning_env.costs.counting import matmul_term
-from pruning_env.envs.patch_env import (PatchSelectEnv, mean_threshold_mask, random_topk_mask, register_patch_envs,
-                                        topk_mask)
+from pruning_env.envs.patch_env import mean_threshold_mask, random_topk_mask, register_patch_envs, topk_mask
 from pruning_env.models import create_model
 from pruning_env.models.vit import SimpleViT, posemb_sincos_2d
 from rl_prune.cli import vit_main
 from rl_prune.config import ViTRunConfig, load_config
 from rl_prune.vit_run import needs_same_batch_state, run_training
+from tiny import tiny_patch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_vit(**kw) -> SimpleViT:
+def tiny_simple_vit(**kw) -> SimpleViT:
     torch.manual_seed(0)
     return create_model("vit_tiny_patch4", num_classes=10, width=0.125, depth=kw.pop("depth", 1), **kw)
-
-
-def tiny_env(splits, **kw) -> PatchSelectEnv:
-    args = dict(dataset=splits, width=0.125, depth=1, batch_size=32, epochs=2, reward_every=2, n_keep=20, seed=0,
-                time_info=False)
-    args.update(kw)
-    return PatchSelectEnv(**args)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -54,7 +47,7 @@ def test_notebook_config_has_the_notebook_parameter_count_and_macs():
 def test_vit_count_is_the_counters_convention_plus_the_matmuls_hooks_cannot_see():
     # one convention: the hook counter sees every linear layer (LayerNorm counts 0 in both); the analytic count adds
     # only the functional QK^T and AV products, by the counter's own matmul formula
-    model = tiny_vit(depth=2)
+    model = tiny_simple_vit(depth=2)
     inner, n = model.heads * model.dim_head, model.num_patches
     assert vit_macs(model) == count_costs(model).macs + model.depth * matmul_term(n, n, inner).macs
     assert count_costs(model).macs == count_costs(model, include_norm=False).macs  # no BatchNorm in the ViT
@@ -74,7 +67,7 @@ def test_sincos_positions_follow_the_formula():
 
 
 def test_shared_keep_mask_feeds_exactly_the_kept_tokens_to_block_one():
-    model = tiny_vit().eval()
+    model = tiny_simple_vit().eval()
     x = torch.randn(3, 3, 32, 32)
     keep = torch.zeros(64, dtype=torch.bool)
     keep[[0, 5, 17, 63]] = True
@@ -85,7 +78,7 @@ def test_shared_keep_mask_feeds_exactly_the_kept_tokens_to_block_one():
 
 
 def test_per_image_keep_masks_select_each_rows_tokens():
-    model = tiny_vit().eval()
+    model = tiny_simple_vit().eval()
     x = torch.randn(2, 3, 32, 32)
     keep = torch.zeros(2, 64, dtype=torch.bool)
     keep[0, [1, 2, 3]] = True
@@ -100,7 +93,7 @@ def test_per_image_keep_masks_select_each_rows_tokens():
 
 
 def test_dropped_patches_do_not_influence_the_output():
-    model = tiny_vit().eval()
+    model = tiny_simple_vit().eval()
     x = torch.randn(1, 3, 32, 32)
     keep = torch.zeros(64, dtype=torch.bool)
     keep[:32] = True  # top half of the image (rows 0-3 of the 8x8 grid)
@@ -115,7 +108,7 @@ def test_dropped_patches_do_not_influence_the_output():
 
 
 def test_patch_state_is_the_mean_of_block_one_attention_output():
-    model = tiny_vit(depth=2)
+    model = tiny_simple_vit(depth=2)
     x = torch.randn(4, 3, 32, 32)
     expected = model.blocks[0].attn(model.embed(x)).mean(-1)
     state = model.patch_state(x)
@@ -147,12 +140,12 @@ def test_mask_rules():
 # ------------------------------------------------------------------------------------------------ env
 @pytest.mark.filterwarnings("ignore:.*(infinity|symmetric|render modes).*:UserWarning")
 def test_env_passes_gymnasium_checker_in_both_action_modes(synthetic_splits):
-    check_env(tiny_env(synthetic_splits))
-    check_env(tiny_env(synthetic_splits, action_mode="mask", binarize="topk"))
+    check_env(tiny_patch_env(synthetic_splits))
+    check_env(tiny_patch_env(synthetic_splits, action_mode="mask", binarize="topk"))
 
 
 def test_env_reward_follows_spec_and_info_has_counts_loss_and_time(synthetic_splits):
-    env = tiny_env(synthetic_splits, action_mode="mask", reward_every=2, n_keep=20, patch_weight=20.0,
+    env = tiny_patch_env(synthetic_splits, action_mode="mask", reward_every=2, n_keep=20, patch_weight=20.0,
                    loss_weight=1.0, time_info=True)
     env.reset(seed=0)
     mask = np.zeros(64, dtype=np.int8)
@@ -170,7 +163,7 @@ def test_env_reward_follows_spec_and_info_has_counts_loss_and_time(synthetic_spl
 
 
 def test_env_episode_is_one_training_run_and_reset_restores_the_vit(synthetic_splits):
-    env = tiny_env(synthetic_splits, epochs=1)
+    env = tiny_patch_env(synthetic_splits, epochs=1)
     obs, _ = env.reset(seed=3)
     start = {k: v.clone() for k, v in env.model.state_dict().items()}
     terminated, steps = False, 0
@@ -281,7 +274,7 @@ def test_faithful_target_is_elementwise_without_action():
 
 
 def test_agent_updates_on_reward_steps_with_schedules(synthetic_splits):
-    env = tiny_env(synthetic_splits, reward_every=1)
+    env = tiny_patch_env(synthetic_splits, reward_every=1)
     agent = ViTDDQN(env, mode="faithful", batch_size=2, target_update_interval=2, exploration_decay=3.0,
                     skip_first_epoch=True, hidden=(16,), seed=0)
     agent.learn(env.total_steps)
@@ -289,7 +282,7 @@ def test_agent_updates_on_reward_steps_with_schedules(synthetic_splits):
     assert len(agent.replay) == min(64, per_epoch)  # epoch 1 pushes nothing (notebook)
     assert agent.n_updates == per_epoch - 1  # an update once the buffer holds batch_size transitions
     assert agent.exploration_rate == pytest.approx(epsilon_at(env.total_steps, decay=3.0))
-    ddqn_env = tiny_env(synthetic_splits, action_mode="mask", reward_every=1)
+    ddqn_env = tiny_patch_env(synthetic_splits, action_mode="mask", reward_every=1)
     ddqn = ViTDDQN(ddqn_env, mode="double_dqn", batch_size=2, hidden=(16,), seed=0, skip_first_epoch=False)
     ddqn.learn(ddqn_env.total_steps)
     assert set(ddqn.kept_history) == {ddqn_env.n_keep}  # top-k masks: the count follows k*
@@ -297,7 +290,7 @@ def test_agent_updates_on_reward_steps_with_schedules(synthetic_splits):
 
 
 def test_exploration_fraction_sets_the_decay_from_the_run_length(tmp_path, synthetic_splits):
-    env = tiny_env(synthetic_splits)
+    env = tiny_patch_env(synthetic_splits)
     agent = ViTDDQN(env, mode="double_dqn", hidden=(16,), exploration_fraction=0.25, seed=0)
     assert agent.exploration_decay == max(1.0, 0.25 * env.total_steps)
     per_epoch = ViTDDQN(env, mode="double_dqn", hidden=(16,), eps_per="epoch", exploration_fraction=0.75, seed=0)
@@ -320,7 +313,7 @@ def test_only_an_agent_learning_from_the_same_batch_state_makes_the_env_compute_
 
 
 def test_agent_save_load_roundtrip_and_baselines(tmp_path, synthetic_splits):
-    env = tiny_env(synthetic_splits)
+    env = tiny_patch_env(synthetic_splits)
     agent = ViTDDQN(env, mode="double_dqn", hidden=(16,), seed=1)
     obs, _ = env.reset(seed=0)
     path = agent.save(tmp_path / "agent.pt")

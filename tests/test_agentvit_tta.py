@@ -10,15 +10,14 @@ import numpy as np
 import pytest
 
 from pruning_env.envs.patch_env import PatchSelectEnv
+from tiny import tiny_patch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def recipe_env(splits, **kw) -> PatchSelectEnv:
-    args = dict(dataset=splits, width=0.125, depth=1, batch_size=32, epochs=2, n_keep=20, action_mode="mask",
-                seed=0, time_info=False)
-    args.update(kw)
-    return PatchSelectEnv(**args)
+    """The tiny patch env with top-k masks and the env's default reward period."""
+    return tiny_patch_env(splits, **{"action_mode": "mask", "reward_every": 50, **kw})
 
 
 def test_cosine_schedule_warms_up_per_batch_then_decays_to_min_lr(synthetic_splits):
@@ -134,3 +133,15 @@ def test_time_to_accuracy_summary_and_verdict_on_hand_made_runs():
                     "final test top-1 -1.0 points vs all patches.")
     assert verdict(summarise({"runs": runs[2:], "policies": ["faithful"]})) == [
         "Verdict: no all-patch run finished, so there is no target accuracy."]
+
+
+def test_a_bad_recipe_is_refused_with_the_file_and_key(tmp_path, capsys):
+    from benchmarks.agentvit_tta import main
+
+    assert main(["--recipe", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]) == 2
+    assert f"config file not found: {tmp_path / 'none.yaml'}" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env:\n  epochz: 3\n")
+    assert main(["--recipe", str(bad), "--data", "synthetic", "--out", str(tmp_path)]) == 2
+    assert "unknown key env.epochz" in capsys.readouterr().err
+    assert not (tmp_path / "agentvit_tta.json").exists()

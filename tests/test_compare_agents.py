@@ -8,17 +8,10 @@ import yaml
 
 import benchmarks.compare_agents as ca
 from benchmarks.common import UNDECIDED
-from tiny import SB3_SMALL
+from tiny import SB3_SMALL, tiny_run
 
-TINY = {
-    "name": "tiny", "seed": 0, "device": "cpu", "agent": "uniform",
-    "env": {"model": "vgg11", "dataset": "synthetic", "width": 0.0625, "pretrained": False, "val_size": 32,
-            "reward_samples": 32, "calibration_size": 16, "n_steps": 2, "target": 0.4, "budget": "flops",
-            "alpha": 0.0, "beta": 0.0, "record_timings": False},
-    "agents": {"ppo": {**SB3_SMALL["ppo"], "policy_kwargs": {"net_arch": [8]}}},
-    "finetune": {"epochs": 1, "max_batches": 2, "batch_size": 16},
-    "run": {"progress": False, "export_torchscript": False, "checkpoint_every": 1},
-}
+TINY = tiny_run(agent="uniform", env={"n_steps": 2},
+                agents={"ppo": {**SB3_SMALL["ppo"], "policy_kwargs": {"net_arch": [8]}}})
 
 
 def metrics(agent, used, budget=151, schedule=None):

@@ -10,7 +10,7 @@ import torch
 
 from agents.common.monitor import PruneMonitor
 from pruning_env.envs.reward import kd_refined, make_estimator
-from tiny import tiny_env
+from tiny import random_actions, tiny_env
 
 KD_BATCHES = 2
 
@@ -23,16 +23,11 @@ def _env(splits, **kwargs):
     return tiny_env(splits, **{**defaults, **kwargs})
 
 
-def _actions(n_groups: int, count: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(0.05, 1.0, n_groups).astype(np.float32) for _ in range(count)]
-
-
 def test_a_batch_refines_its_best_cheap_candidates_and_the_choice_is_a_refined_one(splits):
     env, cheap_env = _env(splits), _env(splits)
     env.reset(seed=0)
     cheap_env.reset(seed=0)
-    actions = _actions(env.n_groups, 5)
+    actions = random_actions(env.n_groups, 5)
     looped = [cheap_env.evaluate_action(a) for a in actions]  # a single look-ahead keeps the cheap score
     assert not any(info["refined"] for _, info in looped)
     cheap = [reward for reward, _ in looped]
@@ -71,7 +66,7 @@ def test_a_refinement_that_lowers_the_score_keeps_the_cheap_one_and_a_refined_ca
     monkeypatch.setattr(reward, "kd_finetune", ruin)
     env = _env(splits)
     env.reset(seed=0)
-    actions = _actions(env.n_groups, 5)
+    actions = random_actions(env.n_groups, 5)
     rewards, infos = env.evaluate_actions(actions)
     refined = [i for i, info in enumerate(infos) if info["refined"]]
     assert len(refined) == 2 and env.n_evaluations == 7
@@ -87,7 +82,7 @@ def test_costs_are_counted_exactly_and_a_refined_candidate_is_stepped_as_is(spli
     env = _env(splits)
     env.reset(seed=0)
     source = {k: v.clone() for k, v in env.original_model.state_dict().items()}
-    actions = _actions(env.n_groups, 5, seed=1)
+    actions = random_actions(env.n_groups, 5, seed=1)
     rewards, infos = env.evaluate_actions(actions)
     refined = [info["refined"] for info in infos]
     assert sum(refined) == 2
@@ -98,7 +93,7 @@ def test_costs_are_counted_exactly_and_a_refined_candidate_is_stepped_as_is(spli
     assert env.n_train_batches == 2 * KD_BATCHES
     chosen = actions[int(np.argmax(rewards))]
     # a cached candidate is free and not refined again; the batch's one new candidate is refined
-    again, infos2 = env.evaluate_actions([chosen, _actions(env.n_groups, 1, seed=2)[0]])
+    again, infos2 = env.evaluate_actions([chosen, random_actions(env.n_groups, 1, seed=2)[0]])
     assert again[0] == max(rewards) and infos2[0]["cached"] and infos2[1]["refined"]
     assert env.n_evaluations == 9 and env.n_train_batches == 3 * KD_BATCHES and env.total_evaluations == 9
     _, reward, _, _, info = env.step(chosen)
@@ -118,7 +113,7 @@ def test_costs_are_counted_exactly_and_a_refined_candidate_is_stepped_as_is(spli
 def test_a_cheap_short_kd_base_counts_its_own_batches_too(splits):
     env = _env(splits, reward_refine_base="short_kd", reward_refine_top=1, reward_kd_batches=1)
     env.reset(seed=0)
-    _, infos = env.evaluate_actions(_actions(env.n_groups, 2))
+    _, infos = env.evaluate_actions(random_actions(env.n_groups, 2))
     # two cheap short_kd estimates (1 batch each), one refinement: its fine-tune (1) and the cheap estimate again (1)
     assert env.n_evaluations == 3 and env.n_train_batches == 2 + 2
     assert sum(info["refined"] for info in infos) == 1
@@ -128,7 +123,7 @@ def test_the_monitor_counts_batches_and_refines_within_the_budget(splits):
     env = _env(splits)
     monitor = PruneMonitor(env, max_evaluations=7)
     monitor.reset(seed=0)
-    actions = _actions(env.n_groups, 6, seed=3)
+    actions = random_actions(env.n_groups, 6, seed=3)
     rewards, infos = monitor.evaluate_actions(actions)  # 6 cheap evaluations leave room for one refinement
     assert sum(info["refined"] for info in infos) == 1
     assert monitor.n_evaluations == 7 and monitor.evaluations_left == 0 and monitor.n_train_batches == KD_BATCHES
@@ -140,7 +135,7 @@ def test_the_monitor_counts_batches_and_refines_within_the_budget(splits):
     assert monitor.n_train_batches == KD_BATCHES and monitor.record.train_batches_done == KD_BATCHES
     monitor.max_evaluations = 20
     # an agent keeping evaluations for later passes less than the budget leaves: no room for a refinement here
-    _, infos = monitor.evaluate_actions(_actions(env.n_groups, 3, seed=4), max_evaluations=3)
+    _, infos = monitor.evaluate_actions(random_actions(env.n_groups, 3, seed=4), max_evaluations=3)
     assert not any(info["refined"] for info in infos) and monitor.n_evaluations == 11
     state = monitor.record.state_dict()
     del state["train_batches_done"]  # a record saved before the counter existed still loads

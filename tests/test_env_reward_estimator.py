@@ -13,17 +13,9 @@ from pruning_env.data import preload
 from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.reward import REWARD_ESTIMATORS, recalibrate_bn
 from pruning_env.training import evaluate, kd_loss
-from tiny import TinyNet, tiny_env
+from tiny import TinyNet, same_state, state_copy, tiny_env
 
 ACTION = np.array([0.3, 0.5, 0.2], dtype=np.float32)
-
-
-def _state(model: nn.Module):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_every_registry_option_is_an_estimator_keyword_read_from_an_env_setting():
@@ -58,10 +50,10 @@ def test_bad_estimator_settings_are_refused_by_name(field, value, match):
 def test_each_estimator_scores_lookahead_and_step_and_leaves_the_source_model_unchanged(splits, name):
     torch.manual_seed(0)
     source = TinyNet()
-    before = _state(source)
+    before = state_copy(source)
     env = tiny_env(splits, model=source, reward_estimator=name, reward_train_images=32, reward_kd_batches=2,
                    budget="flops", target=0.4, n_steps=2)
-    original = _state(env.original_model)
+    original = state_copy(env.original_model)
     env.reset(seed=0)
     reward, info = env.evaluate_action(ACTION)
     again, _ = env.evaluate_action(ACTION + np.float32(0.01))  # uncached: built and estimated afresh
@@ -71,8 +63,8 @@ def test_each_estimator_scores_lookahead_and_step_and_leaves_the_source_model_un
     assert step_reward == pytest.approx(reward)  # the step reuses the look-ahead's estimate
     assert step_info["accuracy"] == pytest.approx(info["accuracy"])
     env.step(ACTION)
-    assert _same(before, _state(source)), "the caller's module changed"
-    assert _same(original, _state(env.original_model)), "the env's original model changed"
+    assert same_state(before, state_copy(source)), "the caller's module changed"
+    assert same_state(original, state_copy(env.original_model)), "the env's original model changed"
     if name == "teacher_agreement":
         assert env.original_accuracy == pytest.approx(1.0)  # the teacher agrees with itself
     env.close()

@@ -16,7 +16,7 @@ import pytest
 from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.parallel import ParallelConfig, RayNotInstalledError
 
-from tiny import tiny_env
+from tiny import random_actions, tiny_env
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -24,11 +24,6 @@ TESTS = str(Path(__file__).resolve().parent)
 def _env(splits, **kwargs):
     defaults = dict(action_mode="distribution", budget="flops", target=0.5, n_steps=2, lookahead_cache=5)
     return tiny_env(splits, **{**defaults, **kwargs})
-
-
-def _actions(n_groups: int, count: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    return [rng.uniform(0.05, 1.0, n_groups).astype(np.float32) for _ in range(count)]
 
 
 def _same_info(a: dict, b: dict) -> None:
@@ -43,7 +38,7 @@ def _same_info(a: dict, b: dict) -> None:
 def _batch(n_groups: int):
     """Fresh actions, a repeat, an action cached before the batch, and one evicted by the batch and rebuilt
     (more candidates than the cache of 5 holds)."""
-    a = _actions(n_groups, 6)
+    a = random_actions(n_groups, 6)
     return [a[0], a[1], a[2], a[1], a[3], a[4], a[5], a[0]], a[4]
 
 
@@ -79,7 +74,7 @@ def test_serial_batch_equals_loop(splits, overlap, estimator):
     assert batch_env.evaluation_backend.overlap is overlap
     _check_batch_equals_loop(loop_env, batch_env)
     # from the second state on too (new pruner, new importance)
-    a = _actions(loop_env.n_groups, 2, seed=1)
+    a = random_actions(loop_env.n_groups, 2, seed=1)
     assert batch_env.evaluate_actions(a)[0] == [loop_env.evaluate_action(x)[0] for x in a]
 
 
@@ -87,7 +82,7 @@ def test_batch_of_cache_hits_needs_no_backend(splits, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # starting the Ray backend would fail
     env = _env(splits, parallel={"backend": "ray"})
     env.reset(seed=0)
-    a = _actions(env.n_groups, 1)[0]
+    a = random_actions(env.n_groups, 1)[0]
     env.evaluate_action(a)
     rewards, infos = env.evaluate_actions([a, a])
     assert infos[0]["cached"] and infos[1]["cached"] and env.n_evaluations == 1
@@ -109,7 +104,7 @@ def test_missing_ray_says_how_to_install(splits, monkeypatch):
     env = _env(splits, parallel={"backend": "ray", "num_workers": 2})
     env.reset(seed=0)
     with pytest.raises(RayNotInstalledError, match=r'pip install "ray>=2.9"'):
-        env.evaluate_actions(_actions(env.n_groups, 2))
+        env.evaluate_actions(random_actions(env.n_groups, 2))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +128,7 @@ def test_ray_batch_equals_loop_through_worker_deaths(splits, ray_cluster):
     assert len(set(pids)) == 2
 
     def same_as_loop(seed: int) -> None:
-        a = _actions(loop_env.n_groups, 6, seed=seed)
+        a = random_actions(loop_env.n_groups, 6, seed=seed)
         assert batch_env.evaluate_actions(a)[0] == [loop_env.evaluate_action(x)[0] for x in a]
         assert batch_env.n_evaluations == loop_env.n_evaluations
 
@@ -155,7 +150,7 @@ def test_ray_runs_the_reward_estimator_like_the_env(splits, ray_cluster, estimat
     loop_env.reset(seed=0)
     batch_env.reset(seed=0)
     _check_batch_equals_loop(loop_env, batch_env)
-    a = _actions(loop_env.n_groups, 4, seed=5)
+    a = random_actions(loop_env.n_groups, 4, seed=5)
     assert batch_env.evaluate_actions(a)[0] == [loop_env.evaluate_action(x)[0] for x in a]
     batch_env.close()
 
@@ -177,7 +172,7 @@ def test_ray_refines_like_the_serial_backend(splits, ray_cluster):
     assert ray_env.n_evaluations == serial_env.n_evaluations and ray_env.n_train_batches == serial_env.n_train_batches
     best = actions[int(np.argmax(rewards))]
     assert ray_env.step(best)[1] == serial_env.step(best)[1]
-    a = _actions(serial_env.n_groups, 3, seed=4)  # the next state: a new pruner and teacher logits on the actors
+    a = random_actions(serial_env.n_groups, 3, seed=4)  # the next state: a new pruner and teacher logits on the actors
     assert ray_env.evaluate_actions(a)[0] == serial_env.evaluate_actions(a)[0]
     ray_env.close()
 

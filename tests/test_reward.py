@@ -11,7 +11,7 @@ from pruning_env.envs.reward import (REWARD_ESTIMATORS, adaptive_bn, bn_kd_loss,
                                      recalibrate_bn, short_kd, teacher_agreement, vanilla)
 from pruning_env.pruning import Pruner
 from pruning_env.training import evaluate, kd_loss
-from tiny import TinyNet
+from tiny import TinyNet, same_state, state_copy
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +33,14 @@ def task(splits):
     return teacher, student, train, val, test
 
 
-def _state(model: nn.Module) -> dict:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("name", sorted(REWARD_ESTIMATORS))
 def test_estimators_leave_student_and_teacher_unchanged(task, name):
     teacher, student, train, val, _ = task
-    before_s, before_t = _state(student), _state(teacher)
+    before_s, before_t = state_copy(student), state_copy(teacher)
     student.train()
     value = make_estimator(name)(student, teacher, val, train)
     assert isinstance(value, float) and np.isfinite(value)
-    assert _same(before_s, _state(student)) and _same(before_t, _state(teacher))
+    assert same_state(before_s, state_copy(student)) and same_state(before_t, state_copy(teacher))
     assert student.training and not teacher.training
 
 

@@ -13,24 +13,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stable_baselines3.common.callbacks import BaseCallback
 
 from rl_prune.cli import evaluate_main, train_main
 from rl_prune.config import load_config
 from rl_prune.pipeline import run
 from rl_prune.run_folder import (RunFolder, RunFolderError, RunFolderLocked, RunLock, claim_new_run_folder,
                                  latest_run_folder, numbered_run_dirs)
+from tiny import KillAt, tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "name": "tiny", "seed": 0, "device": "cpu", "agent": "uniform",
-    "env": {"model": "vgg11", "dataset": "synthetic", "width": 0.0625, "pretrained": False, "val_size": 32,
-            "reward_samples": 32, "calibration_size": 16, "n_steps": 2, "target": 0.4, "budget": "flops",
-            "alpha": 0.0, "beta": 0.0, "record_timings": False},
-    "finetune": {"epochs": 1, "max_batches": 2, "batch_size": 16},
-    "run": {"progress": False, "export_torchscript": False, "checkpoint_every": 1},
-}
+TINY = tiny_run(agent="uniform", env={"n_steps": 2}, agents={})
 
 
 def write_config(tmp_path, **env):
@@ -81,7 +74,7 @@ def test_a_rerun_keeps_the_finished_run(tmp_path, capsys):
     assert "runs/tiny holds an earlier run (finished); this run writes" in err and str(runs / "tiny_2") in err
     assert snapshot(runs / "tiny") == first
     assert RunFolder(runs / "tiny_2").read_metrics()["name"] == "tiny_2"
-    assert json.loads((runs / "tiny").joinpath("metrics.json").read_text())["name"] == "tiny"
+    assert RunFolder(runs / "tiny").read_metrics()["name"] == "tiny"
     # --resume continues the latest run of the name: finished, so it is refused, naming both ways out
     assert train_main(["--config", str(path), "--resume"]) == 2
     err = capsys.readouterr().err
@@ -94,19 +87,6 @@ def test_a_rerun_keeps_the_finished_run(tmp_path, capsys):
     assert [n for n, _ in numbered_run_dirs(runs, "tiny")] == [1, 2]
     with pytest.raises(SystemExit):  # one or the other
         train_main(["--config", str(path), "--overwrite", "--resume"])
-
-
-class KillAt(BaseCallback):
-    """A kill (Ctrl-C) right after pruning step ``k`` (after that step's checkpoint)."""
-
-    def __init__(self, k):
-        super().__init__()
-        self.k = k
-
-    def _on_step(self):
-        if self.model.num_timesteps == self.k:
-            raise KeyboardInterrupt
-        return True
 
 
 def test_resume_continues_the_named_or_the_latest_folder(tmp_path, capsys):

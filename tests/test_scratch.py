@@ -12,6 +12,7 @@ import yaml
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner
+from rl_prune.run_folder import RunFolder
 from rl_prune.scratch import reinitialize, scratch_epochs, scratch_from_widths, scratch_model, train_scratch
 from tiny import TinyNet
 
@@ -132,7 +133,7 @@ def test_a_run_folder_is_trained_from_scratch_for_pretraining_plus_finetune_epoc
     path.write_text(yaml.safe_dump(cfg))
     assert train_main(["--config", str(path), "--name", "u"]) == 0
     run_dir = tmp_path / "runs" / "u"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = RunFolder(run_dir).read_metrics()
 
     summary = train_scratch(run_dir, seed=0, progress=False)
     sc = summary["scratch"]

@@ -17,7 +17,7 @@ from rl_prune.config import load_config
 from rl_prune.pipeline import finetune_searched, run
 from rl_prune.run_folder import (SEARCHED_KIND, SEARCHED_VERSION, RunFolder, rebuild_pruned, structure_hash,
                                  weights_hash)
-from tiny import SB3_SMALL, tiny_env
+from tiny import SB3_SMALL, tiny_env, tiny_run
 
 SETTINGS = {"ignore": [], "prune_normalized": False}
 
@@ -119,15 +119,9 @@ def test_a_run_without_a_search_has_no_searched_model(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ through the pipeline
-TINY = {
-    "name": "tiny", "seed": 0, "device": "cpu", "agent": "uniform", "budget": 6,
-    "env": {"model": "vgg11", "dataset": "synthetic", "width": 0.0625, "pretrained": False, "val_size": 32,
-            "reward_samples": 32, "calibration_size": 16, "n_steps": 2, "target": 0.4, "budget": "flops",
-            "alpha": 0.0, "beta": 0.0, "record_timings": False},
-    "agents": {"rl_pruner_improved": {"sample_num": 2}, "ppo": {**SB3_SMALL["ppo"], "policy_kwargs": {"net_arch": [8]}}},
-    "finetune": {"epochs": 1, "max_batches": 2, "batch_size": 16},
-    "run": {"progress": False, "export_torchscript": False, "checkpoint_every": 1},
-}
+TINY = tiny_run(agent="uniform", budget=6, env={"n_steps": 2},
+                agents={"rl_pruner_improved": {"sample_num": 2},
+                        "ppo": {**SB3_SMALL["ppo"], "policy_kwargs": {"net_arch": [8]}}})
 
 
 @pytest.mark.parametrize("agent", ["uniform", "random_search", "rl_pruner_improved", "ppo"])

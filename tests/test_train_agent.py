@@ -4,18 +4,16 @@ unkilled run), a refused --resume that changes nothing, and a first run (pretrai
 
 Every run is an untrained width-0.0625 VGG-11 on generated images with a two-batch fine-tune: a few seconds.
 """
-import csv
 
 import pytest
 import torch
 import yaml
-from stable_baselines3.common.callbacks import BaseCallback
 
 from rl_prune.cli import train_main
 from rl_prune.config import load_config
 from rl_prune.pipeline import run
 from rl_prune.run_folder import RunFolder
-from tiny import TINY_RUN
+from tiny import TINY_RUN, KillAt
 
 N_STEPS = TINY_RUN["env"]["n_steps"]
 
@@ -39,8 +37,7 @@ def read_metrics(run_dir):
 
 
 def read_steps(run_dir):
-    with open(run_dir / "steps.csv") as f:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in RunFolder(run_dir).read_steps()]
 
 
 def assert_same_run(a_dir, b_dir):
@@ -76,7 +73,7 @@ def test_run_folder_contents(reference):
     rows = read_steps(run_dir)
     assert [int(r["step"]) for r in rows] == list(range(1, N_STEPS + 1))
     assert int(rows[-1]["n_evaluations"]) == metrics["n_evaluations"]
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved = RunFolder(run_dir).read_config()
     assert saved["agents"]["rl_pruner"] == {"sample_num": 2, "lr_epoch": 2}
 
 
@@ -84,19 +81,6 @@ def test_same_seed_gives_same_metrics(reference, tmp_path):
     path, run_dir = reference
     assert train_main(["--config", str(path), "--name", "again", f"run.out_dir={tmp_path}"]) == 0
     assert_same_run(run_dir, tmp_path / "again")
-
-
-class KillAt(BaseCallback):
-    """Simulates a kill (Ctrl-C) right after pruning step ``k`` (after that step's checkpoint)."""
-
-    def __init__(self, k):
-        super().__init__()
-        self.k = k
-
-    def _on_step(self):
-        if self.model.num_timesteps == self.k:
-            raise KeyboardInterrupt
-        return True
 
 
 @pytest.mark.parametrize("k", [1, N_STEPS])
@@ -215,7 +199,7 @@ def test_refused_resume_changes_nothing(reference, tmp_path, capsys):
         assert message in capsys.readouterr().err
         after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
         assert after == before, extra
-    assert yaml.safe_load((folder / "config.yaml").read_text())["agent"] == "rl_pruner"
+    assert RunFolder(folder).read_config()["agent"] == "rl_pruner"
 
 
 def test_first_run_pretraining_in_process_equals_later_runs(tmp_path):

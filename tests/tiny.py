@@ -2,17 +2,23 @@
 
 - env and agent tests: ``TinyNet`` (conv1 | conv2+conv3, closed by a residual add: one group of two layers | fc1 |
   classifier; a step costs a few ms), ``tiny_env`` / ``tiny_splits`` (16x16 generated images; the ``splits``
-  fixture of conftest.py), ``ScriptedEnv`` (a stand-in PruneEnv with scripted accuracies), ``SB3_SMALL``;
-- run-layer tests: ``TINY_RUN``, the train_agent.py config of an untrained width-0.0625 VGG-11 (a few seconds);
+  fixture of conftest.py), ``tiny_patch_env`` (AgentViT's env on a tiny SimpleViT), ``ScriptedEnv`` (a stand-in
+  PruneEnv with scripted accuracies), ``random_actions``, ``state_copy`` / ``same_state``, ``SB3_SMALL``;
+- run-layer tests: ``TINY_RUN`` / ``tiny_run(...)``, the train_agent.py config of an untrained width-0.0625 VGG-11
+  (a few seconds), ``tiny_run_config`` (a typed run config over TinyNet), ``KillAt`` (a kill after step k);
 - pruning-engine tests: hand-written nets covering every construct the tracer must handle (16x16 inputs,
-  <= 24 channels), tiny torchvision transformers, ``random_plan``, ``check_built``, ``randomise`` and
-  ``hooked_group_costs`` (reference costs by forward hooks).
+  <= 24 channels), tiny torchvision transformers, ``random_plan``, ``check_built``, ``randomise`` /
+  ``random_batchnorm``, ``hooked_group_costs`` (reference costs by forward hooks), ``flop_counter_macs``,
+  ``head_groups``, ``n_heads``.
 """
+import copy
+
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from stable_baselines3.common.callbacks import BaseCallback
 
 from pruning_env.costs import attention_macs, count_costs, layer_macs
 from pruning_env.pruning import Pruner
@@ -53,11 +59,51 @@ def tiny_env(splits, **kwargs):
     return PruneEnv(**defaults)
 
 
+def tiny_patch_env(splits, **kwargs):
+    """A seeded PatchSelectEnv (AgentViT) over a width-0.125, depth-1 SimpleViT: 2 epochs of batch 32, a reward
+    every 2 batches, k* = 20, no wall-clock seconds in ``info``; ``kwargs`` override."""
+    from pruning_env.envs.patch_env import PatchSelectEnv
+
+    defaults = dict(dataset=splits, width=0.125, depth=1, batch_size=32, epochs=2, reward_every=2, n_keep=20, seed=0,
+                    time_info=False)
+    defaults.update(kwargs)
+    return PatchSelectEnv(**defaults)
+
+
+def tiny_run_config(splits, agent, budget, agent_kwargs=None, **env):
+    """The typed run config (``rl_prune``) of ``agent`` over a fresh seeded TinyNet: small reward and calibration
+    sets, a FLOPs budget, accuracy-only reward, ``budget`` evaluations; ``env`` overrides env settings."""
+    from rl_prune.config import PruneRunConfig
+
+    torch.manual_seed(0)
+    settings = dict(model=TinyNet(), dataset=splits, reward_samples=16, calibration_size=16, record_timings=False,
+                    budget="flops", alpha=0.0, beta=0.0)
+    settings.update(env)
+    return PruneRunConfig(agent=agent, seed=0, device="cpu", budget=budget, env=settings,
+                          agents={agent: dict(agent_kwargs or {})})
+
+
 def tiny_splits():
     """Generated 16x16 images, 10 classes: a quarter of the conftest set's compute."""
     from pruning_env.data import make_synthetic
 
     return make_synthetic(n_train=160, n_test=32, num_classes=10, image_size=16, seed=0)
+
+
+def random_actions(n_groups: int, count: int, seed: int = 0):
+    """``count`` seeded sparsity actions, each group's value uniform in [0.05, 1)."""
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(0.05, 1.0, n_groups).astype(np.float32) for _ in range(count)]
+
+
+def state_copy(model: nn.Module) -> dict:
+    """A detached copy of ``model``'s state dict (to check later that nothing changed it)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 #: tiny overrides of the SB3 zoo files so that a couple of dozen timesteps include gradient updates
@@ -136,6 +182,19 @@ class ScriptedEnv(gym.Env):
 
 
 # --------------------------------------------------------------------------------------- run layer
+class KillAt(BaseCallback):
+    """Simulates a kill (Ctrl-C) right after pruning step ``k`` (after that step's checkpoint)."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def _on_step(self):
+        if self.model.num_timesteps == self.k:
+            raise KeyboardInterrupt
+        return True
+
+
 #: the train_agent.py config of the run-layer tests (untrained width-0.0625 VGG-11, two-batch fine-tune)
 TINY_RUN = {
     "name": "tiny",
@@ -151,6 +210,17 @@ TINY_RUN = {
     "finetune": {"epochs": 1, "max_batches": 2, "batch_size": 16},
     "run": {"progress": False, "export_torchscript": False, "checkpoint_every": 1},
 }
+
+
+def tiny_run(env=None, agents=None, **changes):
+    """A fresh copy of :data:`TINY_RUN`: top-level ``changes`` replace keys, ``env`` updates the env section,
+    ``agents`` replaces the agents section."""
+    cfg = copy.deepcopy(TINY_RUN)
+    cfg.update(copy.deepcopy(changes))
+    cfg["env"].update(env or {})
+    if agents is not None:
+        cfg["agents"] = copy.deepcopy(agents)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------- pruning engine
@@ -390,3 +460,24 @@ def tiny_maxvit() -> nn.Module:
 
     return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=3)
+
+
+def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """FlopCounterMode / 2 with autograd on (no fused MHA fast path) and the math attention kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def n_heads(module: nn.Module) -> int:
+    """The head count of an attention module (its handler's view)."""
+    return attention_handler(module).heads(module)[0]
+
+
+def head_groups(pruner):
+    """The pruner's groups whose members are attention modules (pruned by whole heads)."""
+    return [g for g in pruner.groups if attention_handler(pruner.graph.specs[g.members[0]].module) is not None]
