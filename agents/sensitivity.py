@@ -80,6 +80,16 @@ class SensitivityPruner(BasePruningAgent):
         if env is not None:
             self.budget_schedule = self.grid()[1]
 
+    _progress = False
+
+    def learn(self, *args: Any, progress_bar: bool = False, **kwargs: Any) -> "SensitivityPruner":
+        """:meth:`BasePruningAgent.learn`; ``progress_bar`` also shows a bar over the sensitivity probes."""
+        self._progress = bool(progress_bar)
+        try:
+            return super().learn(*args, progress_bar=progress_bar, **kwargs)
+        finally:
+            self._progress = False
+
     # ------------------------------------------------------------------ the grid the budget pays for
     def grid(self, budget: Optional[int] = None, warn: bool = True) -> Tuple[np.ndarray, str]:
         """The ratios probed per group and a one-line account of the evaluations, for the env's budget.
@@ -158,7 +168,7 @@ class SensitivityPruner(BasePruningAgent):
         accuracy = np.full((n, m), np.nan)
         todo = [(g, i) for g in range(n) for i in range(m)]
         seen: Dict[Tuple[int, int], float] = {}
-        bar = tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=None, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=not self._progress, leave=False, dynamic_ncols=True)
         try:
             for g, i in todo:
                 k = int(keep[g, i])
