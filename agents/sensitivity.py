@@ -117,7 +117,7 @@ class SensitivityPruner(BasePruningAgent):
                 grid, note = derived_grid(fits, self.max_ratio), f"derived from budget {budget}"
             elif fits < len(asked):
                 grid = thin_grid(asked, fits)
-                note = (f"grid reduced from {len(asked)} to {len(grid)} ratios to fit budget {budget}")
+                note = f"grid reduced from {len(asked)} to {len(grid)} ratios to fit budget {budget}"
                 if warn:
                     warnings.warn(f"sensitivity: {note}", stacklevel=3)
             else:
@@ -168,7 +168,8 @@ class SensitivityPruner(BasePruningAgent):
         accuracy = np.full((n, m), np.nan)
         todo = [(g, i) for g in range(n) for i in range(m)]
         seen: Dict[Tuple[int, int], float] = {}
-        bar = tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=not self._progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=not self._progress, leave=False,
+                   dynamic_ncols=True)
         try:
             for g, i in todo:
                 k = int(keep[g, i])
