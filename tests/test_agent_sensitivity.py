@@ -202,3 +202,29 @@ def test_a_budget_free_env_is_refused(splits):
     agent = SensitivityPruner(tiny_env(splits, action_mode="sparsity"), seed=0)
     with pytest.raises(ValueError, match="needs an env with a budget"):
         agent.learn()
+
+
+def test_train_agent_runs_it_and_reports_the_evaluations_of_the_budget(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from rl_prune.cli import train_main
+
+    cfg = {"name": "tiny", "seed": 0, "device": "cpu", "agent": "sensitivity",
+           "env": {"model": "vgg11", "dataset": "synthetic", "width": 0.0625, "pretrained": False, "val_size": 32,
+                   "reward_samples": 16, "calibration_size": 16, "n_steps": 2, "target": 0.4, "budget": "flops",
+                   "record_timings": False},
+           "finetune": {"epochs": 1, "max_batches": 1, "batch_size": 16},
+           "run": {"progress": False, "export_torchscript": False, "out_dir": str(tmp_path / "runs")}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(path), "--name", "s", "budget=22"]) == 0
+    out = capsys.readouterr()
+    metrics = json.loads((tmp_path / "runs" / "s" / "metrics.json").read_text())
+    groups, n = len(metrics["group_names"]), metrics["n_evaluations"]
+    ratios = (22 - 2) // groups
+    assert metrics["budget"] == 22 and n <= groups * ratios + 2
+    assert f"evaluations used {n} of budget 22" in out.out
+    assert metrics["budget_schedule"].startswith(f"{groups} groups x {ratios} ratios")
+    assert "sensitivity schedule:" in out.err and "does not apply" not in out.err
