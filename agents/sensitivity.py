@@ -8,6 +8,9 @@ agent's look-aheads; the episode's steps cost one evaluation each on top. The ra
 ``(budget - n_steps) // n_groups`` ratios per group (an explicit grid longer than that is thinned, and the run's
 summary says so); a budget that cannot pay one ratio per group is refused.
 
+``allocation="threshold"`` is Li et al.'s own reading instead, automated: one accuracy-drop threshold for all
+groups, each pruned to its largest grid ratio within it, the smallest threshold whose allocation meets the target.
+
 The allocation (where this differs from the paper; ``docs/agents.md``): Li et al. read the curves by hand, skip the
 sensitive layers and prune the others at one ratio. Here a greedy exchange over the measured curves decides: from
 the unpruned model, repeatedly move the group whose next grid ratio costs the least accuracy (monotone envelope of
@@ -28,6 +31,8 @@ from agents.heuristics import _to_action
 
 #: ratios per group of a derived grid when there is no budget (Li et al.'s curves: 10 % ... 90 %)
 DEFAULT_RATIOS = 9
+#: the allocation rules over the measured curves
+ALLOCATIONS = ("greedy", "threshold")
 
 
 def derived_grid(n: int, max_ratio: float) -> np.ndarray:
@@ -53,14 +58,20 @@ class SensitivityPruner(BasePruningAgent):
         sparsity mode); None derives ``n_ratios`` evenly spaced ratios up to ``max_ratio``.
     :param n_ratios: size of a derived grid; None: as many as the budget pays for (``DEFAULT_RATIOS`` without one).
     :param max_ratio: largest ratio of a derived grid.
+    :param allocation: ``"greedy"`` (default: least accuracy drop per unit of the budget metric saved) or
+        ``"threshold"`` (Li et al.'s reading of the curves, automated: every group pruned to its largest ratio whose
+        drop stays within one threshold, the smallest threshold that meets the target).
     :param seed: seeds ``env.reset`` (the analysis draws nothing at random).
     """
 
-    _init_keys = BasePruningAgent._init_keys + ("ratios", "n_ratios", "max_ratio")
+    _init_keys = BasePruningAgent._init_keys + ("ratios", "n_ratios", "max_ratio", "allocation")
 
     def __init__(self, env: Any = None, ratios: Optional[Sequence[float]] = None, n_ratios: Optional[int] = None,
-                 max_ratio: float = 0.9, seed: Optional[int] = None, verbose: int = 0,
+                 max_ratio: float = 0.9, allocation: str = "greedy", seed: Optional[int] = None, verbose: int = 0,
                  tensorboard_log: Optional[Union[str, Path]] = None) -> None:
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        self.allocation = allocation
         if ratios is not None:
             r = np.asarray(ratios, dtype=np.float64).reshape(-1)
             if r.size == 0 or not np.all(np.isfinite(r)) or np.any(r <= 0) or np.any(r >= 1) \
@@ -190,38 +201,49 @@ class SensitivityPruner(BasePruningAgent):
         return self._analysis
 
     def _allocate(self, keep: np.ndarray, accuracy: np.ndarray, base: float, current: np.ndarray) -> Dict[str, Any]:
-        """The greedy exchange over the curves (module docstring): grid levels per group meeting the target."""
+        """Grid levels per group meeting the target, by the ``allocation`` rule over the curves (module docstring)."""
         env = self.penv
         n, m = keep.shape
         # drop at level l (0 = unpruned, l = grid index + 1), made non-decreasing: pruning more is never cheaper
         drop = np.maximum.accumulate(np.concatenate([np.zeros((n, 1)), np.maximum(0.0, base - accuracy)], axis=1),
                                      axis=1)
         options = np.concatenate([current[:, None], keep], axis=1)
-        level = np.zeros(n, dtype=np.int64)
         goal = float(env.target)
 
         def kept(lv: np.ndarray) -> np.ndarray:
             return options[np.arange(n), lv]
 
-        reduction = env.reduction(kept(level))
-        while reduction < goal - 1e-12:
-            best = None
-            for g in np.flatnonzero(level < m):
-                lv = level.copy()
-                lv[g] += 1
-                red = env.reduction(kept(lv))
-                gain, cost = red - reduction, drop[g, lv[g]] - drop[g, level[g]]
-                # least accuracy per unit saved; ties: the larger saving, then the lower group
-                key = (0, cost / gain, -gain, g) if gain > 0 else (1, cost, 0.0, g)
-                if best is None or key < best[0]:
-                    best = (key, g, red)
-            if best is None:
-                break
-            _, g, reduction = best
-            level[g] += 1
+        threshold = None
+        if self.allocation == "threshold":
+            # the drop allowed per group: the smallest of the measured drops whose levels meet the target
+            for threshold in np.unique(drop):
+                level = (drop <= threshold).sum(axis=1) - 1  # the envelope is non-decreasing: a prefix
+                reduction = env.reduction(kept(level))
+                if reduction >= goal - 1e-12:
+                    break
+            threshold = float(threshold)
+        else:
+            level = np.zeros(n, dtype=np.int64)
+            reduction = env.reduction(kept(level))
+            while reduction < goal - 1e-12:
+                best = None
+                for g in np.flatnonzero(level < m):
+                    lv = level.copy()
+                    lv[g] += 1
+                    red = env.reduction(kept(lv))
+                    gain, cost = red - reduction, drop[g, lv[g]] - drop[g, level[g]]
+                    # least accuracy per unit saved; ties: the larger saving, then the lower group
+                    key = (0, cost / gain, -gain, g) if gain > 0 else (1, cost, 0.0, g)
+                    if best is None or key < best[0]:
+                        best = (key, g, red)
+                if best is None:
+                    break
+                _, g, reduction = best
+                level[g] += 1
         k = kept(level)
         return {"levels": level - 1, "sparsity": 1.0 - k / np.asarray(env.original_channels, dtype=np.float64),
-                "reduction": float(reduction), "goal": goal, "met": bool(reduction >= goal - 1e-12)}
+                "reduction": float(reduction), "goal": goal, "met": bool(reduction >= goal - 1e-12),
+                "threshold": threshold}
 
     # ------------------------------------------------------------------ acting
     def _choose_action(self, obs: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -272,4 +294,4 @@ def allocation_table(agent: SensitivityPruner) -> List[Dict[str, Any]]:
     return rows
 
 
-__all__ = ["SensitivityPruner", "allocation_table", "derived_grid", "thin_grid", "DEFAULT_RATIOS"]
+__all__ = ["SensitivityPruner", "allocation_table", "derived_grid", "thin_grid", "DEFAULT_RATIOS", "ALLOCATIONS"]

@@ -179,6 +179,25 @@ def test_the_least_sensitive_group_is_pruned_most(splits):
     assert swapped["sparsity"][1] > out["sparsity"][1] and swapped["sparsity"][0] < out["sparsity"][0]
 
 
+def test_the_threshold_rule_prunes_every_group_within_one_drop(splits):
+    agent = SensitivityPruner(budget_env(splits), ratios=[0.25, 0.5, 0.75], allocation="threshold", seed=0)
+    env = agent.penv
+    env.reset(seed=0)
+    current = env.original_channels.copy()
+    keep = np.array([[env.pruner.keep_counts(np.eye(3)[g] * r)[g] for r in (0.25, 0.5, 0.75)] for g in range(3)])
+    accuracy = np.array([[0.8, 0.8, 0.79], [0.5, 0.3, 0.1], [0.78, 0.7, 0.6]])
+    out = agent._allocate(keep, accuracy, 0.8, current)
+    assert out["met"] and out["reduction"] >= TARGET
+    tau = out["threshold"]
+    drop = np.maximum.accumulate(np.maximum(0.0, 0.8 - accuracy), axis=1)
+    # each group at its largest ratio within tau (-1: not even the smallest), and no smaller drop would do
+    np.testing.assert_array_equal(out["levels"], (drop <= tau + 1e-12).sum(axis=1) - 1)
+    assert tau == pytest.approx(0.3)  # conv2+3 must give 25 % (a drop of 0.3): conv1 and fc1 go as far as that
+    np.testing.assert_array_equal(out["levels"], [2, 0, 2])
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        SensitivityPruner(env, allocation="knapsack")
+
+
 def test_the_analysis_is_deterministic(splits):
     runs = []
     for _ in range(2):
