@@ -6,7 +6,10 @@ The runs (one unit each, resumable: a finished folder is skipped by the loop):
 
     for seed in 0 1 2; do for agent in uniform sensitivity; do
       python train_agent.py --config configs/bench_cpu_vgg19w025_npz.yaml --agent $agent \\
-          --name bench_${agent}_t0875_s$seed env.target=0.875 budget=150 seed=$seed; done; done
+          --name bench_${agent}_t0875_s$seed env.target=0.875 budget=150 seed=$seed; done
+      python train_agent.py --config configs/bench_cpu_vgg19w025_npz.yaml --agent sensitivity \\
+          --name bench_sensitivity-threshold_t0875_s$seed env.target=0.875 budget=150 seed=$seed \\
+          agents.sensitivity.allocation=threshold; done
     python benchmarks/sensitivity_report.py runs/bench_*_t0875_s*
 
 writes ``benchmarks/results/sensitivity_vgg19w025_t0875.md`` and ``.json``.
@@ -28,19 +31,23 @@ from rl_prune.run_folder import RunFolder  # noqa: E402
 
 COMMAND = ("for seed in 0 1 2; do for agent in uniform sensitivity; do python train_agent.py --config "
            "configs/bench_cpu_vgg19w025_npz.yaml --agent $agent --name bench_${agent}_t0875_s$seed env.target=0.875 "
-           "budget=150 seed=$seed; done; done")
+           "budget=150 seed=$seed; done; python train_agent.py --config configs/bench_cpu_vgg19w025_npz.yaml --agent "
+           "sensitivity --name bench_sensitivity-threshold_t0875_s$seed env.target=0.875 budget=150 seed=$seed "
+           "agents.sensitivity.allocation=threshold; done")
 
 
 def row(folder: RunFolder) -> Dict[str, Any]:
     m = folder.read_metrics()
-    out = {"run": str(folder.path), "agent": m["agent"], "seed": m["seed"], "target": m["target"],
+    allocation = ((folder.read_config().get("agents") or {}).get("sensitivity") or {}).get("allocation", "greedy")
+    agent = m["agent"] if m["agent"] != "sensitivity" else f"sensitivity ({allocation})"
+    out = {"run": str(folder.path), "agent": agent, "seed": m["seed"], "target": m["target"],
            "n_evaluations": m["n_evaluations"], "budget": m["budget"], "flops_reduction": m["flops_reduction"],
            "reward": m["best_reward"], "test_bn_reestimated": (m.get("pruned_bn_reestimated") or {}).get("test_top1"),
            "test_finetuned": m["pruned"]["test_top1"], "original_test": m["original"]["test_top1"],
            "finetune_epochs": m["finetune"]["config"]["epochs"], "kept_channels": m["kept_channels"],
            "group_names": m["group_names"], "original_channels": m["original_channels"],
            "search_seconds": m["seconds"]["search"]}
-    if m["agent"] == "sensitivity" and folder.has_checkpoint:
+    if m["agent"] == "sensitivity" and folder.has_checkpoint:  # the curves and the allocation
         extra = folder.read_checkpoint().agent_state["agent"]["extra"]
         out["analysis"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in extra.items()}
     return out
@@ -65,7 +72,8 @@ def main(argv=None) -> int:
              "", "Task: `configs/bench_cpu_vgg19w025_npz.yaml` (5k CIFAR-10 images, `adaptive_bn` reward on 250 "
              "validation images, distribution mode, 3 steps, `min_channels: 4`), target 0.875, budget 150, the "
              "config's 1-epoch KD fine-tune. Test split: 1,034 images.", "",
-             "| agent | seed | evaluations | FLOPs −% | search reward | test, BN re-estimated | test, after fine-tune |",
+             "| agent | seed | evaluations | FLOPs −% | search reward | test, BN re-estimated "
+             "| test, after fine-tune |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['agent']} | {r['seed']} | {r['n_evaluations']} of {r['budget']} | "
@@ -75,15 +83,19 @@ def main(argv=None) -> int:
     for agent in sorted({r["agent"] for r in rows}):
         rs = [r for r in rows if r["agent"] == agent]
         lines.append(f"| {agent} | {spread([r['reward'] for r in rs])} | {spread([r['test_finetuned'] for r in rs])} |")
-    sens = [r for r in rows if "analysis" in r]
-    if sens:
-        r = sens[0]
+    firsts = {}
+    for r in rows:
+        if "analysis" in r:
+            firsts.setdefault(r["agent"], r)  # the first seed of each allocation
+    for r in firsts.values():
         a = r["analysis"]
-        lines += ["", f"Seed {r['seed']} sensitivity curves (reward accuracy with one group pruned alone; unpruned "
-                      f"{a['base_accuracy']:.3f}) and the allocation (greedy over the curves, allocated reduction "
-                      f"{a['reduction']:.4f} for the goal {a['goal']}; the env then scales it to each step's goal):",
-                  "", "| group | channels | " + " | ".join(f"{x:g}" for x in a["ratios"]) + " | allocated sparsity | kept |",
-                  "|---|---|" + "---|" * len(a["ratios"]) + "---|---|"]
+        rule = (f"drop threshold {a['threshold']:.3f}" if a.get("threshold") is not None else
+                "greedy: least drop per unit of FLOPs saved")
+        lines += ["", f"{r['agent']}, seed {r['seed']}: the sensitivity curves (reward accuracy with one group pruned "
+                      f"alone; unpruned {a['base_accuracy']:.3f}) and the allocation ({rule}; allocated reduction "
+                      f"{a['reduction']:.4f} for the goal {a['goal']}, which the env then scales to each step's goal):",
+                  "", "| group | channels | " + " | ".join(f"{x:g}" for x in a["ratios"])
+                  + " | allocated sparsity | kept |", "|---|---|" + "---|" * len(a["ratios"]) + "---|---|"]
         for g, name in enumerate(r["group_names"]):
             lines.append(f"| {name} | {r['original_channels'][g]} | "
                          + " | ".join(f"{x:.3f}" for x in a["accuracy"][g])
