@@ -1,4 +1,4 @@
-"""Per-layer sensitivity analysis (Li et al. 2017, "Pruning Filters for Efficient ConvNets", section 3.3 / 4.1):
+"""Per-layer sensitivity analysis (Li et al. 2017, "Pruning Filters for Efficient ConvNets"):
 prune each group alone at several ratios, score each candidate with the env's reward estimator, then allocate
 per-group sparsities that meet the budget, the least sensitive groups pruned most.
 
