@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -278,20 +278,4 @@ class SensitivityPruner(BasePruningAgent):
         self._analysis = dict(state) if state else None
 
 
-def allocation_table(agent: SensitivityPruner) -> List[Dict[str, Any]]:
-    """One row per group of an analysed agent: name, original channels, the curve (ratio -> accuracy), the allocated
-    sparsity and kept channels (for reports)."""
-    a = agent.analysis
-    if a is None:
-        raise RuntimeError("the agent has not analysed yet")
-    env = agent.penv
-    rows = []
-    for g, name in enumerate(env.group_names):
-        orig = int(env.original_channels[g])
-        rows.append({"group": name, "channels": orig,
-                     "curve": {f"{r:.3g}": float(acc) for r, acc in zip(a["ratios"], a["accuracy"][g])},
-                     "sparsity": float(a["sparsity"][g]), "kept": int(round(orig * (1 - a["sparsity"][g])))})
-    return rows
-
-
-__all__ = ["SensitivityPruner", "allocation_table", "derived_grid", "thin_grid", "DEFAULT_RATIOS", "ALLOCATIONS"]
+__all__ = ["SensitivityPruner", "derived_grid", "thin_grid", "DEFAULT_RATIOS", "ALLOCATIONS"]
