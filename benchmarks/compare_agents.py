@@ -49,9 +49,23 @@ DEFAULT_AGENTS = tuple(a for a in ("uniform", "global_taylor", "random_search", 
                        if a in AGENTS)
 #: the protocol's floor (issue 24 item 6): a verdict from less is marked provisional
 MIN_BUDGET, MIN_SEARCH_SEEDS, MIN_FT_SEEDS = 150, 3, 2
-#: default budget: >= 150 and spent exactly by RL-Pruner's derived schedule in one step (15 RL epochs x 10 samples
-#: + the reset point), random search (151 candidates) and the SB3 agents (150 timesteps + the final episode)
-DEFAULT_BUDGET = 151
+#: schedules: one-shot (every agent prunes to the target at once), iterative (the authors': several steps with KD
+#: recovery between them, the recovery epochs taken from the final fine-tune so every agent trains as long)
+SCHEDULES = ("oneshot", "iterative")
+
+
+def default_budget(n_steps: int) -> int:
+    """The smallest budget >= 150 that RL-Pruner (improved: 10 samples per RL epoch + the reset point per step),
+    random search (``budget / n_steps`` candidates per step) and the SB3 agents all spend exactly: ``n_steps`` divides
+    it and each step's share is 1 more than a multiple of 10 (151 for one step, 153 for three).
+
+    :param n_steps: pruning steps per episode.
+    """
+    budget = MIN_BUDGET
+    while budget % n_steps or (budget // n_steps - 1) % 10:
+        budget += 1
+    return budget
+
 #: search-run settings of every unit: no fine-tune (the fine-tune units do it), no TorchScript export
 SEARCH_OVERRIDES = {"finetune.epochs": 0, "run.export_torchscript": False}
 
@@ -156,13 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"search seeds 0..N-1 (default {MIN_SEARCH_SEEDS})")
     p.add_argument("--ft-seeds", type=int, default=MIN_FT_SEEDS,
                    help=f"fine-tunes of every searched model, each with its own seed (default {MIN_FT_SEEDS})")
-    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
-                   help=f"evaluations per searching agent, spent exactly (>= {MIN_BUDGET}; default {DEFAULT_BUDGET})")
-    p.add_argument("--n-steps", type=int, default=1,
-                   help="pruning steps of every agent (default 1: one-shot; the SB3 agents always prune in one)")
+    p.add_argument("--budget", type=int, default=None,
+                   help=f"evaluations per searching agent, spent exactly (>= {MIN_BUDGET}; default: the smallest "
+                        f"such budget every agent spends exactly, 151 for one step, 153 for three)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="oneshot",
+                   help="oneshot: prune to the target in --n-steps steps (default 1) without training between them; "
+                        "iterative: --n-steps steps (default 3) with --recovery-epochs of KD recovery between them, "
+                        "taken from the final fine-tune (the same training for every agent and schedule)")
+    p.add_argument("--n-steps", type=int, default=None, help="pruning steps (default: 1 oneshot, 3 iterative)")
+    p.add_argument("--recovery-epochs", type=int, default=2,
+                   help="iterative: KD recovery epochs after each non-final step (default 2)")
     p.add_argument("--finetune-epochs", type=int, default=15,
-                   help="epochs of every fine-tune unit, the config's recipe otherwise (default 15: the length "
-                        "at which compare_agents.md found the ranking stable at 70 %%)")
+                   help="training epochs after the search: the final KD fine-tune, less the recovery epochs of the "
+                        "iterative schedule (default 15: the length at which compare_agents.md found the ranking "
+                        "stable at 70 %%)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides of every unit (give a variant its own --out-dir)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_curves"), help="where the units live")
@@ -177,8 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_args(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on the schedule (``n_steps``, ``budget``)."""
+    if args.n_steps is None:
+        args.n_steps = 3 if args.schedule == "iterative" else 1
+    if args.budget is None:
+        args.budget = default_budget(max(1, args.n_steps))
+
+
+def final_epochs(args: argparse.Namespace) -> int:
+    """Epochs of the final fine-tune: ``--finetune-epochs`` less the iterative schedule's recovery epochs."""
+    recovery = (args.n_steps - 1) * args.recovery_epochs if args.schedule == "iterative" else 0
+    return args.finetune_epochs - recovery
+
+
+def schedule_name(args: argparse.Namespace) -> str:
+    """``oneshot``, ``3step`` (several steps, no training between) or ``iterative3_r2`` (3 steps, 2 recovery epochs
+    after each non-final one): the schedule's folder."""
+    if args.schedule == "iterative":
+        return f"iterative{args.n_steps}_r{args.recovery_epochs}"
+    return "oneshot" if args.n_steps == 1 else f"{args.n_steps}step"
+
+
 def check_args(args: argparse.Namespace) -> Optional[str]:
-    """The first problem with the command line, or None."""
+    """The first problem with the command line, or None (after :func:`resolve_args`)."""
     if args.search_seeds < 1 or args.ft_seeds < 1:
         return f"--search-seeds and --ft-seeds must be >= 1, got {args.search_seeds} and {args.ft_seeds}"
     bad = [t for t in args.targets if not 0.0 < t < 1.0]
@@ -189,6 +232,18 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
                 f"smaller budget does not let a search agent search)")
     if args.n_steps < 1 or args.finetune_epochs < 1:
         return f"--n-steps and --finetune-epochs must be >= 1, got {args.n_steps} and {args.finetune_epochs}"
+    if args.schedule == "iterative":
+        if args.n_steps < 2 or args.recovery_epochs < 1:
+            return (f"--schedule iterative needs --n-steps >= 2 and --recovery-epochs >= 1, got {args.n_steps} and "
+                    f"{args.recovery_epochs}")
+        if final_epochs(args) < 1:
+            return (f"--schedule iterative: {args.n_steps - 1} recoveries x {args.recovery_epochs} epochs leave "
+                    f"{final_epochs(args)} of the {args.finetune_epochs} training epochs for the final fine-tune; "
+                    f"raise --finetune-epochs or lower --recovery-epochs")
+        one_step = [a for a in args.agents if AGENTS[a].env.get("n_steps") == 1]
+        if one_step:
+            return (f"--schedule iterative: {', '.join(one_step)} always prune(s) in one step (their registry env); "
+                    f"leave them out of --agents for this schedule")
     try:
         parse_overrides(args.set)
     except ConfigError as err:
@@ -198,15 +253,21 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
 
 def search_config(args: argparse.Namespace, agent: str, seed: int, target: float) -> PruneRunConfig:
     """The search unit's config: the task's, with the target, the schedule, the budget and no fine-tune."""
+    return unit_config(args.config, agent, seed, args.budget, unit_overrides(args, target))
+
+
+def unit_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
+    """Config overrides of every unit of one target: ``--set``, the target, the schedule, no fine-tune."""
     over: Dict[str, Any] = {**parse_overrides(args.set), "env.target": float(target), "env.n_steps": args.n_steps,
                             **SEARCH_OVERRIDES}
-    return unit_config(args.config, agent, seed, args.budget, over)
+    if args.schedule == "iterative":
+        over.update({"env.recovery": "kd", "env.recovery_epochs": args.recovery_epochs, "env.recovery_batches": 0})
+    return over
 
 
 def finetune_config(args: argparse.Namespace, agent: str, seed: int, target: float) -> PruneRunConfig:
-    """The fine-tune unit's config: the search unit's with ``--finetune-epochs`` of the config's recipe."""
-    over: Dict[str, Any] = {**parse_overrides(args.set), "env.target": float(target), "env.n_steps": args.n_steps,
-                            **SEARCH_OVERRIDES, "finetune.epochs": args.finetune_epochs}
+    """The fine-tune unit's config: the search unit's with :func:`final_epochs` of the config's recipe."""
+    over = {**unit_overrides(args, target), "finetune.epochs": final_epochs(args)}
     return unit_config(args.config, agent, seed, args.budget, over)
 
 
@@ -229,6 +290,7 @@ def run_finetune_unit(args: argparse.Namespace, layout: Layout, target: float, a
     record = {
         "model": layout.root.parent.name, "schedule": layout.root.name, "target": target, "agent": agent,
         "search_seed": seed, "ft_seed": ft_seed, "finetune_epochs": args.finetune_epochs,
+        "final_epochs": final_epochs(args),
         "search": search_numbers(metrics), "finetune": result,
         **provenance(SCRIPT, threads=args.threads),
     }
@@ -491,12 +553,14 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
         return None
     cfg = load_config(args.config)
     model = layout.root.parent.name
-    stem = f"compare_curves_{model}"
+    stem = f"compare_curves_{model}" + ("" if layout.root.name == "oneshot" else f"_{layout.root.name}")
     results = Path(args.results)
     prov = provenance(SCRIPT, threads=args.threads)
     meta = {"model": model, "schedule": layout.root.name, "config": str(args.config), "agents": list(args.agents),
             "targets": list(args.targets), "budget": args.budget, "search_seeds": args.search_seeds,
             "ft_seeds": args.ft_seeds, "finetune_epochs": args.finetune_epochs, "n_steps": args.n_steps,
+            "schedule_kind": args.schedule, "recovery_epochs": args.recovery_epochs if args.schedule == "iterative"
+            else 0, "final_epochs": final_epochs(args),
             "set": list(args.set), "note": args.note, "reward_estimator": cfg.env.get("reward_estimator", "vanilla"),
             "reward_samples": cfg.env.get("reward_samples"), "reward_train_images": cfg.env.get("reward_train_images"),
             "val_size": cfg.env.get("val_size"), "original": original, **prov}
@@ -512,7 +576,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
     plot(per_target, args.agents, original["test_top1"], results / f"{stem}.png",
-         f"{model} ({meta['schedule']}, budget {args.budget}, {args.finetune_epochs}-epoch KD fine-tune)")
+         f"{model} ({meta['schedule']}, budget {args.budget}, {args.finetune_epochs} training epochs after pruning)")
     atomic_write_text(render_markdown(meta, per_target, stem), results / f"{stem}.md")
     return results / f"{stem}.md"
 
@@ -601,6 +665,16 @@ def search_cost_lines(cost: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
               "run on this task.", ""]
 
 
+def schedule_text(meta: Dict[str, Any]) -> str:
+    """The schedule in words, with its training epochs."""
+    if meta["schedule_kind"] == "iterative":
+        return (f"{meta['n_steps']} pruning steps with {meta['recovery_epochs']} KD recovery epoch(s) after each "
+                f"non-final one, then a {meta['final_epochs']}-epoch fine-tune: {meta['finetune_epochs']} training "
+                f"epochs in all, as in the one-shot schedule")
+    return (f"{meta['n_steps']} pruning step(s), no training between steps, then the {meta['final_epochs']}-epoch "
+            f"fine-tune")
+
+
 def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], stem: str) -> str:
     orig = meta["original"]
     lines = [f"# Agent comparison as curves: {meta['model']}, 2x to 8x fewer MACs", "",
@@ -613,12 +687,12 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
     lines += ["", "## Protocol", "",
               f"Task `{meta['config']}`: original test top-1 **{orig['test_top1']:.4f}** (validation "
               f"{orig['val_top1']:.4f}), {orig['macs'] / 1e6:.2f} M MACs, {orig['params'] / 1e6:.3f} M params. "
-              f"Schedule `{meta['schedule']}` ({meta['n_steps']} pruning step(s), no fine-tune between steps). "
+              f"Schedule `{meta['schedule']}`: {schedule_text(meta)}. "
               f"Budget **{meta['budget']} evaluations** per searching agent, spent exactly (a unit that used another "
               f"count is refused below); uniform and global Taylor evaluate once per step. Reward estimator "
               f"`{meta['reward_estimator']}` on {meta['reward_samples']} validation images (never the test split). "
               f"Search seeds 0..{meta['search_seeds'] - 1}; each searched model fine-tuned {meta['ft_seeds']} times "
-              f"(fine-tune seed = search seed + i x {meta['search_seeds']}), {meta['finetune_epochs']} epochs of the "
+              f"(fine-tune seed = search seed + i x {meta['search_seeds']}), {meta['final_epochs']} epochs of the "
               f"config's KD recipe, the same for every agent. RL agents: RL-Pruner, the SB3 algorithms and AMC; "
               f"the others are non-RL allocations.", "",
               machine_line(meta["machine"]) + " Shared by other jobs: wall times are upper bounds.", "",
@@ -642,6 +716,7 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_args(args)
     problem = check_args(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -652,7 +727,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    layout = Layout(Path(args.out_dir), model_tag(cfg), "oneshot" if args.n_steps == 1 else f"{args.n_steps}step")
+    layout = Layout(Path(args.out_dir), model_tag(cfg), schedule_name(args))
     if not args.report_only:
         run_all(args, layout)
     path = write_report(args, layout)
