@@ -40,7 +40,7 @@ from benchmarks.common import (best_vs_best, failures_section, fmt, machine_line
 from pruning_env.runtime import atomic_write_text  # noqa: E402
 from rl_prune.config import ConfigError, PruneRunConfig, load_config, parse_overrides  # noqa: E402
 from rl_prune.pipeline import build_env, finetune_searched  # noqa: E402
-from rl_prune.run_folder import RunFolder  # noqa: E402
+from rl_prune.run_folder import RunFolder, RunFolderLocked, RunLock  # noqa: E402
 from rl_prune.sweep import BENCH_CONFIG, run_unit, unit_config, unit_failure  # noqa: E402
 
 SCRIPT = "benchmarks/compare_agents.py"
@@ -351,7 +351,14 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
                 if env is not None:
                     env.close()
                 env, env_key = build_env(finetune_config(args, agent, seed, target), agent), (target, seed)
+            lock = RunLock(path.with_suffix(".lock"))  # two workers can share the queue: a unit runs once
             try:
+                lock.acquire()
+            except RunFolderLocked:
+                continue
+            try:
+                if path.is_file():  # another worker finished it before the lock was ours
+                    continue
                 run_finetune_unit(args, layout, target, agent, seed, ft_seed, env)
             except Exception as err:  # recorded beside the unit; the others go on
                 import traceback
@@ -360,6 +367,8 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
                 atomic_write_text(traceback.format_exc(), path.with_suffix(".error.txt"))
                 print(f"{path.name} FAILED: {err}", file=sys.stderr, flush=True)
                 continue
+            finally:
+                lock.release()
             path.with_suffix(".error.txt").unlink(missing_ok=True)
             done += 1
             write_report(args, layout)
