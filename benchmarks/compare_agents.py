@@ -565,7 +565,9 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     stem = f"compare_curves_{model}" + ("" if layout.root.name == "oneshot" else f"_{layout.root.name}")
     results = Path(args.results)
     prov = provenance(SCRIPT, threads=args.threads)
-    meta = {"model": model, "schedule": layout.root.name, "config": str(args.config), "agents": list(args.agents),
+    config = Path(args.config).resolve()
+    meta = {"model": model, "schedule": layout.root.name,
+            "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(args.config), "agents": list(args.agents),
             "targets": list(args.targets), "budget": args.budget, "search_seeds": args.search_seeds,
             "ft_seeds": args.ft_seeds, "finetune_epochs": args.finetune_epochs, "n_steps": args.n_steps,
             "schedule_kind": args.schedule, "recovery_epochs": args.recovery_epochs if args.schedule == "iterative"
