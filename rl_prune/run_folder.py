@@ -43,11 +43,16 @@ METRICS_SCHEMA: Dict[str, str] = {
     "data": "what evaluate.py needs to rebuild the split: dataset, data_root, val_size, split_seed",
     "input_size": "(C, H, W) of one image",
     "target": "fraction of the target metric removed by the end of an episode",
-    "target_metric": "flops | channels | params",
+    "target_metric": "flops | channels | params | latency",
     "n_steps": "pruning steps per episode",
     "action_mode": "sparsity | distribution",
     "alpha": "reward weight of the FLOPs reduction",
     "beta": "reward weight of the params reduction",
+    "gamma": "reward weight of the predicted latency reduction",
+    "latency": "the env's latency device setting (device, threads, batch_size, dtype, channels_last), the table's "
+               "grid and cache folder and the pruner options of its groups (what evaluate.py rebuilds the table "
+               "from), and predicted: the predicted seconds per forward pass of the original and the pruned model "
+               "(null when the env built no latency model: no latency budget and gamma 0)",
     "n_evaluations": "pruned models scored by the search",
     "budget": "the config's evaluation budget (None: no cap)",
     "budget_schedule": "the schedule an agent derived from the budget (RL-Pruner's RL epochs), None if fixed",
@@ -285,6 +290,19 @@ class RunFolder:
             if cfg.get("seed") is not None:
                 settings["seed"] = int(cfg["seed"])
         return {k: v for k, v in settings.items() if v is not None}
+
+    def latency_info(self) -> Optional[Dict[str, Any]]:
+        """The run's latency record (``metrics.json``'s ``latency``, see :func:`rl_prune.pipeline.latency_record`)
+        with the kept channels and group names it applies to, or None for a run that did not finish or was written
+        before runs recorded it."""
+        if not self.is_finished:
+            return None
+        metrics = self.read_metrics()
+        record = metrics.get("latency")
+        if not isinstance(record, dict) or not isinstance(record.get("setting"), dict):
+            return None
+        return {**record, "kept_channels": metrics.get("kept_channels"), "group_names": metrics.get("group_names"),
+                "original_channels": metrics.get("original_channels")}
 
     # -------------------------------------------------------------------------------------------------- steps
     def write_steps(self, rows: Sequence[Mapping[str, Any]]) -> None:

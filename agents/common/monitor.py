@@ -216,6 +216,18 @@ class PruneMonitor(RecordView, Monitor):
                                             f"{self.max_evaluations}: send at most evaluations_left actions")
         return rewards, infos
 
+    def evaluate_keep(self, keep: Any):
+        """The env's budget-free probe (``PruneEnv.evaluate_keep``): ``(reward, info)`` of the candidate keeping
+        ``keep`` channels per group; one evaluation, counted as a look-ahead's.
+
+        :raises EvaluationBudgetExhausted: as :meth:`evaluate_action`.
+        """
+        reward, info = self.unwrapped.evaluate_keep(keep)
+        if self.max_evaluations is not None and self.n_evaluations > self.max_evaluations:
+            raise EvaluationBudgetExhausted(f"probe past the evaluation budget of {self.max_evaluations}: stop "
+                                            f"probing when evaluations_left reaches 0")
+        return reward, info
+
     # ------------------------------------------------------------------ agents' additions
     def annotate(self, values: Dict[str, Any]) -> Dict[str, Any]:
         """Add an agent's own numbers (e.g. RL-Pruner's ``epsilon``) to the last step's row; returns the row.

@@ -116,15 +116,15 @@ class Pruner:
         self.graph = graph if graph is not None else DependencyGraph.build(model, example_input, self.ignore,
                                                                            self.prune_normalized)
         _refuse_unhandled_tensors(self.graph)
-        self.costs = costs if costs is not None else CostTerms.from_graph(self.graph)
         self._membership: Optional[np.ndarray] = None
         self._granularity = self.graph.granularity  # constant per graph; read on every plan and cost query
-        traced = self.graph.traced_macs
-        if traced is not None:  # internal consistency: the analytic model must reproduce the traced count
-            macs = self.costs.evaluate(self.num_channels)[0]
-            if macs != traced:
-                raise UnsupportedModelError(f"analytic MACs {macs} differ from the traced count {traced}; the model "
-                                            f"uses a layer configuration the cost terms do not cover")
+        if costs is None:  # internal consistency: the analytic model must reproduce the layer-by-layer count
+            costs = CostTerms.from_graph(self.graph)
+            macs, reference = costs.evaluate(self.num_channels)[0], CostTerms.layer_by_layer_macs(self.graph)
+            if macs != reference:
+                raise UnsupportedModelError(f"analytic MACs {macs} differ from the layer-by-layer count {reference}; "
+                                            f"the model uses a layer configuration the cost terms do not cover")
+        self.costs = costs
         self.importance: Optional[List[np.ndarray]] = None
         self.importance_criterion: Optional[str] = None
         self._arange_cache: Dict[int, torch.Tensor] = {}
