@@ -66,6 +66,8 @@ def default_budget(n_steps: int) -> int:
         budget += 1
     return budget
 
+#: the agent whose env the fine-tune units use (a plain PruneEnv: the task's splits, original model and device)
+FT_ENV_AGENT = "uniform"
 #: search-run settings of every unit: no fine-tune (the fine-tune units do it), no TorchScript export
 SEARCH_OVERRIDES = {"finetune.epochs": 0, "run.export_torchscript": False}
 
@@ -350,7 +352,9 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
             if env_key != (target, seed):
                 if env is not None:
                     env.close()
-                env, env_key = build_env(finetune_config(args, agent, seed, target), agent), (target, seed)
+                # a PruneEnv (uniform's) whatever the agent: its splits, original model and device are the task's
+                env = build_env(finetune_config(args, FT_ENV_AGENT, seed, target), FT_ENV_AGENT)
+                env_key = (target, seed)
             lock = RunLock(path.with_suffix(".lock"))  # two workers can share the queue: a unit runs once
             try:
                 lock.acquire()
