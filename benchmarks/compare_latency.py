@@ -265,14 +265,17 @@ def versus(summary: Dict[str, Any], agent: str, other: str, key: str = "test_top
     return {"agent": agent, "other": other, "diff": diff, "pooled_std": pooled, "verdict": word}
 
 
-def unit_row(m: Dict[str, Any], measured: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The numbers of one finished unit."""
+def unit_row(m: Dict[str, Any], measured: Optional[Dict[str, Any]], ratio: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers of one finished unit (a uniform unit's predicted latency is its ratio unit's, when it kept the
+    same channels)."""
     row = {"seed": m["seed"], "test_top1": m["pruned"]["test_top1"],
            "test_before_ft": m["pruned_before_finetune"]["test_top1"], "macs_reduction": m["flops_reduction"],
            "params_reduction": m["params_reduction"], "n_evaluations": m["n_evaluations"],
            "search_s": m["seconds"]["search"], "kept_channels": m["kept_channels"]}
     predicted = (m.get("latency") or {}).get("predicted")
     row["predicted_speedup"] = None if predicted is None else predicted["speedup"]
+    if predicted is None and ratio.get("predicted_s") and list(m["kept_channels"]) == list(ratio["kept"]):
+        row["predicted_speedup"] = float(ratio["predicted_original_s"]) / float(ratio["predicted_s"])
     for batch in BATCHES:
         b = (measured or {}).get("batches", {}).get(str(batch))
         row[f"speedup_b{batch}"] = None if b is None else b["speedup"]
@@ -301,15 +304,35 @@ def verdict(summary: Dict[str, Any]) -> Dict[str, Any]:
         return {"text": "not enough agents finished for a verdict", "pairs": []}
     best = max(learned, key=lambda a: summary[a]["test_top1"]["mean"])
     pairs = [versus(summary, best, rule) for rule in rules]
+    if any(math.isnan(p["pooled_std"]) for p in pairs):
+        text = (f"no verdict: one seed gives no pooled std (the best learned allocation, {best}, differs by "
+                + ", ".join(f"{100 * p['diff']:+.2f} pp from {p['other']}" for p in pairs) + ")")
+        return {"best_learned": best, "pairs": pairs, "beats_all": None, "text": text}
     beats_all = all(p["verdict"].startswith("beats") for p in pairs)
     text = (f"the best learned allocation, {best}, " + "; ".join(f"{p['verdict']} ({100 * p['diff']:+.2f} pp, "
-                                                                 f"pooled std {num(100 * p['pooled_std'], '.2f')} pp)"
+                                                                 f"pooled std {100 * p['pooled_std']:.2f} pp)"
                                                                  for p in pairs)
             + (": a learned latency-aware allocation beats uniform and the knapsack by more than one pooled std."
                if beats_all else ": it does not beat " + " and ".join(p["other"] for p in pairs
                                                                      if not p["verdict"].startswith("beats"))
                + " by more than one pooled std."))
     return {"best_learned": best, "pairs": pairs, "beats_all": beats_all, "text": text}
+
+
+def latency_match(summary: Dict[str, Any], speedup: float, tolerance: float = 0.1) -> Dict[str, Any]:
+    """Whether the agents' mean measured speed-ups at batch 1 lie within ``tolerance`` (relative) of the target:
+    the comparison is at equal measured latency only then (the latency agents are budgeted in predicted latency)."""
+    measured = {a: row["speedup_b1"]["mean"] for a, row in summary.items() if row.get("speedup_b1")}
+    off = {a: v for a, v in measured.items() if abs(v / speedup - 1.0) > tolerance}
+    if not measured:
+        return {"ok": None, "off": {}, "text": "no unit measured yet"}
+    text = (f"measured speed-ups at batch 1 range from {min(measured.values()):.2f}x to {max(measured.values()):.2f}x "
+            f"(target {speedup:g}x); ")
+    text += ("every agent is within 10 % of the target: equal measured latency holds." if not off else
+             "outside 10 % of the target: " + ", ".join(f"{a} {v:.2f}x" for a, v in off.items())
+             + ", so at this target the agents are not at equal measured latency (the latency agents met their "
+               "budget in predicted latency; uniform's ratio was bisected on an earlier measurement).")
+    return {"ok": not off, "off": off, "text": text}
 
 
 def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
@@ -349,6 +372,10 @@ def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _times(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def _cell(stat: Optional[Dict[str, float]], digits: int = 3, pct: bool = False, suffix: str = "") -> str:
     return "n/a" if stat is None else fmt(stat, digits, pct) + suffix
 
@@ -384,7 +411,8 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
                          f"{_cell(row['test_before_ft'], 2, True)} | {_cell(row['macs_reduction'], 1, True, ' %')} | "
                          f"{_cell(row['speedup_b1'], 2, suffix='x')} | {_cell(row['speedup_b64'], 2, suffix='x')} | "
                          f"{_cell(row['predicted_speedup'], 2, suffix='x')} | {_cell(row['n_evaluations'], 0)} |")
-        lines += ["", f"**Verdict ({s}x):** {block['verdict']['text']}", ""]
+        lines += ["", f"Equal measured latency: {block['match']['text']}", "",
+                  f"**Verdict ({s}x):** {block['verdict']['text']}", ""]
     lines += ["## MACs reduction vs measured speed-up (every unit)", "",
               "| speed-up target | agent | seed | MACs reduction | measured b1 | measured b64 | predicted b1 |",
               "|---:|---|---:|---:|---:|---:|---:|"]
@@ -392,8 +420,8 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
         for agent, runs in block["rows"].items():
             for r in runs:
                 lines.append(f"| {s}x | {agent} | {r['seed']} | {100 * r['macs_reduction']:.1f} % | "
-                             f"{num(r['speedup_b1'], '.2f')}x | {num(r['speedup_b64'], '.2f')}x | "
-                             f"{num(r['predicted_speedup'], '.2f')}x |")
+                             f"{_times(r['speedup_b1'])} | {_times(r['speedup_b64'])} | "
+                             f"{_times(r['predicted_speedup'])} |")
     lines.append("")
     lines += failures_section(failures, missing, "the units' error.txt")
     return "\n".join(lines) + "\n"
@@ -425,10 +453,10 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
                         missing.append(f"{folder.name}/{run_dir.name}")
                     continue
                 done.append(m)
-                rows[agent].append(unit_row(m, measure_unit(run_dir, args.measure_rounds, threads)))
+                rows[agent].append(unit_row(m, measure_unit(run_dir, args.measure_rounds, threads), ratio))
         summary = summarise(rows)
         blocks[f"{s:g}"] = {"ratio": {k: v for k, v in ratio.items() if k != "history"}, "rows": rows,
-                            "summary": summary, "verdict": verdict(summary),
+                            "summary": summary, "verdict": verdict(summary), "match": latency_match(summary, s),
                             "latency_target": latency_target(args, ratio)}
     if not done:
         print("no finished units yet: nothing to report", file=sys.stderr)
