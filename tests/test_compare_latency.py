@@ -108,10 +108,11 @@ def test_free_mode_has_no_cost_budget_and_one_step_episodes():
     assert ab.main(["--mode", "free", "--agent", "rl_pruner", "--report-only"]) == 2  # needs a budget
 
 
-def test_equal_measured_latency_is_checked_against_the_target():
+def test_equal_measured_latency_is_checked_around_the_median():
     summary = {"uniform": {"speedup_b1": _stat(2.05, 0.02)}, "ppo": {"speedup_b1": _stat(1.7, 0.1)},
                "latency_knapsack": {"speedup_b1": _stat(1.95, 0.05)}}
     match = cl.latency_match(summary, 2.0)
+    assert match["median"] == pytest.approx(1.95)
     assert match["ok"] is False and set(match["off"]) == {"ppo"} and "ppo 1.70x" in match["text"]
     del summary["ppo"]
     assert cl.latency_match(summary, 2.0)["ok"] is True
