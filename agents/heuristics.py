@@ -163,6 +163,13 @@ class RandomSearch(BasePruningAgent):
         self._best_action = best_action
         return best_action, {"best_candidate_reward": float(best_reward)}
 
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"best_action": None if self._best_action is None else self._best_action.copy()}
+
+    def _load_extra_state(self, state: Dict[str, Any]) -> None:
+        best = state.get("best_action")  # files of earlier versions did not keep it: predict() draws at random
+        self._best_action = None if best is None else np.asarray(best, dtype=np.float64)
+
     def predict(self, observation: Any = None, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> Tuple[np.ndarray, Any]:
         """The best action found so far (a fresh random one before any search)."""

@@ -50,8 +50,8 @@ from pruning_env.pruning import Pruner  # noqa: E402
 from pruning_env.runtime import atomic_write_text, machine_info  # noqa: E402
 from rl_prune.config import ConfigError, load_config, parse_overrides  # noqa: E402
 from rl_prune.run_folder import RunFolder  # noqa: E402
-from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, run_unit,  # noqa: E402
-                            unit_config, unit_failure)
+from benchmarks.common import command_line, failures_section, fmt, mean_std  # noqa: E402
+from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
 
 #: default agent of each mode
 MODE_AGENTS = {"free": "ppo", "channels": "rl_pruner_improved"}
@@ -338,8 +338,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Opt
             "finetune": ", ".join(f"{k} {v}" for k, v in asdict(cfg.finetune).items()),
             "original_test_top1": ref["original"]["test_top1"], "measured": bool(args.measure),
             "machine": machine_info(torch.get_num_threads()), "smoke": "smoke" in args.tag,
-            "command": "python benchmarks/ablate_reward.py " + " ".join(a for a in sys.argv[1:]
-                                                                       if a != "--report-only")}
+            "command": command_line("benchmarks/ablate_reward.py", sys.argv[1:])}
     same = identical_outcomes(per_cell)
     stem = "ablate_reward" + (f"_{args.tag}" if args.tag else "")
     results = Path(args.results)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -52,8 +51,9 @@ from pruning_env.runtime import atomic_write_text, machine_info  # noqa: E402
 from rl_prune.config import ConfigError, load_config, parse_overrides  # noqa: E402
 from rl_prune.pipeline import build_env  # noqa: E402
 from rl_prune.run_folder import RunFolder  # noqa: E402
-from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, num, run_unit,  # noqa: E402
-                            unit_config, unit_failure)
+from benchmarks.common import HIGHER, UNDECIDED, command_line, failures_section, fmt, mean_std, num  # noqa: E402
+from benchmarks.common import verdict as seed_verdict  # noqa: E402
+from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
 
 #: the agents of the issue's comparison
 DEFAULT_AGENTS = ("uniform", "global_taylor", "latency_knapsack", "rl_pruner_improved", "ppo")
@@ -256,26 +256,9 @@ def _load() -> Optional[List[float]]:
 
 
 # ------------------------------------------------------------------------------------------------- the report
-def pooled_std(a: Dict[str, float], b: Dict[str, float]) -> float:
-    """Pooled seed std of two :func:`rl_prune.sweep.mean_std` results (NaN with one seed)."""
-    if a["n"] < 2 or b["n"] < 2:
-        return float("nan")
-    return math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2))
-
-
 def versus(summary: Dict[str, Any], agent: str, other: str, key: str = "test_top1") -> Dict[str, Any]:
-    """``agent`` minus ``other`` on ``key`` against the pooled seed std, in a plain word."""
-    a, b = summary[agent][key], summary[other][key]
-    diff, pooled = a["mean"] - b["mean"], pooled_std(a, b)
-    if math.isnan(pooled):
-        word = f"{'is above' if diff > 0 else 'is not above'} {other}, noise unknown (one seed)"
-    elif diff > pooled:
-        word = f"beats {other} by more than one pooled std"
-    elif diff < -pooled:
-        word = f"is worse than {other} by more than one pooled std"
-    else:
-        word = f"is level with {other} (within one pooled std)"
-    return {"agent": agent, "other": other, "diff": diff, "pooled_std": pooled, "verdict": word}
+    """``agent`` minus ``other`` on ``key`` against the pooled seed std (``benchmarks.common.verdict``)."""
+    return {"agent": agent, "other": other, **seed_verdict(summary[agent][key], summary[other][key])}
 
 
 def unit_row(m: Dict[str, Any], name: str, measured: Dict[str, Any], ratio: Dict[str, Any]) -> Dict[str, Any]:
@@ -317,17 +300,17 @@ def verdict(summary: Dict[str, Any]) -> Dict[str, Any]:
         return {"text": "not enough agents finished for a verdict", "pairs": []}
     best = max(learned, key=lambda a: summary[a]["test_top1"]["mean"])
     pairs = [versus(summary, best, rule) for rule in rules]
-    if any(math.isnan(p["pooled_std"]) for p in pairs):
-        text = (f"no verdict: one seed gives no pooled std (the best learned allocation, {best}, differs by "
+    if any(p["verdict"] == UNDECIDED for p in pairs):
+        text = (f"no verdict: fewer than two seeds give no pooled std (the best learned allocation, {best}, differs by "
                 + ", ".join(f"{100 * p['diff']:+.2f} pp from {p['other']}" for p in pairs) + ")")
         return {"best_learned": best, "pairs": pairs, "beats_all": None, "text": text}
-    beats_all = all(p["verdict"].startswith("beats") for p in pairs)
-    text = (f"the best learned allocation, {best}, " + "; ".join(f"{p['verdict']} ({100 * p['diff']:+.2f} pp, "
-                                                                 f"pooled std {100 * p['pooled_std']:.2f} pp)"
-                                                                 for p in pairs)
-            + (": a learned latency-aware allocation beats uniform and the knapsack by more than one pooled std."
-               if beats_all else ": it does not beat " + " and ".join(p["other"] for p in pairs
-                                                                     if not p["verdict"].startswith("beats"))
+    beats_all = all(p["verdict"] == HIGHER for p in pairs)
+    text = (f"the best learned allocation, {best}, against " + "; against ".join(
+        f"{p['other']}: {p['verdict']} ({100 * p['diff']:+.2f} pp, pooled std {100 * p['pooled_std']:.2f} pp)"
+        for p in pairs)
+            + (". A learned latency-aware allocation beats uniform and the knapsack by more than one pooled std."
+               if beats_all else ". It does not beat " + " and ".join(p["other"] for p in pairs
+                                                                     if p["verdict"] != HIGHER)
                + " by more than one pooled std."))
     return {"best_learned": best, "pairs": pairs, "beats_all": beats_all, "text": text}
 
@@ -496,8 +479,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
             "latency_target": args.latency_target, "clock": LatencySetting(threads=threads).resolve_clock(),
             "machine": machine_info(threads), "load_average": _load(), "smoke": smoke,
             "original_test_top1": done[0]["original"]["test_top1"],
-            "command": "python benchmarks/compare_latency.py " + " ".join(a for a in sys.argv[1:]
-                                                                         if a != "--report-only")}
+            "command": command_line("benchmarks/compare_latency.py", sys.argv[1:])}
     if meta["max_evaluations"] > budget:
         raise RuntimeError(f"a unit used {meta['max_evaluations']} evaluations, more than the budget {budget}")
     results = Path(args.results)

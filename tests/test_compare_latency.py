@@ -87,12 +87,14 @@ def test_verdict_needs_more_than_one_pooled_std_over_both_rules():
     v = cl.verdict(summary)
     assert v["best_learned"] == "rl_pruner_improved"
     words = {p["other"]: p["verdict"] for p in v["pairs"]}
-    assert words["uniform"].startswith("beats uniform") and words["latency_knapsack"].startswith("beats")
+    assert words == {"uniform": cl.HIGHER, "latency_knapsack": cl.HIGHER}
     assert v["beats_all"] and "beats uniform and the knapsack" in v["text"]
     summary["rl_pruner_improved"]["test_top1"] = _stat(0.625, 0.01)
     v = cl.verdict(summary)
     assert not v["beats_all"] and "does not beat latency_knapsack" in v["text"]
-    assert {p["other"]: p["verdict"] for p in v["pairs"]}["latency_knapsack"].startswith("is level")
+    assert {p["other"]: p["verdict"] for p in v["pairs"]}["latency_knapsack"].startswith("level")
+    summary["uniform"]["test_top1"] = _stat(0.60, float("nan"), n=1)
+    assert cl.verdict(summary)["beats_all"] is None  # one seed: no spread, no verdict
 
 
 def test_front_keeps_only_undominated_points():

@@ -3,14 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import tiny_env, tiny_splits
+from tiny import tiny_env
 
 GRID = (0.25, 0.5, 1.0)
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 from pruning_env.pruning import DependencyGraph, Pruner, PrunePlan, UnsupportedModelError
-from test_pruning_nets import ChannelGroupSumNet, ChannelShuffleNet, ChannelSliceNet, mixed_net
+from tiny import ChannelGroupSumNet, ChannelShuffleNet, mixed_net
 
 
 def _by_member(pruner):
@@ -155,3 +155,15 @@ def test_graph_build_is_reusable_by_pruner():
     graph = DependencyGraph.build(net, torch.randn(1, 3, 16, 16))
     p = Pruner(net, torch.randn(1, 3, 16, 16), graph=graph)
     assert p.graph is graph and np.array_equal(p.num_channels, graph.num_channels)
+
+
+def test_the_trace_records_geometry_and_the_pruner_checks_the_analytic_costs_against_it(monkeypatch):
+    from pruning_env.costs import count_costs
+    from pruning_env.costs.analytic import CostTerms
+    net, x = mixed_net(), torch.randn(1, 3, 16, 16)
+    graph = DependencyGraph.build(net, x)
+    # the layer calls' formulas at the layers' own widths are the hook counter's count of the same model
+    assert CostTerms.layer_by_layer_macs(graph) == count_costs(net, (3, 16, 16)).macs
+    monkeypatch.setattr(CostTerms, "layer_by_layer_macs", staticmethod(lambda g: -1))
+    with pytest.raises(UnsupportedModelError, match="differ from the layer-by-layer count -1"):
+        Pruner(net, x, graph=graph)

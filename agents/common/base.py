@@ -323,8 +323,13 @@ class BasePruningAgent(RecordView):
         :param path: the saved file.
         :param env: env to attach (needed to ``learn``; ``predict`` of a distribution agent works without).
         :param kwargs: constructor arguments that override the saved ones.
+
+        Called on a base class (``BasePruningAgent.load``), it rebuilds the class the file names; a class with a
+        ``load`` of its own reads the file itself (an SB3 agent's file holds SB3's model zip, not this state).
         """
         saved_cls, parts = load_agent(path, cls)
+        if saved_cls is not cls and saved_cls.load.__func__ is not BasePruningAgent.load.__func__:
+            return saved_cls.load(path, env=env, **kwargs)
         params = dict(parts.data["params"])
         params.update(kwargs)
         agent = saved_cls(env=env, **params)

@@ -1,7 +1,9 @@
 """Analytic costs of pruning plans: MACs and params of a model as functions of its group widths.
 
 Built once from a dependency graph's traced layer calls, then evaluated per plan with a few dot products (no
-model is built); it equals :func:`pruning_env.costs.counting.count_costs` on the pruned model.
+model is built); it equals :func:`pruning_env.costs.counting.count_costs` on the pruned model. The MACs of each
+call are the counter's formula for its layer kind (:class:`~pruning_env.costs.counting.MacsTerm`
+``weight * a * b``), with ``a`` and ``b`` replaced by the group widths that carry them.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pruning_env.costs.counting import NORM_MACS_PER_ELEMENT, count_params
+from pruning_env.costs.counting import (attention_product_macs, conv_term, layer_term, linear_term,
+                                        matmul_term, norm_term, count_params)
 
 if TYPE_CHECKING:  # the graph imports the counter; importing it back at run time would be a cycle
-    from pruning_env.pruning.graph import DependencyGraph, Group, Layout
+    from pruning_env.pruning.graph import DependencyGraph, Group, LayerCall, Layout
 
 __all__ = ["BilinearTerms", "CostTerms"]
 
@@ -33,6 +36,22 @@ def _conv_extras(m, e_out, li, param_rows, one) -> int:
             param_rows.append((p.numel() // p.shape[0], one, e_out, li))
             n += p.numel()
     return n
+
+
+def fixed_call_macs(module: nn.Module, call: "LayerCall") -> int:
+    """MACs of a call whose widths never change (``"fixed"`` / ``"other"``): the counter's formula at the
+    layer's own widths (an opaque attention module's products from the call's geometry)."""
+    if call.geometry is not None:
+        return attention_product_macs(module, call.geometry)
+    term = layer_term(module, call.positions)
+    return 0 if term is None else term.macs
+
+
+def _attention_inner(module: nn.Module) -> int:
+    """The q (= k = v) width of an attention module traced by heads, read from its weights."""
+    from pruning_env.pruning.attention import attention_handler  # the engine imports this module
+    heads, head_dim = attention_handler(module).heads(module)
+    return heads * head_dim
 
 
 @dataclass(frozen=True)
@@ -109,20 +128,23 @@ class CostTerms:
         param_rows: List[Tuple[int, _Expr, _Expr, int]] = []
         macs_const = 0
         handled_params = 0
+        modules = dict(graph.model.named_modules())
         for call in graph.calls:
             if call.role in ("fixed", "other"):
-                macs_const += call.fixed_macs
+                macs_const += fixed_call_macs(modules[call.name], call)
                 continue
             spec = graph.specs[call.name]
             m = spec.module
             first = call.name not in layer_index
             li = layer_index.setdefault(call.name, len(layer_index))
-            if call.role in ("conv", "linear"):
+            if call.role in ("conv", "linear"):  # groups == 1: a = the input width, b = the output width
                 k_area = int(np.prod(m.kernel_size)) if call.role == "conv" else 1
                 n_out = m.out_channels if call.role == "conv" else m.out_features
                 n_in = m.in_channels if call.role == "conv" else m.in_features
                 e_in, e_out = expr(spec.in_layout, n_in), expr(spec.out_layout, n_out)
-                macs_rows.append((call.positions * k_area, e_in, e_out, li))
+                term = conv_term(m, call.positions) if call.role == "conv" else linear_term(call.positions, n_in,
+                                                                                          n_out)
+                macs_rows.append((term.weight, e_in, e_out, li))
                 if first:
                     param_rows.append((k_area, e_in, e_out, li))
                     if m.bias is not None:
@@ -131,7 +153,8 @@ class CostTerms:
             elif call.role == "depthwise":  # or grouped with equal widths: each output reads its group's inputs
                 k_area = int(np.prod(m.kernel_size)) * (m.in_channels // m.groups)
                 e = expr(spec.out_layout, m.out_channels)
-                macs_rows.append((call.positions * k_area, one, e, li))
+                term = conv_term(m, call.positions)  # a = in / groups stays: whole conv groups are removed
+                macs_rows.append((term.weight * term.a, one, e, li))
                 if first:
                     param_rows.append((k_area, one, e, li))
                     if m.bias is not None:
@@ -139,13 +162,14 @@ class CostTerms:
                     handled_params += _conv_extras(m, e, li, param_rows, one)
             elif call.role == "norm":
                 e = expr(spec.out_layout, m.num_features)
-                macs_rows.append((NORM_MACS_PER_ELEMENT * call.positions, one, e, li))
+                term = norm_term(call.positions, m.num_features)
+                macs_rows.append((term.weight * term.a, one, e, li))
                 if first:
                     for p in (m.weight, m.bias):
                         if p is not None:
                             param_rows.append((1, one, e, li))
-            elif call.role == "layernorm":  # parameters only: the counter charges LayerNorm no MACs
-                e = expr(spec.out_layout, m.normalized_shape[0])
+            elif call.role == "layernorm":  # parameters only: LayerNorm / GroupNorm count no MACs (counting's convention)
+                e = expr(spec.out_layout, m.num_channels if isinstance(m, nn.GroupNorm) else m.normalized_shape[0])
                 if first:
                     for p in (m.weight, m.bias):
                         if p is not None:
@@ -154,11 +178,14 @@ class CostTerms:
                 head_dim = spec.out_layout[0].block
                 e_q = expr(spec.out_layout, 0)
                 e_head = (e_q[0] // head_dim, e_q[1] // head_dim)
-                macs_rows.append((2 * call.positions * call.context, one, e_q, li))
+                inner = _attention_inner(m)
+                term = matmul_term(call.positions, call.context, inner)  # b = the q width: e_q
+                macs_rows.append((term.weight * term.a, one, e_q, li))
                 own = dict(m.named_parameters(recurse=False))
                 if isinstance(m, nn.MultiheadAttention):  # its own packed q/k/v projection (self-attention)
                     e_in = expr(spec.in_layout, m.embed_dim)
-                    macs_rows.append((3 * call.positions, e_in, e_q, li))
+                    term = linear_term(call.positions, m.embed_dim, 3 * inner)  # b = q, k and v: 3 * e_q
+                    macs_rows.append((3 * term.weight, e_in, e_q, li))
                 if first:
                     heads = sum(s.channels for s in spec.out_layout)
                     for pname, p in own.items():
@@ -181,6 +208,29 @@ class CostTerms:
         return cls(layers=tuple(layer_index), macs_const=macs_const,
                    params_const=count_params(graph.model) - handled_params,
                    macs=BilinearTerms.stack(macs_rows, n_groups), params=BilinearTerms.stack(param_rows, n_groups))
+
+    @staticmethod
+    def layer_by_layer_macs(graph: "DependencyGraph") -> int:
+        """MACs per image of ``graph``'s model from each traced call's formula at its layer's own widths, read
+        from the modules rather than the group widths: what :meth:`evaluate` at ``graph.num_channels`` must give
+        (the ``Pruner``'s consistency check of the layouts against the layers).
+
+        :param graph: a traced (or derived) dependency graph.
+        """
+        modules = dict(graph.model.named_modules())
+        total = 0
+        for call in graph.calls:
+            m = modules[call.name]
+            if call.role in ("fixed", "other"):
+                total += fixed_call_macs(m, call)
+            elif call.role == "attention":
+                inner = _attention_inner(m)
+                total += matmul_term(call.positions, call.context, inner).macs
+                if isinstance(m, nn.MultiheadAttention):
+                    total += linear_term(call.positions, m.embed_dim, 3 * inner).macs
+            elif call.role != "layernorm":
+                total += layer_term(m, call.positions).macs
+        return total
 
     def evaluate(self, counts: Sequence[int]) -> Tuple[int, int]:
         """(MACs per image, params) of the model at group widths ``counts``.

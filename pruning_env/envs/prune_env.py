@@ -204,6 +204,12 @@ class PruneEnv(gym.Env):
         return self._require_state().channels.copy()
 
     @property
+    def kept_indices(self) -> List[np.ndarray]:
+        """Kept channel indices per group in the original model's numbering (the episode's plans composed):
+        ``Pruner(original).apply(PrunePlan(kept_indices))`` rebuilds the current model's structure."""
+        return [k.copy() for k in self._require_state().pruner.origin]
+
+    @property
     def step_index(self) -> int:
         """Steps taken in this episode."""
         return self._require_state().step_index
@@ -410,6 +416,34 @@ class PruneEnv(gym.Env):
         infos = [self._step_info(state, cand, cached, count, lookahead=True)
                  for cand, cached, count in self._lookahead(state, acts, True, max_evaluations)]
         return [info["reward"] for info in infos], infos
+
+    def evaluate_keep(self, keep: Any) -> Tuple[float, Dict[str, Any]]:
+        """``(reward, info)`` of the candidate that keeps exactly ``keep`` channels per group at the current state,
+        without the budget mapping (a sensitivity probe: one group pruned alone). Scored by the same scorer path
+        as a look-ahead (serial, never refined) and counted as one evaluation; not cached, never stepped.
+
+        :param keep: whole channel counts, one per group, each at most the current width and buildable as it is
+            (``min_channels`` floor, whole blocks of the granularity).
+        """
+        state = self._require_active()
+        try:
+            k = real_action(keep, self.n_groups, f"shape ({self.n_groups},): kept channels per group",
+                            entries="groups")
+        except ValueError as err:
+            raise ValueError(f"evaluate_keep: {err}") from err
+        if np.any(k != np.round(k)) or np.any(k < 1) or np.any(k > state.channels):
+            raise ValueError(f"keep must hold whole channel counts in [1, current width] per group; got "
+                             f"{k.tolist()} for widths {state.channels.tolist()}")
+        k = k.astype(np.int64)
+        built = np.array([len(i) for i in state.pruner.plan(keep=k).kept], dtype=np.int64)
+        if not np.array_equal(built, k):
+            raise ValueError(f"keep {k.tolist()} cannot be built as it is (min_channels={self.config.min_channels}, "
+                             f"granularity {state.pruner.granularity.tolist()}): the plan keeps {built.tolist()}")
+        [cand] = self.scorer.candidates(self._serial, state.pruner, [StepKeep(k, 1.0)], state.teacher)
+        self._spent += (cand.evaluations, cand.train_batches)
+        self.total_evaluations += cand.evaluations
+        info = self._step_info(state, cand, False, (self.n_evaluations, self.n_train_batches), lookahead=True)
+        return info["reward"], info
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
         """Prune the current model with ``action`` (one per group): ``(obs, reward, terminated, truncated, info)``."""

@@ -116,19 +116,22 @@ class Pruner:
         self.graph = graph if graph is not None else DependencyGraph.build(model, example_input, self.ignore,
                                                                            self.prune_normalized)
         _refuse_unhandled_tensors(self.graph)
-        self.costs = costs if costs is not None else CostTerms.from_graph(self.graph)
         self._membership: Optional[np.ndarray] = None
         self._granularity = self.graph.granularity  # constant per graph; read on every plan and cost query
-        traced = self.graph.traced_macs
-        if traced is not None:  # internal consistency: the analytic model must reproduce the traced count
-            macs = self.costs.evaluate(self.num_channels)[0]
-            if macs != traced:
-                raise UnsupportedModelError(f"analytic MACs {macs} differ from the traced count {traced}; the model "
-                                            f"uses a layer configuration the cost terms do not cover")
+        if costs is None:  # internal consistency: the analytic model must reproduce the layer-by-layer count
+            costs = CostTerms.from_graph(self.graph)
+            macs, reference = costs.evaluate(self.num_channels)[0], CostTerms.layer_by_layer_macs(self.graph)
+            if macs != reference:
+                raise UnsupportedModelError(f"analytic MACs {macs} differ from the layer-by-layer count {reference}; "
+                                            f"the model uses a layer configuration the cost terms do not cover")
+        self.costs = costs
         self.importance: Optional[List[np.ndarray]] = None
         self.importance_criterion: Optional[str] = None
         self._arange_cache: Dict[int, torch.Tensor] = {}
         self._key_cache: Dict[int, Tuple[str, ...]] = {}
+        self.origin: Tuple[np.ndarray, ...] = tuple(np.arange(int(n), dtype=np.int64) for n in self.num_channels)
+        """kept channel indices per group in the numbering of the first Pruner of a :meth:`child` chain (the
+        unpruned model): ``root.apply(PrunePlan(origin))`` rebuilds this Pruner's model from the unpruned one"""
 
     def __getstate__(self) -> Dict[str, object]:
         # the surgery cache is keyed by id() of this object's modules: a copy (deepcopy, or a pickle sent to a
@@ -393,4 +396,5 @@ class Pruner:
         child = Pruner(model, self.example_input, ignore=self.ignore, min_channels=self.min_channels,
                        round_to=self.round_to, prune_normalized=self.prune_normalized, graph=graph, costs=self.costs)
         child._membership = self._membership  # same groups, same layers
+        child.origin = tuple(o[k] for o, k in zip(self.origin, plan.kept))
         return child

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-__all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "HANDLERS",
+__all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "GroupNormHandler", "HANDLERS",
            "WIDTH_ATTRIBUTES", "CONV_OUT_EXTRAS", "handler_for", "unhandled_channel_tensors",
            "build_pruned_model"]
 
@@ -124,6 +124,20 @@ class LayerNormHandler(LayerHandler):
             module.__dict__["normalized_shape"] = (n_out,)
 
 
+class GroupNormHandler(LayerHandler):
+    """GroupNorm: weight and bias follow the channels; the channels per group stay, so ``num_groups`` shrinks with
+    the whole groups removed (one group stays one group: a normalised width, statistics over the kept channels)."""
+
+    def out_tensors(self, module: nn.GroupNorm) -> List[Tuple[str, int]]:
+        return [("weight", 0), ("bias", 0)]
+
+    def set_shape(self, module: nn.GroupNorm, n_out: Optional[int], n_in: Optional[int]) -> None:
+        if n_out is not None:
+            per_group = module.num_channels // module.num_groups
+            module.__dict__["num_groups"] = 1 if module.num_groups == 1 else n_out // per_group
+            module.__dict__["num_channels"] = n_out
+
+
 #: Per-output-channel tensors (dim 0) that conv subclasses add, pruned with the output channels: timm's
 #: ``ScaledStdConv2d`` multiplies its standardised weight by ``gain`` of shape ``(out, 1, 1, 1)``. Extension point.
 CONV_OUT_EXTRAS: Tuple[str, ...] = ("gain",)
@@ -164,6 +178,7 @@ HANDLERS: Dict[type, LayerHandler] = {
     nn.BatchNorm2d: _NORM,
     nn.BatchNorm3d: _NORM,
     nn.LayerNorm: LayerNormHandler(),
+    nn.GroupNorm: GroupNormHandler(),
 }
 
 #: Plain int attributes that a module's forward pass reads as a width, set from the pruned copy (extension point):

@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning.graph import Layout
+from pruning_env.pruning.graph.norms import norm_width
 from pruning_env.pruning.pruner import Pruner, PrunePlan
 
 __all__ = ["zeroed_copy", "KeptStatisticsReference"]
@@ -39,6 +40,24 @@ def _layer_norm_args(input: torch.Tensor, normalized_shape: Any, weight: Optiona
     return input, weight, bias, eps
 
 
+def _kept_group_norm(mask: torch.Tensor, input: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """``group_norm`` with each group's statistics over its kept channels (``mask`` over dim 1); removed ones 0."""
+    n, c = input.shape[:2]
+    x = input.reshape(n, num_groups, c // num_groups, -1)
+    keep = mask.to(x.dtype).reshape(1, num_groups, c // num_groups, 1)
+    count = (keep.sum(dim=(2, 3), keepdim=True) * x.shape[-1]).clamp(min=1)
+    mean = (x * keep).sum(dim=(2, 3), keepdim=True) / count
+    var = (((x - mean) ** 2) * keep).sum(dim=(2, 3), keepdim=True) / count
+    y = ((x - mean) * torch.rsqrt(var + eps)).reshape(input.shape)
+    shape = (1, c) + (1,) * (input.dim() - 2)
+    if weight is not None:
+        y = y * weight.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return torch.where(mask.reshape(shape), y, 0.0)
+
+
 class _KeptLayerNorm(TorchFunctionMode):
     """Runs ``layer_norm`` over the kept features of the innermost hooked LayerNorm being called; 0 elsewhere."""
 
@@ -48,6 +67,8 @@ class _KeptLayerNorm(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.group_norm and self.active:
+            return _kept_group_norm(self.active[-1], *args, **kwargs)
         if func is not F.layer_norm or not self.active:
             return func(*args, **kwargs)
         x, weight, bias, eps = _layer_norm_args(*args, **kwargs)
@@ -120,7 +141,7 @@ def zeroed_copy(model: nn.Module, pruner: Pruner, plan: PrunePlan) -> nn.Module:
                     axis, rows = handler.head_index(module, pname, idx)
                     param.index_fill_(axis, rows, 0)
         if spec.role == "layernorm":
-            masks[name] = torch.ones(module.normalized_shape[0], dtype=torch.bool).index_fill_(0, idx, False)
+            masks[name] = torch.ones(norm_width(module), dtype=torch.bool).index_fill_(0, idx, False)
         for pname in ("weight", "bias"):
             param = getattr(module, pname, None)
             if isinstance(param, torch.Tensor):

@@ -16,20 +16,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Sequence, Tuple
 
+from pruning_env.pruning.graph.layouts import FIXED, Layout, Segment
+
 if TYPE_CHECKING:  # pragma: no cover
-    from pruning_env.pruning.graph import Layout, Segment, _Tracer
+    from pruning_env.pruning.graph.tracer import Tracer
 
 #: Functional ops that partition a tensor along one dim.
 PARTITION_OPS = {"split", "chunk", "split_with_sizes", "unsafe_split", "unsafe_chunk", "tensor_split"}
 
 
-def expand(tracer: "_Tracer", layout: Layout) -> Layout:
+def expand(tracer: "Tracer", layout: Layout) -> Layout:
     """``layout`` with every partitioned source replaced by its parts (recursively)."""
-    from pruning_env.pruning.graph import Segment
     parts = tracer.parts
     if not parts or layout is None:
         return layout
-    out: List["Segment"] = []
+    out: List[Segment] = []
     for s in layout:
         if s.source in parts:
             out.extend(expand(tracer, tuple(Segment(p, c, s.block) for p, c in parts[s.source])))
@@ -38,7 +39,7 @@ def expand(tracer: "_Tracer", layout: Layout) -> Layout:
     return tuple(out)
 
 
-def _partition(tracer: "_Tracer", sid: int, sizes: Sequence[int]) -> List[int]:
+def _partition(tracer: "Tracer", sid: int, sizes: Sequence[int]) -> List[int]:
     """Cut source ``sid`` into new sources of ``sizes`` channels; ``sid`` itself appears in no layout after."""
     uf = tracer.uf
     root = uf.find(sid)
@@ -59,11 +60,10 @@ def _partition(tracer: "_Tracer", sid: int, sizes: Sequence[int]) -> List[int]:
     return ids
 
 
-def cut(tracer: "_Tracer", layout: Layout, at: int) -> Tuple[Layout, Layout]:
+def cut(tracer: "Tracer", layout: Layout, at: int) -> Tuple[Layout, Layout]:
     """Split ``layout`` at feature ``at`` into (before, after), cutting a source in two where ``at`` falls inside."""
-    from pruning_env.pruning.graph import FIXED, Segment
-    left: List["Segment"] = []
-    right: List["Segment"] = []
+    left: List[Segment] = []
+    right: List[Segment] = []
     off = 0
     for s in layout:
         if off + s.features <= at:
@@ -85,7 +85,7 @@ def cut(tracer: "_Tracer", layout: Layout, at: int) -> Tuple[Layout, Layout]:
     return expand(tracer, tuple(left)), expand(tracer, tuple(right))
 
 
-def on_partition(tracer: "_Tracer", name: str, args, kwargs, sourced, outs) -> None:
+def on_partition(tracer: "Tracer", name: str, args, kwargs, sourced, outs) -> None:
     """``split`` / ``chunk`` (and variants) of a channel tensor."""
     src, layout = tracer.single_source(name, args, sourced)
     c = tracer.cdim(src)
@@ -112,7 +112,7 @@ def on_partition(tracer: "_Tracer", name: str, args, kwargs, sourced, outs) -> N
         tracer.set_layout(o, p, c)
 
 
-def channel_slice(tracer: "_Tracer", item: slice, size: int, layout: Layout) -> Layout:
+def channel_slice(tracer: "Tracer", item: slice, size: int, layout: Layout) -> Layout:
     """The layout of ``x[..., a:b]`` along the channels (step 1); the channels before ``b`` are kept."""
     start, stop, step = item.indices(size)
     if step != 1 or stop <= start:
