@@ -614,7 +614,7 @@ def run_worker(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"model": name, "params": 0,
-                "skipped": f"the worker died (exit {done.returncode}): {done.stderr.strip()[-200:]}"}
+                "skipped": f"the worker died (exit {done.returncode}): {done.stderr.strip()[-400:]}"}
     return json.loads(lines[-1])
 
 
@@ -652,6 +652,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     by_name = {r["model"]: r for r in rows}
 
     def redo(row: Dict[str, Any]) -> bool:
+        if row.get("skipped", "").startswith("the worker"):
+            return True
         if args.prune_normalized and "skipped" not in row and "ours_normalized" not in row:
             return True
         return args.retry and "skipped" not in row and any(
@@ -673,7 +675,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         if cached is not None and cached.get("settings") == settings(args):
             return cached["row"]
         row_ = run_worker(name, args)
-        atomic_write_text(json.dumps({"settings": settings(args), "row": row_}, indent=1), path_)
+        if not row_.get("skipped", "").startswith("the worker"):  # a dead or stuck worker is retried next time
+            atomic_write_text(json.dumps({"settings": settings(args), "row": row_}, indent=1), path_)
         return row_
 
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:

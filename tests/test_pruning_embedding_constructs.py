@@ -132,3 +132,41 @@ def test_embedding_width_joins_timm_constructs(cls, size, params):
     plan = pruner.plan(sparsity=0.5)
     plain.compute_importance(criterion="l1")
     assert pruner.plan_cost(plan).macs < plain.plan_cost(plain.plan(sparsity=0.5)).macs < full
+
+
+def test_layer_scale_viewed_to_a_stored_shape_keeps_its_channels():
+    """timm metaformer's ``Scale``: ``x * self.scale.view(self.shape)`` with the width stored in ``self.shape`` would
+    not fit a pruned ``scale``, so the channels it scales stay (no crash at the pruned model's forward)."""
+
+    class Scale(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.shape = (dim, 1, 1)
+            self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+        def forward(self, x):
+            return x * self.scale.view(self.shape)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.norm = nn.GroupNorm(1, 8)
+            self.ls = Scale(8)
+            self.mid = nn.Conv2d(8, 6, 3, padding=1)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = x + self.ls(self.norm(x))
+            return self.fc(F.relu(self.mid(x)).mean((2, 3)))
+
+    model = _net(Net)
+    x = torch.randn(2, 3, 8, 8)
+    pruner = Pruner(model, x[:1], prune_normalized=True)
+    assert pruner.group_names == ["mid"]
+    pruner.compute_importance(criterion="l1")
+    plan = pruner.plan(sparsity=0.5)
+    new = pruner.apply(plan)
+    with torch.no_grad():
+        assert torch.allclose(new(x), zeroed_copy(model, pruner, plan)(x), atol=1e-5)

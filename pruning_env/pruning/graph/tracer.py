@@ -158,7 +158,9 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
             elif name in RESHAPE_OPS and args and self.param_of(args[0]) is not None and isinstance(out, torch.Tensor):
                 _, param, pname = self.param_of(args[0])
                 dims = [d for d, n in enumerate(out.shape) if n > 1]
-                if param.dim() == 1 and len(dims) == 1:  # e.g. a layer scale, gamma.reshape(1, -1, 1, 1)
+                # e.g. a layer scale, gamma.reshape(1, -1, 1, 1); a width spelt out (view(self.shape), a stored
+                # tuple) would not fit the pruned parameter, so that parameter's channels stay
+                if param.dim() == 1 and len(dims) == 1 and self.sized_by_parameter(name, args, kwargs, dims[0]):
                     self.params[id(out)] = (out, param, pname)
                     self.param_dims[id(out)] = dims[0]
             return
@@ -203,6 +205,17 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
             # every channel involved is kept anyway: whatever the op does, the pruned model computes the same
             for o in outs:
                 self.set_layout(o, None)
+
+    @staticmethod
+    def sized_by_parameter(name: str, args, kwargs, dim: int) -> bool:
+        """Whether a reshape of a parameter leaves the size of its dim ``dim`` to the parameter (``-1``, or an op
+        such as ``unsqueeze`` / ``flatten`` that takes no sizes)."""
+        if name not in ("view", "reshape"):
+            return True
+        shape = kwargs.get("shape", kwargs.get("size", args[1:]))
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = shape[0]
+        return len(shape) > dim and shape[dim] == -1
 
     def param_of(self, t: Any) -> Optional[Tuple[torch.Tensor, nn.Parameter, str]]:
         """``(tensor, parameter, name)`` if ``t`` is a parameter of the model or an expanded view of one."""
