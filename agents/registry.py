@@ -27,6 +27,8 @@ class AgentSpec:
     :param kwargs: constructor arguments of this entry (a mode of a class another entry also uses); the
         config's ``agents.NAME`` overrides them.
     :param description: one line for ``--help`` and docs.
+    :param env_class: ``"module:Class"`` of the env built with those arguments (default: PruneEnv).
+    :param sb3_config: stem of the zoo file in ``configs/sb3/`` when it is not ``sb3_algo``'s.
     """
 
     target: str
@@ -35,6 +37,8 @@ class AgentSpec:
     budget_arg: Optional[str] = None
     description: str = ""
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    env_class: str = "pruning_env.envs.prune_env:PruneEnv"
+    sb3_config: Optional[str] = None
 
 
 def _sb3(algo: str, description: str) -> AgentSpec:
@@ -59,6 +63,9 @@ AGENTS: Dict[str, AgentSpec] = {
     "latency_knapsack": AgentSpec("agents.knapsack:LatencyKnapsackPruner",
                                   description="HALP-style greedy knapsack: least importance per unit of the budget "
                                               "metric saved (latency or MACs)"),
+    "sensitivity": AgentSpec("agents.sensitivity:SensitivityPruner",
+                             description="Li et al. 2017 sensitivity analysis: each group pruned alone at a grid of "
+                                         "ratios (budget-derived), greedy allocation to the target (docs/agents.md)"),
     "random_search": AgentSpec("agents.heuristics:RandomSearch", budget_arg="n_candidates",
                                description="best of N random actions per step (look-ahead)"),
     "ppo": _sb3("ppo", "Stable-Baselines3 PPO"),
@@ -67,7 +74,26 @@ AGENTS: Dict[str, AgentSpec] = {
     "td3": _sb3("td3", "Stable-Baselines3 TD3"),
     "ddpg": _sb3("ddpg", "Stable-Baselines3 DDPG"),
     "trpo": _sb3("trpo", "sb3-contrib TRPO"),
+    "amc": AgentSpec("agents.amc:AMCAgent", {"action_mode": "sparsity", "n_steps": 1}, sb3_algo="ddpg",
+                     sb3_config="amc", env_class="pruning_env.envs.layerwise_env:LayerwisePruneEnv",
+                     description="AMC: DDPG on the layer-by-layer env (one group per step, FLOPs wall, "
+                                 "truncated-normal exploration; docs/amc.md)"),
 }
+
+
+def _import(target: str) -> type:
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def env_class(name: str) -> type:
+    """The env class agent ``name`` runs on (PruneEnv, or AMC's LayerwisePruneEnv).
+
+    :param name: a key of :data:`AGENTS`.
+    """
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}; choose from {', '.join(AGENTS)}")
+    return _import(AGENTS[name].env_class)
 
 
 def agent_class(name: str) -> type:
@@ -77,8 +103,7 @@ def agent_class(name: str) -> type:
     """
     if name not in AGENTS:
         raise ValueError(f"unknown agent {name!r}; choose from {', '.join(AGENTS)}")
-    module, _, cls = AGENTS[name].target.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return _import(AGENTS[name].target)
 
 
-__all__ = ["AGENTS", "AgentSpec", "agent_class", "SB3_CONFIG_DIR"]
+__all__ = ["AGENTS", "AgentSpec", "agent_class", "env_class", "SB3_CONFIG_DIR"]

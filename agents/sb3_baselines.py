@@ -196,7 +196,7 @@ class SB3Agent(BasePruningAgent):
     def set_env(self, env: Any) -> None:
         """Attach a (new) env; a model built or loaded before keeps its weights (SB3's ``set_env``)."""
         super().set_env(env)
-        self.wrapped = SymmetricAction(self.env, self.action_floor)
+        self.wrapped = self._wrap_env(self.env)
         sb3_env: Any = self.wrapped
         if self.n_envs > 1:
             from agents.vec_env import PruneVecEnv
@@ -207,12 +207,45 @@ class SB3Agent(BasePruningAgent):
             self.close()  # the previous env's worker processes
             self.model.set_env(sb3_env)
             return
+        cls = self._algorithm_class()
+        self.model = cls(self.policy, sb3_env, seed=self.seed, verbose=self.verbose,
+                         tensorboard_log=self.tensorboard_log, device=self.device, **self._model_kwargs())
+
+    # the hooks a subclass on another env formulation overrides (agents.amc.AMCAgent)
+    def _wrap_env(self, env: gym.Env) -> gym.Env:
+        """The env SB3 acts on: the monitored env behind :class:`SymmetricAction`."""
+        return SymmetricAction(env, self.action_floor)
+
+    def _algorithm_class(self) -> type:
+        """The SB3 class that is built and loaded."""
+        return sb3_algorithms()[self.algo]
+
+    def _model_kwargs(self) -> Dict[str, Any]:
+        """Keyword arguments of the SB3 class: the hyperparameters and the action noise."""
         kwargs = copy.deepcopy(self.hyperparams)  # SB3 edits policy_kwargs in place (e.g. DDPG's n_critics)
+        if isinstance(kwargs.get("train_freq"), list):  # YAML's [1, episode]: SB3 takes a tuple only
+            kwargs["train_freq"] = tuple(kwargs["train_freq"])
         if self.noise_type is not None:
             kwargs["action_noise"] = _action_noise(self.noise_type, self.noise_std, self.wrapped.action_space.shape[0])
-        cls = sb3_algorithms()[self.algo]
-        self.model = cls(self.policy, sb3_env, seed=self.seed, verbose=self.verbose,
-                         tensorboard_log=self.tensorboard_log, device=self.device, **kwargs)
+        return kwargs
+
+    def _env_action(self, action: np.ndarray) -> np.ndarray:
+        """The env action of an SB3 action (:func:`to_sparsity`)."""
+        return to_sparsity(action, self.action_floor)
+
+    def budget_timesteps(self, budget: int) -> Tuple[int, Optional[str]]:
+        """``learn``'s ``total_timesteps`` that spend exactly ``budget`` evaluations, and a line describing it
+        (None: nothing to add). One env step is one evaluated model; the final deterministic episode's
+        ``n_steps`` are kept back.
+
+        :param budget: the run's evaluation budget.
+        :raises ValueError: the budget leaves no training steps.
+        """
+        n_steps = int(self.penv.n_steps)
+        if int(budget) <= n_steps:
+            raise ValueError(f"{budget} evaluations leave none for training (the final deterministic episode alone "
+                             f"evaluates {n_steps}); raise the budget")
+        return int(budget) - n_steps, None
 
     def get_parameters(self) -> Dict[str, Any]:
         return {"algo": self.algo, "policy": self.policy, "noise_type": self.noise_type, "noise_std": self.noise_std,
@@ -276,7 +309,7 @@ class SB3Agent(BasePruningAgent):
         if self.model is None:
             raise RuntimeError("no SB3 model: give the agent an env or load one")
         action, state = self.model.predict(observation, state, episode_start, deterministic)
-        return to_sparsity(action, self.action_floor), state
+        return self._env_action(action), state
 
     def save(self, path: Union[str, Path]) -> Path:
         """One agent file (:mod:`agents.common.save_util`): constructor arguments, the record, and SB3's own
@@ -300,8 +333,7 @@ class SB3Agent(BasePruningAgent):
         params = dict(parts.data["params"])
         params.update(kwargs)
         agent = saved_cls(env=None, **params)
-        algo_cls = sb3_algorithms()[agent.algo]
-        agent.model = algo_cls.load(io.BytesIO(parts.files[cls.MODEL_PART]), device=agent.device)
+        agent.model = agent._algorithm_class().load(io.BytesIO(parts.files[cls.MODEL_PART]), device=agent.device)
         agent.num_timesteps = int(parts.data["state"]["num_timesteps"])
         agent.record.load_state_dict(parts.data["state"]["record"])
         if env is not None:

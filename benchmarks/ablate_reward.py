@@ -20,12 +20,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from pruning_env.runtime import atomic_write_text
-from rl_prune.config import load_config, parse_overrides
-from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, run_unit, unit_config,
-                            unit_failure)
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.common is imported from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import failures_section, fmt, mean_std  # noqa: E402
+from pruning_env.runtime import atomic_write_text  # noqa: E402
+from rl_prune.config import load_config, parse_overrides  # noqa: E402
+from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
 
 #: per-run numbers aggregated over seeds: (key, label, reader of metrics.json)
 METRICS = (

@@ -8,7 +8,9 @@ ViT trained on all patches, against random masks at the same kept count, in sync
 
 For every seed, the same ViT (same initial weights, same data split) is trained four ways with the recipe of
 ``--recipe`` (configs/agentvit/recipe_small_data.yaml): all patches, the faithful agent, the double-DQN agent
-and random k*-subsets. After every epoch the ViT is evaluated on the validation split with all patches, outside
+and random k*-subsets. Each run is one :func:`rl_prune.vit_run.run_training` of a :class:`ViTRunConfig`: the
+recipe file's ``env`` section (a ViT run config; keys it omits take the run layer's defaults, and ``notebook``
+names configs/agentvit/recipe_notebook.yaml), the flags over it, and the benchmark's policy settings. After every epoch the ViT is evaluated on the validation split with all patches, outside
 the clock; the clock is the synchronised wall time of the joint loop (data loading, ViT steps, state passes,
 agent updates). The report gives the wall time to reach 90 % and 95 % of the all-patch run's final validation
 accuracy, the final test top-1 of each policy, and the paired agent − random difference on the same trained ViT.
@@ -29,18 +31,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import yaml
 
-from agents.vit_ddqn import AllPatches, RandomPatches, ViTDDQN
-from agents.vit_ddqn.evaluation import agent_mask_fn, evaluate_patches, random_mask_fn, time_train_steps
+from agents.vit_ddqn.evaluation import time_train_steps
 from pruning_env.costs import state_macs, vit_gflops
-from pruning_env.data import DatasetSplits, make_datasets, preload
-from pruning_env.envs.patch_env import PatchSelectEnv
+from pruning_env.data import DatasetSplits, make_datasets
 from pruning_env.models import create_model
-from pruning_env.runtime import atomic_write_text, machine_info, resolve_device, sync
+from pruning_env.runtime import atomic_write_text, machine_info, resolve_device
+from rl_prune.config import ViTRunConfig, load_config
+from rl_prune.vit_run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = ROOT / "configs" / "agentvit" / "recipe_small_data.yaml"
+#: ``--recipe notebook``: the notebook's optimiser (the env's defaults) on the benchmark's ViT
+NOTEBOOK_RECIPE = ROOT / "configs" / "agentvit" / "recipe_notebook.yaml"
 DEFAULT_DATA = "npz:" + str(ROOT.parent / "shared" / "data" / "cifar10_5k.npz")
 POLICIES = ("full", "faithful", "double_dqn", "random", "full_notebook")
 #: the comparison proper; the others (the recipe check) run after it, so a short budget cuts them first
@@ -51,11 +54,12 @@ COLORS = {"full": "black", "faithful": "tab:blue", "double_dqn": "tab:orange", "
           "full_notebook": "tab:purple"}
 #: env keys of the optimiser recipe; ``full_notebook`` leaves them at the env's defaults (the notebook's)
 OPTIMISER_KEYS = ("lr", "optimizer", "weight_decay", "lr_schedule", "warmup_epochs", "min_lr", "label_smoothing")
-#: PatchSelectEnv keys a recipe file may set (its ``env:`` section); other keys there are ignored here
-RECIPE_KEYS = ("lr", "optimizer", "weight_decay", "lr_schedule", "warmup_epochs", "min_lr", "label_smoothing",
-               "augment", "width", "depth", "batch_size", "epochs", "n_keep", "reward_every")
-#: values used when neither a flag nor the recipe gives one (the notebook's)
-FALLBACK = {"width": 1.0, "depth": 6, "batch_size": 128, "epochs": 40, "n_keep": 30, "reward_every": 2}
+#: the recipe keys the report lists
+SHOWN_KEYS = OPTIMISER_KEYS + ("augment",)
+#: env settings that flags override (flag name = key)
+FLAG_KEYS = ("width", "depth", "batch_size", "epochs", "n_keep", "reward_every")
+#: the keys of a curve record (a run's per-epoch ``history``, :func:`rl_prune.vit_run.run_training`)
+CURVE_KEYS = ("epoch", "time_s", "val_top1", "val_loss", "train_loss", "kept", "lr")
 THRESHOLDS = (0.90, 0.95)
 
 
@@ -65,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="a pruning_env.data name: npz:PATH (a bare .npz path works), cifar10, digits, synthetic")
     p.add_argument("--recipe", default=str(DEFAULT_RECIPE),
-                   help="YAML whose env: section holds the ViT training recipe; 'notebook' = Adam 1e-3, constant")
+                   help="a ViT run config whose env: section holds the ViT training recipe; 'notebook' = "
+                        "configs/agentvit/recipe_notebook.yaml (Adam 1e-3, constant)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--epochs", type=int, help="epochs per run (default: the recipe's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -99,34 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------- settings
-def load_recipe(path: str) -> Dict[str, Any]:
-    """The ViT-training keys of a recipe file's ``env:`` section (``"notebook"``: none, the env's defaults).
-
-    :param path: a YAML config (configs/agentvit/*.yaml) or ``"notebook"``.
-    """
-    if path == "notebook":
-        return {}
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    env = data.get("env", {}) if isinstance(data, dict) else None
-    if not isinstance(env, dict):
-        raise ValueError(f"{path}: expected a YAML mapping with an 'env:' section, got {type(data).__name__}")
-    return {k: v for k, v in env.items() if k in RECIPE_KEYS}
-
-
 def resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:
-    """Everything that determines the runs' results (flags over the recipe over :data:`FALLBACK`).
+    """Everything that determines the runs' results: the recipe's env section (a :class:`ViTRunConfig` read by
+    the run layer's loader, its data replaced by ``--data`` / ``--val-size``), the flags over it.
 
     :param args: the parsed command line.
     """
-    recipe = load_recipe(args.recipe)
-    env = {**FALLBACK, **recipe}
-    for key in ("width", "depth", "batch_size", "epochs", "n_keep", "reward_every"):
+    data = f"npz:{args.data}" if args.data.endswith(".npz") and ":" not in args.data else args.data
+    recipe_path = (NOTEBOOK_RECIPE if args.recipe == "notebook" else Path(args.recipe)).resolve()
+    recipe = load_config(recipe_path, overrides={"env.dataset": data, "env.val_size": args.val_size},
+                         schema=ViTRunConfig)
+    env = {k: v for k, v in recipe.env.items() if k not in ("dataset", "val_size")}
+    for key in FLAG_KEYS:
         if getattr(args, key) is not None:
             env[key] = getattr(args, key)
-    data = f"npz:{args.data}" if args.data.endswith(".npz") and ":" not in args.data else args.data
     device = str(resolve_device(args.device))
-    recipe_path = Path(args.recipe).resolve()
     recipe_name = str(recipe_path.relative_to(ROOT)) if recipe_path.is_relative_to(ROOT) else args.recipe
     return {"data": data, "recipe": recipe_name, "env": env, "device": device, "eps_fraction": args.eps_fraction,
             "val_size": args.val_size, "limit_train": args.limit_train}
@@ -154,99 +146,60 @@ def load_splits(settings: Dict[str, Any]) -> DatasetSplits:
 
 
 # ----------------------------------------------------------------------------------------------- one run
-def make_env_and_agent(policy: str, seed: int, settings: Dict[str, Any], splits: DatasetSplits,
-                       num_workers: int) -> Tuple[PatchSelectEnv, Any]:
-    """The env (recipe, model, data) and the patch policy of one run; the ViT's initial weights depend only on
-    the seed.
+def run_config(policy: str, seed: int, settings: Dict[str, Any], splits: DatasetSplits,
+               num_workers: int) -> ViTRunConfig:
+    """The checked ViT run config of one run: the recipe's env on the shared splits, score actions binarised at
+    their mean (faithful) or top-k masks (double DQN), the agents' exploration decaying over ``eps_fraction`` of
+    the run; nothing written. The ViT's initial weights depend only on the seed.
 
-    :param policy: one of :data:`POLICIES`.
+    :param policy: one of :data:`POLICIES` (``full_notebook`` is the ``full`` policy without the optimiser keys).
     :param seed: seeds the ViT's initial weights, the data order and the policy's draws.
     :param settings: from :func:`resolve_settings`.
-    :param splits: the dataset, shared by all runs.
+    :param splits: the dataset, shared by all runs (its augmentation already set by :func:`load_splits`).
     :param num_workers: DataLoader workers of the training split.
     """
     dropped = ("augment",) + (OPTIMISER_KEYS if policy == "full_notebook" else ())
-    env_kwargs = {k: v for k, v in settings["env"].items() if k not in dropped}
+    env = {k: v for k, v in settings["env"].items() if k not in dropped}
+    env.update(dataset=splits, num_workers=num_workers, binarize="mean",
+               action_mode="mask" if policy == "double_dqn" else "scores")
     learner = policy in ("faithful", "double_dqn")
-    env = PatchSelectEnv(dataset=splits, device=settings["device"], seed=seed, num_workers=num_workers,
-                         observe=learner, same_batch_next_state=policy == "faithful",
-                         action_mode="mask" if policy == "double_dqn" else "scores", binarize="mean",
-                         **env_kwargs)
-    if policy in ("full", "full_notebook"):
-        return env, AllPatches(env, seed=seed)
-    if policy == "random":
-        return env, RandomPatches(env, seed=seed)
-    decay = max(1.0, settings["eps_fraction"] * env.total_steps)
-    return env, ViTDDQN(env, mode=policy, exploration_decay=decay, skip_first_epoch=False, seed=seed)
+    agent = {"exploration_fraction": settings["eps_fraction"], "skip_first_epoch": False} if learner else {}
+    return load_config(data={"policy": "full" if policy == "full_notebook" else policy, "seed": seed,
+                             "device": settings["device"], "out": None, "progress": False, "env": env,
+                             "agent": agent, "eval": {"batch_size": 128, "throughput": False}},
+                       schema=ViTRunConfig)
 
 
-def run_one(policy: str, seed: int, settings: Dict[str, Any], splits: DatasetSplits, val: Tuple, test: Tuple,
-            num_workers: int, print_every: int) -> Dict[str, Any]:
-    """Train one ViT with ``policy``; the validation curve against synchronised training wall time, and the
-    final test top-1 with all patches, agent masks (agents) and random masks at the same kept count.
+def run_one(policy: str, seed: int, settings: Dict[str, Any], splits: DatasetSplits, num_workers: int,
+            print_every: int) -> Dict[str, Any]:
+    """Train one ViT with ``policy`` (:func:`rl_prune.vit_run.run_training`); the validation curve against
+    synchronised training wall time, and the final test top-1 with all patches, agent masks (agents) and random
+    masks at the same kept count.
 
     :param policy: one of :data:`POLICIES`.
     :param seed: the run's seed.
     :param settings: from :func:`resolve_settings`.
     :param splits: the dataset, shared by all runs.
-    :param val: preloaded validation tensors (x, y) on the device.
-    :param test: preloaded test tensors (x, y) on the device.
     :param num_workers: DataLoader workers of the training split.
     :param print_every: print the validation accuracy every this many epochs (0: never).
     """
-    device = torch.device(settings["device"])
-    env, agent = make_env_and_agent(policy, seed, settings, splits, num_workers)
-    model = env.model
-    curve: List[Dict[str, float]] = []
-    epoch_loss: List[float] = []
-    epoch_kept: List[int] = []
-    clock = {"eval": 0.0}
+    cfg = run_config(policy, seed, settings, splits, num_workers)
+    epochs = int(cfg.env["epochs"])
 
-    def on_step(locals_: Dict[str, Any], _globals: Dict[str, Any]) -> bool:
-        info = locals_["info"]
-        epoch_loss.append(info["loss"])
-        epoch_kept.append(info["kept"])
-        if info.get("epoch_end"):
-            sync(device)
-            now = time.perf_counter()
-            res = evaluate_patches(model, val, None, device, batch_size=512)
-            sync(device)
-            curve.append({"epoch": info["epoch"] + 1, "time_s": now - t0 - clock["eval"],
-                          "val_top1": res["top1"], "val_loss": res["loss"],
-                          "train_loss": float(np.mean(epoch_loss)), "kept": float(np.mean(epoch_kept)),
-                          "lr": float(env.optimizer.param_groups[0]["lr"])})
-            clock["eval"] += time.perf_counter() - now
-            epoch_loss.clear()
-            epoch_kept.clear()
-            if print_every and (len(curve) % print_every == 0 or len(curve) == env.epochs):
-                c = curve[-1]
-                print(f"    epoch {c['epoch']:3d}  {c['time_s']:7.1f} s  val {c['val_top1']:.4f}  "
-                      f"train loss {c['train_loss']:.3f}  kept {c['kept']:.1f}", flush=True)
-        return True
+    def show(c: Dict[str, Any]) -> None:
+        if print_every and (c["epoch"] % print_every == 0 or c["epoch"] == epochs):
+            print(f"    epoch {c['epoch']:3d}  {c['time_s']:7.1f} s  val {c['val_top1']:.4f}  "
+                  f"train loss {c['train_loss']:.3f}  kept {c['kept']:.1f}", flush=True)
 
-    sync(device)
-    t0 = time.perf_counter()
-    agent.learn(total_timesteps=env.total_steps, callback=on_step)
-    sync(device)
-    train_time = time.perf_counter() - t0 - clock["eval"]
-
-    test_res = {"all": evaluate_patches(model, test, None, device, batch_size=128)}
-    if isinstance(agent, ViTDDQN):
-        test_res["agent"] = evaluate_patches(model, test, agent_mask_fn(agent), device, batch_size=128)
-        k_eval = int(round(test_res["agent"]["mean_kept"]))
-    else:
-        k_eval = env.n_keep
-    # the same random k-subsets for every policy of a seed: the paired comparison uses the same test batches
-    test_res["random"] = evaluate_patches(model, test, random_mask_fn(k_eval, seed=seed), device, batch_size=128)
-    kept = np.asarray(agent.kept_history, dtype=float)
-    result = {"policy": policy, "seed": seed, "epochs": env.epochs, "steps": env.total_steps,
-              "batches_per_epoch": env.batches_per_epoch, "curve": curve, "train_time_s": train_time,
-              "vit_step_time_s": env.train_time, "state_time_s": env.state_time,
-              "mean_kept": float(kept.mean()), "eval_kept": k_eval, "test": test_res,
-              "model": dict(getattr(model, "zoo_config", {}))}
-    if isinstance(agent, ViTDDQN):
-        result.update(agent_updates=agent.n_updates, final_epsilon=agent.exploration_rate)
-    env.close()
+    res = run_training(cfg, on_epoch=show)
+    result = {"policy": policy, "seed": seed, "epochs": res["epochs"], "steps": res["total_steps"],
+              "batches_per_epoch": res["batches_per_epoch"],
+              "curve": [{k: c[k] for k in CURVE_KEYS} for c in res["history"]],
+              "train_time_s": res["train_time_s"], "vit_step_time_s": res["vit_step_time_s"],
+              "state_time_s": res["state_time_s"], "mean_kept": res["train_mean_kept"],
+              "eval_kept": res["eval_kept"], "test": res["test"], "model": res["model"]}
+    if "agent_updates" in res:
+        result.update(agent_updates=res["agent_updates"], final_epsilon=res["final_epsilon"])
     return result
 
 
@@ -371,7 +324,7 @@ def make_markdown(payload: Dict[str, Any], summary: Dict[str, Any]) -> str:
              f"Dataset `{st['data']}` (validation {st['val_size']:.0%} of train, test held out), ViT width "
              f"{env['width']} depth {env['depth']}, batch {env['batch_size']}, {env['epochs']} epochs, k* = "
              f"{env['n_keep']} of 64, reward every {env['reward_every']} batches, recipe `{st['recipe']}` "
-             f"({', '.join(f'{k}={v}' for k, v in env.items() if k in RECIPE_KEYS[:8])}), seeds "
+             f"({', '.join(f'{k}={v}' for k, v in env.items() if k in SHOWN_KEYS)}), seeds "
              f"{sorted({r['seed'] for r in runs})}, device {st['device']}.",
              f"Machine: {m.get('cuda') or m['cpu']} ({m['cpu_count']} CPU cores, torch {m['torch']}, "
              f"{m['torch_threads']} threads). Benchmark wall time {payload['wall_time_s'] / 60:.1f} min.", ""]
@@ -468,8 +421,9 @@ def verdict(summary: Dict[str, Any]) -> List[str]:
                     theirs = dict(zip(pol[other]["seeds"], pol[other][key]))
                     common = [s for s in mine if s in theirs]
                     sooner = sum(mine[s] < theirs[s] for s in common)
-                    comp.append(f"{'sooner' if t < to else 'later'} than {LABELS[other]} ({to:.1f} s; sooner in "
-                                f"{sooner} of {len(common)} paired seeds)")
+                    order = "sooner than" if t < to else "later than" if t > to else "as soon as"
+                    comp.append(f"{order} {LABELS[other]} ({to:.1f} s; sooner in {sooner} of {len(common)} paired "
+                                "seeds)")
             parts.append(f"reaches {int(q * 100)} % in {t:.1f} s, " + ", ".join(comp))
         loss = 100 * (np.mean(pol[p]["test_all"]) - np.mean(pol["full"]["test_all"]))
         out.append(f"- {LABELS[p]}: " + "; ".join(parts) + f"; final test top-1 {loss:+.1f} points vs all patches.")
@@ -590,8 +544,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         payload["wall_time_s"] = elapsed_before + elapsed()
         _save(payload, out)
 
-    val = preload(splits.val, device=device)
-    test = preload(splits.test, device=device)
     done = {(r["seed"], r["policy"]) for r in payload["runs"]}
     durations: Dict[str, float] = {}
     stopped = False
@@ -607,7 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         print(f"[tta] seed {seed} {LABELS[policy]} ({elapsed():.0f} s elapsed)", flush=True)
         t_run = time.perf_counter()
-        result = run_one(policy, seed, settings, splits, val, test, num_workers, args.print_every)
+        result = run_one(policy, seed, settings, splits, num_workers, args.print_every)
         durations[policy] = time.perf_counter() - t_run
         payload["runs"].append(result)
         t = result["test"]

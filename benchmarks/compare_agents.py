@@ -1,68 +1,146 @@
-"""RL agents against the non-RL baselines on one PruneEnv task, at several FLOPs targets, at equal evaluation budgets
-and with the same final KD fine-tune: mean ± std tables, a verdict per target, markdown + JSON + plot.
+"""Agent comparison as curves (issue 24): every agent's searched model at 2x, 4x and 8x fewer MACs (50 / 75 / 87.5 %
+FLOPs reduction), each fine-tuned with several seeds; test top-1 after the fine-tune against MACs kept, a leaderboard
+and a verdict per target (the best RL agent against the best non-RL allocation, in pooled seed std).
 
-    python benchmarks/compare_agents.py                                   # default agents, 50 % and 70 %, 5 seeds
-    python benchmarks/compare_agents.py --agents rl_pruner uniform --seeds 1 --targets 0.7
-    python benchmarks/compare_agents.py --report-only                     # tables from the finished runs
-    python benchmarks/compare_agents.py --ft-check-epochs 3               # also: is the ranking stable vs FT length?
+    python benchmarks/compare_agents.py                                    # the protocol below, resumable
+    python benchmarks/compare_agents.py --targets 0.875 --agents uniform ppo --search-seeds 3 --ft-seeds 2
+    python benchmarks/compare_agents.py --report-only                      # leaderboard and plot from finished units
 
-Each (target, agent, seed) is one ``rl_prune.pipeline.run`` (``rl_prune.sweep.run_unit``) into
-``{out-dir}/t{target%}/{agent}_s{seed}/``; finished units are skipped, so a killed benchmark continues where it
-stopped (rerun the same command). Every agent's monitor stops look-aheads at the budget (``PruneMonitor``'s
-``max_evaluations``), and the env counts evaluations the same way for every agent.
+Built on the run layer only: a **search unit** (model, target, agent, search seed) is one
+``rl_prune.pipeline.run`` with no fine-tune into its run folder ``{out}/{model}/{schedule}/t{target}/{agent}_s{seed}``,
+which keeps the searched model as kept-channel indices (``RunFolder.read_searched_model`` rebuilds and hash-checks
+it); a **fine-tune unit** (..., fine-tune seed) is ``rl_prune.pipeline.finetune_searched`` of that folder, its result
+written atomically to ``.../t{target}/finetune/{agent}_s{seed}_f{ft_seed}.json``. Finished units are skipped, so a
+killed benchmark continues where it stopped (rerun the same command); a search killed midway resumes from its run
+checkpoint. Protocol: >= 3 search seeds, >= 2 fine-tune seeds per searched model, the same budget (>= 150
+evaluations) spent exactly by every searching agent (a unit that used another count is refused), the same fine-tune
+for every agent.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import platform
 import sys
-from dataclasses import asdict
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
-
-from agents.registry import AGENTS
-from pruning_env.costs import count_costs
-from pruning_env.runtime import atomic_write_text, seed_everything
-from pruning_env.training import evaluate, finetune
-from rl_prune.config import ConfigError, load_config, parse_overrides
-from rl_prune.run_folder import RunFolder
-from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, num, run_unit, unit_config,
-                            unit_failure)
-
 ROOT = Path(__file__).resolve().parents[1]
-#: the agents compared by default (the SB3 baselines are left out on 2 CPU cores: see the results note)
-DEFAULT_AGENTS = ("rl_pruner", "rl_pruner_improved", "uniform", "global_taylor", "random_search")
-#: the non-RL baselines the best RL agent has to beat (uniform, global Taylor, random search at equal budget)
-BASELINES = ("uniform", "global_taylor", "random_search")
-#: the RL-Pruner entries (their collapse guard is reported)
-RL_PRUNER_AGENTS = ("rl_pruner", "rl_pruner_improved", "rl_pruner_bounded")
-#: per-run numbers aggregated over seeds: (key in the summary, label, how to read it from metrics.json)
-METRICS = (
-    ("reward_accuracy", "reward acc (val, estimator)", lambda m: m["reward_accuracy"]),
-    ("test_before_ft", "test top-1 before FT", lambda m: m["pruned_before_finetune"]["test_top1"]),
-    ("test_after_ft", "test top-1 after FT", lambda m: m["pruned"]["test_top1"]),
-    ("flops_reduction", "FLOPs reduction", lambda m: m["flops_reduction"]),
-    ("params_reduction", "params reduction", lambda m: m["params_reduction"]),
-    ("n_evaluations", "evaluations used", lambda m: m["n_evaluations"]),
-    ("search_s", "search s", lambda m: m["seconds"]["search"]),
-    ("total_s", "total s", lambda m: m["seconds"]["total"]),
-)
-#: file a fine-tune-length check writes into a unit's run folder
-FT_CHECK_FILE = "ft_check.json"
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.common is imported from the repository root
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from agents.registry import AGENTS  # noqa: E402
+from benchmarks.common import (best_vs_best, failures_section, fmt, machine_line, markdown_table, mean_std,  # noqa: E402
+                               num, pooled_std, provenance)
+from pruning_env.runtime import atomic_write_text  # noqa: E402
+from rl_prune.config import ConfigError, PruneRunConfig, load_config, parse_overrides  # noqa: E402
+from rl_prune.pipeline import build_env, finetune_searched  # noqa: E402
+from rl_prune.run_folder import RunFolder  # noqa: E402
+from rl_prune.sweep import BENCH_CONFIG, run_unit, unit_config, unit_failure  # noqa: E402
+
+SCRIPT = "benchmarks/compare_agents.py"
+#: the agents compared by default (``amc`` too once the registry has it)
+DEFAULT_AGENTS = tuple(a for a in ("uniform", "global_taylor", "random_search", "rl_pruner_improved", "ppo", "amc")
+                       if a in AGENTS)
+#: the protocol's floor (issue 24 item 6): a verdict from less is marked provisional
+MIN_BUDGET, MIN_SEARCH_SEEDS, MIN_FT_SEEDS = 150, 3, 2
+#: default budget: >= 150 and spent exactly by RL-Pruner's derived schedule in one step (15 RL epochs x 10 samples
+#: + the reset point), random search (151 candidates) and the SB3 agents (150 timesteps + the final episode)
+DEFAULT_BUDGET = 151
+#: search-run settings of every unit: no fine-tune (the fine-tune units do it), no TorchScript export
+SEARCH_OVERRIDES = {"finetune.epochs": 0, "run.export_torchscript": False}
 
 
 def is_rl(agent: str) -> bool:
-    """RL agents: RL-Pruner in any mode and the SB3 baselines.
+    """RL agents: RL-Pruner in any mode, every SB3 algorithm, AMC's DDPG; the rest (uniform, global Taylor, random
+    search, knapsack, ...) are non-RL allocations.
 
     :param agent: a key of :data:`agents.registry.AGENTS`.
     """
-    return agent in RL_PRUNER_AGENTS or AGENTS[agent].sb3_algo is not None
+    spec = AGENTS[agent]
+    return spec.sb3_algo is not None or spec.target.startswith("agents.rl_pruner") or agent == "amc"
+
+
+def spends_budget(agent: str, metrics: Dict[str, Any]) -> bool:
+    """Whether the agent searches with the evaluation budget (SB3 timesteps, look-aheads per step, a derived RL
+    schedule); uniform and global Taylor evaluate once per step whatever the budget.
+
+    :param agent: agent name.
+    :param metrics: the unit's metrics (its ``budget_schedule``).
+    """
+    spec = AGENTS[agent]
+    return spec.sb3_algo is not None or spec.budget_arg is not None or metrics.get("budget_schedule") is not None
+
+
+def budget_problem(agent: str, metrics: Dict[str, Any], budget: int) -> Optional[str]:
+    """Why a finished search unit cannot enter the comparison (None when it can): a run made with another budget,
+    or a searching agent that used another number of evaluations than the budget.
+
+    :param agent: agent name.
+    :param metrics: the unit's ``metrics.json`` (``RunFolder.read_metrics``).
+    :param budget: the comparison's budget.
+    """
+    if metrics.get("budget") != budget:
+        return f"made with budget {metrics.get('budget')}, not {budget}"
+    used = int(metrics["n_evaluations"])
+    if spends_budget(agent, metrics) and used != budget:
+        return f"used {used} of its {budget} evaluations (unequal budgets are not compared)"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- units and paths
+def model_tag(cfg: PruneRunConfig) -> str:
+    """``vgg19w025`` for the width-0.25 VGG-19: the model part of result names.
+
+    :param cfg: the task's config.
+    """
+    env = cfg.env
+    width = env.get("width")
+    suffix = "" if width in (None, 1, 1.0) else f"w{round(float(width) * 100):03d}"
+    return f"{env.get('model', 'model')}{suffix}"
+
+
+def target_name(target: float) -> str:
+    """``t0875`` for 0.875 (per mille, so 87.5 % keeps its half).
+
+    :param target: FLOPs reduction.
+    """
+    return f"t{round(target * 1000):04d}"
+
+
+def ft_seed_value(search_seed: int, index: int, n_search_seeds: int) -> int:
+    """The fine-tune seed of fine-tune ``index`` of search seed ``search_seed``: ``search_seed + index *
+    n_search_seeds``, so the first fine-tune is the run's own (seed = search seed) and no two fine-tunes of an agent
+    share a seed (uniform's searched model is the same for every search seed: its spread is fine-tune noise).
+
+    :param search_seed: the search seed.
+    :param index: 0, 1, ... < fine-tune seeds.
+    :param n_search_seeds: search seeds of the comparison.
+    """
+    return int(search_seed) + int(index) * int(n_search_seeds)
+
+
+class Layout:
+    """Where the units of one comparison live: ``{out}/{model}/{schedule}/t{target}/``.
+
+    :param out_dir: the benchmark's ``--out-dir``.
+    :param model: :func:`model_tag`.
+    :param schedule: ``oneshot`` (or the schedule's name).
+    """
+
+    def __init__(self, out_dir: Path, model: str, schedule: str) -> None:
+        self.root = Path(out_dir) / model / schedule
+
+    def search(self, target: float, agent: str, seed: int) -> Path:
+        """The search unit's run folder."""
+        return self.root / target_name(target) / f"{agent}_s{seed}"
+
+    def finetune(self, target: float, agent: str, seed: int, ft_seed: int) -> Path:
+        """The fine-tune unit's result file."""
+        return self.root / target_name(target) / "finetune" / f"{agent}_s{seed}_f{ft_seed}.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,559 +148,424 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(BENCH_CONFIG), help="train_agent.py YAML config of the task")
     p.add_argument("--agents", nargs="+", default=list(DEFAULT_AGENTS), choices=list(AGENTS), metavar="AGENT",
                    help=f"agents to compare (default: {' '.join(DEFAULT_AGENTS)}; any of {' '.join(AGENTS)})")
-    p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7],
-                   help="FLOPs reductions to prune to (default 0.5 0.7)")
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds, run as seeds 0..N-1 (default 5)")
-    p.add_argument("--budget", type=int, default=None,
-                   help="evaluations per agent (default: the config's budget, else 300)")
-    p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare"), help="run folders (per target/agent/seed)")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where compare_agents.* go")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--finetune-epochs", type=int, default=None,
-                   help="epochs of the final KD fine-tune, the same for every agent (default: the config's)")
-    p.add_argument("--ft-check-epochs", type=int, default=0,
-                   help="also fine-tune the searched models of the first --ft-check-seeds seeds for this many "
-                        "epochs (same recipe otherwise) and report whether the ranking changes (0: skip)")
-    p.add_argument("--ft-check-seeds", type=int, default=2, help="seeds in the fine-tune-length check (default 2)")
+    p.add_argument("--targets", nargs="+", type=float, default=[0.875, 0.75, 0.5],
+                   help="FLOPs reductions, run in this order (default 0.875 0.75 0.5: 8x, 4x, 2x)")
+    p.add_argument("--search-seeds", type=int, default=MIN_SEARCH_SEEDS,
+                   help=f"search seeds 0..N-1 (default {MIN_SEARCH_SEEDS})")
+    p.add_argument("--ft-seeds", type=int, default=MIN_FT_SEEDS,
+                   help=f"fine-tunes of every searched model, each with its own seed (default {MIN_FT_SEEDS})")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
+                   help=f"evaluations per searching agent, spent exactly (>= {MIN_BUDGET}; default {DEFAULT_BUDGET})")
+    p.add_argument("--n-steps", type=int, default=1,
+                   help="pruning steps of every agent (default 1: one-shot; the SB3 agents always prune in one)")
+    p.add_argument("--finetune-epochs", type=int, default=15,
+                   help="epochs of every fine-tune unit, the config's recipe otherwise (default 15: the length "
+                        "at which compare_agents.md found the ranking stable at 70 %%)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides of every unit, e.g. env.n_steps=1 env.action_mode=sparsity (give the "
-                        "variant its own --out-dir)")
-    p.add_argument("--verdict-epochs", type=int, default=None,
-                   help="judge the bar on the fine-tune-length check of this many epochs (every seed of an agent "
-                        "must have it) instead of the runs' own fine-tune")
-    p.add_argument("--tag", default="", help="suffix of the result files (compare_agents_TAG.*), e.g. for a "
-                   "--set variant")
-    p.add_argument("--note", default="", help="a paragraph for the top of the markdown (e.g. what was cut)")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the tables from finished runs")
+                   help="config overrides of every unit (give a variant its own --out-dir)")
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_curves"), help="where the units live")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
+                   help="where compare_curves_<model>.md|json|png go")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--max-units", type=int, default=None, help="stop after running this many units (sizing)")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                   help="start no unit after this many minutes (the report is written either way)")
+    p.add_argument("--note", default="", help="a paragraph for the top of the markdown")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished units")
     return p
 
 
-def target_dir(out_dir: Path, target: float) -> Path:
-    """Run folders of one target: ``{out_dir}/t50`` for 0.5.
-
-    :param out_dir: the benchmark's ``--out-dir``.
-    :param target: the FLOPs reduction.
-    """
-    return Path(out_dir) / f"t{round(target * 100):d}"
-
-
-def unit_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
-    """Config overrides of every unit of one target: the target, and the fine-tune length when given.
-
-    :param args: the parsed command line.
-    :param target: the FLOPs reduction.
-    """
-    over: Dict[str, Any] = parse_overrides(args.set)
-    over["env.target"] = float(target)
-    if args.finetune_epochs is not None:
-        over["finetune.epochs"] = int(args.finetune_epochs)
-    return over
-
-
-def collapse_stats(metrics: Dict[str, Any]) -> Dict[str, int]:
-    """RL-Pruner's collapse guard in one run: pruning steps, steps where it reset the PD, and steps that ended
-    with the evaluation budget spent (``budget_stopped``)."""
-    rows = metrics["_steps"]
-    flag = lambda r, k: int(float(r.get(k) or 0))  # noqa: E731
-    return {"steps": len(rows), "resets": sum(flag(r, "collapse_reset") for r in rows),
-            "budget_stopped": sum(flag(r, "budget_stopped") for r in rows)}
-
-
-# ---------------------------------------------------------------------------------------------- summarising
-#: summary key of the test top-1 after the longer fine-tune of ``--verdict-epochs``
-LONG_KEY = "test_after_long_ft"
-
-
-def summarise(units: Dict[str, List[Dict[str, Any]]], long_epochs: Optional[int] = None) -> Dict[str, Any]:
-    """Per-agent mean ± std of every :data:`METRICS` entry (plus RL-Pruner's collapse-guard counts, and the test
-    top-1 after the ``long_epochs`` fine-tune-length check when every seed of the agent has one).
-
-    :param units: per agent, the finished units' metrics (with their ``ft_check`` results attached).
-    :param long_epochs: the fine-tune-length check to summarise as :data:`LONG_KEY`.
-    """
-    out: Dict[str, Any] = {}
-    for agent, runs in units.items():
-        if not runs:
-            continue
-        row: Dict[str, Any] = {"seeds": [m["seed"] for m in runs]}
-        for key, _, get in METRICS:
-            row[key] = mean_std([get(m) for m in runs])
-        if long_epochs is not None and all(str(long_epochs) in m.get("ft_check", {}) for m in runs):
-            row[LONG_KEY] = mean_std([m["ft_check"][str(long_epochs)]["test_top1"] for m in runs])
-        if agent in RL_PRUNER_AGENTS:
-            row["collapse"] = [collapse_stats(m) for m in runs]
-        out[agent] = row
-    return out
-
-
-def pooled_std(a: Dict[str, float], b: Dict[str, float]) -> float:
-    """Pooled seed standard deviation of two :func:`mean_std` results (NaN with one seed).
-
-    :param a: one agent's statistic.
-    :param b: the other's.
-    """
-    if a["n"] < 2 or b["n"] < 2:
-        return float("nan")
-    return math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2))
-
-
-def compare(summary: Dict[str, Any], agent: str, other: str, key: str = "test_after_ft") -> Dict[str, Any]:
-    """``agent`` minus ``other`` on ``key`` against the pooled seed std, with a plain word.
-
-    :param summary: from :func:`summarise`.
-    :param agent: the RL agent.
-    :param other: the baseline.
-    :param key: a :data:`METRICS` key.
-    """
-    a, b = summary[agent][key], summary[other][key]
-    diff = a["mean"] - b["mean"]
-    pooled = pooled_std(a, b)
-    if math.isnan(pooled):
-        word = "higher (one seed, noise unknown)" if diff > 0 else "not higher (one seed, noise unknown)"
-    elif diff > pooled:
-        word = "higher by more than one pooled std"
-    elif diff < -pooled:
-        word = "lower by more than one pooled std"
-    else:
-        word = "level (within one pooled std)"
-    return {"agent": agent, "other": other, "metric": key, "diff": diff, "pooled_std": pooled,
-            "diff_over_std": diff / pooled if pooled and not math.isnan(pooled) else float("nan"), "verdict": word}
-
-
-def bar_verdict(summary: Dict[str, Any], target: float, key: str = "test_after_ft") -> Optional[Dict[str, Any]]:
-    """Best RL agent vs best non-RL baseline on test top-1 after fine-tune, against the issue's bar: more than
-    one pooled std better at 70 % (any target >= 0.6), at least level (not more than one std worse) below.
-
-    :param summary: from :func:`summarise`.
-    :param target: the FLOPs reduction of these runs.
-    :param key: ``"test_after_ft"`` (the runs' fine-tune) or :data:`LONG_KEY`; agents without it are left out.
-    """
-    rl = [a for a in summary if is_rl(a) and key in summary[a]]
-    base = [a for a in summary if a in BASELINES and key in summary[a]]
-    if not rl or not base:
-        return None
-    best_rl = max(rl, key=lambda a: summary[a][key]["mean"])
-    best_base = max(base, key=lambda a: summary[a][key]["mean"])
-    c = compare(summary, best_rl, best_base, key)
-    strict = target >= 0.6
-    if math.isnan(c["pooled_std"]):
-        met = None
-    else:
-        met = c["diff"] > c["pooled_std"] if strict else c["diff"] >= -c["pooled_std"]
-    c.update(bar="beats by more than one pooled std" if strict else "at least level (within one pooled std or "
-             "better)", met=met)
-    return c
-
-
-# ---------------------------------------------------------------------------------------------- FT-length check
-def ft_check_model(cfg: Any, model: torch.nn.Module, epochs: int, env: Any) -> Dict[str, Any]:
-    """Fine-tune a searched model for ``epochs`` epochs with the unit's recipe and return its test top-1.
-
-    :param cfg: the unit's config (its ``finetune`` section and ``seed``).
-    :param model: the searched model before fine-tuning (a copy is trained).
-    :param epochs: fine-tune epochs.
-    :param env: a PruneEnv of the task (its splits, original model and device).
-    """
-    model = copy.deepcopy(model).to(env.device)
-    ft = cfg.finetune
-    seed_everything(cfg.seed)
-    finetune(model, env.splits.train, val_data=env.splits.val, epochs=epochs, lr=ft.lr, min_lr=ft.min_lr,
-             warmup_ratio=ft.warmup_ratio, teacher=env.original_model if ft.teacher == "original" else None,
-             T=ft.T, soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=cfg.seed,
-             progress=False)
-    model.eval()
-    return {"epochs": epochs, "test_top1": evaluate(model, env.splits.test, env.device)["top1"],
-            "device": str(env.device)}
-
-
-def ft_check_unit(cfg: Any, agent: str, run_dir: Path, epochs: int, env: Any) -> Optional[Dict[str, Any]]:
-    """Fine-tune the unit's searched model (its run checkpoint's best episode, before fine-tuning) for
-    ``epochs`` epochs with the run's recipe otherwise (:func:`ft_check_model`), and store the test top-1 in
-    ``ft_check.json``.
-
-    :param cfg: the unit's config.
-    :param agent: agent name.
-    :param run_dir: the finished unit's folder.
-    :param epochs: fine-tune epochs.
-    :param env: a PruneEnv of the task (its splits, original model and device).
-    """
-    path = run_dir / FT_CHECK_FILE
-    done = json.loads(path.read_text()) if path.is_file() else {}
-    if str(epochs) in done:
-        return done[str(epochs)]
-    folder = RunFolder(run_dir)
-    if not folder.is_finished:
-        return None
-    if folder.has_checkpoint:
-        model = folder.read_checkpoint().agent_state["record"]["best"]["model"]
-    else:  # agents without a run checkpoint (SB3): replay the best episode's recorded actions
-        model = replay_best(cfg, agent, json.loads((run_dir / "metrics.json").read_text()))
-    done[str(epochs)] = ft_check_model(cfg, model, epochs, env)
-    atomic_write_text(json.dumps(done, indent=2), path)
-    return done[str(epochs)]
-
-
-def replay_best(cfg: Any, agent: str, metrics: Dict[str, Any]) -> torch.nn.Module:
-    """The searched model of a finished unit rebuilt by stepping a fresh env of the unit (same config and seed)
-    with the best episode's recorded actions; checked against the unit's MACs, params and kept channels.
-
-    :param cfg: the unit's config.
-    :param agent: agent name (its env settings, e.g. SB3's one-step sparsity mode).
-    :param metrics: the unit's ``metrics.json``.
-    """
-    from rl_prune.pipeline import build_env
-
-    env = build_env(cfg, agent)
+def check_args(args: argparse.Namespace) -> Optional[str]:
+    """The first problem with the command line, or None."""
+    if args.search_seeds < 1 or args.ft_seeds < 1:
+        return f"--search-seeds and --ft-seeds must be >= 1, got {args.search_seeds} and {args.ft_seeds}"
+    bad = [t for t in args.targets if not 0.0 < t < 1.0]
+    if bad:
+        return f"--targets must be FLOPs reductions in (0, 1), got {bad}"
+    if args.budget < MIN_BUDGET:
+        return (f"--budget {args.budget} is below the protocol's {MIN_BUDGET} evaluations per agent (issue 24: a "
+                f"smaller budget does not let a search agent search)")
+    if args.n_steps < 1 or args.finetune_epochs < 1:
+        return f"--n-steps and --finetune-epochs must be >= 1, got {args.n_steps} and {args.finetune_epochs}"
     try:
-        env.reset(seed=cfg.seed)
-        for action in metrics["actions"]:
-            env.step(np.asarray(action, dtype=np.float32))
-        model = copy.deepcopy(env.model).eval()
-        kept = [int(k) for k in env.current_channels]
-        cost = count_costs(model, env.input_size, device=env.device)
-        top1 = evaluate(model, env.splits.test, env.device)["top1"]
+        parse_overrides(args.set)
+    except ConfigError as err:
+        return f"--set: {err}"
+    return None
+
+
+def search_config(args: argparse.Namespace, agent: str, seed: int, target: float) -> PruneRunConfig:
+    """The search unit's config: the task's, with the target, the schedule, the budget and no fine-tune."""
+    over: Dict[str, Any] = {**parse_overrides(args.set), "env.target": float(target), "env.n_steps": args.n_steps,
+                            **SEARCH_OVERRIDES}
+    return unit_config(args.config, agent, seed, args.budget, over)
+
+
+def finetune_config(args: argparse.Namespace, agent: str, seed: int, target: float) -> PruneRunConfig:
+    """The fine-tune unit's config: the search unit's with ``--finetune-epochs`` of the config's recipe."""
+    over: Dict[str, Any] = {**parse_overrides(args.set), "env.target": float(target), "env.n_steps": args.n_steps,
+                            **SEARCH_OVERRIDES, "finetune.epochs": args.finetune_epochs}
+    return unit_config(args.config, agent, seed, args.budget, over)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def unit_queue(args: argparse.Namespace) -> List[Tuple[float, int, int, str]]:
+    """``(target, search seed, fine-tune index, agent)`` in run order: target by target; within one, the first
+    fine-tune of every search seed before any second one, so a table with every search seed exists early."""
+    return [(t, s, f, a) for t in args.targets for f in range(args.ft_seeds) for s in range(args.search_seeds)
+            for a in args.agents]
+
+
+def run_finetune_unit(args: argparse.Namespace, layout: Layout, target: float, agent: str, seed: int,
+                      ft_seed: int, env: Any) -> Dict[str, Any]:
+    """One fine-tune unit: ``finetune_searched`` of the search unit's folder, written atomically with the search's
+    numbers, the command and the machine."""
+    folder = RunFolder(layout.search(target, agent, seed))
+    metrics = folder.read_metrics()
+    cfg = finetune_config(args, agent, seed, target)
+    result = finetune_searched(cfg, folder, seed=ft_seed, env=env)
+    record = {
+        "model": layout.root.parent.name, "schedule": layout.root.name, "target": target, "agent": agent,
+        "search_seed": seed, "ft_seed": ft_seed, "finetune_epochs": args.finetune_epochs,
+        "search": search_numbers(metrics), "finetune": result,
+        **provenance(SCRIPT, threads=args.threads),
+    }
+    atomic_write_text(json.dumps(record, indent=2, default=float), layout.finetune(target, agent, seed, ft_seed))
+    return record
+
+
+def search_numbers(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """What the report needs of a search unit's metrics (its cost, its reductions, its reward)."""
+    orig, before = metrics["original"], metrics["pruned_before_finetune"]
+    return {"n_evaluations": metrics["n_evaluations"], "budget": metrics["budget"],
+            "budget_schedule": metrics.get("budget_schedule"), "search_s": metrics["seconds"]["search"],
+            "flops_reduction": metrics["flops_reduction"], "params_reduction": metrics["params_reduction"],
+            "macs_kept": before["macs"] / orig["macs"], "kept_channels": metrics["kept_channels"],
+            "reward_accuracy": metrics["reward_accuracy"], "reward_estimator": metrics["reward_estimator"],
+            "test_before_ft": before["test_top1"], "original": orig, "device": metrics["device"]}
+
+
+def run_all(args: argparse.Namespace, layout: Layout) -> None:
+    """Every unit of the queue not finished yet, in order; a failure is recorded and the others go on."""
+    from tqdm.auto import tqdm
+
+    started = time.monotonic()
+    done = 0
+    # the env of the fine-tunes (splits, the original model as teacher and source): one at a time, for the
+    # (target, search seed) of the unit; the queue runs a seed's agents together
+    env_key: Optional[Tuple[float, int]] = None
+    env: Any = None
+    queue = unit_queue(args)
+    bar = tqdm(queue, desc="compare", unit="unit", dynamic_ncols=True)
+    try:
+        for target, seed, index, agent in bar:
+            if args.max_units is not None and done >= args.max_units:
+                print(f"stopping: --max-units {args.max_units} reached", file=sys.stderr)
+                break
+            if args.stop_after is not None and time.monotonic() - started > 60 * args.stop_after:
+                print(f"stopping: --stop-after {args.stop_after} min reached", file=sys.stderr)
+                break
+            run_dir = layout.search(target, agent, seed)
+            bar.set_postfix(unit=f"{target_name(target)}/{agent}_s{seed}")
+            folder = RunFolder(run_dir)
+            if not folder.is_finished:
+                status = run_unit(search_config(args, agent, seed, target), agent, run_dir)
+                done += status["status"] == "done"
+                if not folder.is_finished:
+                    continue  # failed (error.txt) or busy in another worker
+                write_report(args, layout)
+            problem = budget_problem(agent, folder.read_metrics(), args.budget)
+            if problem is not None:
+                print(f"{run_dir}: {problem}; not fine-tuned", file=sys.stderr)
+                continue
+            ft_seed = ft_seed_value(seed, index, args.search_seeds)
+            path = layout.finetune(target, agent, seed, ft_seed)
+            if path.is_file():
+                continue
+            bar.set_postfix(unit=f"{target_name(target)}/{agent}_s{seed}_f{ft_seed}")
+            if env_key != (target, seed):
+                if env is not None:
+                    env.close()
+                env, env_key = build_env(finetune_config(args, agent, seed, target), agent), (target, seed)
+            try:
+                run_finetune_unit(args, layout, target, agent, seed, ft_seed, env)
+            except Exception as err:  # recorded beside the unit; the others go on
+                import traceback
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(traceback.format_exc(), path.with_suffix(".error.txt"))
+                print(f"{path.name} FAILED: {err}", file=sys.stderr, flush=True)
+                continue
+            path.with_suffix(".error.txt").unlink(missing_ok=True)
+            done += 1
+            write_report(args, layout)
     finally:
-        env.close()
-    expected = metrics["pruned_before_finetune"]
-    if (kept, cost.macs, cost.params, top1) != (metrics["kept_channels"], expected["macs"], expected["params"],
-                                                 expected["test_top1"]):
-        raise RuntimeError(f"replaying {agent}'s best actions did not rebuild its searched model: kept {kept}, "
-                           f"MACs {cost.macs}, test top-1 {top1} vs {metrics['kept_channels']}, {expected['macs']}, "
-                           f"{expected['test_top1']}")
-    return model
-
-
-def ft_check(args: argparse.Namespace, budget: int) -> None:
-    """Run :func:`ft_check_unit` on the first ``--ft-check-seeds`` seeds of every agent and target."""
-    from rl_prune.pipeline import build_env
-
-    for target in args.targets:
-        env = None
-        for seed in range(min(args.ft_check_seeds, args.seeds)):
-            for agent in args.agents:
-                run_dir = target_dir(Path(args.out_dir), target) / f"{agent}_s{seed}"
-                if load_unit(run_dir) is None:
-                    continue
-                cfg = unit_config(args.config, agent, seed, budget, unit_overrides(args, target))
-                if env is None:
-                    env = build_env(cfg, agent)
-                print(f"ft-check {run_dir.parent.name}/{run_dir.name}: {args.ft_check_epochs} epochs", flush=True)
-                ft_check_unit(cfg, agent, run_dir, args.ft_check_epochs, env)
         if env is not None:
             env.close()
 
 
-def ft_check_table(units: Dict[str, List[Dict[str, Any]]], seeds: int) -> Optional[Dict[str, Any]]:
-    """Agents' mean test top-1 over the checked seeds with the run's fine-tune and with each checked length, and
-    whether the agents' order is the same.
-
-    :param units: per agent, the finished units' metrics with their ``ft_check`` results attached.
-    :param seeds: the first seeds to include.
-    """
-    rows: Dict[str, Dict[str, List[float]]] = {}
-    lengths: set = set()
-    for agent, runs in units.items():
-        for m in runs:
-            if m["seed"] >= seeds or not m.get("ft_check"):
+# ---------------------------------------------------------------------------------------------- report
+def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str, Any]:
+    """The finished units of one target: per agent its fine-tune records and search metrics, the refused search
+    units (budget), failures and missing units."""
+    agents: Dict[str, Dict[str, Any]] = {}
+    refused: Dict[str, str] = {}
+    failures: Dict[str, str] = {}
+    missing: List[str] = []
+    for agent in args.agents:
+        searches, fts = {}, []
+        for seed in range(args.search_seeds):
+            run_dir = layout.search(target, agent, seed)
+            unit = f"{target_name(target)}/{agent}_s{seed}"
+            folder = RunFolder(run_dir)
+            if not folder.is_finished:
+                tb = unit_failure(run_dir)
+                if tb is not None:
+                    failures[unit] = tb
+                else:
+                    missing.append(unit)
                 continue
-            row = rows.setdefault(agent, {})
-            row.setdefault("run", []).append(m["pruned"]["test_top1"])
-            for k, v in m["ft_check"].items():
-                row.setdefault(k, []).append(v["test_top1"])
-                lengths.add(k)
-    if not rows or not lengths:
+            metrics = folder.read_metrics()
+            problem = budget_problem(agent, metrics, args.budget)
+            if problem is not None:
+                refused[unit] = problem
+                continue
+            searches[seed] = search_numbers(metrics)
+            for index in range(args.ft_seeds):
+                ft_seed = ft_seed_value(seed, index, args.search_seeds)
+                path = layout.finetune(target, agent, seed, ft_seed)
+                if path.is_file():
+                    rec = json.loads(path.read_text())
+                    if rec["finetune_epochs"] == args.finetune_epochs:
+                        fts.append(rec)
+                        continue
+                err = path.with_suffix(".error.txt")
+                if err.is_file():
+                    failures[f"{unit}_f{ft_seed}"] = err.read_text()
+                else:
+                    missing.append(f"{unit}_f{ft_seed}")
+        agents[agent] = {"searches": searches, "finetunes": fts}
+    return {"agents": agents, "refused": refused, "failures": failures, "missing": missing}
+
+
+def summarise(block: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Per agent with at least one fine-tune: test top-1 after the fine-tune as the mean over search seeds of each
+    searched model's mean over its fine-tune seeds (``test``: mean ± std over search seeds, the unit of the verdict),
+    the within-model fine-tune std (pooled over searched models), MACs kept, evaluations and search seconds."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for agent, data in block["agents"].items():
+        by_seed: Dict[int, List[float]] = {}
+        for rec in data["finetunes"]:
+            by_seed.setdefault(int(rec["search_seed"]), []).append(rec["finetune"]["report"]["test_top1"])
+        if not by_seed:
+            continue
+        seeds = sorted(by_seed)
+        per_model = [mean_std(by_seed[s]) for s in seeds]
+        with_spread = [s for s in per_model if s["n"] >= 2]
+        searches = [data["searches"][s] for s in seeds]
+        out[agent] = {
+            "rl": is_rl(agent), "search_seeds": seeds, "ft_per_model": [len(by_seed[s]) for s in seeds],
+            "test": mean_std([s["mean"] for s in per_model]),
+            "all_units": mean_std([v for s in seeds for v in by_seed[s]]),
+            "ft_std": pooled_std(*with_spread) if len(with_spread) >= 2 else (
+                with_spread[0]["std"] if with_spread else float("nan")),
+            "macs_kept": mean_std([s["macs_kept"] for s in searches]),
+            "flops_reduction": mean_std([s["flops_reduction"] for s in searches]),
+            "test_before_ft": mean_std([s["test_before_ft"] for s in searches]),
+            "reward_accuracy": mean_std([s["reward_accuracy"] for s in searches]),
+            "n_evaluations": mean_std([s["n_evaluations"] for s in searches]),
+            "search_s": mean_std([s["search_s"] for s in searches]),
+            "ft_s": mean_std([rec["finetune"]["seconds"] for rec in data["finetunes"]]),
+            "per_model": {str(s): by_seed[s] for s in seeds},
+        }
+    return out
+
+
+def target_verdict(summary: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Best RL agent vs best non-RL allocation on test top-1 after the fine-tune (mean over search seeds), judged
+    in pooled seed std (``benchmarks.common.verdict``); ``provisional`` lists what the protocol still lacks."""
+    stats = {a: s["test"] for a, s in summary.items()}
+    v = best_vs_best(stats, [a for a in summary if summary[a]["rl"]], [a for a in summary if not summary[a]["rl"]])
+    if v is None:
         return None
-    lengths_sorted = sorted(lengths, key=int)
-    complete = {a: r for a, r in rows.items() if all(len(r.get(k, [])) == len(r["run"]) for k in lengths_sorted)}
-    from scipy.stats import spearmanr
-
-    means = {a: {k: float(np.mean(v)) for k, v in r.items()} for a, r in complete.items()}
-    agents = list(means)
-    run = [means[a]["run"] for a in agents]
-    rho = {k: float(spearmanr(run, [means[a][k] for a in agents])[0]) if len(agents) > 2 else float("nan")
-           for k in lengths_sorted}
-    spread = {k: float(np.ptp([means[a][k] for a in agents])) for k in ["run"] + lengths_sorted}
-    best = {k: [a for a in agents if means[a][k] == max(means[b][k] for b in agents)] for k in ["run"] + lengths_sorted}
-    return {"lengths": lengths_sorted, "means": means, "spearman_vs_run": rho, "spread": spread, "best": best,
-            "n_seeds": max(len(r["run"]) for r in complete.values())}
+    lacking = []
+    for agent in (v["first"], v["second"]):
+        s = summary[agent]
+        if len(s["search_seeds"]) < MIN_SEARCH_SEEDS:
+            lacking.append(f"{agent}: {len(s['search_seeds'])} search seed(s) of {MIN_SEARCH_SEEDS}")
+        if min(s["ft_per_model"]) < MIN_FT_SEEDS:
+            lacking.append(f"{agent}: {min(s['ft_per_model'])} fine-tune seed(s) per model of {MIN_FT_SEEDS}")
+    missing_agents = [a for a in args.agents if a not in summary]
+    if missing_agents:
+        lacking.append(f"no result yet for {', '.join(missing_agents)}")
+    return {**v, "provisional": lacking}
 
 
-# ---------------------------------------------------------------------------------------------- output
-def plot(per_target: Dict[str, Dict[str, Any]], path: Path) -> None:
-    """One row per target: test top-1 after (o) / before (x) fine-tune per run, and per-agent means ± std."""
+def verdict_sentence(t: str, v: Optional[Dict[str, Any]]) -> str:
+    """The plain verdict line of one target."""
+    if v is None:
+        return f"**{t}:** no verdict yet (an RL agent and a non-RL allocation both need a finished fine-tune)."
+    text = (f"**{t}:** best RL agent `{v['first']}` {v['first_mean']:.4f} vs best non-RL allocation `{v['second']}` "
+            f"{v['second_mean']:.4f}: {v['diff']:+.4f} = {num(v['diff_over_std'], '+.2f')} pooled seed std "
+            f"({num(v['pooled_std'], '.4f')}): **{v['verdict']}**.")
+    if v["provisional"]:
+        text += " Provisional: " + "; ".join(v["provisional"]) + "."
+    return text
+
+
+def plot(per_target: Dict[str, Dict[str, Any]], agents: Sequence[str], original: Optional[float], path: Path,
+         title: str) -> None:
+    """Test top-1 after the fine-tune against MACs kept: one line per agent through its per-target means (error
+    bars: std over search seeds), every fine-tune unit as a faint dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = [t for t in per_target if per_target[t]["summary"]]
-    if not targets:
-        return
-    fig, axes = plt.subplots(len(targets), 2, figsize=(14, 4.8 * len(targets)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.1, 1]})
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = plt.get_cmap("tab10")
-    for (ax, bx), t in zip(axes, targets):
-        units, summary, orig = per_target[t]["units"], per_target[t]["summary"], per_target[t]["original_test"]
-        agents = [a for a in units if units[a]]
-        for i, agent in enumerate(agents):
-            c = colors(i % 10)
-            for m in units[agent]:
-                ax.scatter(m["flops_reduction"], m["pruned"]["test_top1"], color=c, marker="o", s=40,
-                           label=agent if m is units[agent][0] else None)
-                ax.scatter(m["flops_reduction"], m["pruned_before_finetune"]["test_top1"], color=c, marker="x",
-                           s=40)
-        ax.axhline(orig, color="k", ls="--", lw=1, label=f"original ({orig:.3f})")
-        ax.set_xlabel("FLOPs reduction")
-        ax.set_ylabel("test top-1")
-        ax.set_title(f"target {t}: per run, o after fine-tune, x before")
-        ax.legend(fontsize=7, ncol=3)
-        x = np.arange(len(agents))
-        nz = lambda s: 0.0 if math.isnan(s["std"]) else s["std"]  # noqa: E731
-        after = [summary[a]["test_after_ft"] for a in agents]
-        before = [summary[a]["test_before_ft"] for a in agents]
-        long_ft = [summary[a].get(LONG_KEY) for a in agents]
-        w = 0.27 if any(long_ft) else 0.4
-        bx.bar(x - w / 2 * (2 if any(long_ft) else 1), [s["mean"] for s in before], w, yerr=[nz(s) for s in before],
-               color="#bbbbbb", label="before fine-tune", capsize=3)
-        bx.bar(x + (0 if any(long_ft) else w / 2), [s["mean"] for s in after], w, yerr=[nz(s) for s in after],
-               color="#1f77b4", label="after the runs' fine-tune", capsize=3)
-        if any(long_ft):
-            bx.bar(x + w, [s["mean"] if s else 0.0 for s in long_ft], w, yerr=[nz(s) if s else 0.0 for s in long_ft],
-                   color="#2ca02c", label=f"after {per_target[t]['verdict_epochs']}-epoch fine-tune", capsize=3)
-        bx.axhline(orig, color="k", ls="--", lw=1, label="original")
-        bx.set_xticks(x)
-        bx.set_xticklabels(agents, rotation=30, ha="right")
-        bx.set_ylabel("test top-1 (mean ± seed std)")
-        bx.set_title(f"target {t}")
-        bx.legend(fontsize=8)
+    for i, agent in enumerate(agents):
+        pts = []
+        for t, block in per_target.items():
+            s = block["summary"].get(agent)
+            if s is None:
+                continue
+            pts.append((s["macs_kept"]["mean"], s["test"]["mean"], 0.0 if math.isnan(s["test"]["std"])
+                        else s["test"]["std"]))
+            for rec in block["units"]["agents"][agent]["finetunes"]:
+                ax.scatter(rec["search"]["macs_kept"], rec["finetune"]["report"]["test_top1"], color=colors(i % 10),
+                           s=10, alpha=0.35)
+        if not pts:
+            continue
+        pts.sort()
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, color=colors(i % 10), marker="o", capsize=3,
+                    ls="-" if is_rl(agent) else "--", label=agent + (" (RL)" if is_rl(agent) else ""))
+    if original is not None:
+        ax.axhline(original, color="k", ls=":", lw=1, label=f"original ({original:.3f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("MACs kept (fraction of the original, log scale)")
+    ax.set_ylabel("test top-1 after fine-tune (mean over search seeds ± std)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def target_section(t: str, block: Dict[str, Any], budget: int) -> List[str]:
-    """Markdown of one target: table, the bar verdict, each RL agent vs each baseline, the collapse guard."""
-    summary = block["summary"]
-    lines = [f"## FLOPs reduction target {t}", ""]
-    if not summary:
-        return lines + ["No finished run yet.", ""]
-    long_epochs = block.get("verdict_epochs")
-    columns = [(key, label) for key, label, _ in METRICS]
-    if long_epochs is not None:
-        columns.insert(3, (LONG_KEY, f"test top-1 after {long_epochs}-epoch FT"))
-    lines += ["| agent | seeds | " + " | ".join(label for _, label in columns) + " |",
-              "|---|---|" + "---|" * len(columns)]
-    digits = {"n_evaluations": 0, "search_s": 0, "total_s": 0}
-    for agent, row in summary.items():
-        cells = [fmt(row[key], digits.get(key, 4)) if key in row else "–" for key, _ in columns]
-        lines.append(f"| {agent} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-    lines.append("")
-    bar = block["bar"]
-    if bar is not None:
-        met = {True: "**met**", False: "**not met**", None: "undecided (one seed)"}[bar["met"]]
-        which = f"the {long_epochs}-epoch fine-tune" if long_epochs is not None else "fine-tune"
-        lines += [f"**Verdict at {t}:** best RL agent `{bar['agent']}` "
-                  f"({summary[bar['agent']][bar['metric']]['mean']:.4f}) vs best non-RL baseline `{bar['other']}` "
-                  f"({summary[bar['other']][bar['metric']]['mean']:.4f}) on test top-1 after {which}: "
-                  f"{bar['diff']:+.4f} = {num(bar['diff_over_std'], '+.2f')} pooled seed std "
-                  f"({num(bar['pooled_std'], '.4f')}): {bar['verdict']}. The bar ({bar['bar']}) is {met}.", ""]
-    if block["pairs"]:
-        lines += ["| RL agent | vs | metric | difference | pooled seed std | diff / std | verdict |",
-                  "|---|---|---|---|---|---|---|"]
-        for v in block["pairs"]:
-            lines.append(f"| {v['agent']} | {v['other']} | {v['metric']} | {v['diff']:+.4f} | "
-                         f"{num(v['pooled_std'], '.4f')} | {num(v['diff_over_std'], '+.2f')} | {v['verdict']} |")
-        lines.append("")
-    for agent in RL_PRUNER_AGENTS:
-        if agent in summary:
-            cs = summary[agent]["collapse"]
-            lines.append(f"Collapse guard of `{agent}`: PD resets per seed {[c['resets'] for c in cs]} of "
-                         f"{[c['steps'] for c in cs]} steps; steps that ended with the budget of {budget} spent "
-                         f"(no room for another sample) {[c['budget_stopped'] for c in cs]}.")
-    lines.append("")
-    check = block.get("ft_check")
-    if check:
-        lines += [f"Fine-tune length check ({check['n_seeds']} seed(s)): the same searched models fine-tuned with the "
-                  f"runs' recipe for {', '.join(check['lengths'])} epoch(s) instead; mean test top-1:", "",
-                  "| agent | run's fine-tune | " + " | ".join(f"{k} epochs" for k in check["lengths"]) + " |",
-                  "|---|---|" + "---|" * len(check["lengths"])]
-        for agent, m in check["means"].items():
-            lines.append(f"| {agent} | {m['run']:.4f} | " + " | ".join(f"{m[k]:.4f}" for k in check["lengths"])
-                         + " |")
-        lines += ["", "Spearman ρ of the agents' means, run's fine-tune vs longer: "
-                  + ", ".join(f"{k} epochs {num(v, '+.2f')}" for k, v in check["spearman_vs_run"].items())
-                  + "; spread (best − worst mean): "
-                  + ", ".join(f"{'run' if k == 'run' else k + ' epochs'} {v:.4f}" for k, v in check["spread"].items())
-                  + "; best: " + ", ".join(f"{'run' if k == 'run' else k + ' epochs'} {'/'.join(v)}"
-                                           for k, v in check["best"].items()) + ".", ""]
-    return lines
+def leaderboard_lines(t: str, summary: Dict[str, Dict[str, Any]]) -> List[str]:
+    """The markdown table of one target, best mean first."""
+    rows = []
+    for agent, s in sorted(summary.items(), key=lambda kv: -kv[1]["test"]["mean"]):
+        rows.append([f"`{agent}`" + (" (RL)" if s["rl"] else ""), len(s["search_seeds"]),
+                     "/".join(str(n) for n in s["ft_per_model"]), fmt(s["test"]), num(s["ft_std"], ".4f"),
+                     fmt(s["test_before_ft"]), fmt(s["macs_kept"], 4), fmt(s["flops_reduction"], 4),
+                     f"{s['n_evaluations']['mean']:.0f}", f"{s['search_s']['mean']:.0f}", f"{s['ft_s']['mean']:.0f}"])
+    return [f"### FLOPs reduction {t}", "", *markdown_table(
+        ["agent", "search seeds", "fine-tunes per model", "test top-1 after FT (mean ± std over search seeds)",
+         "fine-tune seed std (pooled)", "test top-1 before FT", "MACs kept", "FLOPs reduction", "evaluations",
+         "search s", "fine-tune s"], rows), ""]
 
 
-def missing_units(missing: Sequence[Tuple[str, str, int]]) -> List[str]:
-    """``t70/agent seeds [2, 3]`` lines for the units not run, one per target and agent.
-
-    :param missing: ``(target folder, agent, seed)`` of every unit without results.
-    """
-    grouped: Dict[Tuple[str, str], List[int]] = {}
-    for target, agent, seed in missing:
-        grouped.setdefault((target, agent), []).append(seed)
-    return [f"{t}/{a} seeds {seeds}" for (t, a), seeds in grouped.items()]
-
-
-def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], failures: Dict[str, str],
-                    missing: List[Tuple[str, str, int]], stem: str = "compare_agents") -> str:
-    lines = [f"# RL agents vs non-RL baselines at equal evaluation budget ({meta['task']})", "",
-             meta["task_long"], "",
-             *([meta["note"], ""] if meta["note"] else []),
-             f"Budget: **{meta['budget']} evaluations per agent**, enforced: every agent's `PruneMonitor` stops "
-             f"look-aheads at it and the env counts evaluations the same way for all (look-aheads plus steps that "
-             f"did not reuse a built model). Uniform and global Taylor need one evaluation per pruning step. Seeds "
-             f"{meta['seeds']}. The same final KD fine-tune for every agent ({meta['finetune']}). Reward accuracy "
-             f"estimator: `{meta['reward_estimator']}` (BN statistics from {meta['reward_train_images']} training "
-             f"images; accuracy on {meta['reward_samples']} validation images; never the test split). Device "
-             f"{meta['device']}, {meta['threads']} torch thread(s) per run on 2 CPU cores shared with other jobs, "
-             f"torch {meta['torch']}.", "",
-             f"Original model: test top-1 **{meta['original_test_top1']:.4f}**, validation top-1 "
-             f"{meta['original_val_top1']:.4f}, {meta['original_macs'] / 1e6:.2f} M MACs, "
-             f"{meta['original_params'] / 1e6:.3f} M params.", "",
-             "Pooled seed std = sqrt(((n1-1)s1² + (n2-1)s2²) / (n1+n2-2)) of the two agents' test top-1 after "
-             "fine-tune. Reward acc = the estimator's value on the validation subset for the best episode (what "
-             "the search maximises; biased upward by selection); test top-1 before FT is the same model measured "
-             "without bias.", ""]
-    for t, block in per_target.items():
-        lines += target_section(t, block, meta["budget"])
-    lines += failures_section(failures, missing_units(missing), "the run folder's error.txt")
-    lines += [f"![test accuracy per agent and target]({stem}.png)", "",
-              f"Benchmark wall time: {meta['units_wall_s'] / 60:.1f} min summed over the {meta['n_units']} "
-              f"finished units (each unit's `seconds.total`).", "",
-              f"Command: `{meta['command']}`", ""]
-    return "\n".join(lines)
-
-
-def command_args(argv: Sequence[str]) -> List[str]:
-    """The command-line arguments that made the runs: without ``--report-only`` and the ``--note`` text.
-
-    :param argv: ``sys.argv[1:]``.
-    """
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--note":
-            skip = True
-        elif a != "--report-only" and not a.startswith("--note="):
-            out.append(a)
-    return out
-
-
-def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Path:
-    """Gather every finished unit of ``--agents`` x ``--targets`` x seeds; write compare_agents.md|json|png."""
-    results = Path(args.results)
-    stem = "compare_agents" + (f"_{args.tag}" if args.tag else "")
-    failures: Dict[str, str] = {}
-    missing: List[Tuple[str, str, int]] = []
+def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
+    """Leaderboard (md + json) and curve plot of every finished unit: ``compare_curves_<model>.*``."""
     per_target: Dict[str, Dict[str, Any]] = {}
-    done: List[Dict[str, Any]] = []
+    original = None
     for target in args.targets:
-        out = target_dir(Path(args.out_dir), target)
-        units: Dict[str, List[Dict[str, Any]]] = {a: [] for a in args.agents}
-        for agent in args.agents:
-            for seed in seeds:
-                run_dir = out / f"{agent}_s{seed}"
-                m = load_unit(run_dir)
-                if m is not None:
-                    units[agent].append(m)
-                elif unit_failure(run_dir) is not None:
-                    failures[f"{out.name}/{run_dir.name}"] = unit_failure(run_dir)
-                else:
-                    missing.append((out.name, agent, seed))
-        for agent, runs in units.items():
-            for m in runs:
-                path = out / f"{agent}_s{m['seed']}" / FT_CHECK_FILE
-                m["ft_check"] = json.loads(path.read_text()) if path.is_file() else {}
-        finished = [m for runs in units.values() for m in runs]
-        done += finished
-        summary = summarise(units, args.verdict_epochs)
-        key = LONG_KEY if args.verdict_epochs is not None else "test_after_ft"
-        pairs = [compare(summary, a, b, key) for a in summary if is_rl(a) and key in summary[a]
-                 for b in summary if b in BASELINES and key in summary[b]]
-        per_target[f"{target:g}"] = {
-            "units": units, "summary": summary, "pairs": pairs, "bar": bar_verdict(summary, target, key),
-            "verdict_epochs": args.verdict_epochs,
-            "ft_check": ft_check_table(units, args.ft_check_seeds),
-            "original_test": finished[0]["original"]["test_top1"] if finished else float("nan")}
-    if not done:
-        print("no finished units yet: nothing to report", file=sys.stderr)
-        return results / f"{stem}.md"
-    ref = done[0]
-    cfg = load_config(args.config, unit_overrides(args, args.targets[0]))
-    env = cfg.env_kwargs(args.agents[0])
-    meta = {
-        "task": f"{env.get('model')} w{env.get('width')} on {ref['dataset']}",
-        "task_long": (f"Task: {env.get('model')} width {env.get('width')} pretrained on `{ref['dataset']}` "
-                      f"(checkpoint `{env.get('checkpoint')}`), pruned to each target FLOPs reduction (budget), "
-                      f"reward = accuracy + {ref['alpha']} · FLOPs reduction + {ref['beta']} · params reduction. "
-                      f"RL-Pruner and the heuristics prune in {env.get('n_steps')} step(s) ({env.get('action_mode')} mode), "
-                      f"without fine-tuning between steps; SB3 agents always prune in one step (sparsity mode)."),
-        "budget": budget, "seeds": seeds, "targets": args.targets, "agents": args.agents, "config": str(args.config),
-        "reward_estimator": env.get("reward_estimator", "vanilla"),
-        "reward_train_images": env.get("reward_train_images", 256), "reward_samples": env.get("reward_samples"),
-        "finetune": ", ".join(f"{k} {v}" for k, v in asdict(cfg.finetune).items()),
-        "device": ref["device"], "threads": args.threads, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "original_test_top1": ref["original"]["test_top1"], "original_val_top1": ref["original"]["val_top1"],
-        "original_macs": ref["original"]["macs"], "original_params": ref["original"]["params"],
-        "units_wall_s": float(sum(m["seconds"]["total"] for m in done)), "n_units": len(done),
-        "note": args.note,
-        "command": "python benchmarks/compare_agents.py " + " ".join(command_args(sys.argv[1:])),
-    }
-    payload = {"meta": meta, "failures": failures, "missing": missing,
-               "targets": {t: {"summary": b["summary"], "pairs": b["pairs"], "bar": b["bar"],
-                               "ft_check": b["ft_check"]} for t, b in per_target.items()},
-               "runs": [{k: v for k, v in m.items() if not k.startswith("_") and k not in ("group_names", "actions")}
-                        for m in done]}
+        block = collect(args, layout, target)
+        summary = summarise(block)
+        per_target[f"{target:g}"] = {"units": block, "summary": summary, "verdict": target_verdict(summary, args)}
+        for data in block["agents"].values():
+            for s in data["searches"].values():
+                original = original or s["original"]
+    if original is None:
+        print("no finished search unit yet: nothing to report", file=sys.stderr)
+        return None
+    cfg = load_config(args.config)
+    model = layout.root.parent.name
+    stem = f"compare_curves_{model}"
+    results = Path(args.results)
+    prov = provenance(SCRIPT, threads=args.threads)
+    meta = {"model": model, "schedule": layout.root.name, "config": str(args.config), "agents": list(args.agents),
+            "targets": list(args.targets), "budget": args.budget, "search_seeds": args.search_seeds,
+            "ft_seeds": args.ft_seeds, "finetune_epochs": args.finetune_epochs, "n_steps": args.n_steps,
+            "set": list(args.set), "note": args.note, "reward_estimator": cfg.env.get("reward_estimator", "vanilla"),
+            "reward_samples": cfg.env.get("reward_samples"), "original": original, **prov}
+    payload = {"meta": meta, "targets": {
+        t: {"summary": b["summary"], "verdict": b["verdict"], "refused": b["units"]["refused"],
+            "failures": {k: v.strip().splitlines()[-1] for k, v in b["units"]["failures"].items()},
+            "missing": b["units"]["missing"],
+            "units": [{k: r[k] for k in ("agent", "search_seed", "ft_seed", "search")}
+                      | {"test_top1": r["finetune"]["report"]["test_top1"], "ft_s": r["finetune"]["seconds"],
+                         "machine": r["machine"]}
+                      for a in b["units"]["agents"].values() for r in a["finetunes"]]}
+        for t, b in per_target.items()}}
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
-    plot(per_target, results / f"{stem}.png")
-    atomic_write_text(render_markdown(meta, per_target, failures, missing, stem), results / f"{stem}.md")
+    plot(per_target, args.agents, original["test_top1"], results / f"{stem}.png",
+         f"{model} ({meta['schedule']}, budget {args.budget}, {args.finetune_epochs}-epoch KD fine-tune)")
+    atomic_write_text(render_markdown(meta, per_target, stem), results / f"{stem}.md")
     return results / f"{stem}.md"
+
+
+def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], stem: str) -> str:
+    orig = meta["original"]
+    lines = [f"# Agent comparison as curves: {meta['model']}, 2x to 8x fewer MACs", "",
+             *([meta["note"], ""] if meta.get("note") else []),
+             "## Verdict per target", "",
+             "Best RL agent vs best non-RL allocation on test top-1 after the fine-tune (each searched model's mean "
+             "over its fine-tune seeds, then mean ± std over search seeds; the pooled std is of those per-seed "
+             "means). More than one pooled std apart is a difference; anything within is level.", ""]
+    lines += [verdict_sentence(t, b["verdict"]) for t, b in per_target.items()]
+    lines += ["", "## Protocol", "",
+              f"Task `{meta['config']}`: original test top-1 **{orig['test_top1']:.4f}** (validation "
+              f"{orig['val_top1']:.4f}), {orig['macs'] / 1e6:.2f} M MACs, {orig['params'] / 1e6:.3f} M params. "
+              f"Schedule `{meta['schedule']}` ({meta['n_steps']} pruning step(s), no fine-tune between steps). "
+              f"Budget **{meta['budget']} evaluations** per searching agent, spent exactly (a unit that used another "
+              f"count is refused below); uniform and global Taylor evaluate once per step. Reward estimator "
+              f"`{meta['reward_estimator']}` on {meta['reward_samples']} validation images (never the test split). "
+              f"Search seeds 0..{meta['search_seeds'] - 1}; each searched model fine-tuned {meta['ft_seeds']} times "
+              f"(fine-tune seed = search seed + i x {meta['search_seeds']}), {meta['finetune_epochs']} epochs of the "
+              f"config's KD recipe, the same for every agent. RL agents: RL-Pruner, the SB3 algorithms and AMC; "
+              f"the others are non-RL allocations.", "",
+              machine_line(meta["machine"]) + " Shared by other jobs: wall times are upper bounds.", "",
+              "## Leaderboard", ""]
+    for t, b in per_target.items():
+        if b["summary"]:
+            lines += leaderboard_lines(t, b["summary"])
+        else:
+            lines += [f"### FLOPs reduction {t}", "", "No finished fine-tune yet.", ""]
+        for unit, why in b["units"]["refused"].items():
+            lines.append(f"- refused: `{unit}` {why}")
+        if b["units"]["refused"]:
+            lines.append("")
+    failures = {k: v for b in per_target.values() for k, v in b["units"]["failures"].items()}
+    missing = [m for b in per_target.values() for m in b["units"]["missing"]]
+    lines += failures_section(failures, missing, "the unit's error.txt / .error.txt")
+    lines += [f"![test top-1 after fine-tune vs MACs kept]({stem}.png)", "", f"Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.seeds < 1:
-        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
-        return 2
-    bad = [t for t in args.targets if not 0.0 < t < 1.0]
-    if bad:
-        print(f"error: --targets must be FLOPs reductions in (0, 1), got {bad}", file=sys.stderr)
-        return 2
-    try:
-        parse_overrides(args.set)
-    except ConfigError as err:
-        print(f"error: --set: {err}", file=sys.stderr)
+    problem = check_args(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    seeds = list(range(args.seeds))
-    budget = args.budget or load_config(args.config).budget or 300
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    layout = Layout(Path(args.out_dir), model_tag(cfg), "oneshot" if args.n_steps == 1 else f"{args.n_steps}step")
     if not args.report_only:
-        from tqdm.auto import tqdm
-
-        # seed-major order: a complete one-seed table for every target exists as early as possible
-        units: List[Tuple[int, float, str]] = [(s, t, a) for s in seeds for t in args.targets for a in args.agents]
-        bar = tqdm(units, desc="compare", unit="run", dynamic_ncols=True)
-        for seed, target, agent in bar:
-            run_dir = target_dir(Path(args.out_dir), target) / f"{agent}_s{seed}"
-            bar.set_postfix(unit=f"{run_dir.parent.name}/{run_dir.name}")
-            cfg = unit_config(args.config, agent, seed, budget, unit_overrides(args, target))
-            status = run_unit(cfg, agent, run_dir)
-            if status["status"] != "skipped":
-                write_report(args, seeds, budget)
-        if args.ft_check_epochs > 0:
-            ft_check(args, budget)
-    path = write_report(args, seeds, budget)
-    print(f"wrote {path} (.json, .png)")
+        run_all(args, layout)
+    path = write_report(args, layout)
+    if path is not None:
+        print(f"wrote {path} (.json, .png)")
     return 0
 
 

@@ -1,11 +1,15 @@
-"""Reward fidelity: how well each reward estimator ranks random budgeted candidates by their test top-1 after
-one fixed knowledge-distillation fine-tune (Spearman rho, bootstrap spread, cost relative to a vanilla reward).
+"""Reward fidelity against its ceiling: how well each reward estimator ranks random budgeted candidates by their
+test top-1 after one fixed knowledge-distillation fine-tune, measured against the ground truth's own test-retest
+reliability (every candidate fine-tuned with ``--ft-seeds`` seeds), with bootstrap spread and the cost of one
+estimate as a multiple of one vanilla evaluation (measured wall time and counted images / SGD batches).
 
-    python benchmarks/reward_fidelity.py                       # the CPU benchmark model, 30 candidates a target
-    python benchmarks/reward_fidelity.py --candidates 4 --finetune-epochs 1 --tag smoke
+    python benchmarks/reward_fidelity.py --targets 0.875 0.5 --tag ceiling      # the CPU benchmark model
+    python benchmarks/reward_fidelity.py --candidates 4 --finetune-epochs 1 --tag smoke --cache logs/fid_smoke
 Candidates are built with the engine (Pruner plan/apply): per-group sparsities ``min(lambda * u_g, max_sparsity)``
-with ``u_g ~ U(0, 1)`` and ``lambda`` bisected to the FLOPs-reduction target. Finished candidates are cached in
-``--cache`` (JSON), so an interrupted run resumes. Writes benchmarks/results/reward_fidelity{_TAG}.md|json|png.
+with ``u_g ~ U(0, 1)`` and ``lambda`` bisected to the FLOPs-reduction target. Every unit of work is one atomic
+JSON file under ``--cache`` (a folder): one per (target, candidate, estimator) and one per (target, candidate,
+fine-tune seed), so an interrupted run resumes where it stopped and shards (``--shard K/N``) fill one folder.
+Writes benchmarks/results/reward_fidelity{_TAG}.md|json|png.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,21 +32,41 @@ from tqdm.auto import tqdm
 from pruning_env.checkpoint import load_model, read_meta
 from pruning_env.data import make_datasets, preload
 from pruning_env.envs.budget import bisect_increasing
-from pruning_env.envs.reward import make_estimator
+from pruning_env.envs.reward import REWARD_ESTIMATORS, logits_on, make_estimator
 from pruning_env.pruning import Pruner
 from pruning_env.runtime import atomic_write_text, seed_everything
 from pruning_env.training import evaluate, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: estimator label -> (registered name, options); vanilla is first: every cost is a ratio to it
-ESTIMATORS = {
-    "vanilla": ("vanilla", {}),
-    "adaptive_bn": ("adaptive_bn", {"n_images": 256, "bn_batch_size": 64}),
-    "short_kd": ("short_kd", {"n_batches": 10, "lr": 0.01, "train_batch_size": 64}),
-    "teacher_agreement_top1": ("teacher_agreement", {"metric": "top1"}),
-    "teacher_agreement_kl": ("teacher_agreement", {"metric": "kl"}),
+#: estimator label -> (registered name, options, validation images per estimate: None = every one); vanilla is
+#: first: every cost is a ratio to it. ``*_all``: variant (a), more images per estimate (every validation image,
+#: BN statistics from 1,024 training images); ``bn_kd_loss*``: (b), a smoother signal; ``kd_refined*``: the
+#: refinement of (c), ``multi_fidelity``, measured on every candidate (the summary simulates the successive
+#: halving from it and from its cheap base).
+ESTIMATORS: Dict[str, Tuple[str, Dict[str, Any], Optional[int]]] = {
+    "vanilla": ("vanilla", {}, 250),
+    "vanilla_all": ("vanilla", {}, None),
+    "adaptive_bn": ("adaptive_bn", {"n_images": 256, "bn_batch_size": 64}, 250),
+    "adaptive_bn_all": ("adaptive_bn", {"n_images": 1024, "bn_batch_size": 64}, None),
+    "bn_kd_loss": ("bn_kd_loss", {"n_images": 256, "bn_batch_size": 64}, 250),
+    "bn_kd_loss_all": ("bn_kd_loss", {"n_images": 1024, "bn_batch_size": 64}, None),
+    "teacher_agreement_kl": ("teacher_agreement", {"metric": "kl"}, 250),
+    "short_kd": ("short_kd", {"n_batches": 10, "lr": 0.01, "train_batch_size": 64}, 250),
+    "kd_refined10": ("multi_fidelity", {"base": "adaptive_bn", "n_batches": 10, "lr": 0.01,
+                                        "train_batch_size": 64}, 250),
+    "kd_refined50": ("multi_fidelity", {"base": "adaptive_bn", "n_batches": 50, "lr": 0.01,
+                                        "train_batch_size": 64}, 250),
 }
+#: simulated multi-fidelity searches: label -> (cheap estimator label, refined label, batch size, refined per batch)
+MULTI_FIDELITY = {
+    "multi_fidelity10": ("adaptive_bn", "kd_refined10", 10, 2),
+    "multi_fidelity50": ("adaptive_bn", "kd_refined50", 10, 2),
+}
+#: the training images the estimators read (BN statistics, KD batches): a seeded subset of the training split
+BN_TRAIN_IMAGES = 1024
+#: fine-tune seed ``s`` of a candidate whose seed is ``c`` is ``c + FT_SEED_STRIDE * s`` (seed 0: the candidate's)
+FT_SEED_STRIDE = 104729
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,24 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrained zoo checkpoint (its meta gives the dataset, split seed and val size); relative "
                         "paths, also the dataset path in its meta, are read from the working directory (run "
                         "from the repository root)")
-    p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.7], help="FLOPs reductions")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.875, 0.5], help="FLOPs reductions, in order")
     p.add_argument("--candidates", type=int, default=30, help="random candidates per target")
+    p.add_argument("--ft-seeds", type=int, default=2,
+                   help="fine-tunes per candidate, each with its own seed (2: the truth's test-retest rho)")
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS),
+                   help="which estimators to compute (labels of ESTIMATORS)")
     p.add_argument("--max-sparsity", type=float, default=0.9, help="per-group cap on the removed fraction")
-    p.add_argument("--reward-samples", type=int, default=250, help="validation images each estimator sees")
     p.add_argument("--calibration", type=int, default=100, help="training images of the Taylor importance")
-    p.add_argument("--finetune-epochs", type=int, default=5, help="the fixed KD fine-tune of every candidate")
+    p.add_argument("--finetune-epochs", type=int, default=15, help="the fixed KD fine-tune of every candidate")
     p.add_argument("--finetune-lr", type=float, default=0.01)
-    p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the candidates for rho's spread")
+    p.add_argument("--bootstrap", type=int, default=2000, help="resamples of the candidates for the spreads")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the shared box has 2 cores)")
     p.add_argument("--finetune-device", default="cpu",
                    help="where the fine-tune runs (the estimators always run on the CPU, so costs compare)")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="only fill the cache with candidates i where i %% N == K (parallel workers; no summary)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default="/work/scratch_recipe/reward_fidelity_cache.json",
-                   help="JSON of finished candidates (resume); settings must match")
+    p.add_argument("--cache", default="logs/reward_fidelity",
+                   help="folder of finished units (resume): settings.json, then TARGET/cNNN/{est_LABEL,ftS}.json")
     p.add_argument("--summary-only", action="store_true",
-                   help="summarize the cached candidates without computing missing ones")
+                   help="summarize the cached units without computing missing ones")
     p.add_argument("--note", default="", help="a paragraph for the markdown (e.g. how the cache was filled)")
     p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -96,34 +123,98 @@ def random_sparsity(pruner: Pruner, target: float, rng: np.random.Generator, cap
     return np.minimum(lam * u, cap)
 
 
+
 def _timed(fn: Callable[[], float]) -> Tuple[float, float]:
     t0 = time.perf_counter()
     value = fn()
     return float(value), time.perf_counter() - t0
 
 
-def run_candidate(pruner: Pruner, teacher: nn.Module, sparsity: np.ndarray, reward, bn_train, splits,
-                  args: argparse.Namespace, seed: int, ft_teacher: nn.Module) -> Dict[str, Any]:
-    """Every estimator on one candidate (CPU), then the fixed KD fine-tune (from ``ft_teacher``, on
-    ``--finetune-device``) and its test top-1."""
-    plan = pruner.plan(sparsity=sparsity)
-    student = pruner.apply(plan).eval()
-    cost = pruner.plan_cost(plan)
-    row: Dict[str, Any] = {"keep": plan.num_kept.tolist(), "macs": cost.macs, "params": cost.params,
-                           "estimates": {}, "seconds": {}}
-    for label, (name, options) in ESTIMATORS.items():
+def estimate_counts(name: str, options: Dict[str, Any], n_reward: int) -> Dict[str, int]:
+    """What one estimate reads, counted from its registry entry and options: validation images evaluated, training
+    images passed through the BN re-estimation and SGD batches trained (``EstimatorSpec.batches_per_call``)."""
+    spec = REWARD_ESTIMATORS[name]
+    bn = 0
+    if name in ("adaptive_bn", "bn_kd_loss"):
+        bn = int(options.get("n_images", 256))
+    elif spec.refine_top is not None:  # the refinement re-measures with its cheap base (default options)
+        bn = 256 if options.get("base", "adaptive_bn") in ("adaptive_bn", "bn_kd_loss") else 0
+    return {"val_images": int(n_reward), "bn_images": bn, "sgd_batches": spec.batches_per_call(options)}
+
+
+class Units:
+    """The resumable cache: one atomic JSON file per unit of work under ``root``.
+
+    ``root/settings.json`` holds the settings every unit depends on (a run with other settings is refused);
+    ``root/t{target}/c{i:03d}/est_{label}.json`` one estimate (with its estimator's name, options and image count,
+    recomputed when they differ) and ``root/t{target}/c{i:03d}/ft{s}.json`` one fine-tune.
+    """
+
+    def __init__(self, root: Path, settings: Dict[str, Any]):
+        self.root = Path(root)
+        path = self.root / "settings.json"
+        settings = json.loads(json.dumps(settings))
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached != settings:
+                raise SystemExit(f"error: {path} was made with other settings {cached} (now {settings}); pass "
+                                 f"another --cache")
+        else:
+            atomic_write_text(json.dumps(settings, indent=1), path)
+
+    def cell(self, target: float, i: int, unit: str) -> Path:
+        return self.root / f"t{target:g}" / f"c{i:03d}" / f"{unit}.json"
+
+    def read(self, target: float, i: int, unit: str, spec: Optional[Dict[str, Any]] = None) -> Optional[Dict]:
+        path = self.cell(target, i, unit)
+        if not path.is_file():
+            return None
+        row = json.loads(path.read_text())
+        if spec is not None and row.get("spec") != json.loads(json.dumps(spec)):
+            return None
+        return row
+
+    def write(self, target: float, i: int, unit: str, row: Dict[str, Any]) -> None:
+        atomic_write_text(json.dumps(row), self.cell(target, i, unit))
+
+
+def _spec(label: str) -> Dict[str, Any]:
+    name, options, n_reward = ESTIMATORS[label]
+    return {"name": name, "options": options, "reward_samples": n_reward}
+
+
+def run_estimates(student: nn.Module, teacher: nn.Module, labels: Sequence[str], rewards: Dict[Optional[int], Any],
+                  teacher_logits: Dict[Optional[int], torch.Tensor], bn_train, seed: int, units: Units,
+                  target: float, i: int) -> None:
+    """Every missing estimate of one candidate (CPU, one unit file each)."""
+    for label in labels:
+        spec = _spec(label)
+        if units.read(target, i, f"est_{label}", spec) is not None:
+            continue
+        name, options, n_reward = ESTIMATORS[label]
+        extra = {"teacher_logits": teacher_logits[n_reward]} if REWARD_ESTIMATORS[name].teacher_logits else {}
         fn = make_estimator(name, **options)
         torch.manual_seed(seed)
-        row["estimates"][label], row["seconds"][label] = _timed(lambda: fn(student, teacher, reward, bn_train))
-    torch.manual_seed(seed)
+        data = rewards[n_reward]
+        value, seconds = _timed(lambda: fn(student, teacher, data, bn_train, **extra))
+        units.write(target, i, f"est_{label}", {"spec": spec, "value": value, "seconds": seconds,
+                                                **estimate_counts(name, options, len(data[1]))})
+
+
+def run_finetune(student: nn.Module, ft_teacher: nn.Module, splits, test_data, args: argparse.Namespace,
+                 seed: int) -> Dict[str, Any]:
+    """The fixed KD fine-tune of a copy of ``student`` (from ``ft_teacher``, on ``--finetune-device``) and its
+    val / test top-1 (every image of ``test_data``, the preloaded test split; the per-image correctness
+    too, for split-half checks)."""
+    net = copy.deepcopy(student).to(args.finetune_device)
     t0 = time.perf_counter()
-    student = student.to(args.finetune_device)
-    finetune(student, splits.train, epochs=args.finetune_epochs, lr=args.finetune_lr, teacher=ft_teacher,
+    finetune(net, splits.train, epochs=args.finetune_epochs, lr=args.finetune_lr, teacher=ft_teacher,
              batch_size=128, device=args.finetune_device, seed=seed, progress=False)
-    row["finetune_seconds"] = time.perf_counter() - t0
-    row["test_top1"] = evaluate(student, splits.test)["top1"]
-    row["val_top1"] = evaluate(student, splits.val)["top1"]
-    return row
+    seconds = time.perf_counter() - t0
+    net.eval()
+    correct = (logits_on(net, test_data).argmax(1).cpu() == test_data[1]).numpy().astype(int)
+    return {"seed": seed, "seconds": seconds, "test_top1": float(correct.mean()),
+            "val_top1": evaluate(net, splits.val)["top1"], "test_correct": "".join(map(str, correct))}
 
 
 def _ranks(a: np.ndarray) -> np.ndarray:
@@ -209,73 +300,194 @@ def bootstrap_fidelity(estimate: Sequence[float], seed_a: Sequence[float], seed_
     return out
 
 
-def summarize(rows: Dict[str, Dict[str, Any]], targets: Sequence[float], n_boot: int, seed: int) -> Dict[str, Any]:
-    """rho, its bootstrap spread and the cost ratio of every estimator, per target and pooled."""
-    out: Dict[str, Any] = {}
-    groups = {f"{t:g}": [r for r in rows.values() if r["target"] == t] for t in targets}
-    for key, rs in groups.items():
-        if len(rs) < 3:
+
+def _collect(units: Units, target: float, n: int, ft_seeds: int, labels: Sequence[str]) -> List[Dict[str, Any]]:
+    """The finished candidates of a target: every fine-tune seed done (estimates as far as present)."""
+    rows = []
+    for i in range(n):
+        fts = [units.read(target, i, f"ft{s}") for s in range(ft_seeds)]
+        if any(f is None for f in fts):
             continue
-        test = [r["test_top1"] for r in rs]
-        vanilla_s = np.median([r["seconds"]["vanilla"] for r in rs])
-        out[key] = {"n": len(rs), "test_top1_mean": float(np.mean(test)), "test_top1_std": float(np.std(test)),
-                    "finetune_seconds_median": float(np.median([r["finetune_seconds"] for r in rs])),
-                    "vanilla_seconds_median": float(vanilla_s), "estimators": {}}
-        for label in ESTIMATORS:
-            est = [r["estimates"][label] for r in rs]
-            stats = bootstrap_rho(est, test, n_boot, seed)
-            stats["cost_ratio"] = float(np.median([r["seconds"][label] for r in rs]) / vanilla_s)
-            stats["mean"] = float(np.mean(est))
-            out[key]["estimators"][label] = stats
+        est = {label: units.read(target, i, f"est_{label}", _spec(label)) for label in labels}
+        rows.append({"i": i, "ft": fts, "est": {k: v for k, v in est.items() if v is not None}})
+    return rows
+
+
+def multi_fidelity_scores(cheap: np.ndarray, refined: np.ndarray, batch: int, top: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The env's successive halving on candidates taken in order in batches of ``batch``: every one keeps its
+    cheap score but the ``top`` best of each batch by it (ties: the earlier), whose score is the better of the
+    cheap and the refined one (``CandidateScorer.candidates``). Returns the scores and the refined mask."""
+    scores, mask = cheap.astype(float).copy(), np.zeros(len(cheap), bool)
+    for start in range(0, len(cheap), batch):
+        idx = np.arange(start, min(start + batch, len(cheap)))
+        best = idx[np.argsort(-cheap[idx], kind="stable")[:top]]
+        mask[best] = True
+        scores[best] = np.maximum(cheap[best], refined[best])
+    return scores, mask
+
+
+def pick_regret(score: np.ndarray, truth: np.ndarray, batch: int, n: int, seed: int,
+                refine: Optional[Tuple[np.ndarray, int]] = None) -> Dict[str, float]:
+    """What choosing by ``score`` loses: over ``n`` random batches of ``batch`` candidates, the truth of the best
+    candidate minus the truth of the one with the highest score (ties: the earlier), in top-1 points; with
+    ``refine=(refined, top)`` the score is the multi-fidelity one within each batch."""
+    rng = np.random.default_rng(seed)
+    regrets = []
+    for _ in range(n):
+        idx = rng.choice(len(truth), size=min(batch, len(truth)), replace=False)
+        s = score[idx]
+        if refine is not None:
+            s, _ = multi_fidelity_scores(s, refine[0][idx], len(idx), refine[1])
+        regrets.append(truth[idx].max() - truth[idx][int(np.argmax(s))])
+    regrets = np.asarray(regrets) * 100
+    return {"regret": float(regrets.mean()), "regret_std": float(regrets.std())}
+
+
+def summarize(units: Units, targets: Sequence[float], n_cand: int, ft_seeds: int, labels: Sequence[str],
+              n_boot: int, seed: int, pick_batch: int = 10) -> Dict[str, Any]:
+    """Per target: the truth's test-retest rho and ceiling, and per estimator its rho against the mean-of-seeds
+    truth as a share of the ceiling (bootstrap spread), the pick regret, and its cost relative to vanilla."""
+    out: Dict[str, Any] = {}
+    for t in targets:
+        rows = _collect(units, t, n_cand, ft_seeds, labels)
+        if len(rows) < 4 or "vanilla" not in labels:
+            continue
+        a = np.array([r["ft"][0]["test_top1"] for r in rows])
+        b = np.array([r["ft"][1]["test_top1"] for r in rows]) if ft_seeds > 1 else a
+        truth = (a + b) / 2
+        full = [r for r in rows if all(k in r["est"] for k in labels)]
+        vanilla_s = float(np.median([r["est"]["vanilla"]["seconds"] for r in full]))
+        s: Dict[str, Any] = {
+            "n": len(rows), "n_complete": len(full),
+            "test_top1_mean": float(truth.mean()), "test_top1_std": float(truth.std()),
+            "seed_gap_mean": float(np.abs(a - b).mean()), "seed_gap_max": float(np.abs(a - b).max()),
+            "finetune_seconds_median": float(np.median([f["seconds"] for r in rows for f in r["ft"]])),
+            "vanilla_seconds_median": vanilla_s, "estimators": {}}
+        keep = [r["i"] for r in full]
+        sel = np.array([r["i"] in keep for r in rows])
+        ta, tb, tt = a[sel], b[sel], truth[sel]
+        values = {k: np.array([r["est"][k]["value"] for r in full]) for k in labels}
+        costs = {k: {"seconds": float(np.median([r["est"][k]["seconds"] for r in full])),
+                     **{c: full[0]["est"][k][c] for c in ("val_images", "bn_images", "sgd_batches")}}
+                 for k in labels}
+        derived = {k: v for k, v in MULTI_FIDELITY.items() if v[0] in labels and v[1] in labels}
+        for k, (cheap, refined, batch, top) in derived.items():
+            values[k], _ = multi_fidelity_scores(values[cheap], values[refined], batch, top)
+            f = top / batch
+            costs[k] = {c: costs[cheap][c] + f * costs[refined][c] for c in ("seconds", "val_images", "bn_images",
+                                                                             "sgd_batches")}
+        for k, v in values.items():
+            stats = bootstrap_fidelity(v, ta, tb, n_boot, seed) if ft_seeds > 1 else bootstrap_rho(v, tt, n_boot, seed)
+            stats["rho_seed0"] = spearman(v, ta)
+            stats["cost_ratio"] = costs[k]["seconds"] / vanilla_s
+            stats.update({c: costs[k][c] for c in ("val_images", "bn_images", "sgd_batches")})
+            stats["mean"] = float(np.mean(v))
+            refine = None
+            if k in derived:
+                cheap, refined, batch, top = derived[k]
+                refine = (values[refined], top)
+                stats.update(pick_regret(values[cheap], tt, pick_batch, n_boot, seed, refine))
+            else:
+                stats.update(pick_regret(v, tt, pick_batch, n_boot, seed))
+            s["estimators"][k] = stats
+        rnd = np.random.default_rng(seed)
+        s["random_pick_regret"] = float(np.mean([tt[idx].max() - tt[idx][0] for idx in
+                                                 (rnd.choice(len(tt), min(pick_batch, len(tt)), replace=False)
+                                                  for _ in range(n_boot))]) * 100)
+        if ft_seeds > 1:
+            first = s["estimators"]["vanilla"]
+            s.update(retest=first["retest"], retest_std=first["retest_std"], retest_ci95=first["retest_ci95"],
+                     reliability=first["reliability"], ceiling=first["ceiling"], ceiling_std=first["ceiling_std"],
+                     ceiling_ci95=first["ceiling_ci95"])
+        out[f"{t:g}"] = s
     return out
 
 
 def write_markdown(path: Path, summary: Dict[str, Any], settings: Dict[str, Any], command: str,
                    base: Dict[str, Any]) -> None:
-    lines = ["# Reward fidelity: which accuracy estimate predicts fine-tuned accuracy?", "",
+    lines = ["# Reward fidelity against its ceiling: which estimate ranks candidates by fine-tuned accuracy?", "",
              f"Command: `{command}`", "",
              f"Base model: `{settings['checkpoint']}` (val top-1 {base['val_top1']:.3f}, test top-1 "
              f"{base['test_top1']:.3f}). Candidates: random budgeted per-group sparsities (cap "
              f"{settings['max_sparsity']}), Taylor order from {settings['calibration']} training images. "
-             f"Estimators see {settings['reward_samples']} validation images; BN statistics and KD batches "
-             f"come from training images only. Ground truth: test top-1 (all test images) after "
-             f"{settings['finetune_epochs']} epochs of KD fine-tune (lr {settings['finetune_lr']}, batch 128, "
-             f"teacher = base model). rho: Spearman; spread: {settings['bootstrap']} bootstrap resamples of "
-             f"the candidates; cost: median seconds per candidate / median seconds of a vanilla evaluation.", ""]
+             f"Ground truth: test top-1 (all {base['n_test']} test images) after {settings['finetune_epochs']} "
+             f"epochs of KD fine-tune (lr {settings['finetune_lr']}, batch 128, teacher = base model), each "
+             f"candidate fine-tuned with {settings['ft_seeds']} seeds; the truth is their mean. "
+             "**retest**: Spearman rho between the seeds' test top-1s (the truth's test-retest reliability; both "
+             "seeds read the same test images, so test-sampling noise is not in it); **ceiling**: "
+             "sqrt(Spearman-Brown reliability of the mean of the seeds), the highest rho any estimator can reach "
+             "against that truth; **rho / ceiling**: an estimator's rho against the mean truth as a share of it. "
+             f"Spread: std and 95 % interval over {settings['bootstrap']} bootstrap resamples of the candidates "
+             "(the ceiling is re-estimated in each). **Cost**: median wall seconds of one estimate / median of one "
+             "vanilla evaluation (250 images), one CPU thread on a shared machine, and what one estimate reads: "
+             "validation images evaluated, training images through the BN re-estimation, SGD batches of 64 "
+             "(each also runs the teacher). **Pick regret**: over random batches of 10 candidates (RL-Pruner's "
+             "sample_num), the truth of the batch's best minus that of the estimator's choice, in top-1 points. "
+             "BN statistics and KD batches come from training images only; estimators read validation images "
+             "only; the test split is read only after the fine-tunes.", "",
+             "Estimators (`pruning_env/envs/reward.py` registry names and options): " + "; ".join(
+                 f"`{k}` = `{n}` {o}{' on every validation image' if r is None else f' on {r} validation images'}"
+                 for k, (n, o, r) in settings["estimators"].items()) + ". " + "; ".join(
+                 f"`{k}`: the env's successive halving, `{c}` for all, the best {top} of each batch of {bt} "
+                 f"(in candidate order) re-scored by `{rf}` and kept at the better of the two; its cost is the "
+                 f"cheap one plus {top}/{bt} of the refinement" for k, (c, rf, bt, top) in MULTI_FIDELITY.items())
+             + ".", ""]
     for key, s in summary.items():
-        lines += [f"## FLOPs reduction {float(key):.0%} ({s['n']} candidates)", "",
-                  f"Fine-tuned test top-1 {s['test_top1_mean']:.3f} ± {s['test_top1_std']:.3f} across candidates; "
-                  f"fine-tune {s['finetune_seconds_median']:.1f} s, vanilla evaluation "
-                  f"{s['vanilla_seconds_median']:.2f} s (medians).", "",
-                  "| estimator | rho | bootstrap mean ± std | 95% interval | cost (x vanilla) | mean value |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## FLOPs reduction {float(key):.1%} ({s['n']} candidates, {s['n_complete']} with every "
+                  f"estimate)", ""]
+        if "ceiling" in s:
+            lines += [f"Truth: test top-1 {s['test_top1_mean']:.3f} ± {s['test_top1_std']:.3f} across candidates; "
+                      f"the two seeds differ by {100 * s['seed_gap_mean']:.1f} points on average (at most "
+                      f"{100 * s['seed_gap_max']:.1f}). **Test-retest rho {s['retest']:.3f} ± {s['retest_std']:.3f} "
+                      f"[{s['retest_ci95'][0]:.3f}, {s['retest_ci95'][1]:.3f}]; ceiling {s['ceiling']:.3f} ± "
+                      f"{s['ceiling_std']:.3f}.** Fine-tune {s['finetune_seconds_median']:.0f} s, vanilla "
+                      f"evaluation {s['vanilla_seconds_median']:.2f} s (medians). Picking at random in a batch of "
+                      f"10 loses {s['random_pick_regret']:.1f} points.", ""]
+        lines += ["| estimator | rho (mean truth) | ± std | 95 % interval | **rho / ceiling** | ± std | 95 % interval | "
+                  "rho (seed 0) | pick regret (pts) | cost (× vanilla, wall) | val images | BN images | "
+                  "SGD batches |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, e in s["estimators"].items():
-            lines.append(f"| {label} | {e['rho']:.3f} | {e['boot_mean']:.3f} ± {e['boot_std']:.3f} | "
-                         f"[{e['ci95_low']:.3f}, {e['ci95_high']:.3f}] | {e['cost_ratio']:.1f} | {e['mean']:.3f} |")
+            share = (f"**{e['share']:.2f}** | {e['share_std']:.2f} | [{e['share_ci95'][0]:.2f}, "
+                     f"{e['share_ci95'][1]:.2f}]" if "share" in e else "– | – | –")
+            spread = e.get("rho_std", e.get("boot_std"))
+            ci = e.get("rho_ci95", [e.get("ci95_low"), e.get("ci95_high")])
+            lines.append(f"| {label} | {e['rho']:.3f} | {spread:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {share} | "
+                         f"{e['rho_seed0']:.3f} | {e['regret']:.1f} | {e['cost_ratio']:.1f} | "
+                         f"{e['val_images']:g} | {e['bn_images']:g} | {e['sgd_batches']:g} |")
         lines.append("")
     if settings["note"]:
         lines += [settings["note"], ""]
-    lines += [f"Summarized on: {settings['machine']}, {settings['threads']} torch thread(s).", ""]
+    lines += [f"Machine: {settings['machine']}, {settings['threads']} torch thread(s), fine-tunes on "
+              f"{settings['finetune_device']}.", ""]
     atomic_write_text("\n".join(lines), path)
 
 
-def write_plot(path: Path, rows: Dict[str, Dict[str, Any]], targets: Sequence[float]) -> None:
+def write_plot(path: Path, summary: Dict[str, Any]) -> None:
+    """rho / ceiling per estimator and target, with the bootstrap std as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(targets), len(ESTIMATORS), figsize=(3.2 * len(ESTIMATORS), 3.0 * len(targets)),
-                             squeeze=False)
-    for i, t in enumerate(targets):
-        rs = [r for r in rows.values() if r["target"] == t]
-        for j, label in enumerate(ESTIMATORS):
-            ax = axes[i][j]
-            ax.scatter([r["estimates"][label] for r in rs], [r["test_top1"] for r in rs], s=12)
-            ax.set_title(f"{label}, -{t:.0%} FLOPs", fontsize=9)
-            ax.set_xlabel("estimate", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("test top-1 after KD", fontsize=8)
+    keys = [k for k, s in summary.items() if "ceiling" in s]
+    if not keys:
+        return
+    labels = list(summary[keys[0]]["estimators"])
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(labels) * len(keys)), 4.2))
+    width = 0.8 / len(keys)
+    x = np.arange(len(labels))
+    for j, key in enumerate(keys):
+        es = summary[key]["estimators"]
+        ax.bar(x + (j - (len(keys) - 1) / 2) * width, [es[k]["share"] for k in labels], width,
+               yerr=[es[k]["share_std"] for k in labels], capsize=3,
+               label=f"-{float(key):.1%} FLOPs (ceiling {summary[key]['ceiling']:.2f})")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.8, color="k", lw=0.8, ls="--")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("Spearman rho / ceiling (± bootstrap std)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -292,49 +504,59 @@ def _parse_shard(text: Optional[str]) -> Tuple[int, int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.ft_seeds < 1 or args.candidates < 1:
+        raise SystemExit(f"error: --ft-seeds and --candidates must be >= 1, got {args.ft_seeds}, {args.candidates}")
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     meta = read_meta(args.checkpoint)
     teacher = load_model(args.checkpoint).eval()
     splits = make_datasets(meta["dataset"], val_size=meta["val_size"], seed=meta["seed"])
     plain = make_datasets(meta["dataset"], val_size=meta["val_size"], seed=meta["seed"], augment=False)
-    reward = preload(splits.val, n=args.reward_samples, seed=args.seed)
-    bn_train = preload(plain.train, n=1024, seed=args.seed + 1)  # training images only, never val / test
+    sizes = sorted({r for _, _, r in ESTIMATORS.values()}, key=lambda r: -1 if r is None else r)
+    rewards = {r: preload(splits.val, n=r, seed=args.seed) for r in sizes}
+    teacher_logits = {r: logits_on(teacher, data) for r, data in rewards.items()}
+    bn_train = preload(plain.train, n=BN_TRAIN_IMAGES, seed=args.seed + 1)  # training images only
     calib = preload(plain.train, n=args.calibration, seed=args.seed + 2)
+    test_data = preload(splits.test)
     pruner = Pruner(teacher, torch.zeros(1, *splits.input_size))
     pruner.compute_importance([calib], criterion="taylor")
-    base = {"val_top1": evaluate(teacher, splits.val)["top1"], "test_top1": evaluate(teacher, splits.test)["top1"]}
+    base = {"val_top1": evaluate(teacher, splits.val)["top1"], "test_top1": evaluate(teacher, splits.test)["top1"],
+            "n_test": len(test_data[1])}
 
-    settings = {k: getattr(args, k) for k in ("checkpoint", "max_sparsity", "reward_samples", "calibration",
-                                              "finetune_epochs", "finetune_lr", "seed")}
-    settings["estimators"] = {k: [n, o] for k, (n, o) in ESTIMATORS.items()}
-    cache_path = Path(args.cache)
-    rows: Dict[str, Dict[str, Any]] = {}
-    if cache_path.is_file():
-        cached = json.loads(cache_path.read_text())
-        if cached["settings"] != json.loads(json.dumps(settings)):
-            print(f"error: {cache_path} was made with other settings {cached['settings']}; pass another --cache",
-                  file=sys.stderr)
-            return 2
-        rows = cached["rows"]
+    settings = {k: getattr(args, k) for k in ("checkpoint", "max_sparsity", "calibration", "finetune_epochs",
+                                              "finetune_lr", "seed")}
+    settings["bn_train_images"] = BN_TRAIN_IMAGES
+    units = Units(Path(args.cache), settings)
     shard, n_shards = _parse_shard(args.shard)
-    todo = [(t, i) for t in args.targets for i in range(args.candidates)
-            if f"{t:g}/{i}" not in rows and i % n_shards == shard and not args.summary_only]
     ft_teacher = copy.deepcopy(teacher).to(args.finetune_device)
+    todo = [(t, i) for t in args.targets for i in range(args.candidates) if i % n_shards == shard
+            and not args.summary_only]
     for t, i in tqdm(todo, desc="candidates", dynamic_ncols=True):
+        missing_est = [k for k in args.estimators if units.read(t, i, f"est_{k}", _spec(k)) is None]
+        missing_ft = [s for s in range(args.ft_seeds) if units.read(t, i, f"ft{s}") is None]
+        if not (missing_est or missing_ft):
+            continue
         seed = args.seed * 100003 + int(round(t * 1000)) * 1009 + i
         sparsity = random_sparsity(pruner, t, np.random.default_rng(seed), args.max_sparsity)
-        row = run_candidate(pruner, teacher, sparsity, reward, bn_train, splits, args, seed, ft_teacher)
-        row["target"] = t
-        rows[f"{t:g}/{i}"] = row
-        atomic_write_text(json.dumps({"settings": settings, "rows": rows}), cache_path)
+        plan = pruner.plan(sparsity=sparsity)
+        student = pruner.apply(plan).eval()
+        run_estimates(student, teacher, missing_est, rewards, teacher_logits, bn_train, seed, units, t, i)
+        for s in missing_ft:
+            torch.manual_seed(seed + FT_SEED_STRIDE * s)
+            row = run_finetune(student, ft_teacher, splits, test_data, args, seed + FT_SEED_STRIDE * s)
+            cost = pruner.plan_cost(plan)
+            row.update(keep=plan.num_kept.tolist(), macs=cost.macs, params=cost.params)
+            units.write(t, i, f"ft{s}", row)
     if args.shard:
         return 0
 
-    chosen = {k: r for k, r in rows.items() if r["target"] in args.targets and int(k.split("/")[1]) < args.candidates}
-    summary = summarize(chosen, args.targets, args.bootstrap, args.seed)
-    settings.update(bootstrap=args.bootstrap, threads=args.threads, note=args.note,
-                    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    summary = summarize(units, args.targets, args.candidates, args.ft_seeds, args.estimators, args.bootstrap,
+                        args.seed)
+    settings.update(bootstrap=args.bootstrap, threads=args.threads, note=args.note, ft_seeds=args.ft_seeds,
+                    finetune_device=args.finetune_device, candidates=args.candidates,
+                    estimators={k: ESTIMATORS[k] for k in args.estimators},
+                    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                            f"{platform.system()} {platform.release()}, torch {torch.__version__}")
     given = list(sys.argv[1:] if argv is None else argv)
     if "--note" in given:  # the note is printed below the tables, not inside the command
         i = given.index("--note")
@@ -342,10 +564,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = shlex.join(["python", "benchmarks/reward_fidelity.py", *given])
     out = Path(args.out)
     stem = "reward_fidelity" + (f"_{args.tag}" if args.tag else "")
-    atomic_write_text(json.dumps({"command": command, "settings": settings, "base": base,
-                                  "summary": summary, "candidates": chosen}, indent=1), out / f"{stem}.json")
+    candidates = {f"{t:g}": _collect(units, t, args.candidates, args.ft_seeds, args.estimators) for t in args.targets}
+    for rows in candidates.values():
+        for r in rows:
+            for f in r["ft"]:
+                f.pop("test_correct", None)
+    atomic_write_text(json.dumps({"command": command, "settings": settings, "base": base, "summary": summary,
+                                  "candidates": candidates}, indent=1), out / f"{stem}.json")
     write_markdown(out / f"{stem}.md", summary, settings, command, base)
-    write_plot(out / f"{stem}.png", chosen, args.targets)
+    write_plot(out / f"{stem}.png", summary)
     print((out / f"{stem}.md").read_text())
     return 0
 

@@ -32,6 +32,7 @@ KINDS: Dict[str, str] = {
     "module": "a whole module (torch.save(model) or torch.jit.save), read as a model",
     "agent": "an agent file (agent.save(path))",
     "run-checkpoint": "a run checkpoint (checkpoint.pt of a train_agent.py run folder)",
+    "searched-model": "a searched model as kept-channel indices (searched_model.zip of a run folder)",
     "pretrain-state": "a pretraining resume file ({checkpoint}.state of python -m pruning_env.pretrain)",
 }
 

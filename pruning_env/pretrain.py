@@ -154,9 +154,38 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
     if not rc.rotation:
         _without_rotation(splits.train)
     net = _build_model(model, splits.num_classes, width, rc.head).to(dev)
+    out = Path(out) if out is not None else default_checkpoint_path(model, dataset, width)
+    train_recipe(net, splits, rc, recipe, out, dev, seed, amp=amp, workers=workers, resume=resume, progress=progress,
+                 meta={"dataset": dataset, "seed": seed}, summary={"model": model, "width": width, "dataset": dataset})
+    return out
+
+
+def train_recipe(net: nn.Module, splits, rc: Recipe, recipe: str, out: Path, dev: torch.device, seed: int,
+                 amp: bool = False, workers: int = 0, resume: bool = False, progress: bool = True,
+                 meta: Optional[Dict[str, object]] = None, summary: Optional[Dict[str, object]] = None
+                 ) -> Dict[str, object]:
+    """The training loop of a recipe, from ``net``'s current weights: SGD with warm-up and cosine over
+    ``rc.epochs``, the best epoch by validation top-1 saved to ``out`` (a zoo model as config + weights, any other
+    module whole), a resume file ``{out}.state`` after every epoch, and a ``.json`` summary next to ``out``.
+    :func:`pretrain` runs it on a new zoo model; ``rl_prune.scratch`` on a re-initialised pruned architecture.
+
+    :param net: the model, on ``dev``; trained in place (left at its best epoch).
+    :param splits: the ``DatasetSplits`` (its augmentation as the recipe wants it).
+    :param rc: the recipe's values.
+    :param recipe: the recipe's name (recorded).
+    :param out: checkpoint path.
+    :param dev: training device.
+    :param seed: seeds the loader's shuffling (the caller seeds the rest).
+    :param amp: mixed precision (CUDA).
+    :param workers: DataLoader workers.
+    :param resume: continue from ``{out}.state`` when it exists.
+    :param progress: a bar per epoch and a line per epoch.
+    :param meta: facts saved in the checkpoint beside ``epoch``, ``val_top1``, ``val_size`` and ``recipe``.
+    :param summary: facts put first in the ``.json`` summary.
+    :return: the summary (also written to ``out.with_suffix(".json")``).
+    """
     epochs, batch_size = rc.epochs, rc.batch_size
     recipe_meta = {"name": recipe, **dataclasses.asdict(rc)}
-    out = Path(out) if out is not None else default_checkpoint_path(model, dataset, width)
     state_path = out.with_name(out.name + ".state")
     loader = make_loader(splits.train, batch_size=batch_size, shuffle=True, seed=seed, num_workers=workers,
                          drop_last=len(splits.train) > batch_size, pin_memory=dev.type == "cuda")
@@ -187,18 +216,17 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
         if val["top1"] > best_acc:
             best_acc, best_state = val["top1"], copy.deepcopy(net.state_dict())
             # dataset, split seed and held-out count pin down the validation split: PruneEnv rebuilds exactly it
-            save_checkpoint(net, out, dataset=dataset, epoch=epoch + 1, val_top1=best_acc, seed=seed,
+            save_checkpoint(net, out, **(meta or {}), epoch=epoch + 1, val_top1=best_acc,
                             val_size=len(splits.val), recipe=recipe_meta)
         save_parts(state_path, RESUME_KIND, RESUME_VERSION,
                    {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best_acc": best_acc,
                     "best_state": best_state, "log": log, "loader_rng": loader.generator.get_state(),
                     "rng": rng_state()},
-                   info={"model": model, "dataset": dataset, "epoch": epoch + 1, "epochs": epochs})
+                   info={**(summary or {}), "epoch": epoch + 1, "epochs": epochs})
     net.load_state_dict(best_state)
     test = evaluate(net, splits.test, dev, batch_size=512)
-    summary = {"model": model, "width": width, "dataset": dataset, "num_classes": splits.num_classes,
-               "val_size": len(splits.val), "seed": seed,
+    summary = {**(summary or {}), "num_classes": splits.num_classes, "val_size": len(splits.val), "seed": seed,
                "best_val_top1": best_acc, "test_top1": test["top1"], "test_top5": test["top5"],
                "epochs": epochs, "recipe": recipe_meta, "train_time_s": time.time() - t0, "device": str(dev),
                "log": log}
@@ -207,7 +235,7 @@ def pretrain(model: str = "vgg19", dataset: str = "cifar100", width: float = 1.0
         state_path.unlink()
     if progress:
         print(f"saved {out} (best val top-1 {best_acc:.4f}, test top-1 {test['top1']:.4f})", file=sys.stderr)
-    return out
+    return summary
 
 
 def ensure_pretrained(model: str, dataset: str, width: float = 1.0, epochs: int = 10,

@@ -32,6 +32,7 @@ throughput (CPU, and CUDA when available), with optional TorchScript / ONNX expo
     python evaluate.py runs/quickstart                       # a run folder written by train_agent.py
     python evaluate.py runs/quickstart --export torchscript onnx --max-test 1000
     python evaluate.py --original A.pt --pruned B.pt --dataset cifar100 --data-root data
+    python evaluate.py runs/NAME --latency-model build       # predicted beside measured latency for any run
 
 Writes evaluation.md and evaluation.json into the run folder (or --out) and prints the markdown table.
 """
@@ -202,6 +203,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed passes before each measurement (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the measurements (default: torch's)")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip latency / throughput")
+    p.add_argument("--latency-model", dest="latency_model", default="auto", choices=("auto", "build", "off"),
+                   help="predicted beside measured latency in the run's latency setting (threads, batch, dtype, "
+                        "channels_last, from metrics.json): auto when the run's env built a latency model, build "
+                        "also for other runs (measures the table first), off (default auto)")
+    p.add_argument("--latency-rounds", dest="latency_rounds", type=int, default=10,
+                   help="interleaved timing rounds in the run's latency setting (default 10)")
     p.add_argument("--export", nargs="+", choices=EXPORT_FORMATS, default=[],
                    help=f"also export the pruned model and check its outputs (ONNX needs {EXPORT_HINT})")
     p.add_argument("--seed", type=int, help="seed of the test subset and timing inputs (default: the run's, or 0)")

@@ -174,7 +174,7 @@ class PruneRunConfig(Settings):
             if spec.sb3_algo is None:
                 allowed = set(_signature_keys(agent_class(name).__init__)) - set(RUN_SET) | {"env"}
             else:
-                allowed = sb3_keys(spec.sb3_algo)
+                allowed = sb3_keys(spec.sb3_algo, agent_class(name))
             _check_keys(kwargs, allowed, f"{source}: ", f"agents.{name}")
         for name in dict.fromkeys([self.agent, *self.agents]):
             problem = prune_env_problem(self.env_kwargs(name))
@@ -211,12 +211,13 @@ def _problem(config_class: Any, kwargs: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def sb3_keys(algo: str) -> set:
+def sb3_keys(algo: str, agent: Optional[type] = None) -> set:
     """Keys an ``agents.{algo}`` section (or ``configs/sb3/{algo}.yaml``) may hold: the SB3 algorithm's
     constructor arguments plus ``n_timesteps``, ``noise_type``, ``noise_std``, ``action_floor``, ``n_envs``,
-    ``config``, ``env``.
+    ``config``, ``env``, and ``agent``'s own constructor arguments (e.g. AMC's ``warmup``).
 
     :param algo: SB3 algorithm name (``ppo``, ``sac``, ...).
+    :param agent: the agent class (None: the SB3 baselines' keys only).
     """
     from agents.sb3_baselines import sb3_algorithms
 
@@ -224,6 +225,8 @@ def sb3_keys(algo: str) -> set:
     if algo not in algos:
         raise ConfigError(f"SB3 algorithm {algo!r} is not available (sb3-contrib missing?); have {sorted(algos)}")
     own = set(_signature_keys(algos[algo].__init__)) - {"_init_setup_model"} - set(RUN_SET)
+    if agent is not None:
+        own |= set(_signature_keys(agent.__init__)) - set(RUN_SET)
     return own | {"n_timesteps", "noise_type", "noise_std", "action_floor", "n_envs", "config", "env"}
 
 

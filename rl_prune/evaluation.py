@@ -30,6 +30,8 @@ FORMAT = "rl-prune-evaluation/1"
 EXPORT_FORMATS = ("torchscript", "onnx")
 TRAIN_HINT = ("python train_agent.py  (offline quickstart, writes runs/quickstart) or "
               "python train_agent.py --config configs/X.yaml --name NAME  (writes runs/NAME)")
+#: ``--latency-model`` values (:attr:`EvaluationOptions.latency_model`)
+LATENCY_MODEL_CHOICES = ("auto", "build", "off")
 #: images evaluated per progress-bar update (several batches, so the bar costs nothing measurable)
 _ACCURACY_CHUNK = 1024
 
@@ -70,6 +72,12 @@ class EvaluationOptions:
     """torch CPU threads for the measurements (None: torch's)"""
     latency: bool = True
     """measure latency and throughput"""
+    latency_model: str = "auto"
+    """predicted beside measured latency in the run's latency setting (metrics.json's ``latency``): ``auto``
+    predicts when the run's env built a latency model (its table is read from the cache) and measures either way,
+    ``build`` also predicts for a run without one (measuring its table first), ``off`` skips both"""
+    latency_rounds: int = 10
+    """interleaved timing rounds of the latency in the run's setting (the median is reported)"""
     export: List[str] = field(default_factory=list)
     """formats to export the pruned model to and check (torchscript, onnx)"""
     seed: Optional[int] = None
@@ -80,12 +88,15 @@ class EvaluationOptions:
     """show progress bars"""
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "repeats", "threads", "max_test"):
+        for key in ("batch_size", "repeats", "threads", "max_test", "latency_rounds"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise EvaluationError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
         if self.warmup < 0:
             raise EvaluationError(f"--warmup must be 0 or more, got {self.warmup}")
+        if self.latency_model not in LATENCY_MODEL_CHOICES:
+            raise EvaluationError(f"--latency-model must be one of {', '.join(LATENCY_MODEL_CHOICES)}, got "
+                                  f"{self.latency_model!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise EvaluationError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -323,6 +334,79 @@ def run_exports(pruned: nn.Module, example: torch.Tensor, formats: Sequence[str]
     return results
 
 
+def run_setting_latency(original: nn.Module, pruned: nn.Module, record: Dict[str, Any], input_size: Sequence[int],
+                        mode: str = "auto", rounds: int = 10, seed: int = 0,
+                        progress: bool = True) -> Dict[str, Any]:
+    """Measured and predicted latency of both models in the run's latency setting (threads, batch size, dtype,
+    memory format, device: the setting the env's budget or reward predicted): measured with
+    :func:`pruning_env.costs.measure_latency` (``Timer``, interleaved rounds, the setting's clock), predicted with
+    the :class:`~pruning_env.costs.LatencyModel` of the run's original model (its cached table, the run's grid and
+    pruner options) at the run's kept channels.
+
+    :param original: the unpruned model (eager, CPU).
+    :param pruned: the pruned model.
+    :param record: the run folder's latency record (:meth:`RunFolder.latency_info`).
+    :param input_size: ``(C, H, W)``.
+    :param mode: ``auto`` (predict when the run predicted), ``build`` (always predict).
+    :param rounds: timing rounds.
+    :param seed: seeds the timing order and inputs.
+    :raises EvaluationError: a setting this machine cannot measure, or a model that is not the run's.
+    """
+    from pruning_env.costs import LatencyModel, LatencySetting, measure_latency
+    from pruning_env.pruning import Pruner
+
+    try:
+        setting = LatencySetting(**record["setting"])
+        setting.torch_device  # noqa: B018  (CUDA asked on a machine without one fails here)
+        clock = setting.resolve_clock()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise EvaluationError(f"the run's latency setting {record['setting']} cannot be measured here: {err}. "
+                              f"Evaluate on the device the run was made for, or pass --latency-model off") from err
+    entry: Dict[str, Any] = {"setting": dict(record["setting"]), "tag": setting.tag, "clock": clock,
+                             "rounds": int(rounds), "predicted_s": None, "table": None, "note": None}
+    try:
+        measured = measure_latency([original, pruned], input_size, setting, rounds=rounds, seed=seed,
+                                   progress=progress, desc=f"latency {setting.tag}")
+    except (RuntimeError, TypeError, NotImplementedError) as err:
+        raise EvaluationError(f"latency setting {setting.tag} cannot be measured on these models: {err}") from err
+    entry["measured_s"] = {"original": float(measured[0]), "pruned": float(measured[1])}
+    entry["measured_speedup"] = float(measured[0] / measured[1])
+    predicted_in_run = record.get("predicted")
+    if mode == "auto" and predicted_in_run is None:
+        entry["note"] = ("the run's env built no latency model (no latency budget, gamma 0); --latency-model build "
+                         "measures its table and predicts")
+        return entry
+    if isinstance(original, torch.jit.ScriptModule):
+        entry["note"] = "a TorchScript original has no channel groups to predict from; evaluate the eager .pt file"
+        return entry
+    kept, names = record.get("kept_channels"), record.get("group_names")
+    if kept is None or names is None:
+        entry["note"] = "the run folder records no kept channels (metrics.json kept_channels) to predict from"
+        return entry
+    options = record.get("pruner") or {}
+    example = torch.zeros((1, *input_size))
+    pruner = Pruner(copy.deepcopy(original).eval(), example, ignore=tuple(options.get("ignore_layers", ())),
+                    min_channels=int(options.get("min_channels", 1)), round_to=int(options.get("round_to", 1)),
+                    prune_normalized=bool(options.get("prune_normalized", False)))
+    if list(pruner.group_names) != list(names) or (record.get("original_channels") is not None and
+                                                   pruner.num_channels.tolist() != list(record["original_channels"])):
+        raise EvaluationError(f"the original model's channel groups {list(pruner.group_names)} "
+                              f"({pruner.num_channels.tolist()} channels) are not the run's {list(names)}; pass the "
+                              f"run's original model (--original)")
+    cache = True if record.get("cache") is None else record["cache"]
+    grid = record.get("grid") or None
+    model = LatencyModel.build(pruner, setting, cache=cache, progress=progress,
+                               **({"grid": tuple(grid)} if grid else {}))
+    keep = np.asarray(kept, dtype=np.int64)
+    predicted = {"original": float(model.original), "pruned": float(model.predict(keep))}
+    entry["predicted_s"] = predicted
+    entry["predicted_speedup"] = predicted["original"] / predicted["pruned"]
+    entry["error"] = {role: predicted[role] / entry["measured_s"][role] - 1.0 for role in predicted}
+    entry["table"] = {"from_cache": bool(getattr(model, "from_cache", False)),
+                      "created": model.meta.get("created"), "machine": (model.meta.get("machine") or {}).get("cpu")}
+    return entry
+
+
 # ----------------------------------------------------------------------------------------------------------- report
 
 def _num(v: Optional[float], unit: str = "") -> str:
@@ -383,6 +467,23 @@ def format_markdown(result: Dict[str, Any]) -> str:
     else:
         lines.append(f"Theoretical speedup (MACs ratio): {_x(r['speedup_theoretical'])}; latency not measured "
                      f"(--no-latency).")
+    lat = result.get("run_setting_latency")
+    if lat is not None:
+        lines += ["", f"Latency in the run's setting `{lat['tag']}` (threads {lat['setting']['threads']}, batch "
+                      f"{lat['setting']['batch_size']}, {lat['setting']['dtype']}, channels_last "
+                      f"{lat['setting']['channels_last']}; {lat['clock']} clock, median of {lat['rounds']} "
+                      f"interleaved rounds):", "",
+                  "| | original | pruned | speed-up |", "|---|---:|---:|---:|",
+                  f"| measured | {1e3 * lat['measured_s']['original']:.3f} ms | {1e3 * lat['measured_s']['pruned']:.3f} "
+                  f"ms | {_x(lat['measured_speedup'])} |"]
+        pred = lat.get("predicted_s")
+        if pred is not None:
+            lines.append(f"| predicted (latency model) | {1e3 * pred['original']:.3f} ms | "
+                         f"{1e3 * pred['pruned']:.3f} ms | {_x(lat['predicted_speedup'])} |")
+            lines.append(f"| prediction error | {100 * lat['error']['original']:+.1f}% | "
+                         f"{100 * lat['error']['pruned']:+.1f}% | |")
+        if lat.get("note"):
+            lines += ["", f"Predicted latency n/a: {lat['note']}."]
     if result["exports"]:
         lines += ["", "| export of the pruned model | file | size | max abs diff vs module |", "|---|---|---:|---:|"]
         for fmt, e in result["exports"].items():
@@ -444,6 +545,11 @@ def evaluate_models(options: EvaluationOptions) -> Dict[str, Any]:
         exports = run_exports(pruned, x[:8], options.export, out_dir, pruned_path.stem) if options.export else {}
     except (ImportError, RuntimeError) as err:  # missing optional dependency, or an unfaithful export
         raise EvaluationError(str(err)) from err
+    record = RunFolder(run_dir).latency_info() if run_dir is not None else None
+    setting_latency = None
+    if record is not None and options.latency and options.latency_model != "off":
+        setting_latency = run_setting_latency(original, pruned, record, input_size, options.latency_model,
+                                              options.latency_rounds, seed, options.progress)
     result = {
         "format": FORMAT, "run_dir": None if run_dir is None else str(run_dir), "out_dir": str(out_dir),
         "data": {"dataset": settings["dataset"], "data_root": settings.get("data_root", "data"),
@@ -454,7 +560,7 @@ def evaluate_models(options: EvaluationOptions) -> Dict[str, Any]:
                      "batch_size": options.batch_size, "repeats": options.repeats, "warmup": options.warmup,
                      "threads": threads, "seed": seed},
         "machine": machine_info(threads),
-        **result, "exports": exports,
+        **result, "run_setting_latency": setting_latency, "exports": exports,
     }
     result["seconds"] = time.perf_counter() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -464,5 +570,6 @@ def evaluate_models(options: EvaluationOptions) -> Dict[str, Any]:
 
 
 __all__ = ["EvaluationOptions", "EvaluationError", "evaluate_models", "compare", "measure_speed", "time_forward",
+           "run_setting_latency", "LATENCY_MODEL_CHOICES",
            "accuracy_on", "model_costs", "run_exports", "format_markdown", "resolve_inputs", "load_splits",
            "load_models", "EXPORT_FORMATS", "FORMAT", "TRAIN_HINT"]

@@ -17,7 +17,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.common.monitor import PruneMonitor
-from agents.registry import AGENTS, SB3_CONFIG_DIR, agent_class
+from agents.registry import AGENTS, SB3_CONFIG_DIR, agent_class, env_class
 from pruning_env.costs import Cost, count_costs, reductions
 from pruning_env.runtime import rng_state, seed_everything, set_rng_state
 from pruning_env.training import evaluate, finetune
@@ -36,29 +36,31 @@ class ResumeMismatch(ConfigError):
 # ------------------------------------------------------------------------------------------- env and agent
 
 def build_env(cfg: PruneRunConfig, name: str) -> Any:
-    """The PruneEnv for agent ``name`` under ``cfg`` (:meth:`PruneRunConfig.env_kwargs`).
+    """The env for agent ``name`` under ``cfg`` (:meth:`PruneRunConfig.env_kwargs`): a PruneEnv, or the registry's
+    ``env_class`` (AMC's LayerwisePruneEnv, which wraps a PruneEnv of the same arguments).
 
     :param cfg: the run's config.
     :param name: agent name (``agents.registry.AGENTS``).
     """
-    from pruning_env.envs.prune_env import PruneEnv
-
-    return PruneEnv(**cfg.env_kwargs(name))
+    return env_class(name)(**cfg.env_kwargs(name))
 
 
-def sb3_hyperparams(algo: str, cfg_agent: Dict[str, Any], env_id: Optional[str]) -> Dict[str, Any]:
-    """Zoo hyperparameters of ``algo`` (``configs/sb3/{algo}.yaml`` or ``cfg_agent["config"]``) with the config's
-    per-agent overrides applied.
+def sb3_hyperparams(algo: str, cfg_agent: Dict[str, Any], env_id: Optional[str],
+                    config: Optional[str] = None, agent: Optional[type] = None) -> Dict[str, Any]:
+    """Zoo hyperparameters of ``algo`` (``configs/sb3/{config or algo}.yaml`` or ``cfg_agent["config"]``) with the
+    config's per-agent overrides applied.
 
     :param algo: SB3 algorithm name.
     :param cfg_agent: the config's ``agents.{algo}`` section.
     :param env_id: registered env id of the task, to pick an env-specific zoo entry.
+    :param config: stem of the zoo file when it is not ``algo`` (the registry's ``sb3_config``).
+    :param agent: the agent class, whose own constructor arguments are valid keys too (e.g. AMC's ``warmup``).
     """
     from agents.sb3_baselines import load_zoo_hyperparams
 
-    path = cfg_agent.get("config") or SB3_CONFIG_DIR / f"{algo}.yaml"
+    path = cfg_agent.get("config") or SB3_CONFIG_DIR / f"{config or algo}.yaml"
     hp = load_zoo_hyperparams(algo, path, env_id)
-    allowed = sb3_keys(algo) - {"config", "env"}
+    allowed = sb3_keys(algo, agent) - {"config", "env"}
     bad = sorted(set(hp) - allowed)
     if bad:
         raise ConfigError(f"{path}: unknown {algo} hyperparameters {bad}; valid keys: {', '.join(sorted(allowed))}")
@@ -84,17 +86,17 @@ def build_agent(cfg: PruneRunConfig, name: str, env: Any,
     cfg_agent = dict(cfg.agents.get(name) or {})
     learn: Dict[str, Any] = {}
     if spec.sb3_algo is not None:
-        hp = sb3_hyperparams(spec.sb3_algo, cfg_agent, cfg.env.get("id"))
+        hp = sb3_hyperparams(spec.sb3_algo, cfg_agent, cfg.env.get("id"), spec.sb3_config, cls)
         n_timesteps = int(hp.pop("n_timesteps", 1000))
+        agent = cls(env, algo=spec.sb3_algo, seed=cfg.seed, tensorboard_log=tensorboard_log, **hp)
         if cfg.budget is not None:
-            # the final deterministic episode evaluates n_steps models: they count towards the budget too
-            if int(cfg.budget) <= int(env.n_steps):
-                raise ConfigError(f"budget: {cfg.budget} evaluations leave none for {name}'s training (its final "
-                                  f"deterministic episode alone evaluates {env.n_steps}); raise the budget")
-            learn["total_timesteps"] = int(cfg.budget) - int(env.n_steps)
+            # the final deterministic episode's evaluations count towards the budget too (agent.budget_timesteps)
+            try:
+                learn["total_timesteps"], agent.budget_schedule = agent.budget_timesteps(int(cfg.budget))
+            except ValueError as err:
+                raise ConfigError(f"budget: {name}: {err}") from err
         else:
             learn["total_timesteps"] = n_timesteps
-        agent = cls(env, algo=spec.sb3_algo, seed=cfg.seed, tensorboard_log=tensorboard_log, **hp)
         return agent, learn
     kwargs = {**spec.kwargs, **cfg.agent_kwargs(name)}
     if spec.budget_arg is not None and cfg.budget is not None:
@@ -105,7 +107,7 @@ def build_agent(cfg: PruneRunConfig, name: str, env: Any,
     # equal budgets: every agent's monitor stops look-aheads at the budget, counted by the env for all alike
     monitored = PruneMonitor(env, max_evaluations=int(cfg.budget)) if cfg.budget is not None else env
     agent = cls(monitored, seed=cfg.seed, tensorboard_log=tensorboard_log, **kwargs)
-    agent.budget_schedule = schedule
+    agent.budget_schedule = schedule or getattr(agent, "budget_schedule", None)  # or the agent's own account
     return agent, learn
 
 
@@ -217,6 +219,33 @@ def bn_reestimated_report(model: torch.nn.Module, env: Any, batch_size: int) -> 
     return model_report(net, env, batch_size)
 
 
+def latency_record(env: Any, kept: np.ndarray) -> Dict[str, Any]:
+    """The run's latency setting (``metrics.json``'s ``latency``): the env's ``latency_*`` device setting, the
+    table's grid and cache, the pruner options that define its groups (what ``evaluate.py`` needs to rebuild the same
+    table), and the predicted latencies of the original and the kept channels when the env built a latency model
+    (a latency target or budget, or ``gamma != 0``; otherwise ``predicted`` is None).
+
+    :param env: the PruneEnv of the run.
+    :param kept: kept channels per group of the best episode.
+    """
+    from dataclasses import asdict
+
+    cfg = env.config
+    record: Dict[str, Any] = {
+        "setting": asdict(cfg.latency_setting()), "grid": [float(f) for f in cfg.latency_grid],
+        "cache": None if cfg.latency_cache is None else str(cfg.latency_cache),
+        "pruner": {"ignore_layers": list(cfg.ignore_layers), "min_channels": int(cfg.min_channels),
+                   "round_to": int(cfg.round_to), "prune_normalized": bool(cfg.prune_normalized)},
+        "predicted": None,
+    }
+    model = env.latency_model
+    if model is not None:
+        original, pruned = float(model.original), float(model.predict(kept))
+        record["predicted"] = {"original_s": original, "pruned_s": pruned, "reduction": 1.0 - pruned / original,
+                               "speedup": original / pruned, "from_cache": bool(getattr(model, "from_cache", False))}
+    return record
+
+
 def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> None:
     """PNG: the learned per-group pruning distribution (or the realised share of removed channels) and the
     kept vs original channels per group.
@@ -263,6 +292,62 @@ def plot_distribution(env: Any, agent: Any, kept: np.ndarray, path: Path) -> Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- fine-tune
+
+def finetune_pruned(cfg: PruneRunConfig, model: torch.nn.Module, env: Any, seed: int) -> Dict[str, Any]:
+    """The run's final fine-tune of ``model`` in place (``cfg.finetune``: KD from the env's original model by
+    default), every random draw from ``seed``; returns its statistics ({} for ``finetune.epochs`` 0) and leaves the
+    model in eval mode.
+
+    :param cfg: the run's config.
+    :param model: the pruned model, on the env's device.
+    :param env: the PruneEnv of the task (its splits, original model and device).
+    :param seed: seed of the fine-tune (dropout, augmentation, batch order).
+    """
+    ft = cfg.finetune
+    seed_everything(seed)
+    stats: Dict[str, Any] = {}
+    if ft.epochs > 0:
+        stats = finetune(model, env.splits.train, val_data=env.splits.val, epochs=ft.epochs,
+                         max_batches=ft.max_batches, lr=ft.lr, min_lr=ft.min_lr, warmup_ratio=ft.warmup_ratio,
+                         teacher=env.original_model if ft.teacher == "original" else None, T=ft.T,
+                         soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=seed,
+                         progress=cfg.run.progress)
+    model.eval()
+    return stats
+
+
+def finetune_searched(cfg: PruneRunConfig, folder: Union[RunFolder, str, Path], seed: Optional[int] = None,
+                      env: Any = None) -> Dict[str, Any]:
+    """Fine-tune the searched model of a run folder (rebuilt from the env's original model and checked by
+    :meth:`RunFolder.read_searched_model`) with ``cfg``'s recipe and ``seed``: the run's own fine-tune for
+    ``seed = cfg.seed``, another draw of it otherwise. Nothing is written.
+
+    :param cfg: the config of the fine-tune (the run's, or another ``finetune`` section).
+    :param folder: a run folder whose search finished.
+    :param seed: seed of the fine-tune (default ``cfg.seed``).
+    :param env: a PruneEnv of the run's task (default: built from ``cfg`` for the folder's agent).
+    :return: ``{"seed", "report"`` (:func:`model_report` after the fine-tune), ``"finetune"`` (its statistics
+        without the history), ``"seconds"}``.
+    """
+    folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+    own_env = env is None
+    if own_env:
+        env = build_env(cfg, folder.read_config().get("agent") or cfg.agent)
+    try:
+        model = folder.read_searched_model(env.original_model).to(env.device)
+        seed = cfg.seed if seed is None else int(seed)
+        t0 = time.perf_counter()
+        stats = finetune_pruned(cfg, model, env, seed)
+        seconds = time.perf_counter() - t0
+        report = model_report(model, env, cfg.run.eval_batch_size)
+    finally:
+        if own_env:
+            env.close()
+    return {"seed": seed, "report": report, "finetune": {k: v for k, v in stats.items() if k != "history"},
+            "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -400,20 +485,19 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     bs = cfg.run.eval_batch_size
     pruned = copy.deepcopy(best["model"]).to(env.device)
     original = env.original_model
+    if best.get("kept_indices") is not None:
+        folder.write_searched_model(pruned, original, best["kept_indices"], env.input_size,
+                                    {"ignore": env.config.ignore_layers,
+                                     "prune_normalized": env.config.prune_normalized},
+                                    source_name=cfg.env.get("checkpoint"))
+    else:
+        print(f"note: the env of {name!r} does not track kept-channel indices (kept_indices): no "
+              f"{RunFolder.SEARCHED_MODEL} in {folder.path}", file=sys.stderr)
     report = {"original": model_report(original, env, bs), "pruned_before_finetune": model_report(pruned, env, bs),
               "pruned_bn_reestimated": bn_reestimated_report(pruned, env, bs)}
-    ft = cfg.finetune
-    seed_everything(cfg.seed)  # phase 3: the fine-tune (dropout, augmentation) as in every other run
     t_ft = time.perf_counter()
-    ft_stats: Dict[str, Any] = {}
-    if ft.epochs > 0:
-        ft_stats = finetune(pruned, env.splits.train, val_data=env.splits.val, epochs=ft.epochs,
-                            max_batches=ft.max_batches, lr=ft.lr, min_lr=ft.min_lr, warmup_ratio=ft.warmup_ratio,
-                            teacher=original if ft.teacher == "original" else None, T=ft.T,
-                            soft_weight=ft.soft_weight, batch_size=ft.batch_size, device=env.device, seed=cfg.seed,
-                            progress=progress)
+    ft_stats = finetune_pruned(cfg, pruned, env, cfg.seed)  # phase 3, from cfg.seed as in every other run
     finetune_seconds = time.perf_counter() - t_ft
-    pruned.eval()
     report["pruned"] = model_report(pruned, env, bs)
 
     example = torch.randn(2, *env.input_size) if cfg.run.export_torchscript else None
@@ -434,7 +518,8 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
                  "split_seed": env.split_seed},
         "input_size": list(env.input_size),
         "target": env.target, "target_metric": env.episode_metric, "n_steps": env.n_steps,
-        "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta,
+        "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta, "gamma": float(env.config.gamma),
+        "latency": latency_record(env, kept),
         "n_evaluations": agent.n_evaluations, "budget": cfg.budget,
         "budget_schedule": getattr(agent, "budget_schedule", None), "timesteps": agent.num_timesteps,
         "best_episode": best["episode"], "best_reward": best["reward"],
@@ -455,5 +540,5 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     return metrics
 
 
-__all__ = ["run", "build_env", "build_agent", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
-           "CheckpointEvery", "model_report", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]
+__all__ = ["run", "build_env", "build_agent", "finetune_pruned", "finetune_searched", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
+           "CheckpointEvery", "model_report", "latency_record", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]

@@ -2,13 +2,16 @@
 ``metrics.json`` schema, the ``steps.csv`` layout and the run checkpoint, for writing and for reading.
 
 Layout: config.yaml, metrics.json, steps.csv, original_model.pt, pruned_model.pt (``torch.save`` of the modules),
-pruned_model.ts (TorchScript), distribution.png, tb/ (TensorBoard), checkpoint.pt (resumable runs), and run.lock
+pruned_model.ts (TorchScript), searched_model.zip (the searched model before the fine-tune, as kept-channel indices
+per group and structure / weight hashes: :meth:`RunFolder.read_searched_model` rebuilds it from the source model),
+distribution.png, tb/ (TensorBoard), checkpoint.pt (resumable runs), and run.lock
 while a run writes the folder (:class:`RunLock`: no run ever writes into another's folder).
 """
 from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import os
 import re
@@ -27,7 +30,7 @@ import yaml
 
 from pruning_env.export import export_torchscript
 from pruning_env.persistence import load_parts, save_parts
-from pruning_env.runtime import PathLike, atomic_path, atomic_save, atomic_write_text
+from pruning_env.runtime import PathLike, atomic_path, atomic_save, atomic_write_text, model_device
 from rl_prune.config import ConfigError
 
 #: ``metrics.json``: every key a finished run writes, and what it holds
@@ -40,11 +43,16 @@ METRICS_SCHEMA: Dict[str, str] = {
     "data": "what evaluate.py needs to rebuild the split: dataset, data_root, val_size, split_seed",
     "input_size": "(C, H, W) of one image",
     "target": "fraction of the target metric removed by the end of an episode",
-    "target_metric": "flops | channels | params",
+    "target_metric": "flops | channels | params | latency",
     "n_steps": "pruning steps per episode",
     "action_mode": "sparsity | distribution",
     "alpha": "reward weight of the FLOPs reduction",
     "beta": "reward weight of the params reduction",
+    "gamma": "reward weight of the predicted latency reduction",
+    "latency": "the env's latency device setting (device, threads, batch_size, dtype, channels_last), the table's "
+               "grid and cache folder and the pruner options of its groups (what evaluate.py rebuilds the table "
+               "from), and predicted: the predicted seconds per forward pass of the original and the pruned model "
+               "(null when the env built no latency model: no latency budget and gamma 0)",
     "n_evaluations": "pruned models scored by the search",
     "budget": "the config's evaluation budget (None: no cap)",
     "budget_schedule": "the schedule an agent derived from the budget (RL-Pruner's RL epochs), None if fixed",
@@ -76,8 +84,88 @@ METRICS_SCHEMA: Dict[str, str] = {
 #: kind and version of ``checkpoint.pt`` in the one persistence format (:mod:`pruning_env.persistence`)
 CHECKPOINT_KIND = "run-checkpoint"
 CHECKPOINT_VERSION = 1
+#: kind and version of ``searched_model.zip``
+SEARCHED_KIND = "searched-model"
+SEARCHED_VERSION = 1
 #: the settings of a run that ``evaluate.py`` takes from its folder
 DATA_SETTINGS = ("dataset", "data_root", "val_size", "split_seed")
+
+
+def structure_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's structure: every module's name, class and ``extra_repr`` (channels, kernel, stride,
+    ...) and every parameter's and buffer's name, shape and dtype; equal for two models of the same architecture
+    whatever their weights.
+
+    :param model: the model.
+    """
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        h.update(f"{name}|{type(module).__module__}.{type(module).__qualname__}|{module.extra_repr()}\n".encode())
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+    return h.hexdigest()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names and the bytes of every tensor): equal only for bit-identical weights,
+    on any device.
+
+    :param model: the model.
+    """
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class SearchedModel:
+    """What ``searched_model.zip`` holds: the searched model (the best episode's, before the fine-tune) as kept
+    channel indices per group of the source model, with what it takes to rebuild and check it."""
+
+    group_names: List[str]
+    """the groups of the source model's :class:`~pruning_env.pruning.Pruner`, in order"""
+    kept_indices: List[List[int]]
+    """per group, the kept channels in the source model's numbering"""
+    input_size: Tuple[int, ...]
+    """(C, H, W) of one image: the example input the Pruner traces"""
+    pruner: Dict[str, Any]
+    """the Pruner settings that decide the groups: ``ignore`` (layer names) and ``prune_normalized``"""
+    structure_hash: str
+    """:func:`structure_hash` of the searched model"""
+    weights_hash: str
+    """:func:`weights_hash` of the searched model"""
+    source_hash: str
+    """:func:`weights_hash` of the source (unpruned) model the indices refer to"""
+    source: Optional[str]
+    """where the source model came from (the config's checkpoint), for messages"""
+    state_dict: Optional[Dict[str, torch.Tensor]] = None
+    """the searched model's weights when the search trained them (recovery between steps): the indices then give
+    the structure only; None when slicing the source rebuilds the searched model bit-exactly"""
+
+
+def rebuild_pruned(source: nn.Module, kept_indices: Sequence[Sequence[int]], input_size: Sequence[int],
+                   pruner: Mapping[str, Any]) -> Tuple[nn.Module, List[str]]:
+    """The source model cut to ``kept_indices`` (the source is left unchanged), and the Pruner's group names.
+
+    :param source: the unpruned model.
+    :param kept_indices: per group, the kept channels in the source's numbering.
+    :param input_size: (C, H, W) of the example input.
+    :param pruner: ``ignore`` and ``prune_normalized`` of the Pruner that defined the groups.
+    """
+    from pruning_env.pruning import Pruner
+    from pruning_env.pruning.pruner import PrunePlan
+
+    model = copy.deepcopy(source)
+    example = torch.zeros((1, *[int(v) for v in input_size]), device=model_device(model))
+    p = Pruner(model, example, ignore=tuple(pruner.get("ignore", ())),
+               prune_normalized=bool(pruner.get("prune_normalized", False)))
+    if len(kept_indices) != p.n_groups:
+        raise ValueError(f"{len(kept_indices)} groups of kept indices for a model with {p.n_groups} groups "
+                         f"({', '.join(p.group_names)})")
+    return p.apply(PrunePlan.from_indices(kept_indices)), list(p.group_names)
 
 
 @dataclass
@@ -111,6 +199,7 @@ class RunFolder:
     ORIGINAL_MODEL = "original_model.pt"
     PRUNED_MODEL = "pruned_model.pt"
     PRUNED_TORCHSCRIPT = "pruned_model.ts"
+    SEARCHED_MODEL = "searched_model.zip"
     DISTRIBUTION_PLOT = "distribution.png"
     TENSORBOARD = "tb"
     LOCK = "run.lock"
@@ -202,6 +291,19 @@ class RunFolder:
                 settings["seed"] = int(cfg["seed"])
         return {k: v for k, v in settings.items() if v is not None}
 
+    def latency_info(self) -> Optional[Dict[str, Any]]:
+        """The run's latency record (``metrics.json``'s ``latency``, see :func:`rl_prune.pipeline.latency_record`)
+        with the kept channels and group names it applies to, or None for a run that did not finish or was written
+        before runs recorded it."""
+        if not self.is_finished:
+            return None
+        metrics = self.read_metrics()
+        record = metrics.get("latency")
+        if not isinstance(record, dict) or not isinstance(record.get("setting"), dict):
+            return None
+        return {**record, "kept_channels": metrics.get("kept_channels"), "group_names": metrics.get("group_names"),
+                "original_channels": metrics.get("original_channels")}
+
     # -------------------------------------------------------------------------------------------------- steps
     def write_steps(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """``steps.csv``: one row per pruning step (per env step for SB3 baselines); list cells are ``;``-joined.
@@ -241,6 +343,89 @@ class RunFolder:
         if example is None:
             return None
         return export_torchscript(pruned_cpu, example, self.file(self.PRUNED_TORCHSCRIPT))
+
+    # ----------------------------------------------------------------------------------------- searched model
+    @property
+    def has_searched_model(self) -> bool:
+        """Whether ``searched_model.zip`` exists."""
+        return self.file(self.SEARCHED_MODEL).is_file()
+
+    def write_searched_model(self, searched: nn.Module, source: nn.Module, kept_indices: Sequence[Sequence[int]],
+                             input_size: Sequence[int], pruner: Mapping[str, Any],
+                             source_name: Optional[str] = None) -> SearchedModel:
+        """``searched_model.zip`` (atomically, in :mod:`pruning_env.persistence`'s format): the searched model as
+        kept-channel indices of ``source``, checked here by rebuilding it (its structure must match; its weights
+        are stored too only when slicing the source does not give them, i.e. the search trained the model).
+
+        :param searched: the searched model (before the fine-tune).
+        :param source: the unpruned model the search started from.
+        :param kept_indices: per group, the kept channels in the source's numbering (``PruneEnv.kept_indices``).
+        :param input_size: (C, H, W) of one image.
+        :param pruner: ``ignore`` (layer names) and ``prune_normalized`` of the env's Pruner.
+        :param source_name: where the source came from (the checkpoint path), for messages.
+        :raises RuntimeError: the indices do not rebuild the searched model's structure.
+        """
+        kept = [[int(i) for i in k] for k in kept_indices]
+        settings = {"ignore": [str(n) for n in pruner.get("ignore", ())],
+                    "prune_normalized": bool(pruner.get("prune_normalized", False))}
+        rebuilt, names = rebuild_pruned(source, kept, input_size, settings)
+        expected = structure_hash(searched)
+        if structure_hash(rebuilt) != expected:
+            raise RuntimeError(f"the kept-channel indices do not rebuild the searched model's structure "
+                               f"(kept {[len(k) for k in kept]} per group of {names}); {self.path} is left without "
+                               f"{self.SEARCHED_MODEL}")
+        w = weights_hash(searched)
+        record = SearchedModel(group_names=names, kept_indices=kept, input_size=tuple(int(v) for v in input_size),
+                               pruner=settings, structure_hash=expected, weights_hash=w,
+                               source_hash=weights_hash(source), source=source_name,
+                               state_dict=None if weights_hash(rebuilt) == w else
+                               {k: v.detach().cpu().clone() for k, v in searched.state_dict().items()})
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_parts(self.file(self.SEARCHED_MODEL), SEARCHED_KIND, SEARCHED_VERSION,
+                   {k: v for k, v in record.__dict__.items()},
+                   info={"kept_channels": [len(k) for k in kept], "structure_hash": expected, "weights_hash": w,
+                         "source": source_name, "weights_stored": record.state_dict is not None})
+        return record
+
+    def read_searched_record(self) -> SearchedModel:
+        """The contents of ``searched_model.zip`` (no model built); a file that is not one raises ``ValueError``
+        naming it."""
+        path = self.file(self.SEARCHED_MODEL)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the run did not finish its search, or it was made by a "
+                                    f"version that did not keep the searched model (rerun it)")
+        data = load_parts(path, SEARCHED_KIND, SEARCHED_VERSION).data
+        return SearchedModel(**data)
+
+    def read_searched_model(self, source: nn.Module) -> nn.Module:
+        """The searched model (before the fine-tune, eval mode, on ``source``'s device), rebuilt by cutting
+        ``source`` to the stored kept-channel indices and checked against the stored hashes.
+
+        :param source: the unpruned model the search started from (e.g. ``PruneEnv.original_model``, loaded from
+            the run's checkpoint); it is left unchanged.
+        :raises ValueError: ``source`` is not the model the run searched (its weights differ), or the rebuilt model's
+            structure or weights differ from the searched model's; the message names the file.
+        """
+        path = self.file(self.SEARCHED_MODEL)
+        record = self.read_searched_record()
+        if weights_hash(source) != record.source_hash:
+            origin = record.source or "the run's source model"
+            raise ValueError(f"{path}: the source model given is not the one this run searched (its weights differ "
+                             f"from those of {origin}); pass the run's original model")
+        model, names = rebuild_pruned(source, record.kept_indices, record.input_size, record.pruner)
+        if names != list(record.group_names):
+            raise ValueError(f"{path}: the source model's groups {names} differ from the run's {record.group_names}")
+        if structure_hash(model) != record.structure_hash:
+            raise ValueError(f"{path}: the model rebuilt from the kept-channel indices does not have the searched "
+                             f"model's structure (structure hash {structure_hash(model)[:12]} != "
+                             f"{record.structure_hash[:12]}); the file or the pruning engine changed since the run")
+        if record.state_dict is not None:
+            model.load_state_dict(record.state_dict)
+        found = weights_hash(model)
+        if found != record.weights_hash:
+            raise ValueError(f"{path}: the rebuilt model's weights differ from the searched model's (weights hash "
+                             f"{found[:12]} != {record.weights_hash[:12]})")
+        return model.eval()
 
     # --------------------------------------------------------------------------------------------- checkpoint
     def write_checkpoint(self, checkpoint: RunCheckpoint) -> None:
@@ -578,6 +763,7 @@ def _format_cell(value: Any) -> Any:
     return value
 
 
-__all__ = ["RunFolder", "RunCheckpoint", "METRICS_SCHEMA", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "DATA_SETTINGS",
+__all__ = ["RunFolder", "RunCheckpoint", "SearchedModel", "structure_hash", "weights_hash", "rebuild_pruned",
+           "SEARCHED_KIND", "SEARCHED_VERSION", "METRICS_SCHEMA", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "DATA_SETTINGS",
            "RunLock", "RunFolderError", "RunFolderLocked", "numbered_run_dirs", "claim_new_run_folder",
            "latest_run_folder", "describe_owner"]

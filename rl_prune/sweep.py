@@ -1,17 +1,15 @@
 """Sweeps of prune runs for the benchmarks: one unit = one :func:`rl_prune.pipeline.run` in its own run folder,
-skipped when finished, resumed when killed, locked while a worker runs it; mean ± std summaries of finished units.
+skipped when finished, resumed when killed, locked while a worker runs it (the benchmarks' tables and statistics
+are in ``benchmarks/common.py``).
 
 ``benchmarks/compare_agents.py`` and ``benchmarks/ablate_reward.py`` are built on it.
 """
 from __future__ import annotations
 
-import math
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
-
-import numpy as np
+from typing import Any, Dict, Mapping, Optional, Union
 
 from pruning_env.runtime import atomic_write_text
 from rl_prune.config import CONFIG_DIR, PruneRunConfig, load_config
@@ -109,54 +107,4 @@ def unit_failure(run_dir: Path) -> Optional[str]:
     return path.read_text() if path.is_file() else None
 
 
-def mean_std(values: Sequence[float]) -> Dict[str, float]:
-    """Mean and sample standard deviation (NaN for one value).
-
-    :param values: one number per seed.
-    """
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else float("nan"), "n": len(a)}
-
-
-def num(value: Optional[float], spec: str) -> str:
-    """``format(value, spec)``, or "n/a" for None or NaN (one seed has no std).
-
-    :param value: the number.
-    :param spec: a format spec such as ``".3f"``.
-    """
-    return "n/a" if value is None or math.isnan(value) else format(value, spec)
-
-
-def fmt(stat: Dict[str, float], digits: int = 4, pct: bool = False) -> str:
-    """``mean ± std`` (just the mean for one seed).
-
-    :param stat: a :func:`mean_std` result.
-    :param digits: decimals.
-    :param pct: scale by 100.
-    """
-    scale = 100.0 if pct else 1.0
-    mean = stat["mean"] * scale
-    if math.isnan(stat["std"]):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
-
-def failures_section(failures: Dict[str, str], missing: Sequence[str], where: str) -> List[str]:
-    """Markdown lines listing failed units (last traceback line) and units not run yet; empty when none.
-
-    :param failures: traceback by unit name.
-    :param missing: units not run yet.
-    :param where: where the full tracebacks are, for the reader.
-    """
-    if not failures and not missing:
-        return []
-    lines = ["## Missing or failed units", ""]
-    for unit, tb in failures.items():
-        last = tb.strip().splitlines()[-1] if tb.strip() else "?"
-        lines.append(f"- `{unit}` failed: `{last}` (traceback in {where})")
-    lines += [f"- `{unit}` not run (yet)" for unit in missing]
-    return lines + [""]
-
-
-__all__ = ["BENCH_CONFIG", "ERROR_FILE", "LOCK_FILE", "unit_config", "run_unit", "load_unit", "unit_failure",
-           "mean_std", "num", "fmt", "failures_section"]
+__all__ = ["BENCH_CONFIG", "ERROR_FILE", "LOCK_FILE", "unit_config", "run_unit", "load_unit", "unit_failure"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 
@@ -42,13 +42,31 @@ def build_vit_agent(policy: str, env: PatchSelectEnv, agent_kwargs: Mapping[str,
     return ViTDDQN(env, mode=policy, **kwargs)
 
 
-def run_training(config: Union[ViTRunConfig, Mapping[str, Any]]) -> Dict[str, Any]:
+def needs_same_batch_state(policy: str, agent_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the env must compute the same batch's state after each reward step (``same_batch_next_state``, a
+    state pass per reward step): only for a DDQN agent that learns from it (``ViTDDQN.next_state_for``: the
+    faithful mode's default s'). The run's default for the env key; a config may still set it.
+
+    :param policy: one of :data:`rl_prune.config.VIT_POLICIES`.
+    :param agent_kwargs: the agent's constructor arguments (its ``next_state``, if any).
+    """
+    if policy not in ("faithful", "double_dqn"):
+        return False
+    return ViTDDQN.next_state_for(policy, agent_kwargs.get("next_state")) == "same_batch"
+
+
+def run_training(config: Union[ViTRunConfig, Mapping[str, Any]],
+                 on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Train the ViT through the patch env with the configured policy and evaluate it on the test split.
 
     Training time is the synchronised wall time of ``agent.learn`` (ViT steps, state passes, agent updates,
-    data loading) minus the per-epoch validation, which is reported separately.
+    data loading) minus the per-epoch validation, which is reported separately. With ``eval.val_each_epoch`` the
+    results' ``history`` has one record per epoch: ``epoch``, ``time_s`` (training time so far, validation
+    excluded), ``val_top1``, ``val_loss`` (all patches), ``train_loss`` (the epoch's mean batch loss),
+    ``train_loss_last``, ``kept`` (the epoch's mean kept patches) and ``lr`` (the ViT's learning rate at its end).
 
     :param config: a checked :class:`ViTRunConfig`, or a (partial) mapping that the loader checks into one.
+    :param on_epoch: called with each history record as it is made (outside the clock), e.g. to print progress.
     :return: the results dict (also written to ``out/results.json`` when ``out`` is set).
     :raises ConfigError: a bad setting, naming the dotted key.
     """
@@ -61,8 +79,7 @@ def run_training(config: Union[ViTRunConfig, Mapping[str, Any]]) -> Dict[str, An
     seed_everything(seed)
     env_kwargs = dict(cfg.env)
     env_kwargs.setdefault("observe", policy in ("faithful", "double_dqn"))
-    if policy in ("full", "random"):
-        env_kwargs.setdefault("same_batch_next_state", False)
+    env_kwargs.setdefault("same_batch_next_state", needs_same_batch_state(policy, cfg.agent))
     try:
         env = PatchSelectEnv(device=str(device), seed=seed, **env_kwargs)
     except (TypeError, ValueError, FileNotFoundError) as err:  # a bad env setting the key check cannot see
@@ -78,17 +95,29 @@ def run_training(config: Union[ViTRunConfig, Mapping[str, Any]]) -> Dict[str, An
 
     history: List[Dict[str, float]] = []
     eval_time = [0.0]
+    epoch_loss: List[float] = []
+    epoch_kept: List[int] = []
 
     def on_step(locals_: Dict[str, Any], _globals: Dict[str, Any]) -> bool:
         info = locals_["info"]
+        epoch_loss.append(info["loss"])
+        epoch_kept.append(info["kept"])
         if info.get("epoch_end") and ev.val_each_epoch:
             sync(device)
-            t0 = time.perf_counter()
+            now = time.perf_counter()
             res = evaluate_patches(model, val, None, device, ev.batch_size)
+            record = {"epoch": info["epoch"] + 1, "time_s": now - t0 - eval_time[0], "val_top1": res["top1"],
+                      "val_loss": res["loss"], "train_loss": float(np.mean(epoch_loss)),
+                      "train_loss_last": info["loss"], "kept": float(np.mean(epoch_kept)),
+                      "lr": float(env.optimizer.param_groups[0]["lr"])}
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
             sync(device)
-            eval_time[0] += time.perf_counter() - t0
-            history.append({"epoch": info["epoch"] + 1, "val_top1": res["top1"], "val_loss": res["loss"],
-                            "train_loss_last": info["loss"]})
+            eval_time[0] += time.perf_counter() - now
+        if info.get("epoch_end"):
+            epoch_loss.clear()
+            epoch_kept.clear()
         return True
 
     sync(device)
@@ -101,6 +130,7 @@ def run_training(config: Union[ViTRunConfig, Mapping[str, Any]]) -> Dict[str, An
     results: Dict[str, Any] = {
         "policy": policy, "seed": seed, "device": str(device), "dataset": env.splits.name,
         "model": dict(getattr(model, "zoo_config", {})), "epochs": env.epochs, "batch_size": env.batch_size,
+        "batches_per_epoch": env.batches_per_epoch,
         "n_patches": env.n_patches, "n_keep": env.n_keep, "reward_every": env.reward_every,
         "total_steps": env.total_steps, "train_time_s": train_time, "val_eval_time_s": eval_time[0],
         "vit_step_time_s": env.train_time, "state_time_s": env.state_time,
@@ -131,6 +161,7 @@ def run_training(config: Union[ViTRunConfig, Mapping[str, Any]]) -> Dict[str, An
         results["images_per_s_all"] = images_per_second(model, None, tb, device)
         results["images_per_s_kept"] = images_per_second(model, k_eval, tb, device)
 
+    env.close()  # the training loader's worker processes; the trained model stays usable
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -165,4 +196,4 @@ def summary_markdown(r: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["run_training", "build_vit_agent", "summary_markdown"]
+__all__ = ["run_training", "build_vit_agent", "needs_same_batch_state", "summary_markdown"]

@@ -5,10 +5,8 @@ A three-group conv net on generated 16x16 images keeps every env-driven test to 
 """
 import math
 
-import gymnasium as gym
 import numpy as np
 import pytest
-import torch.nn as nn
 
 from agents.common.base import BasePruningAgent
 from agents.common.monitor import PruneMonitor
@@ -17,7 +15,7 @@ from agents.heuristics import GlobalTaylorPruner, RandomSearch, UniformPruner
 from agents.rl_pruner import (RLPrunerAgent, TopKBuffer, adjust_distribution, epsilon_at, initial_distribution,
                               sample_action, update_distribution)
 from pruning_env.envs.budget import distribution_to_counts
-from tiny import tiny_env
+from tiny import ScriptedEnv, tiny_env
 
 
 def make_env(splits, **kwargs):
@@ -185,68 +183,6 @@ def test_env_applies_count_matching(splits):
 
 
 # ----------------------------------------------------------------------------------------------- collapse guard
-class ScriptedEnv(gym.Env):
-    """A stand-in PruneEnv whose candidate accuracy comes from ``acc(step, call_in_step, action)``."""
-
-    action_mode = "distribution"
-    min_channels = 1
-    lookahead_cache = 8
-
-    def __init__(self, acc, n_steps=2):
-        self.acc, self.n_steps = acc, n_steps
-        self.n_groups = 3
-        self.original_channels = np.array([4, 8, 8])
-        self.layer_counts = np.array([1, 1, 2])
-        self.original_accuracy = 1.0
-        self._step, self._evals, self._cache, self._calls = None, 0, {}, 0
-        self.model = nn.Identity()
-
-    @property
-    def unwrapped(self):
-        return self
-
-    @property
-    def current_channels(self):
-        if self._step is None:
-            raise RuntimeError("reset first")
-        return self.original_channels.copy()
-
-    @property
-    def n_evaluations(self):
-        return self._evals
-
-    @property
-    def step_index(self):
-        return self._step
-
-    def reset(self, seed=None, options=None):
-        self._step, self._evals, self._cache, self._calls = 0, 0, {}, 0
-        return np.zeros(3, dtype=np.float32), {}
-
-    def _info(self, action):
-        key = np.asarray(action, dtype=np.float32).tobytes()
-        if key not in self._cache:
-            self._calls += 1
-            self._evals += 1
-            self._cache[key] = float(self.acc(self._step, self._calls, np.asarray(action)))
-        acc = self._cache[key]
-        return {"accuracy": acc, "reward": acc, "step": self._step + 1, "kept_channels": self.original_channels}
-
-    def evaluate_action(self, action):
-        info = self._info(action)
-        return info["reward"], info
-
-    def evaluate_actions(self, actions):
-        scored = [self.evaluate_action(a) for a in actions]
-        return [r for r, _ in scored], [i for _, i in scored]
-
-    def step(self, action):
-        info = self._info(action)
-        self._step += 1
-        self._cache, self._calls = {}, 0
-        return np.zeros(3, dtype=np.float32), info["reward"], self._step >= self.n_steps, False, info
-
-
 def collapse_script(step, call, action):
     # step 1: the first sampling phase (2 candidates) collapses to 0.5, the resample gives 0.95; step 2: 0.8
     if step == 0:
@@ -306,6 +242,7 @@ def test_rl_pruner_reaches_target_with_exact_evaluation_count(splits):
     env, agent = run_rl_pruner(splits)
     assert len(agent.history) == env.n_steps and agent.episodes == 1
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
     assert agent.best is not None and agent.best["episode"] == 0
     # 3 samples x 2 RL epochs per step, plus 6 per collapse-guard resample; the chosen candidate is reused
     collapses = sum(row["collapse_reset"] for row in agent.history)
@@ -362,6 +299,7 @@ def test_rl_pruner_lookahead_tree_depth_two(splits):
     # chosen candidate is rebuilt once because the deeper look-ahead stepped it out of the cache
     assert agent.history[0]["n_evaluations"] == 2 * (1 + 2) + 1
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
 
 
 # ----------------------------------------------------------------------------------------------- heuristics
@@ -401,6 +339,7 @@ def test_global_taylor_end_to_end_reaches_target(splits):
     agent = GlobalTaylorPruner(env)
     agent.learn()
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
     assert agent.n_evaluations == env.n_steps
     with pytest.raises(ValueError, match="max_sparsity"):
         GlobalTaylorPruner(None, max_sparsity=1.0)
@@ -413,6 +352,7 @@ def test_random_search_uses_exactly_its_budget(splits, mode):
     agent.learn()
     assert agent.n_evaluations == 12 * env.n_steps  # the best candidate stays cached for its step
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.03)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
     for row in agent.history:
         assert row["accuracy"] == pytest.approx(row["best_candidate_reward"])
     np.testing.assert_array_equal(agent.predict()[0], agent._best_action)

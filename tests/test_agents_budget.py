@@ -3,8 +3,7 @@
 """
 import numpy as np
 import pytest
-from test_agents import ScriptedEnv
-from tiny import tiny_env, tiny_splits
+from tiny import ScriptedEnv, tiny_env
 
 from agents.common.monitor import EvaluationBudgetExhausted, PruneMonitor
 from agents.heuristics import RandomSearch
@@ -82,17 +81,18 @@ def test_faithful_guard_needs_the_authors_reference():
     lambda env: RLPrunerAgent(env, sample_num=4, lr_epoch=3, seed=0, collapse_reference="reset_candidate"),
     lambda env: RandomSearch(env, n_candidates=5, seed=0),
 ])
-def test_agents_on_the_tiny_net_never_exceed_the_budget(make_agent):
-    env = tiny_env(tiny_splits(), action_mode="distribution", budget="flops", target=0.5, n_steps=2,
+def test_agents_on_the_tiny_net_never_exceed_the_budget(splits, make_agent):
+    env = tiny_env(splits, action_mode="distribution", budget="flops", target=0.5, n_steps=2,
                    reward_estimator="adaptive_bn", reward_train_images=32)
     agent = make_agent(PruneMonitor(env, max_evaluations=10))
     agent.learn()
     assert agent.episodes == 1 and agent.n_evaluations <= 10
     assert agent.history[-1]["flops_reduction"] == pytest.approx(0.5, abs=0.05)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
 
 
-def test_min_keep_fraction_keeps_every_group_above_its_floor():
-    env = tiny_env(tiny_splits(), action_mode="distribution", budget="flops", target=0.6, n_steps=2)
+def test_min_keep_fraction_keeps_every_group_above_its_floor(splits):
+    env = tiny_env(splits, action_mode="distribution", budget="flops", target=0.6, n_steps=2)
     agent = RLPrunerAgent(env, sample_num=4, lr_epoch=2, seed=0, noise_var=0.5, min_keep_fraction=0.3)
     agent.learn()
     floor = np.ceil(0.3 * env.original_channels)

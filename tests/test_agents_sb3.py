@@ -7,7 +7,9 @@ A three-group conv net on generated 16x16 images keeps each env step to a few mi
 import numpy as np
 import pytest
 
+from agents.common.base import BasePruningAgent
 from agents.common.save_util import AGENT_KIND, AGENT_VERSION, load_parts
+from agents.rl_pruner import RLPrunerAgent
 from agents.sb3_baselines import SB3Agent, StopAtTimesteps, load_zoo_hyperparams, sb3_algorithms, to_sparsity
 from rl_prune.config import PruneRunConfig
 from rl_prune.pipeline import build_agent
@@ -43,6 +45,7 @@ def test_sb3_learns_and_counts_evaluations(splits, algo, tmp_path):
     for row in agent.history:
         assert row["flops_reduction"] == pytest.approx(0.5, abs=0.05)
     assert agent.best is not None and agent.best["reward"] == max(r["reward"] for r in agent.history)
+    assert agent.best["info"]["budget_goal"] == 0.5 and agent.best["info"]["budget_missed"] is False
 
     obs, _ = agent.wrapped.reset(seed=0)
     action, _ = agent.predict(obs, deterministic=True)
@@ -87,6 +90,19 @@ def test_learn_twice_continues(splits, tmp_path):
     path = agent.save(tmp_path / "sac.zip")
     assert path == tmp_path / "sac.zip" and path.is_file()
     assert SB3Agent.load(tmp_path / "sac.zip").algo == "sac"
+
+
+def test_an_sb3_file_loads_through_the_base_class_and_another_class_is_named(splits, tmp_path):
+    agent = make_agent(splits, "a2c")
+    agent.learn(total_timesteps=4)
+    path = agent.save(tmp_path / "a2c.pt")
+    loaded = BasePruningAgent.load(path, env=make_env(splits))  # dispatches to SB3Agent's loader (no KeyError)
+    assert type(loaded) is SB3Agent and loaded.algo == "a2c" and loaded.history == agent.history
+    obs, _ = agent.wrapped.reset(seed=0)
+    np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], agent.predict(obs, deterministic=True)[0],
+                               atol=1e-6)
+    with pytest.raises(ValueError, match=r"a2c\.pt holds a SB3Agent, not a RLPrunerAgent; load it with SB3Agent\.load"):
+        RLPrunerAgent.load(path)
 
 
 def test_action_map_keeps_every_group_positive(splits):

@@ -24,7 +24,7 @@ from pruning_env.models import create_model
 from pruning_env.models.vit import SimpleViT, posemb_sincos_2d
 from rl_prune.cli import vit_main
 from rl_prune.config import ViTRunConfig, load_config
-from rl_prune.vit_run import run_training
+from rl_prune.vit_run import needs_same_batch_state, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,6 +296,29 @@ def test_agent_updates_on_reward_steps_with_schedules(synthetic_splits):
     assert all(t.action is not None and int(t.action.sum()) == 20 for t in ddqn.replay.memory)
 
 
+def test_exploration_fraction_sets_the_decay_from_the_run_length(tmp_path, synthetic_splits):
+    env = tiny_env(synthetic_splits)
+    agent = ViTDDQN(env, mode="double_dqn", hidden=(16,), exploration_fraction=0.25, seed=0)
+    assert agent.exploration_decay == max(1.0, 0.25 * env.total_steps)
+    per_epoch = ViTDDQN(env, mode="double_dqn", hidden=(16,), eps_per="epoch", exploration_fraction=0.75, seed=0)
+    assert per_epoch.exploration_decay == max(1.0, 0.75 * env.epochs)
+    assert ViTDDQN(env, mode="double_dqn", hidden=(16,), exploration_fraction=1e-6).exploration_decay == 1.0
+    loaded = ViTDDQN.load(agent.save(tmp_path / "agent.pt"))  # no env: the saved decay is kept
+    assert loaded.exploration_fraction == 0.25 and loaded.exploration_decay == agent.exploration_decay
+    with pytest.raises(ValueError, match="exploration_fraction must be > 0, got 0"):
+        ViTDDQN(env, mode="double_dqn", hidden=(16,), exploration_fraction=0)
+
+
+def test_only_an_agent_learning_from_the_same_batch_state_makes_the_env_compute_it():
+    assert ViTDDQN.next_state_for("faithful") == "same_batch" and ViTDDQN.next_state_for("double_dqn") == "observation"
+    assert needs_same_batch_state("faithful", {}) and not needs_same_batch_state("double_dqn", {})
+    assert needs_same_batch_state("double_dqn", {"next_state": "same_batch"})
+    assert not needs_same_batch_state("faithful", {"next_state": "observation"})
+    assert not needs_same_batch_state("full", {}) and not needs_same_batch_state("random", {})
+    with pytest.raises(ValueError, match="next_state='next'; expected 'same_batch' or 'observation'"):
+        ViTDDQN.next_state_for("faithful", "next")
+
+
 def test_agent_save_load_roundtrip_and_baselines(tmp_path, synthetic_splits):
     env = tiny_env(synthetic_splits)
     agent = ViTDDQN(env, mode="double_dqn", hidden=(16,), seed=1)
@@ -316,8 +339,14 @@ def test_tiny_joint_run_offline(tmp_path):
                       "reward_every": 1, "n_keep": 16},
               "agent": {"exploration_decay": 5, "skip_first_epoch": False, "hidden": [16]},
               "eval": {"throughput": False}}
-    res = run_training(config)
-    assert [h["epoch"] for h in res["history"]] == [1, 2]
+    seen = []
+    res = run_training(config, on_epoch=seen.append)
+    assert [h["epoch"] for h in res["history"]] == [1, 2] and seen == res["history"]
+    first, second = res["history"]
+    assert set(first) == {"epoch", "time_s", "val_top1", "val_loss", "train_loss", "train_loss_last", "kept", "lr"}
+    assert 0 < first["time_s"] < second["time_s"] <= res["train_time_s"]
+    assert first["kept"] == second["kept"] == 16  # top-k masks (double DQN): every batch keeps k*
+    assert res["batches_per_epoch"] * res["epochs"] == res["total_steps"]
     assert res["train_mean_kept"] == 16 and res["agent_updates"] > 0 and res["train_time_s"] > 0
     assert set(res["test"]) == {"all", "agent", "random"} and res["eval_kept"] == 16
     assert 0.0 <= res["test"]["all"]["top1"] <= 1.0 and res["test"]["random"]["mean_kept"] == 16

@@ -88,3 +88,49 @@ def test_time_to_accuracy_benchmark_runs_tiny_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # same settings: nothing to train
     assert again.returncode == 0 and "resuming: 4 finished run(s)" in again.stdout
     assert "seed 0 all patches" not in again.stdout
+
+
+# ----------------------------------------------------------------------------------------- the report's logic
+def _run(policy, seed, points, test_all=0.5, agent=None):
+    """A finished run: ``points`` = [(time_s, val_top1), ...] per epoch."""
+    test = {"all": {"top1": test_all}, "random": {"top1": 0.4}}
+    if agent is not None:
+        test["agent"] = {"top1": agent}
+    return {"policy": policy, "seed": seed, "steps": 10, "train_time_s": points[-1][0], "eval_kept": 30,
+            "mean_kept": 30.0, "test": test,
+            "curve": [{"epoch": i + 1, "time_s": t, "val_top1": v} for i, (t, v) in enumerate(points)]}
+
+
+def test_time_to_accuracy_summary_and_verdict_on_hand_made_runs():
+    from benchmarks.agentvit_tta import summarise, time_to, verdict
+
+    runs = [_run("full", 0, [(1, 0.5), (2, 0.8), (3, 1.0)], test_all=0.60),
+            _run("full", 1, [(1, 0.6), (2, 0.9), (3, 1.0)], test_all=0.70),
+            # reaches 90 % (0.9) in one seed only
+            _run("faithful", 0, [(1.5, 0.92), (3, 0.97)], agent=0.55),
+            _run("faithful", 1, [(1, 0.5), (2, 0.7), (3, 0.85)], agent=0.35),
+            # 90 % at 1 and 3 s (mean 2.0 against all patches' 2.5; sooner in seed 0 only); 95 % at 3 and 3 s
+            _run("double_dqn", 0, [(1, 0.94), (3, 0.96)], test_all=0.62, agent=0.5),
+            _run("double_dqn", 1, [(1, 0.5), (3, 0.96)], test_all=0.66, agent=0.5),
+            _run("random", 0, [(1, 0.91), (2, 0.99)]),
+            _run("random", 1, [(1, 0.5), (2, 0.6)])]
+    assert time_to(runs[0]["curve"], 0.9) == 3 and time_to(runs[3]["curve"], 0.9) is None
+    summary = summarise({"runs": runs, "policies": ["full", "faithful", "double_dqn", "random"]})
+    assert summary["target_val_top1"] == 1.0  # the all-patch runs' mean final validation top-1
+    pol = summary["policies"]
+    assert pol["full"]["time_to_90"] == [3, 2] and pol["full"]["time_to_95"] == [3, 3]
+    assert pol["faithful"]["time_to_90"] == [1.5, None]
+    assert pol["double_dqn"]["time_to_90"] == [1, 3]
+    assert pol["faithful"]["agent_minus_random"] == pytest.approx([0.15, -0.05])
+    assert pol["random"]["time_vs_full"] == pytest.approx(2 / 3 - 1)  # train time 2 s against 3 s
+    lines = verdict(summary)
+    assert lines[:2] == ["Verdict (from the numbers above):", ""]
+    faithful, ddqn = lines[2:]
+    assert faithful == ("- faithful agent: reaches 90 % in 1 of 2 seeds; reaches 95 % in 1 of 2 seeds; final test "
+                        "top-1 -15.0 points vs all patches.")
+    assert ddqn == ("- double-DQN agent: reaches 90 % in 2.0 s, sooner than all patches (2.5 s; sooner in 1 of 2 "
+                    "paired seeds), random masks (k*) reach it in 1 of 2 seeds; reaches 95 % in 3.0 s, as soon as "
+                    "all patches (3.0 s; sooner in 0 of 2 paired seeds), random masks (k*) reach it in 1 of 2 seeds; "
+                    "final test top-1 -1.0 points vs all patches.")
+    assert verdict(summarise({"runs": runs[2:], "policies": ["faithful"]})) == [
+        "Verdict: no all-patch run finished, so there is no target accuracy."]

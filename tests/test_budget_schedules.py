@@ -7,13 +7,14 @@ import yaml
 from rl_prune.cli import train_main
 from rl_prune.config import ConfigError
 from rl_prune.pipeline import rl_pruner_schedule
-from tests.test_train_agent import TINY, read_metrics
+from rl_prune.run_folder import RunFolder
+from tiny import TINY_RUN
 
 SAMPLE_NUM = 2
 
 
 def tiny_config(tmp_path, agent, budget, n_steps=1):
-    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg = yaml.safe_load(yaml.safe_dump(TINY_RUN))
     cfg["run"]["out_dir"] = str(tmp_path / "runs")
     cfg["agent"], cfg["budget"] = agent, budget
     cfg["env"]["n_steps"] = n_steps
@@ -24,14 +25,17 @@ def tiny_config(tmp_path, agent, budget, n_steps=1):
     return path
 
 
-@pytest.mark.parametrize("agent,budget,n_steps", [("rl_pruner", 11, 1), ("rl_pruner_improved", 15, 2)])
-def test_rl_pruner_spends_the_budget(tmp_path, capsys, agent, budget, n_steps):
+#: budget 11 over 1 step: 5 RL epochs x 2 samples = 10; budget 15 over 2 steps: 7 per step, 1 for the improved
+#: guard's reset point, 3 RL epochs x 2 samples, so 2 x (6 + 1) = 14
+@pytest.mark.parametrize("agent,budget,n_steps,spent", [("rl_pruner", 11, 1, 10), ("rl_pruner_improved", 15, 2, 14)])
+def test_rl_pruner_spends_the_budget(tmp_path, capsys, agent, budget, n_steps, spent):
     path = tiny_config(tmp_path, agent, budget, n_steps)
     assert train_main(["--config", str(path), "--name", "b"]) == 0
-    m = read_metrics(tmp_path / "runs" / "b")
+    m = RunFolder(tmp_path / "runs" / "b").read_metrics()
     # lr_epoch 1 in the config would score 2 (+1) per step; the budget's schedule leaves less than one RL epoch
     # per step unused (budget // n_steps per step), and the run scores exactly the schedule it states
     assert budget - n_steps * SAMPLE_NUM < m["n_evaluations"] <= budget
+    assert m["n_evaluations"] == spent
     assert m["budget_schedule"].endswith(f"= {m['n_evaluations']} evaluations, derived from budget {budget} "
                                          "(config lr_epoch 1 replaced)")
     assert m["budget"] == budget and "derived from budget" in m["budget_schedule"]
@@ -58,5 +62,5 @@ def test_too_small_budget_is_refused(tmp_path, capsys):
 def test_summary_line_for_every_agent(tmp_path, capsys):
     path = tiny_config(tmp_path, "uniform", 7)
     assert train_main(["--config", str(path), "--name", "u"]) == 0
-    m = read_metrics(tmp_path / "runs" / "u")
+    m = RunFolder(tmp_path / "runs" / "u").read_metrics()
     assert f"evaluations used {m['n_evaluations']} of budget 7" in capsys.readouterr().out

@@ -57,12 +57,14 @@ SMOKE_AGENT: Dict[str, Dict[str, object]] = {
     "global_taylor": {},
     "latency_knapsack": {},
     "random_search": {"n_candidates": 2},
+    "sensitivity": {"n_ratios": 1},
     "ppo": {**_ON_POLICY, "batch_size": 4, "n_epochs": 1},
     "a2c": dict(_ON_POLICY),
     "trpo": {**_ON_POLICY, "batch_size": 4},
     "sac": dict(_OFF_POLICY),
     "td3": dict(_OFF_POLICY),
     "ddpg": dict(_OFF_POLICY),
+    "amc": {"batch_size": 8, "warmup": 2},
 }
 #: evaluations of an SB3 smoke run (its final deterministic episode included)
 SMOKE_SB3_BUDGET = 7

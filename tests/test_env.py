@@ -13,13 +13,7 @@ from pruning_env.costs import count_costs
 from pruning_env.data import preload
 from pruning_env.envs.prune_env import GLOBAL_FEATURES, GROUP_FEATURES
 from pruning_env.training import evaluate
-from tiny import TinyNet, tiny_env, tiny_splits
-
-
-@pytest.fixture
-def synthetic_splits():
-    """Generated 16x16 images: a quarter of the conftest set's compute (the box is shared by many)."""
-    return tiny_splits()
+from tiny import TinyNet, tiny_env
 
 
 def make_env(splits, **kwargs):
@@ -27,8 +21,8 @@ def make_env(splits, **kwargs):
 
 
 @pytest.fixture
-def env(synthetic_splits):
-    return make_env(synthetic_splits)
+def env(splits):
+    return make_env(splits)
 
 
 def test_spaces_and_groups(env):
@@ -43,17 +37,17 @@ def test_spaces_and_groups(env):
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(action_mode="distribution", budget="flops", n_steps=2)])
-def test_gymnasium_check_env(synthetic_splits, kwargs):
+def test_gymnasium_check_env(splits, kwargs):
     from gymnasium.utils.env_checker import check_env
 
-    check_env(make_env(synthetic_splits, **kwargs), skip_render_check=True)
+    check_env(make_env(splits, **kwargs), skip_render_check=True)
 
 
-def test_sb3_check_env(synthetic_splits):
+def test_sb3_check_env(splits):
     from stable_baselines3.common.env_checker import check_env
 
     with pytest.warns(UserWarning):  # SB3 recommends a symmetric [-1, 1] action Box; agents rescale
-        check_env(make_env(synthetic_splits, n_steps=2, budget="channels"), warn=True)
+        check_env(make_env(splits, n_steps=2, budget="channels"), warn=True)
 
 
 def rollout(env, seed, n_max=20):
@@ -68,19 +62,19 @@ def rollout(env, seed, n_max=20):
     return trace
 
 
-def test_seeding_makes_runs_equal(synthetic_splits):
+def test_seeding_makes_runs_equal(splits):
     from gymnasium.utils.env_checker import data_equivalence
 
     kw = dict(n_steps=3, budget="flops", recovery="kd", recovery_batches=1)
-    a = rollout(make_env(synthetic_splits, **kw), seed=7)
-    b = rollout(make_env(synthetic_splits, **kw), seed=7)
+    a = rollout(make_env(splits, **kw), seed=7)
+    b = rollout(make_env(splits, **kw), seed=7)
     assert len(a) == len(b) == 4
     assert data_equivalence(a, b, exact=True)
 
 
 @pytest.mark.parametrize("metric", ["flops", "channels", "params"])
-def test_random_episode_terminates_at_target(synthetic_splits, metric):
-    env = make_env(synthetic_splits, target=0.4, target_metric=metric, max_step_sparsity=0.3)
+def test_random_episode_terminates_at_target(splits, metric):
+    env = make_env(splits, target=0.4, target_metric=metric, max_step_sparsity=0.3)
     trace = rollout(env, seed=3)
     *_, (obs, reward, terminated, truncated, info) = trace
     assert terminated and not truncated
@@ -92,8 +86,8 @@ def test_random_episode_terminates_at_target(synthetic_splits, metric):
 
 
 @pytest.mark.parametrize("mode", ["sparsity", "distribution"])
-def test_budget_meets_cumulative_goal(synthetic_splits, mode):
-    env = make_env(synthetic_splits, model=TinyNet(), action_mode=mode, budget="flops", n_steps=2, target=0.5)
+def test_budget_meets_cumulative_goal(splits, mode):
+    env = make_env(splits, model=TinyNet(), action_mode=mode, budget="flops", n_steps=2, target=0.5)
     trace = rollout(env, seed=1)
     assert len(trace) == 3  # exactly n_steps
     first, last = trace[1][4], trace[2][4]
@@ -101,12 +95,15 @@ def test_budget_meets_cumulative_goal(synthetic_splits, mode):
     # channel granularity of a 12-16-20 channel net: within a few percent of the cumulative goals
     assert abs(first["flops_reduction"] - 0.25) < 0.06
     assert abs(last["flops_reduction"] - 0.5) < 0.06
+    # exactly: the cumulative goals the steps aimed at, both reachable
+    assert (first["budget_goal"], last["budget_goal"]) == (0.25, 0.5)
+    assert first["budget_missed"] is False and last["budget_missed"] is False
 
 
-def test_budget_is_met_when_the_named_groups_cannot_carry_it(synthetic_splits):
+def test_budget_is_met_when_the_named_groups_cannot_carry_it(splits):
     # only one group named: even at max_step_sparsity it cannot remove half the FLOPs alone, so the env
     # raises the other groups to a common floor instead of silently missing the budget
-    env = make_env(synthetic_splits, model=TinyNet(), action_mode="sparsity", budget="flops", n_steps=1,
+    env = make_env(splits, model=TinyNet(), action_mode="sparsity", budget="flops", n_steps=1,
                    target=0.5)
     env.reset(seed=0)
     action = np.zeros(env.n_groups, dtype=np.float32)
@@ -114,13 +111,14 @@ def test_budget_is_met_when_the_named_groups_cannot_carry_it(synthetic_splits):
     _, _, terminated, _, info = env.step(action)
     assert terminated
     assert abs(info["flops_reduction"] - 0.5) < 0.06
+    assert info["budget_goal"] == 0.5 and info["budget_missed"] is False  # met, not silently missed
     # the named group is pruned hardest
     removed = 1.0 - info["kept_channels"] / env.original_channels
     assert removed[-1] == removed.max()
 
 
-def test_distribution_channel_budget_is_authors_m(synthetic_splits):
-    env = make_env(synthetic_splits, action_mode="distribution", target_metric="channels", n_steps=4, target=0.4)
+def test_distribution_channel_budget_is_authors_m(splits):
+    env = make_env(splits, action_mode="distribution", target_metric="channels", n_steps=4, target=0.4)
     env.reset(seed=0)
     filter_num = int((env.layer_counts * env.original_channels).sum())
     m = int(filter_num * 0.4 / 4)
@@ -130,8 +128,8 @@ def test_distribution_channel_budget_is_authors_m(synthetic_splits):
     assert abs(int((env.layer_counts * removed).sum()) - m) <= int(env.layer_counts.max())
 
 
-def test_reward_matches_formula_and_measurements(synthetic_splits):
-    env = make_env(synthetic_splits, alpha=0.3, beta=0.7)
+def test_reward_matches_formula_and_measurements(splits):
+    env = make_env(splits, alpha=0.3, beta=0.7)
     env.reset(seed=0)
     _, reward, _, _, info = env.step(np.full(env.n_groups, 0.5, dtype=np.float32))
     assert reward == pytest.approx(info["accuracy"] + 0.3 * info["flops_reduction"] + 0.7 * info["params_reduction"])
@@ -140,7 +138,7 @@ def test_reward_matches_formula_and_measurements(synthetic_splits):
     assert (info["macs"], info["params"]) == (cost.macs, cost.params)
     assert info["flops_reduction"] == pytest.approx(1 - cost.macs / cost0.macs)
     assert info["params_reduction"] == pytest.approx(1 - cost.params / cost0.params)
-    x, y = preload(synthetic_splits.val, n=24, seed=0)
+    x, y = preload(splits.val, n=24, seed=0)
     assert info["accuracy"] == pytest.approx(evaluate(env.model, (x, y))["top1"])
     assert info["kept_channels"].tolist() == env.current_channels.tolist()
     np.testing.assert_allclose(info["group_sparsity"], 1 - env.current_channels / env.original_channels)
@@ -163,8 +161,8 @@ def test_lookahead_leaves_state_unchanged_and_step_reuses_it(env):
     assert info_step["kept_channels"].tolist() == info["kept_channels"].tolist()
 
 
-def test_snapshot_restore_round_trip(synthetic_splits):
-    env = make_env(synthetic_splits, n_steps=3, budget="channels")
+def test_snapshot_restore_round_trip(splits):
+    env = make_env(splits, n_steps=3, budget="channels")
     env.reset(seed=0)
     snap = env.snapshot()
     obs_a, r_a, *_ = env.step(np.full(env.n_groups, 0.3, dtype=np.float32))
@@ -178,7 +176,7 @@ def test_snapshot_restore_round_trip(synthetic_splits):
         env.restore("not a snapshot")
 
 
-def test_model_is_traced_once_and_steps_derive_the_groups(synthetic_splits, monkeypatch):
+def test_model_is_traced_once_and_steps_derive_the_groups(splits, monkeypatch):
     from pruning_env.pruning.graph import DependencyGraph
 
     traces = []
@@ -189,7 +187,7 @@ def test_model_is_traced_once_and_steps_derive_the_groups(synthetic_splits, monk
         return build(cls, *args, **kwargs)
 
     monkeypatch.setattr(DependencyGraph, "build", classmethod(counted_build))
-    env = make_env(synthetic_splits, n_steps=3, budget="flops")
+    env = make_env(splits, n_steps=3, budget="flops")
     for episode in range(2):
         env.reset(seed=episode)
         snap = env.snapshot()
@@ -231,21 +229,21 @@ def test_bad_inputs(env):
         env.evaluate_action(good)
 
 
-def test_constructor_rejects_bad_arguments(synthetic_splits):
+def test_constructor_rejects_bad_arguments(splits):
     for kwargs, match in [(dict(action_mode="nope"), "action_mode"), (dict(budget="energy"), "budget"),
                           (dict(target=1.5), "target"), (dict(n_steps=0), "n_steps"),
                           (dict(recovery="sgd"), "recovery"), (dict(target_metric="acc"), "target_metric")]:
         with pytest.raises(ValueError, match=match):
-            make_env(synthetic_splits, **kwargs)
+            make_env(splits, **kwargs)
     with pytest.raises(ValueError, match="7 outputs but dataset 'synthetic' has 10 classes"):
-        make_env(synthetic_splits, model=TinyNet(num_classes=7))
+        make_env(splits, model=TinyNet(num_classes=7))
 
 
-def test_source_model_is_never_modified(synthetic_splits):
+def test_source_model_is_never_modified(splits):
     torch.manual_seed(0)
     source = TinyNet()
     before = copy.deepcopy(source.state_dict())
-    env = make_env(synthetic_splits, model=source, n_steps=2, budget="flops", recovery="kd", recovery_batches=2)
+    env = make_env(splits, model=source, n_steps=2, budget="flops", recovery="kd", recovery_batches=2)
     original_before = copy.deepcopy(env.original_model.state_dict())
     rollout(env, seed=0)
     assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
@@ -255,17 +253,17 @@ def test_source_model_is_never_modified(synthetic_splits):
     assert all(torch.equal(original_before[k], v) for k, v in env.model.state_dict().items())
 
 
-def test_train_mode_importance_nudges_bn_of_the_state_not_the_original(synthetic_splits):
+def test_train_mode_importance_nudges_bn_of_the_state_not_the_original(splits):
     # the authors' side effect (spec §9.2): BN running stats of the pruned-from model move once per state
-    env = make_env(synthetic_splits, importance_train_mode=True)
+    env = make_env(splits, importance_train_mode=True)
     original_before = copy.deepcopy(env.original_model.state_dict())
     env.reset(seed=0)
     assert not torch.equal(env.model.bn1.running_mean, env.original_model.bn1.running_mean)
     assert all(torch.equal(original_before[k], v) for k, v in env.original_model.state_dict().items())
 
 
-def test_recovery_reports_accuracy_and_timings(synthetic_splits):
-    env = make_env(synthetic_splits, n_steps=2, budget="flops", recovery="ce", recovery_batches=1,
+def test_recovery_reports_accuracy_and_timings(splits):
+    env = make_env(splits, n_steps=2, budget="flops", recovery="ce", recovery_batches=1,
                    record_timings=True)
     env.reset(seed=0)
     _, _, terminated, _, info = env.step(np.full(env.n_groups, 0.5))
@@ -276,8 +274,8 @@ def test_recovery_reports_accuracy_and_timings(synthetic_splits):
     assert terminated and "accuracy_recovered" not in info  # no recovery after the final step
 
 
-def test_budget_free_episode_is_truncated_by_max_steps(synthetic_splits):
-    env = make_env(synthetic_splits, target=0.9, max_steps=2)
+def test_budget_free_episode_is_truncated_by_max_steps(splits):
+    env = make_env(splits, target=0.9, max_steps=2)
     env.reset(seed=0)
     _, _, terminated, truncated, _ = env.step(np.full(env.n_groups, 0.01))
     assert not terminated and not truncated
@@ -286,10 +284,10 @@ def test_budget_free_episode_is_truncated_by_max_steps(synthetic_splits):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(synthetic_splits):
+def test_cuda_matches_cpu(splits):
     runs = {}
     for device in ("cpu", "cuda"):
-        env = make_env(synthetic_splits, device=device, n_steps=2, budget="flops", amp=False)
+        env = make_env(splits, device=device, n_steps=2, budget="flops", amp=False)
         runs[device] = rollout(env, seed=0)[1:]
         assert next(env.model.parameters()).device.type == device
     for cpu, cuda in zip(runs["cpu"], runs["cuda"]):
@@ -314,9 +312,9 @@ def count_finetunes(monkeypatch):
     return calls
 
 
-def test_lookahead_never_fine_tunes(synthetic_splits, monkeypatch):
+def test_lookahead_never_fine_tunes(splits, monkeypatch):
     calls = count_finetunes(monkeypatch)
-    env = make_env(synthetic_splits, n_steps=3, budget="flops", recovery="kd", recovery_batches=1)
+    env = make_env(splits, n_steps=3, budget="flops", recovery="kd", recovery_batches=1)
     env.reset(seed=0)
     action = np.full(env.n_groups, 0.3, dtype=np.float32)
     env.evaluate_action(action)
@@ -332,18 +330,18 @@ def test_lookahead_never_fine_tunes(synthetic_splits, monkeypatch):
     assert len(calls) == 1 and "accuracy_recovered" in info and not info["lookahead"]
 
 
-def test_recovery_period_recovers_every_nth_step(synthetic_splits, monkeypatch):
+def test_recovery_period_recovers_every_nth_step(splits, monkeypatch):
     calls = count_finetunes(monkeypatch)
-    env = make_env(synthetic_splits, n_steps=5, budget="flops", recovery="ce", recovery_batches=1, recovery_period=2)
+    env = make_env(splits, n_steps=5, budget="flops", recovery="ce", recovery_batches=1, recovery_period=2)
     env.reset(seed=0)
     recovered = ["accuracy_recovered" in env.step(np.full(env.n_groups, 0.3))[4] for _ in range(5)]
     assert recovered == [False, True, False, True, False] and len(calls) == 2  # never after the final step
 
 
-def test_recovery_keeps_the_best_snapshot(synthetic_splits, monkeypatch):
+def test_recovery_keeps_the_best_snapshot(splits, monkeypatch):
     calls = count_finetunes(monkeypatch)
     # a learning rate that wrecks the model: the best snapshot is the one before recovery
-    env = make_env(synthetic_splits, n_steps=2, budget="flops", recovery="ce", recovery_epochs=1, recovery_lr=50.0,
+    env = make_env(splits, n_steps=2, budget="flops", recovery="ce", recovery_epochs=1, recovery_lr=50.0,
                    recovery_best_snapshot=True)
     env.reset(seed=0)
     _, _, _, _, info = env.step(np.full(env.n_groups, 0.3))
@@ -352,10 +350,10 @@ def test_recovery_keeps_the_best_snapshot(synthetic_splits, monkeypatch):
     assert all(torch.isfinite(p).all() for p in env.model.parameters())
 
 
-def test_teacher_switch_follows_the_better_student(synthetic_splits, monkeypatch):
+def test_teacher_switch_follows_the_better_student(splits, monkeypatch):
     calls = count_finetunes(monkeypatch)
     # an untrained original model (about 10% on 10 classes) is beaten by a few epochs of KD + CE recovery
-    env = make_env(synthetic_splits, n_steps=3, target=0.3, budget="flops", recovery="kd", recovery_epochs=3,
+    env = make_env(splits, n_steps=3, target=0.3, budget="flops", recovery="kd", recovery_epochs=3,
                    recovery_lr=0.05, kd_soft_weight=0.25, teacher_switch=True, recovery_best_snapshot=True)
     env.reset(seed=0)
     snap = env.snapshot()
@@ -371,8 +369,8 @@ def test_teacher_switch_follows_the_better_student(synthetic_splits, monkeypatch
     assert calls[2]["teacher"] is env.original_model
 
 
-def test_public_planning_api_for_agents(synthetic_splits):
-    env = make_env(synthetic_splits, n_steps=2, budget="flops")
+def test_public_planning_api_for_agents(splits):
+    env = make_env(splits, n_steps=2, budget="flops")
     env.reset(seed=0)
     assert env.pruner is env.snapshot().pruner and env.pruner.n_groups == env.n_groups
     np.testing.assert_array_equal(env.group_importance, env.pruner.group_importance())
@@ -412,6 +410,7 @@ def test_env_prunes_a_torchvision_classifier_on_an_image_folder(tmp_path):
     _, reward, terminated, _, info = env.step(np.full(env.n_groups, 0.5, dtype=np.float32))
     assert terminated and np.isfinite(reward)
     assert info["flops_reduction"] == pytest.approx(0.5, abs=0.02)
+    assert info["budget_goal"] == 0.5 and info["budget_missed"] is False
     before = count_costs(net, (3, 32, 32))
     after = count_costs(env.model, (3, 32, 32))
     assert after.params < 0.8 * before.params and after.macs < 0.55 * before.macs

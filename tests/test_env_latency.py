@@ -3,14 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import tiny_env, tiny_splits
+from tiny import tiny_env
 
 GRID = (0.25, 0.5, 1.0)
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +95,58 @@ def test_checkers_pass_on_a_latency_budget(splits, cache, reachable):
 
     check_env(_env(splits, cache, target=reachable))
     sb3_check_env(_env(splits, cache, target=reachable), warn=False)
+
+
+def test_knapsack_agent_meets_the_latency_budget_and_counts_its_evaluations(splits, cache, reachable):
+    """The knapsack agent on a two-step latency budget: every step meets its goal in predicted latency, the final
+    model is at the target, and the only models scored are the steps' own (its cost queries build no model)."""
+    from agents.common.monitor import PruneMonitor
+    from agents.knapsack import LatencyKnapsackPruner, knapsack_keep
+    from pruning_env.envs.budget import cumulative_goal
+
+    env = _env(splits, cache, target=reachable, n_steps=2)
+    agent = LatencyKnapsackPruner(PruneMonitor(env, max_evaluations=10), seed=0)
+    agent.learn()
+    assert agent.episodes == 1 and len(agent.history) == 2
+    best = agent.best["info"]
+    model = env.latency_model
+    kept = np.asarray(best["kept_channels"])
+    assert best["predicted_latency"] == pytest.approx(float(model.predict(kept)))
+    # the env's budget mapping then picks the reachable kept vector closest to the goal (the tiny net's steps are
+    # coarse), as for every agent
+    assert abs(best["latency_reduction"] - reachable) < 0.5 * reachable
+    for step, row in enumerate(agent.history, start=1):
+        assert row["knapsack_met"] and row["n_evaluations"] == step
+    # the knapsack's own plan meets each step's goal in predicted latency (replayed on a fresh episode)
+    env.reset(seed=0)
+    for step in (1, 2):
+        goal = cumulative_goal(reachable, step, 2)
+        result = knapsack_keep(env.pruner, lambda k: np.array([float(model.predict(r)) / model.original
+                                                               for r in np.atleast_2d(k)]), 1.0 - goal)
+        assert result.met and 1.0 - float(model.predict(result.keep)) / model.original >= goal - 1e-9
+        env.step(agent.predict()[0])
+    assert np.all(kept <= env.original_channels) and np.all(kept >= 1)
+    # one scored model per step: agent, monitor and env count the same two evaluations
+    assert agent.n_evaluations == env.n_evaluations == 2
+
+
+def test_quickstart_with_a_latency_target_runs_and_passes_both_checkers(tmp_path):
+    import gymnasium as gym
+    from gymnasium.utils.env_checker import check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    import pruning_env  # noqa: F401  (registers the ids)
+
+    env = gym.make("RLPrune-quickstart", target_metric="latency", target=0.5, checkpoint=str(tmp_path / "q.pt"),
+                   auto_pretrain_epochs=1, device="cpu", reward_samples=100, calibration_size=16,
+                   latency_cache=str(tmp_path / "latency"), latency_grid=GRID)
+    assert env.unwrapped.budget == "latency" and env.unwrapped.latency_model is not None
+    env.reset(seed=0)
+    env.action_space.seed(0)
+    _, _, terminated, _, info = env.step(env.action_space.sample())
+    assert terminated
+    assert info["latency_reduction"] == pytest.approx(0.5, abs=env.unwrapped.target_tolerance + 0.02)
+    assert info["target_progress"] == pytest.approx(info["latency_reduction"])
+    check_env(env.unwrapped, skip_render_check=True)
+    with pytest.warns(UserWarning):  # SB3 recommends a symmetric [-1, 1] action Box; agents rescale
+        sb3_check_env(env.unwrapped, warn=True)

@@ -128,6 +128,7 @@ def test_quickstart_runs_a_random_episode_offline(tmp_path):
         steps += 1
     assert terminated and steps == QUICKSTART_KWARGS["n_steps"]
     assert info["flops_reduction"] == pytest.approx(QUICKSTART_KWARGS["target"], abs=0.03)
+    assert info["budget_goal"] == QUICKSTART_KWARGS["target"] and info["budget_missed"] is False
     assert reward == pytest.approx(info["accuracy"] + 0.25 * info["flops_reduction"]
                                    + 0.25 * info["params_reduction"])
 
@@ -147,6 +148,7 @@ def test_every_zoo_model_runs_two_budgeted_steps(model):
     infos = [env.step(env.action_space.sample())[4] for _ in range(2)]
     assert env.snapshot().terminated
     assert infos[1]["flops_reduction"] == pytest.approx(0.5, abs=0.05)
+    assert [i["budget_goal"] for i in infos] == [0.25, 0.5] and not any(i["budget_missed"] for i in infos)
 
 
 def test_registering_ids_does_not_load_the_envs(monkeypatch):

@@ -13,7 +13,7 @@ from pruning_env.data import preload
 from pruning_env.envs.config import PruneEnvConfig
 from pruning_env.envs.reward import REWARD_ESTIMATORS, recalibrate_bn
 from pruning_env.training import evaluate, kd_loss
-from tests.tiny import TinyNet, tiny_env
+from tiny import TinyNet, tiny_env
 
 ACTION = np.array([0.3, 0.5, 0.2], dtype=np.float32)
 
@@ -108,8 +108,14 @@ def test_adaptive_bn_is_top1_after_recalibration_on_training_images(splits):
     assert info["accuracy"] == pytest.approx(evaluate(recalibrated, env.task.reward_data)["top1"])
 
 
-@pytest.mark.parametrize("name", ["adaptive_bn", "short_kd", "bn_kd_loss", "multi_fidelity"])
-def test_train_mode_passes_see_training_images_only(splits, name):
+@pytest.mark.parametrize("name,extra", [
+    ("adaptive_bn", {}), ("short_kd", {}), ("bn_kd_loss", {}), ("multi_fidelity", {}),
+    # variant (a), more images per estimate: every validation image, BN statistics from more training batches
+    ("adaptive_bn", {"reward_samples": None, "reward_train_images": 64, "reward_bn_batch_size": 8}),
+    ("bn_kd_loss", {"reward_samples": None, "reward_train_images": 64, "reward_bn_batch_size": 8}),
+    ("multi_fidelity", {"reward_refine_base": "bn_kd_loss", "reward_samples": None}),
+])
+def test_train_mode_passes_see_training_images_only(splits, name, extra):
     """Every forward pass with a BatchNorm layer in train mode (statistics or KD updates) gets training images:
     each image equals one of the training split's images (un-augmented) and none of validation or test."""
     def plain(dataset):
@@ -125,8 +131,8 @@ def test_train_mode_passes_see_training_images_only(splits, name):
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(spy)
     try:
-        env = tiny_env(splits, reward_estimator=name, reward_train_images=32, reward_kd_batches=2, budget="flops",
-                       target=0.4)
+        env = tiny_env(splits, **{"reward_estimator": name, "reward_train_images": 32, "reward_kd_batches": 2,
+                                  "budget": "flops", "target": 0.4, **extra})
         env.reset(seed=0)
         env.evaluate_action(ACTION)
         env.evaluate_actions([ACTION + np.float32(0.05), ACTION + np.float32(0.1)])  # multi_fidelity's fine-tunes

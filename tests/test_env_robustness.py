@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import pruning_env  # noqa: F401  (registers the ids)
 from pruning_env.envs.config import PruneEnvConfig
-from tiny import TinyNet, tiny_env, tiny_splits
+from tiny import TinyNet, tiny_env
 
 #: a tiny zoo model on the embedded digits, untrained: builds in a fraction of a second
 FAST = dict(pretrained=False, width=0.0625, val_size=64, reward_samples=32, calibration_size=8, device="cpu")
@@ -59,8 +59,7 @@ def test_unknown_setting_lists_the_valid_ones():
         gym.make("RLPrune-vgg11-digits", alhpa=0.1, **FAST)
 
 
-def test_config_object_and_keywords_build_the_same_env():
-    splits = tiny_splits()
+def test_config_object_and_keywords_build_the_same_env(splits):
     cfg = PruneEnvConfig(model=TinyNet(), dataset=splits, reward_samples=24, calibration_size=16, seed=0,
                          n_steps=2, budget="flops")
     from pruning_env.envs.prune_env import PruneEnv
@@ -79,9 +78,9 @@ def test_impossible_budget_is_refused_at_construction():
         gym.make("RLPrune-vgg11-digits", min_channels=10**6, budget="flops", **FAST)
 
 
-def test_budget_missed_by_the_last_step_ends_truncated_with_the_reason():
+def test_budget_missed_by_the_last_step_ends_truncated_with_the_reason(splits):
     # one step of at most 10% per group cannot remove half the FLOPs: reported, never "terminated"
-    env = tiny_env(tiny_splits(), budget="flops", n_steps=1, target=0.5, max_step_sparsity=0.1)
+    env = tiny_env(splits, budget="flops", n_steps=1, target=0.5, max_step_sparsity=0.1)
     env.reset(seed=0)
     _, reward, terminated, truncated, info = env.step(np.ones(env.n_groups, dtype=np.float32))
     assert truncated and not terminated and math.isfinite(reward)
@@ -89,8 +88,8 @@ def test_budget_missed_by_the_last_step_ends_truncated_with_the_reason():
     assert "budget could not be met" in info["truncated_reason"]
 
 
-def test_budget_free_episode_at_the_floor_is_truncated_with_the_reason():
-    env = tiny_env(tiny_splits(), target=0.99, min_channels=4)
+def test_budget_free_episode_at_the_floor_is_truncated_with_the_reason(splits):
+    env = tiny_env(splits, target=0.99, min_channels=4)
     env.reset(seed=0)
     terminated = truncated = False
     while not (terminated or truncated):

@@ -3,13 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import TinyNet, tiny_splits
+from tiny import TinyNet
 from pruning_env.envs.layerwise_env import LAYER_FEATURES, LayerwisePruneEnv
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return tiny_splits()
 
 
 def make(splits, **kwargs):

@@ -21,7 +21,7 @@ from pruning_env.models import create_model
 from pruning_env.persistence import load_parts, read_header, save_parts
 from pruning_env.runtime import atomic_save
 from rl_prune.run_folder import CHECKPOINT_KIND, CHECKPOINT_VERSION, RunFolder
-from tiny import TinyNet, tiny_env, tiny_splits
+from tiny import TinyNet, tiny_env
 
 
 def _old_zip_writer(path, kind, version, data, files=None, info=None):
@@ -113,8 +113,8 @@ def test_wrong_kind_and_version_are_named(tmp_path):
         read_meta(tmp_path / "nope.pt")
 
 
-def test_agent_file_of_the_earlier_writer_loads(tmp_path):
-    env = tiny_env(tiny_splits(), action_mode="sparsity", budget="flops", target=0.3, n_steps=1)
+def test_agent_file_of_the_earlier_writer_loads(splits, tmp_path):
+    env = tiny_env(splits, action_mode="sparsity", budget="flops", target=0.3, n_steps=1)
     agent = UniformPruner(env)
     agent.learn()
     saved = agent.save(tmp_path / "new.pt")

@@ -9,15 +9,10 @@ import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import swin_transformer as swin
-from torchvision.models.maxvit import MaxVit
-from torchvision.models.vision_transformer import VisionTransformer
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, UnsupportedModelError, attention_handler, zeroed_copy
-from test_pruning_generality import _randomise
-from test_pruning_nets import check_built, random_plan
-from test_pruning_zoo import hooked_group_costs
+from tiny import check_built, hooked_group_costs, random_plan, randomise, tiny_maxvit, tiny_swin, tiny_vit
 
 
 class MHABlock(nn.Module):
@@ -36,22 +31,6 @@ class MHABlock(nn.Module):
             t = t.transpose(0, 1)
         t = t + self.attn(t, t, t, need_weights=False)[0]
         return self.head(t.mean(1 if self.batch_first else 0))
-
-
-def tiny_swin(v2: bool = False) -> nn.Module:
-    extra = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if v2 else {}
-    return swin.SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 4],
-                                window_size=[2, 2], num_classes=3, **extra)
-
-
-def tiny_vit() -> nn.Module:
-    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64,
-                             num_classes=3)
-
-
-def tiny_maxvit() -> nn.Module:
-    return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
-                  block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=3)
 
 
 MODELS = {
@@ -84,7 +63,7 @@ def head_groups(pruner):
 def test_heads_prune_to_the_zeroed_original(name):
     build, size = MODELS[name]
     torch.manual_seed(0)
-    model = _randomise(build())
+    model = randomise(build())
     x = torch.randn(3, 3, size, size)
     pruner = Pruner(model, x[:1])
     heads = head_groups(pruner)
@@ -124,7 +103,7 @@ def test_the_counter_sees_the_attention_products(name):
 
 def test_head_scores_sum_their_rows_and_filter_scope_works():
     torch.manual_seed(0)
-    model = _randomise(MHABlock(True))
+    model = randomise(MHABlock(True))
     pruner = Pruner(model, torch.randn(1, 3, 16, 16))
     gi = pruner.group_names.index("attn")
     scores = pruner.compute_importance(criterion="l1")[gi]
@@ -153,7 +132,7 @@ def test_ignored_or_cross_attention_stays_opaque():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 16, 16)
     assert Pruner(CrossBlock().eval(), x).group_names == ["fc1"]  # cross-attention: opaque (heads kept)
-    model = _randomise(CrossBlock())
+    model = randomise(CrossBlock())
     model.forward = lambda x: MHABlock.forward(model, x)  # self-attention: heads prunable unless ignored
     assert "attn" in Pruner(model, x).group_names
     with pytest.raises(UnsupportedModelError, match="no prunable channel group"):
@@ -164,7 +143,7 @@ def test_ignored_or_cross_attention_stays_opaque():
 
 def test_head_pruned_mha_matches_the_zeroed_module_with_masks_and_weights():
     torch.manual_seed(0)
-    model = _randomise(MHABlock(True))
+    model = randomise(MHABlock(True))
     pruner = Pruner(model, torch.randn(1, 3, 16, 16))
     pruner.compute_importance(criterion="l1")
     keep = np.where(np.array(pruner.group_names) == "attn", 2, pruner.num_channels)

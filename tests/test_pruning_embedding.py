@@ -15,10 +15,7 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 from pruning_env.costs import count_costs
 from pruning_env.envs import PruneEnvConfig
 from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
-from test_pruning_attention import tiny_maxvit, tiny_swin, tiny_vit
-from test_pruning_generality import _randomise
-from test_pruning_nets import check_built, random_plan
-from test_pruning_zoo import hooked_group_costs
+from tiny import check_built, hooked_group_costs, random_plan, randomise, tiny_maxvit, tiny_swin, tiny_vit
 
 
 def tiny_convnext() -> nn.Module:
@@ -52,7 +49,7 @@ def embedding_group(pruner, name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_embedding_width_prunes_to_the_kept_statistics_reference(name):
     torch.manual_seed(0)
-    model = _randomise(MODELS[name]())
+    model = randomise(MODELS[name]())
     x = torch.randn(3, 3, 32, 32)
     pruner = Pruner(model, x[:1], prune_normalized=True)
     gi = embedding_group(pruner, name)
@@ -93,7 +90,7 @@ def test_embedding_width_prunes_to_the_kept_statistics_reference(name):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_without_the_option_normalised_channels_stay(name):
     torch.manual_seed(0)
-    model = _randomise(MODELS[name]())
+    model = randomise(MODELS[name]())
     pruner = Pruner(model, torch.randn(1, 3, 32, 32))
     assert not layer_norms(pruner) and not pruner.graph.params
     assert all(g.members[0] != EMBEDDING[name][0] for g in pruner.groups)
@@ -103,7 +100,7 @@ def test_without_the_option_normalised_channels_stay(name):
 
 def test_vit_embedding_parameters_and_width_attribute_shrink():
     torch.manual_seed(0)
-    model = _randomise(tiny_vit())
+    model = randomise(tiny_vit())
     pruner = Pruner(model, torch.randn(1, 3, 32, 32), prune_normalized=True)
     assert set(pruner.graph.params) == {"class_token", "encoder.pos_embedding"}
     pruner.compute_importance(criterion="l1")
@@ -170,7 +167,7 @@ def test_env_config_validates_the_option():
 
 def test_maxvit_attention_reads_the_pruned_stream_and_loses_heads():
     torch.manual_seed(0)
-    model = _randomise(tiny_maxvit())
+    model = randomise(tiny_maxvit())
     pruner = Pruner(model, torch.randn(1, 3, 32, 32), prune_normalized=True)
     stream = pruner.groups[embedding_group(pruner, "maxvit")]
     attn_name = "blocks.0.layers.0.layers.window_attention.attn_layer.1"

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torchvision.models.shufflenetv2 import InvertedResidual
 
 from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
-from test_pruning_nets import check_built, random_plan
-from test_pruning_zoo import hooked_group_costs
+from tiny import check_built, hooked_group_costs, random_plan, randomise
 
 
 class GroupedBlock(nn.Module):
@@ -124,19 +123,6 @@ def shufflenet_stage() -> nn.Module:
                          InvertedResidual(16, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
 
 
-def _randomise(model: nn.Module) -> nn.Module:
-    """Non-zero biases and BatchNorm statistics, so that a wrong cut shows in the logits."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-            for p in m.parameters(recurse=False):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 # name -> (builder, the group names the construct must yield, granularities > 1)
 CONSTRUCTS = {
     "grouped_se": (GroupedBlock, {"stem residual (stem.0+conv3)", "conv1 se (conv1+se.3)", "se.1"},
@@ -152,7 +138,7 @@ CONSTRUCTS = {
 def test_construct_prunes_to_the_zeroed_original(name):
     build, expected, granularity = CONSTRUCTS[name]
     torch.manual_seed(0)
-    model = _randomise(build())
+    model = randomise(build())
     x = torch.randn(3, 3, 16, 16)
     pruner = Pruner(model, x[:1])
     assert set(pruner.group_names) == expected
@@ -172,7 +158,7 @@ def test_construct_prunes_to_the_zeroed_original(name):
 
 def test_grouped_conv_halves_conv_groups_and_macs():
     """50 % of a grouped conv's channels removes half its conv groups: its MACs fall to a quarter."""
-    model = _randomise(GroupedBlock())
+    model = randomise(GroupedBlock())
     pruner = Pruner(model, torch.randn(1, 3, 16, 16))
     pruner.compute_importance(criterion="l1")
     new = pruner.apply(pruner.plan(sparsity=0.5))
@@ -182,7 +168,7 @@ def test_grouped_conv_halves_conv_groups_and_macs():
 
 def test_shuffled_channels_are_kept_and_the_branches_pruned():
     """The shuffle keeps the block outputs whole; each branch's inner width (and the stem) is pruned."""
-    pruner = Pruner(_randomise(shufflenet_stage()), torch.randn(1, 3, 16, 16))
+    pruner = Pruner(randomise(shufflenet_stage()), torch.randn(1, 3, 16, 16))
     groups = {g.name: g for g in pruner.groups}
     assert groups["3.branch2.0"].consumers == ("3.branch2.5",) and groups["3.branch2.0"].followers == (
         "3.branch2.1", "3.branch2.3", "3.branch2.4")

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 from pruning_env.pruning import DependencyGraph, Pruner, PrunePlan, UnsupportedModelError
-from test_pruning_nets import ChannelGroupSumNet, ChannelShuffleNet, ChannelSliceNet, mixed_net
+from tiny import ChannelGroupSumNet, ChannelShuffleNet, mixed_net
 
 
 def _by_member(pruner):

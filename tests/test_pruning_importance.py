@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning_env.pruning import MagnitudeImportance, Pruner
-from test_pruning_nets import mixed_net
+from tiny import mixed_net
 
 
 def _chain():

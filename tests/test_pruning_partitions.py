@@ -10,8 +10,7 @@ import numpy as np
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, zeroed_copy
-from test_pruning_nets import ChannelSliceNet, ConvBN, check_built, random_plan
-from test_pruning_zoo import hooked_group_costs
+from tiny import ChannelSliceNet, ConvBN, check_built, hooked_group_costs, random_batchnorm, random_plan
 
 
 class C2f(nn.Module):
@@ -94,16 +93,6 @@ class ChunkAfterAdd(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def _randomise(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
 def _check_built(model, pruner, x, plan):
     """``check_built`` where every member is whole; else the cost checks alone (a cut layer's width is the sum of
     its parts' groups, not one group's)."""
@@ -125,7 +114,7 @@ MODELS = {"c2f": C2f, "split": EqualSplit, "ghost": Ghost, "csp": CSP, "slice": 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_partitions_prune_to_the_zeroed_original(name):
     torch.manual_seed(0)
-    model = _randomise(MODELS[name]())
+    model = random_batchnorm(MODELS[name]())
     x = torch.randn(3, 3, 16, 16)
     pruner = Pruner(model, x[:1])
     pruner.compute_importance(criterion="l1")
@@ -142,7 +131,7 @@ def test_partitions_prune_to_the_zeroed_original(name):
 
 def test_chunked_halves_lose_the_same_channels_and_stay_equal():
     """C2f: cv1's output is one group of 6 channels (the two halves tied), pruned in both halves."""
-    model = _randomise(C2f())
+    model = random_batchnorm(C2f())
     x = torch.randn(2, 3, 16, 16)
     pruner = Pruner(model, x[:1])
     # both halves, and the bottlenecks' residual adds on the second one, are one group
@@ -159,11 +148,11 @@ def test_chunked_halves_lose_the_same_channels_and_stay_equal():
 
 
 def test_constant_split_sizes_and_slice_prefix_are_kept():
-    split = Pruner(_randomise(EqualSplit()), torch.randn(1, 3, 16, 16))
+    split = Pruner(random_batchnorm(EqualSplit()), torch.randn(1, 3, 16, 16))
     assert "cv1.0" not in split.group_names and {"a.0", "b.0"} <= set(split.group_names)
-    ghost = Pruner(_randomise(Ghost()), torch.randn(1, 3, 16, 16))
+    ghost = Pruner(random_batchnorm(Ghost()), torch.randn(1, 3, 16, 16))
     assert "primary.0" not in ghost.group_names and "stem.0" in ghost.group_names
-    tied = Pruner(_randomise(ChunkAfterAdd()), torch.randn(1, 3, 16, 16))
+    tied = Pruner(random_batchnorm(ChunkAfterAdd()), torch.randn(1, 3, 16, 16))
     assert tied.group_names == ["d.0", "e.0"]
     sliced = Pruner(ChannelSliceNet(), torch.randn(1, 3, 16, 16))
     assert sliced.num_channels.tolist() == [4, 8]  # conv1's tail after the slice [:, :4], conv2
@@ -182,7 +171,7 @@ def test_a_channel_tensor_giving_only_its_dtype_is_no_dependency():
             grid = torch.arange(f.shape[-1]).type_as(f) + f.new_zeros(f.shape[-1])
             return self.head(f) + grid
 
-    model = _randomise(Anchors())
+    model = random_batchnorm(Anchors())
     pruner = Pruner(model, torch.randn(1, 3, 8, 8))
     assert pruner.group_names == ["conv.0"]
     pruner.compute_importance(criterion="l1")

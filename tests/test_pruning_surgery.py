@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, PrunePlan, zeroed_copy
-from test_pruning_nets import check_built, mixed_net, random_plan
+from tiny import check_built, mixed_net, random_plan
 
 
 def _torchvision(name):

@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pruning_env.costs import attention_macs, layer_macs
-from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning import Pruner, UnsupportedModelError, zeroed_copy
-from test_pruning_nets import check_built, random_plan
+from tiny import check_built, hooked_group_costs, random_plan
 
 
 def _zoo_names():
@@ -61,47 +59,6 @@ def test_a_model_without_prunable_channels_is_refused_with_a_clear_error():
     net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
     with pytest.raises(UnsupportedModelError, match="no prunable channel group.*LayerNorm"):
         Pruner(net, torch.randn(1, 8))
-
-def hooked_group_costs(model, pruner, input_size):
-    """Reference per-group costs by forward hooks on each group's members and followers (one batch-1 pass)."""
-    modules = dict(model.named_modules())
-    layers = [list(g.members) + list(g.followers) for g in pruner.groups]
-    macs = {}
-    called = set()  # layers whose forward ran (an attention's projections may be called as modules or not)
-
-    def count(m, args, kwargs, out, n):
-        if attention_handler(m) is None:
-            called.add(n)
-            macs[n] = macs.get(n, 0) + layer_macs(m, out)
-            return
-        proj_name = attention_handler(m).projections(m)[1]
-        if f"{n}.{proj_name}" in called:  # MaxViT: q/k/v and output projections have their own hooks
-            macs[n] = macs.get(n, 0) + attention_macs(m, args, kwargs)
-            return
-        # its output projection (not called as a module) gets its own share, the module the rest (q/k/v, matmuls)
-        result = out[0] if isinstance(out, tuple) else out
-        if isinstance(m, nn.MultiheadAttention) and not m.batch_first:
-            result = result.transpose(0, 1)  # layer_macs reads dim 0 as the batch
-        proj_macs = layer_macs(m.get_submodule(proj_name), result)
-        macs[f"{n}.{proj_name}"] = macs.get(f"{n}.{proj_name}", 0) + proj_macs
-        macs[n] = macs.get(n, 0) + attention_macs(m, args, kwargs) - proj_macs
-
-    attention = {n: m for n, m in modules.items() if attention_handler(m)}
-    hooked = ({n for group in layers for n in group if n in modules} | set(attention)
-              | {f"{n}.{attention_handler(m).projections(m)[1]}" for n, m in attention.items()})
-    handles = [modules[n].register_forward_hook(
-        lambda m, args, kwargs, out, n=n: count(m, args, kwargs, out, n), with_kwargs=True) for n in hooked]
-    with torch.no_grad():
-        model(torch.zeros((1, *input_size)))
-    for h in handles:
-        h.remove()
-    g_macs = np.array([sum(macs.get(n, 0) for n in group) for group in layers], dtype=np.float64)
-    # a follower that is no module is a parameter used outside any layer (prune_normalized)
-    g_params = np.array([sum(sum(p.numel() for p in modules[n].parameters(recurse=False)) if n in modules
-                             else model.get_parameter(n).numel() for n in group)
-                         for group in layers], dtype=np.float64)
-    return g_macs, g_params
-
 
 @pytest.mark.parametrize("name", ["vgg11", "resnet56", "googlenet", "densenet121", "mobilenetv3_small"])
 def test_group_costs_equal_a_hook_count(name):

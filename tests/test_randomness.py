@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import pruning_env  # noqa: F401  (registers the ids)
 from pruning_env.runtime import TorchRNG, model_device
-from tiny import tiny_env, tiny_splits
+from tiny import tiny_env
 
 
 def _global_states():
@@ -70,8 +70,7 @@ def test_patch_env_never_touches_the_global_rngs_and_repeats_exactly():
 
 
 @pytest.mark.parametrize("estimator", ["short_kd", "multi_fidelity"])
-def test_prune_env_recovery_and_estimates_leave_the_global_rngs_alone(estimator):
-    splits = tiny_splits()
+def test_prune_env_recovery_and_estimates_leave_the_global_rngs_alone(splits, estimator):
     env = tiny_env(splits, n_steps=2, budget="flops", target=0.4, recovery="kd", recovery_batches=2,
                    recovery_batch_size=16, reward_estimator=estimator, reward_train_images=32, reward_kd_batches=2)
     torch.manual_seed(1), np.random.seed(1), random.seed(1)

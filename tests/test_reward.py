@@ -11,13 +11,12 @@ from pruning_env.envs.reward import (REWARD_ESTIMATORS, adaptive_bn, bn_kd_loss,
                                      recalibrate_bn, short_kd, teacher_agreement, vanilla)
 from pruning_env.pruning import Pruner
 from pruning_env.training import evaluate, kd_loss
-from tiny import TinyNet, tiny_splits
+from tiny import TinyNet
 
 
 @pytest.fixture(scope="module")
-def task():
+def task(splits):
     """A teacher with non-trivial BN statistics, a 50 % pruned student, and train / val / test tensors."""
-    splits = tiny_splits()
     torch.manual_seed(0)
     teacher = TinyNet()
     train = preload(splits.train, n=96, seed=0)

@@ -5,7 +5,6 @@ unkilled run), a refused --resume that changes nothing, and a first run (pretrai
 Every run is an untrained width-0.0625 VGG-11 on generated images with a two-batch fine-tune: a few seconds.
 """
 import csv
-import json
 
 import pytest
 import torch
@@ -16,23 +15,9 @@ from rl_prune.cli import train_main
 from rl_prune.config import load_config
 from rl_prune.pipeline import run
 from rl_prune.run_folder import RunFolder
+from tiny import TINY_RUN
 
-N_STEPS = 3
-
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "device": "cpu",
-    "agent": "rl_pruner",
-    "env": {"model": "vgg11", "dataset": "synthetic", "width": 0.0625, "pretrained": False, "val_size": 32,
-            "reward_samples": 32, "calibration_size": 16, "n_steps": N_STEPS, "target": 0.4, "budget": "flops",
-            "alpha": 0.0, "beta": 0.0, "record_timings": False},
-    "agents": {"rl_pruner": {"sample_num": 2, "lr_epoch": 2},
-               "random_search": {"n_candidates": 2},
-               "ppo": {"n_steps": 4, "batch_size": 4, "n_epochs": 1, "policy_kwargs": {"net_arch": [8]}}},
-    "finetune": {"epochs": 1, "max_batches": 2, "batch_size": 16},
-    "run": {"progress": False, "export_torchscript": False, "checkpoint_every": 1},
-}
+N_STEPS = TINY_RUN["env"]["n_steps"]
 
 #: metrics that must agree between equivalent runs (everything but names, folders and timings)
 SAME = ("agent", "seed", "n_evaluations", "timesteps", "best_episode", "best_reward", "reward_accuracy",
@@ -41,7 +26,7 @@ SAME = ("agent", "seed", "n_evaluations", "timesteps", "best_episode", "best_rew
 
 
 def write_config(tmp_path, **changes):
-    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg = yaml.safe_load(yaml.safe_dump(TINY_RUN))
     cfg["run"]["out_dir"] = str(tmp_path / "runs")
     cfg.update(changes)
     path = tmp_path / "tiny.yaml"
@@ -50,7 +35,7 @@ def write_config(tmp_path, **changes):
 
 
 def read_metrics(run_dir):
-    return json.loads((run_dir / "metrics.json").read_text())
+    return RunFolder(run_dir).read_metrics()
 
 
 def read_steps(run_dir):
@@ -236,7 +221,7 @@ def test_refused_resume_changes_nothing(reference, tmp_path, capsys):
 def test_first_run_pretraining_in_process_equals_later_runs(tmp_path):
     """The run that pretrains its missing checkpoint in-process ends exactly like every later run that loads it:
     each phase starts from the run's seed, whatever ran before it in the process."""
-    env = {**TINY["env"], "pretrained": True, "checkpoint": str(tmp_path / "vgg11_synthetic.pt"),
+    env = {**TINY_RUN["env"], "pretrained": True, "checkpoint": str(tmp_path / "vgg11_synthetic.pt"),
            "auto_pretrain_epochs": 1}
     path = write_config(tmp_path, env=env)
     assert train_main(["--config", str(path), "--name", "first"]) == 0

@@ -120,6 +120,18 @@ class BasePruningAgent(RecordView):
             raise RuntimeError(f"{type(self).__name__} has no env; pass env= to the constructor or load()")
         return unwrap_env(self.env)
 
+    def _next_step(self) -> Tuple[Any, Any, float]:
+        """``(env, pruner, goal)`` of the step about to be taken: the bare env, its current
+        :class:`~pruning_env.pruning.Pruner` and the step's cumulative goal ``target * (t + 1) / n_steps``
+        (what the state-reading agents plan against); a ``RuntimeError`` once the episode is over."""
+        from pruning_env.envs.budget import cumulative_goal
+
+        env = self.penv
+        pruner = env.pruner
+        if pruner is None:
+            raise RuntimeError("the env's episode is over (no pruner for a final state); reset it before predict()")
+        return env, pruner, cumulative_goal(env.target, env.step_index + 1, env.n_steps)
+
     def get_env(self) -> Optional[PruneMonitor]:
         """The monitored env the agent acts on (SB3 callbacks read it)."""
         return self.env
@@ -323,8 +335,13 @@ class BasePruningAgent(RecordView):
         :param path: the saved file.
         :param env: env to attach (needed to ``learn``; ``predict`` of a distribution agent works without).
         :param kwargs: constructor arguments that override the saved ones.
+
+        Called on a base class (``BasePruningAgent.load``), it rebuilds the class the file names; a class with a
+        ``load`` of its own reads the file itself (an SB3 agent's file holds SB3's model zip, not this state).
         """
         saved_cls, parts = load_agent(path, cls)
+        if saved_cls is not cls and saved_cls.load.__func__ is not BasePruningAgent.load.__func__:
+            return saved_cls.load(path, env=env, **kwargs)
         params = dict(parts.data["params"])
         params.update(kwargs)
         agent = saved_cls(env=env, **params)

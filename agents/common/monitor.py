@@ -22,6 +22,13 @@ def _plain(value: Any) -> Any:
     return value.tolist() if isinstance(value, np.ndarray) else value
 
 
+def _kept_indices(env: Any) -> Optional[List[List[int]]]:
+    """The env's kept channel indices per group in the original model's numbering (``PruneEnv.kept_indices``), or
+    None for an env that does not track them."""
+    kept = getattr(env, "kept_indices", None)
+    return None if kept is None else [[int(i) for i in k] for k in kept]
+
+
 class EvaluationBudgetExhausted(RuntimeError):
     """A look-ahead went past the monitor's ``max_evaluations``."""
 
@@ -30,7 +37,7 @@ class PruneRecord:
     """What a :class:`PruneMonitor` has recorded, over all the episodes and envs it was attached to.
 
     ``history`` holds one row per pruning step; ``best`` is ``{"reward", "episode", "model", "info",
-    "actions"}`` of the best finished episode (None before one ends); ``episodes`` counts finished episodes;
+    "actions", "kept_indices"}`` of the best finished episode (None before one ends); ``episodes`` counts finished episodes;
     ``evaluations_done`` and ``train_batches_done`` count the models evaluated and the estimators' SGD batches
     (the env's ``n_train_batches``) in episodes that are no longer running.
     """
@@ -74,7 +81,9 @@ class RecordView:
 
     @property
     def best(self) -> Optional[Dict[str, Any]]:
-        """The best finished episode: ``{"reward", "episode", "model", "info", "actions"}``."""
+        """The best finished episode: ``{"reward", "episode", "model", "info", "actions", "kept_indices"}``
+        (``kept_indices``: per group, the kept channels in the original model's numbering; None for an env that
+        does not track them)."""
         return self.record.best
 
     @property
@@ -207,6 +216,18 @@ class PruneMonitor(RecordView, Monitor):
                                             f"{self.max_evaluations}: send at most evaluations_left actions")
         return rewards, infos
 
+    def evaluate_keep(self, keep: Any):
+        """The env's budget-free probe (``PruneEnv.evaluate_keep``): ``(reward, info)`` of the candidate keeping
+        ``keep`` channels per group; one evaluation, counted as a look-ahead's.
+
+        :raises EvaluationBudgetExhausted: as :meth:`evaluate_action`.
+        """
+        reward, info = self.unwrapped.evaluate_keep(keep)
+        if self.max_evaluations is not None and self.n_evaluations > self.max_evaluations:
+            raise EvaluationBudgetExhausted(f"probe past the evaluation budget of {self.max_evaluations}: stop "
+                                            f"probing when evaluations_left reaches 0")
+        return reward, info
+
     # ------------------------------------------------------------------ agents' additions
     def annotate(self, values: Dict[str, Any]) -> Dict[str, Any]:
         """Add an agent's own numbers (e.g. RL-Pruner's ``epsilon``) to the last step's row; returns the row.
@@ -224,7 +245,8 @@ class PruneMonitor(RecordView, Monitor):
         if self.record.best is None or reward > self.record.best["reward"]:
             self.record.best = {"reward": reward, "episode": self.record.episodes, "model": self.unwrapped.model,
                                 "info": {k: _plain(v) for k, v in info.items() if k != "episode"},
-                                "actions": [a.tolist() for a in self.episode_actions]}
+                                "actions": [a.tolist() for a in self.episode_actions],
+                                "kept_indices": _kept_indices(self.unwrapped)}
         self._fold_counts()
         self.record.episodes += 1
         self.episode_actions = []

@@ -83,12 +83,25 @@ class ViTDDQN(PatchAgent):
     :param n_patches: N when there is no env.
     :param device: agent device (default: the env's).
     :param seed: seeds network init, exploration and replay.
+    :param exploration_fraction: when set, the decay's time constant is this fraction of the env's run
+        (``env.total_steps`` batches, or ``env.epochs`` with ``eps_per="epoch"``; at least 1), replacing
+        ``exploration_decay``: a short run's epsilon then falls as a long run's does. Needs an env (without one,
+        e.g. on ``load``, ``exploration_decay`` is kept as saved).
     """
 
     _init_keys = ("n_patches", "n_keep", "seed", "mode", "learning_rate", "buffer_size", "batch_size", "gamma",
                   "tau", "target_update_interval", "exploration_initial_eps", "exploration_final_eps",
                   "exploration_decay", "eps_per", "hidden", "weight_decay", "amsgrad", "max_grad_value",
-                  "eviction", "skip_first_epoch", "next_state", "normalize_state")
+                  "eviction", "skip_first_epoch", "next_state", "normalize_state", "exploration_fraction")
+
+    @staticmethod
+    def next_state_for(mode: str, next_state: Optional[str] = None) -> str:
+        """The s' an agent of ``mode`` learns from: ``next_state`` if given, else ``"same_batch"`` (faithful) or
+        ``"observation"`` (double_dqn). Only ``"same_batch"`` needs the env's ``same_batch_next_state``."""
+        next_state = next_state or ("same_batch" if mode == "faithful" else "observation")
+        if next_state not in ("same_batch", "observation"):
+            raise ValueError(f"next_state={next_state!r}; expected 'same_batch' or 'observation'")
+        return next_state
 
     def __init__(self, env=None, mode: str = "faithful", learning_rate: float = 0.01, buffer_size: int = 64,
                  batch_size: int = 8, gamma: float = 0.95, tau: float = 0.1, target_update_interval: int = 2,
@@ -98,14 +111,12 @@ class ViTDDQN(PatchAgent):
                  eviction: str = "random", skip_first_epoch: bool = True, next_state: Optional[str] = None,
                  normalize_state: Optional[bool] = None, n_keep: Optional[int] = None,
                  n_patches: Optional[int] = None, device: Union[str, torch.device, None] = None,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, exploration_fraction: Optional[float] = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; expected one of {MODES}")
         if eps_per not in ("step", "epoch"):
             raise ValueError(f"eps_per={eps_per!r}; expected 'step' or 'epoch'")
-        next_state = next_state or ("same_batch" if mode == "faithful" else "observation")
-        if next_state not in ("same_batch", "observation"):
-            raise ValueError(f"next_state={next_state!r}; expected 'same_batch' or 'observation'")
+        next_state = self.next_state_for(mode, next_state)
         super().__init__(env=env, n_patches=n_patches, n_keep=n_keep, device=device, seed=seed)
         self.mode = mode
         self.learning_rate = float(learning_rate)
@@ -117,6 +128,14 @@ class ViTDDQN(PatchAgent):
         self.exploration_initial_eps = float(exploration_initial_eps)
         self.exploration_final_eps = float(exploration_final_eps)
         self.exploration_decay = float(exploration_decay)
+        self.exploration_fraction = None if exploration_fraction is None else float(exploration_fraction)
+        if self.exploration_fraction is not None:
+            if not self.exploration_fraction > 0:
+                raise ValueError(f"exploration_fraction must be > 0, got {exploration_fraction}")
+            base = getattr(env, "unwrapped", env)
+            if base is not None:
+                run = base.total_steps if eps_per == "step" else base.epochs
+                self.exploration_decay = max(1.0, self.exploration_fraction * run)
         self.eps_per = eps_per
         self.hidden = tuple(int(h) for h in hidden)
         self.weight_decay = float(weight_decay)

@@ -5,9 +5,9 @@ input image are the multiply-accumulates of every product of two tensors, i.e. c
 linear layers (also the functional q/k/v and output projections inside attention modules) and the attention
 matmuls QK^T and AV, plus ``NORM_MACS_PER_ELEMENT`` = 2 per output element of a BatchNorm layer (its
 normalise + affine in eval mode, thop's convention, which the RL-Pruner authors used for their reward).
-LayerNorm, softmax, activations, pooling and other functional glue count 0. ``include_norm=False`` drops the
-BatchNorm term: the pure product count, equal to ``torch.utils.flop_counter.FlopCounterMode`` / 2 (for the ViT,
-which has no BatchNorm, both are the same number).
+LayerNorm, GroupNorm, softmax, activations, pooling and other functional glue count 0. ``include_norm=False``
+drops the BatchNorm term: the pure product count, equal to ``torch.utils.flop_counter.FlopCounterMode`` / 2 (for
+the ViT, which has no BatchNorm, both are the same number).
 
 **One formula per layer kind**: each kind's MACs is written once, as a :class:`MacsTerm` ``weight * a * b``
 whose ``a`` (input width per output) and ``b`` (output width) are the widths pruning changes:

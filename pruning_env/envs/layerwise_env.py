@@ -20,6 +20,12 @@ from pruning_env.envs.prune_env import PruneEnv
 
 LAYER_FEATURES = ("index", "channels", "kernel", "stride", "macs", "macs_removed", "macs_to_remove",
                   "previous_action")
+#: read-only attributes of the inner PruneEnv that runs, reports and agents read through this env (task, data,
+#: costs, the evaluation counters; ``model`` / ``current_channels`` are the pruned ones after the last step)
+INNER_ATTRS = frozenset({"splits", "device", "input_size", "original_model", "config", "task", "val_size",
+                         "split_seed", "episode_metric", "target_metric", "alpha", "beta", "layer_counts", "scorer",
+                         "model", "current_channels", "n_evaluations", "n_train_batches", "total_evaluations",
+                         "kept_indices", "latency_model"})
 
 
 class LayerwisePruneEnv(gym.Env):
@@ -30,6 +36,8 @@ class LayerwisePruneEnv(gym.Env):
     """
 
     metadata = {"render_modes": []}
+    #: what an action means here (PruneEnv's are ``"sparsity"`` / ``"distribution"`` over all groups)
+    action_mode = "layerwise"
 
     def __init__(self, max_sparsity: float = 0.8, **kwargs: Any) -> None:
         super().__init__()
@@ -53,6 +61,17 @@ class LayerwisePruneEnv(gym.Env):
         self._sparsity = np.zeros(self.n_groups)
         self._prev = 0.0
         self._clipped = 0
+
+    def __getattr__(self, name: str) -> Any:
+        """The inner env's :data:`INNER_ATTRS` (only those: anything else is this env's own or missing)."""
+        if name in INNER_ATTRS and "inner" in self.__dict__:
+            return getattr(self.inner, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def n_steps(self) -> int:
+        """Steps of an episode: one per prunable group."""
+        return self.n_groups
 
     def _layer_geometry(self) -> Tuple[np.ndarray, np.ndarray]:
         """Kernel size and stride of each group's first conv (1 for linear layers / unknown groups)."""
@@ -119,11 +138,13 @@ class LayerwisePruneEnv(gym.Env):
         self._sparsity[self._index] = taken
         self._prev = taken
         self._index += 1
-        info: Dict[str, Any] = {"asked": asked, "sparsity": taken, "wall_clipped": taken > asked}
+        info: Dict[str, Any] = {"step": self._index, "asked": asked, "sparsity": taken, "wall_clipped": taken > asked}
         if self._index < self.n_groups:
+            info["reward"] = 0.0  # nothing evaluated before the last group (a monitor's other columns: NaN)
             return self._observation(), 0.0, False, False, info
         _, reward, terminated, truncated, inner_info = self.inner.step(self._sparsity.astype(np.float32))
         info.update(inner_info)
+        info["step"] = self._index  # the group steps, not the inner env's single step
         info["layer_sparsity"] = self._sparsity.copy()
         info["wall_clips"] = self._clipped
         info.setdefault("budget_missed", bool(truncated))
@@ -135,4 +156,4 @@ class LayerwisePruneEnv(gym.Env):
         self.inner.close()
 
 
-__all__ = ["LayerwisePruneEnv", "LAYER_FEATURES"]
+__all__ = ["LayerwisePruneEnv", "LAYER_FEATURES", "INNER_ATTRS"]

@@ -129,6 +129,9 @@ class Pruner:
         self.importance_criterion: Optional[str] = None
         self._arange_cache: Dict[int, torch.Tensor] = {}
         self._key_cache: Dict[int, Tuple[str, ...]] = {}
+        self.origin: Tuple[np.ndarray, ...] = tuple(np.arange(int(n), dtype=np.int64) for n in self.num_channels)
+        """kept channel indices per group in the numbering of the first Pruner of a :meth:`child` chain (the
+        unpruned model): ``root.apply(PrunePlan(origin))`` rebuilds this Pruner's model from the unpruned one"""
 
     def __getstate__(self) -> Dict[str, object]:
         # the surgery cache is keyed by id() of this object's modules: a copy (deepcopy, or a pickle sent to a
@@ -393,4 +396,5 @@ class Pruner:
         child = Pruner(model, self.example_input, ignore=self.ignore, min_channels=self.min_channels,
                        round_to=self.round_to, prune_normalized=self.prune_normalized, graph=graph, costs=self.costs)
         child._membership = self._membership  # same groups, same layers
+        child.origin = tuple(o[k] for o, k in zip(self.origin, plan.kept))
         return child

@@ -4,7 +4,8 @@ Every torch function call goes to :meth:`Tracer.on_function`, which dispatches o
 :mod:`.ops`) to the functional handlers (:mod:`.functional`) or the partitions (:mod:`.partitions`); module hooks
 record leaf layers, attention modules with a head handler and opaque modules (:mod:`.layers`). The result is raw:
 source ids tied in a union-find and the list of layer calls, which :class:`~.graph.DependencyGraph` resolves into
-groups.
+groups. The tracer computes no costs: a call records its geometry (output positions, attention context), and the
+cost model (:mod:`pruning_env.costs`) owns the MACs formulas.
 """
 from __future__ import annotations
 

@@ -1,0 +1,507 @@
+"""Latency-aware pruning compared at equal *measured* latency (issue 25 item 5): uniform channel pruning at the
+channel ratio that reaches the measured speed-up, global Taylor, the latency knapsack, RL-Pruner (improved mode) and
+PPO with the latency budget, each after the same KD fine-tune; the table of MACs reduction vs measured speed-up at
+batch 1 and 64 per agent; a verdict with the pooled seed std. Markdown + JSON + PNG in ``benchmarks/results``.
+
+    python benchmarks/compare_latency.py                                  # 2x and 3x at batch 1, 3 seeds
+    python benchmarks/compare_latency.py --speedups 2 --seeds 1 --budget 36 --finetune-epochs 0 --tag smoke
+    python benchmarks/compare_latency.py --report-only                    # tables from the finished units
+
+Units, each resumable and skipped once finished (rerun the same command to continue a killed benchmark):
+
+1. ``{out-dir}/x{S}/uniform_ratio.json``: the uniform channel ratio whose built model measures S times faster
+   than the original (batch 1, the latency setting's threads: bisected on measured latency, both models timed
+   together in interleaved rounds), and the predicted latency of that model.
+2. ``{out-dir}/x{S}/{agent}_s{seed}/``: one ``rl_prune.pipeline.run`` (``rl_prune.sweep.run_unit``) of the task
+   config: uniform with a channel budget at that ratio (sparsity mode, one step), every other agent with a
+   predicted-latency budget (``budget: latency``) at the predicted latency of the measured-matched uniform model
+   (``--latency-target calibrated``, the default: the table's bias on the day is taken out) or at ``1 - 1/S``
+   (``nominal``). The same evaluation budget caps every agent (``PruneMonitor`` / SB3's stop), the same KD
+   fine-tune follows.
+3. ``{out-dir}/x{S}/{agent}_s{seed}/latency_measured.json``: the unit's pruned model and the original timed
+   together at batch 1 and batch 64 (``pruning_env.costs.measure_latency``).
+
+Measured latency needs a quiet machine: on a shared one, the thread clock (one thread) keeps most of the load out,
+but not all (docs/latency.md).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agents.registry import AGENTS  # noqa: E402
+from pruning_env.costs import LatencySetting, measure_latency  # noqa: E402
+from pruning_env.pruning import Pruner  # noqa: E402
+from pruning_env.pruning.pruner import PrunePlan  # noqa: E402
+from pruning_env.runtime import atomic_write_text, machine_info  # noqa: E402
+from rl_prune.config import ConfigError, load_config, parse_overrides  # noqa: E402
+from rl_prune.pipeline import build_env  # noqa: E402
+from rl_prune.run_folder import RunFolder  # noqa: E402
+from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, num, run_unit,  # noqa: E402
+                            unit_config, unit_failure)
+
+#: the agents of the issue's comparison
+DEFAULT_AGENTS = ("uniform", "global_taylor", "latency_knapsack", "rl_pruner_improved", "ppo")
+#: learned allocations (the verdict asks whether one beats the rules)
+LEARNED = ("rl_pruner", "rl_pruner_improved", "rl_pruner_bounded", "ppo", "a2c", "sac", "td3", "ddpg", "trpo")
+#: the rules a learned allocation is compared with
+RULES = ("uniform", "latency_knapsack")
+#: per-unit file of the measured latencies
+MEASURED_FILE = "latency_measured.json"
+#: the uniform ratio unit of one speed-up
+RATIO_FILE = "uniform_ratio.json"
+#: batch sizes of the measured table
+BATCHES = (1, 64)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(BENCH_CONFIG), help="train_agent.py YAML config of the task")
+    p.add_argument("--agents", nargs="+", default=list(DEFAULT_AGENTS), choices=sorted(AGENTS), metavar="AGENT",
+                   help=f"agents to compare (default: {' '.join(DEFAULT_AGENTS)})")
+    p.add_argument("--speedups", nargs="+", type=float, default=[2.0, 3.0],
+                   help="measured speed-ups over the original at batch 1 (default 2 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--budget", type=int, default=None, help="evaluations per agent (default: the config's)")
+    p.add_argument("--finetune-epochs", type=int, default=5, help="KD fine-tune epochs of every unit (default 5)")
+    p.add_argument("--latency-target", choices=("calibrated", "nominal"), default="calibrated",
+                   help="predicted-latency budget of the latency agents: the predicted latency of the uniform model "
+                        "that measures S x faster (calibrated, default) or 1 - 1/S (nominal)")
+    p.add_argument("--bisect-rounds", type=int, default=10, help="timing rounds per bisection point (default 10)")
+    p.add_argument("--bisect-steps", type=int, default=9, help="bisection steps on the channel ratio (default 9)")
+    p.add_argument("--measure-rounds", type=int, default=15,
+                   help="timing rounds per unit and batch size (default 15)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="further config overrides of every unit (e.g. env.reward_samples=100)")
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_latency"), help="unit folders")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the report goes")
+    p.add_argument("--tag", default="", help="suffix of the result files (compare_latency_TAG.*)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished units")
+    return p
+
+
+def speedup_dir(out_dir: Path, speedup: float) -> Path:
+    """Units of one speed-up: ``{out_dir}/x2`` for 2.0, ``x2.5`` for 2.5."""
+    return Path(out_dir) / f"x{speedup:g}"
+
+
+def base_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """Overrides of every unit: ``--set`` and the fine-tune length; rewards are accuracy alone (the budget fixes
+    the cost)."""
+    over: Dict[str, Any] = {"env.alpha": 0.0, "env.beta": 0.0, "env.gamma": 0.0}
+    over.update(parse_overrides(args.set))
+    over["finetune.epochs"] = int(args.finetune_epochs)
+    return over
+
+
+def uniform_overrides(args: argparse.Namespace, ratio: Dict[str, Any]) -> Dict[str, Any]:
+    """The uniform unit: one step, per-group sparsity mode, a channel budget at the bisected ratio."""
+    return {**base_overrides(args), "env.action_mode": "sparsity", "env.budget": "channels",
+            "env.target_metric": "channels", "env.target": float(ratio["channel_sparsity"]), "env.n_steps": 1}
+
+
+def latency_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
+    """A latency agent's unit: the predicted-latency budget (the env's default latency setting: CPU, batch 1, the
+    config's threads)."""
+    return {**base_overrides(args), "env.budget": "latency", "env.target_metric": "latency",
+            "env.target": float(target)}
+
+
+# ---------------------------------------------------------------------------------------- the uniform ratio unit
+def _pruner(env: Any) -> Pruner:
+    cfg = env.config
+    return Pruner(copy.deepcopy(env.original_model).cpu().eval(), torch.zeros(1, *env.input_size),
+                  ignore=cfg.ignore_layers, min_channels=cfg.min_channels, round_to=cfg.round_to,
+                  prune_normalized=cfg.prune_normalized)
+
+
+def channel_sparsity(keep: np.ndarray, full: np.ndarray, layers: np.ndarray) -> float:
+    """The env's ``channels`` metric: removed layer-channels over all (each group counted once per member layer)."""
+    return 1.0 - float((layers * keep).sum()) / float((layers * full).sum())
+
+
+def bisect_uniform(args: argparse.Namespace, speedup: float, setting: LatencySetting, env: Any) -> Dict[str, Any]:
+    """The smallest uniform per-group sparsity whose built model measures ``speedup`` times faster than the
+    original (both timed together, interleaved), bisected on the measured speed-up; and what the latency model
+    predicts for it.
+
+    :param args: the command line (bisection steps and rounds).
+    :param speedup: the measured speed-up to reach.
+    :param setting: the latency setting (batch 1).
+    :param env: a latency-budget env of the task (its original model, groups and latency model).
+    :raises RuntimeError: the speed-up is out of reach even at every group's floor.
+    """
+    pruner = _pruner(env)
+    full = pruner.num_channels.astype(np.int64)
+    layers = np.asarray(pruner.layer_counts, dtype=np.int64)
+    original = pruner.model
+    cache: Dict[Tuple[int, ...], float] = {}
+    history: List[Dict[str, Any]] = []
+
+    def measured(r: float) -> Tuple[float, np.ndarray]:
+        keep = pruner.keep_counts(np.full(len(full), r))
+        key = tuple(int(k) for k in keep)
+        if key not in cache:
+            # which channels go does not change the latency: the first k of each group, as the latency table
+            model = pruner.apply(PrunePlan.from_indices([range(int(k)) for k in keep])).eval()
+            t = measure_latency([original, model], env.input_size, setting, rounds=args.bisect_rounds,
+                                seed=len(history), progress=False)
+            cache[key] = float(t[0] / t[1])
+            history.append({"ratio": float(r), "kept": list(key), "measured_speedup": cache[key],
+                            "original_s": float(t[0]), "pruned_s": float(t[1])})
+            print(f"  x{speedup:g}: ratio {r:.4f} -> measured {cache[key]:.3f}x", file=sys.stderr, flush=True)
+        return cache[key], keep
+
+    lo, hi = 0.0, 0.98
+    if measured(hi)[0] < speedup:
+        raise RuntimeError(f"a measured speed-up of {speedup:g}x is out of reach with uniform pruning: every group at "
+                           f"its floor (min_channels {env.config.min_channels}) measures {measured(hi)[0]:.2f}x")
+    for _ in range(int(args.bisect_steps)):
+        mid = 0.5 * (lo + hi)
+        if measured(mid)[0] >= speedup:
+            hi = mid
+        else:
+            lo = mid
+    value, keep = measured(hi)
+    model = env.latency_model
+    predicted = float(model.predict(keep)) if model is not None else None
+    return {"speedup": float(speedup), "ratio": float(hi), "kept": [int(k) for k in keep],
+            "measured_speedup": value, "channel_sparsity": channel_sparsity(keep, full, layers),
+            "predicted_s": predicted, "predicted_original_s": None if model is None else float(model.original),
+            "predicted_reduction": None if model is None else 1.0 - predicted / float(model.original),
+            "setting": setting.tag, "clock": setting.resolve_clock(), "rounds": int(args.bisect_rounds),
+            "history": history, "machine": machine_info(setting.threads), "load_average": _load()}
+
+
+def ratio_unit(args: argparse.Namespace, speedup: float, budget: int) -> Dict[str, Any]:
+    """The uniform ratio of one speed-up, from its file or bisected now (and written atomically)."""
+    path = speedup_dir(Path(args.out_dir), speedup) / RATIO_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    cfg = unit_config(args.config, "latency_knapsack", 0, budget, latency_overrides(args, 0.5))
+    env = build_env(cfg, "latency_knapsack")  # the task and its latency table (built once, then cached)
+    try:
+        setting = env.latency_model.setting
+        print(f"bisecting the uniform ratio for x{speedup:g} (measured, {setting.tag})", file=sys.stderr)
+        result = bisect_uniform(args, speedup, setting, env)
+    finally:
+        env.close()
+    atomic_write_text(json.dumps(result, indent=2), path)
+    return result
+
+
+def latency_target(args: argparse.Namespace, ratio: Dict[str, Any]) -> float:
+    """The predicted-latency reduction the latency agents are budgeted at."""
+    if args.latency_target == "nominal" or ratio.get("predicted_reduction") is None:
+        return 1.0 - 1.0 / float(ratio["speedup"])
+    return float(ratio["predicted_reduction"])
+
+
+# ------------------------------------------------------------------------------------------ measuring the units
+def measure_unit(run_dir: Path, rounds: int, threads: int) -> Optional[Dict[str, Any]]:
+    """``latency_measured.json`` of a finished unit: its pruned model and the original timed together at each of
+    :data:`BATCHES` (read from the file when it exists; written atomically)."""
+    path = Path(run_dir) / MEASURED_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    folder = RunFolder(run_dir)
+    if not folder.is_finished:
+        return None
+    metrics = folder.read_metrics()
+    original = torch.load(folder.file(RunFolder.ORIGINAL_MODEL), map_location="cpu", weights_only=False).eval()
+    pruned = torch.load(folder.file(RunFolder.PRUNED_MODEL), map_location="cpu", weights_only=False).eval()
+    out: Dict[str, Any] = {"batches": {}, "rounds": int(rounds), "machine": machine_info(threads),
+                           "load_average": _load()}
+    for batch in BATCHES:
+        setting = LatencySetting(threads=threads, batch_size=batch)
+        t = measure_latency([original, pruned], metrics["input_size"], setting, rounds=rounds,
+                            desc=f"{Path(run_dir).name} b{batch}")
+        out["batches"][str(batch)] = {"setting": setting.tag, "clock": setting.resolve_clock(),
+                                      "original_s": float(t[0]), "pruned_s": float(t[1]),
+                                      "speedup": float(t[0] / t[1])}
+    atomic_write_text(json.dumps(out, indent=2), path)
+    return out
+
+
+def _load() -> Optional[List[float]]:
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+# ------------------------------------------------------------------------------------------------- the report
+def pooled_std(a: Dict[str, float], b: Dict[str, float]) -> float:
+    """Pooled seed std of two :func:`rl_prune.sweep.mean_std` results (NaN with one seed)."""
+    if a["n"] < 2 or b["n"] < 2:
+        return float("nan")
+    return math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2))
+
+
+def versus(summary: Dict[str, Any], agent: str, other: str, key: str = "test_top1") -> Dict[str, Any]:
+    """``agent`` minus ``other`` on ``key`` against the pooled seed std, in a plain word."""
+    a, b = summary[agent][key], summary[other][key]
+    diff, pooled = a["mean"] - b["mean"], pooled_std(a, b)
+    if math.isnan(pooled):
+        word = f"{'is above' if diff > 0 else 'is not above'} {other}, noise unknown (one seed)"
+    elif diff > pooled:
+        word = f"beats {other} by more than one pooled std"
+    elif diff < -pooled:
+        word = f"is worse than {other} by more than one pooled std"
+    else:
+        word = f"is level with {other} (within one pooled std)"
+    return {"agent": agent, "other": other, "diff": diff, "pooled_std": pooled, "verdict": word}
+
+
+def unit_row(m: Dict[str, Any], measured: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The numbers of one finished unit."""
+    row = {"seed": m["seed"], "test_top1": m["pruned"]["test_top1"],
+           "test_before_ft": m["pruned_before_finetune"]["test_top1"], "macs_reduction": m["flops_reduction"],
+           "params_reduction": m["params_reduction"], "n_evaluations": m["n_evaluations"],
+           "search_s": m["seconds"]["search"], "kept_channels": m["kept_channels"]}
+    predicted = (m.get("latency") or {}).get("predicted")
+    row["predicted_speedup"] = None if predicted is None else predicted["speedup"]
+    for batch in BATCHES:
+        b = (measured or {}).get("batches", {}).get(str(batch))
+        row[f"speedup_b{batch}"] = None if b is None else b["speedup"]
+    return row
+
+
+def summarise(rows: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Mean ± std per agent of every numeric column."""
+    keys = ("test_top1", "test_before_ft", "macs_reduction", "params_reduction", "n_evaluations", "search_s",
+            "predicted_speedup", *(f"speedup_b{b}" for b in BATCHES))
+    out: Dict[str, Any] = {}
+    for agent, runs in rows.items():
+        if runs:
+            out[agent] = {"seeds": [r["seed"] for r in runs]}
+            for key in keys:
+                values = [r[key] for r in runs if r[key] is not None]
+                out[agent][key] = mean_std(values) if values else None
+    return out
+
+
+def verdict(summary: Dict[str, Any]) -> Dict[str, Any]:
+    """Best learned allocation vs uniform and vs the knapsack on test top-1 after the fine-tune."""
+    learned = [a for a in summary if a in LEARNED]
+    rules = [a for a in RULES if a in summary]
+    if not learned or not rules:
+        return {"text": "not enough agents finished for a verdict", "pairs": []}
+    best = max(learned, key=lambda a: summary[a]["test_top1"]["mean"])
+    pairs = [versus(summary, best, rule) for rule in rules]
+    beats_all = all(p["verdict"].startswith("beats") for p in pairs)
+    text = (f"the best learned allocation, {best}, " + "; ".join(f"{p['verdict']} ({100 * p['diff']:+.2f} pp, "
+                                                                 f"pooled std {num(100 * p['pooled_std'], '.2f')} pp)"
+                                                                 for p in pairs)
+            + (": a learned latency-aware allocation beats uniform and the knapsack by more than one pooled std."
+               if beats_all else ": it does not beat " + " and ".join(p["other"] for p in pairs
+                                                                     if not p["verdict"].startswith("beats"))
+               + " by more than one pooled std."))
+    return {"best_learned": best, "pairs": pairs, "beats_all": beats_all, "text": text}
+
+
+def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agents = sorted({a for b in blocks.values() for a in b["rows"]})
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(agents)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for s, block in blocks.items():
+        for agent, runs in block["rows"].items():
+            pts = [r for r in runs if r["speedup_b1"] is not None]
+            if not pts:
+                continue
+            axes[0].scatter([r["speedup_b1"] for r in pts], [100 * r["test_top1"] for r in pts], color=colors[agent],
+                            marker="o" if s == min(blocks) else "s", s=28,
+                            label=f"{agent}" if s == min(blocks) else None)
+            for batch, marker in ((1, "o"), (64, "^")):
+                q = [r for r in pts if r[f"speedup_b{batch}"] is not None]
+                axes[1].scatter([100 * r["macs_reduction"] for r in q], [r[f"speedup_b{batch}"] for r in q],
+                                color=colors[agent], marker=marker, s=28,
+                                label=f"{agent} b{batch}" if s == min(blocks) else None)
+        axes[0].axvline(float(s), color="#999999", lw=0.8, ls="--")
+    axes[0].set_xlabel("measured speed-up, batch 1")
+    axes[0].set_ylabel("test top-1 after KD fine-tune (%)")
+    axes[0].set_title("accuracy at equal measured latency (dashed: the targets)")
+    axes[0].legend(fontsize=7)
+    axes[1].set_xlabel("MACs reduction (%)")
+    axes[1].set_ylabel("measured speed-up (o batch 1, ^ batch 64)")
+    axes[1].set_title("MACs reduction vs measured speed-up")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cell(stat: Optional[Dict[str, float]], digits: int = 3, pct: bool = False, suffix: str = "") -> str:
+    return "n/a" if stat is None else fmt(stat, digits, pct) + suffix
+
+
+def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Dict[str, str],
+           missing: List[str]) -> str:
+    lines = [f"# Latency-aware pruning at equal measured latency ({meta['task']})", "",
+             f"Command: `{meta['command']}`", "",
+             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cpu_count']} cores, torch {meta['machine']['torch']}"
+             f"; latency measured with one torch thread ({meta['clock']} clock), load average at report time "
+             f"{meta['load_average']}.", ""]
+    if meta.get("smoke"):
+        lines += ["**Smoke run** (tiny budget and fine-tune, noisy machine): it shows the harness end to end; its "
+                  "numbers are not results.", ""]
+    lines += [f"Task: `{meta['config']}`; {meta['seeds']} seed(s); evaluation budget {meta['budget']} per agent "
+              f"(enforced: the largest number used is {meta['max_evaluations']}); KD fine-tune: {meta['finetune']}. "
+              f"Uniform: the channel ratio bisected on measured latency (batch 1); the other agents: a "
+              f"predicted-latency budget ({meta['latency_target']}: "
+              + ("the predicted latency of the measured-matched uniform model" if meta["latency_target"] ==
+                 "calibrated" else "1 - 1/S") + "), reward = accuracy.", ""]
+    for s, block in blocks.items():
+        ratio, summary = block["ratio"], block["summary"]
+        lines += [f"## {s}x faster at batch 1", "",
+                  f"Uniform ratio {ratio['ratio']:.4f} per group (channel sparsity {ratio['channel_sparsity']:.3f}) "
+                  f"measured {ratio['measured_speedup']:.3f}x in the bisection; its predicted latency reduction "
+                  f"{num(ratio.get('predicted_reduction'), '.3f')} is the latency agents' budget "
+                  f"{block['latency_target']:.3f}.", "",
+                  "| agent | seeds | test top-1 after FT | before FT | MACs reduction | measured speed-up b1 | "
+                  "measured speed-up b64 | predicted speed-up | evaluations |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for agent, row in summary.items():
+            lines.append(f"| {agent} | {len(row['seeds'])} | {_cell(row['test_top1'], 2, True)} | "
+                         f"{_cell(row['test_before_ft'], 2, True)} | {_cell(row['macs_reduction'], 1, True, ' %')} | "
+                         f"{_cell(row['speedup_b1'], 2, suffix='x')} | {_cell(row['speedup_b64'], 2, suffix='x')} | "
+                         f"{_cell(row['predicted_speedup'], 2, suffix='x')} | {_cell(row['n_evaluations'], 0)} |")
+        lines += ["", f"**Verdict ({s}x):** {block['verdict']['text']}", ""]
+    lines += ["## MACs reduction vs measured speed-up (every unit)", "",
+              "| speed-up target | agent | seed | MACs reduction | measured b1 | measured b64 | predicted b1 |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for s, block in blocks.items():
+        for agent, runs in block["rows"].items():
+            for r in runs:
+                lines.append(f"| {s}x | {agent} | {r['seed']} | {100 * r['macs_reduction']:.1f} % | "
+                             f"{num(r['speedup_b1'], '.2f')}x | {num(r['speedup_b64'], '.2f')}x | "
+                             f"{num(r['predicted_speedup'], '.2f')}x |")
+    lines.append("")
+    lines += failures_section(failures, missing, "the units' error.txt")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke: bool) -> Optional[Path]:
+    """Gather the finished units (measuring those not measured yet) and write compare_latency[_TAG].md|json|png."""
+    threads = int(load_config(args.config).env_kwargs("latency_knapsack").get("latency_threads", 1))
+    blocks: Dict[str, Dict[str, Any]] = {}
+    failures: Dict[str, str] = {}
+    missing: List[str] = []
+    done: List[Dict[str, Any]] = []
+    for s in args.speedups:
+        folder = speedup_dir(Path(args.out_dir), s)
+        if not (folder / RATIO_FILE).is_file():
+            missing.append(f"{folder.name}/{RATIO_FILE}")
+            continue
+        ratio = json.loads((folder / RATIO_FILE).read_text())
+        rows: Dict[str, List[Dict[str, Any]]] = {a: [] for a in args.agents}
+        for agent in args.agents:
+            for seed in seeds:
+                run_dir = folder / f"{agent}_s{seed}"
+                m = load_unit(run_dir)
+                if m is None:
+                    tb = unit_failure(run_dir)
+                    if tb is not None:
+                        failures[f"{folder.name}/{run_dir.name}"] = tb
+                    else:
+                        missing.append(f"{folder.name}/{run_dir.name}")
+                    continue
+                done.append(m)
+                rows[agent].append(unit_row(m, measure_unit(run_dir, args.measure_rounds, threads)))
+        summary = summarise(rows)
+        blocks[f"{s:g}"] = {"ratio": {k: v for k, v in ratio.items() if k != "history"}, "rows": rows,
+                            "summary": summary, "verdict": verdict(summary),
+                            "latency_target": latency_target(args, ratio)}
+    if not done:
+        print("no finished units yet: nothing to report", file=sys.stderr)
+        return None
+    cfg = load_config(args.config, base_overrides(args))
+    env = cfg.env_kwargs(args.agents[0])
+    from dataclasses import asdict
+
+    meta = {"task": f"{env.get('model')} w{env.get('width')} on {done[0]['dataset']}", "config": str(args.config),
+            "seeds": len(seeds), "budget": budget, "max_evaluations": max(int(m["n_evaluations"]) for m in done),
+            "finetune": ", ".join(f"{k} {v}" for k, v in asdict(cfg.finetune).items()),
+            "latency_target": args.latency_target, "clock": LatencySetting(threads=threads).resolve_clock(),
+            "machine": machine_info(threads), "load_average": _load(), "smoke": smoke,
+            "original_test_top1": done[0]["original"]["test_top1"],
+            "command": "python benchmarks/compare_latency.py " + " ".join(a for a in sys.argv[1:]
+                                                                         if a != "--report-only")}
+    if meta["max_evaluations"] > budget:
+        raise RuntimeError(f"a unit used {meta['max_evaluations']} evaluations, more than the budget {budget}")
+    results = Path(args.results)
+    stem = "compare_latency" + (f"_{args.tag}" if args.tag else "")
+    results.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "failures": failures, "missing": missing, "speedups": blocks}
+    atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
+    plot(blocks, results / f"{stem}.png")
+    atomic_write_text(render(meta, blocks, failures, missing), results / f"{stem}.md")
+    return results / f"{stem}.md"
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.seeds < 1:
+        print(f"error: --seeds must be >= 1, got {args.seeds}", file=sys.stderr)
+        return 2
+    bad = [s for s in args.speedups if not s > 1.0]
+    if bad:
+        print(f"error: --speedups must be measured speed-ups above 1, got {bad}", file=sys.stderr)
+        return 2
+    for key in ("bisect_rounds", "bisect_steps", "measure_rounds"):
+        if getattr(args, key) < 1:
+            print(f"error: --{key.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        parse_overrides(args.set)
+        budget = int(args.budget or load_config(args.config).budget or 90)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    seeds = list(range(args.seeds))
+    smoke = bool(args.tag and "smoke" in args.tag)
+    if not args.report_only:
+        from tqdm.auto import tqdm
+
+        ratios = {s: ratio_unit(args, s, budget) for s in args.speedups}
+        units = [(seed, s, a) for seed in seeds for s in args.speedups for a in args.agents]
+        bar = tqdm(units, desc="compare_latency", unit="run", dynamic_ncols=True)
+        for seed, s, agent in bar:
+            run_dir = speedup_dir(Path(args.out_dir), s) / f"{agent}_s{seed}"
+            bar.set_postfix(unit=f"{run_dir.parent.name}/{run_dir.name}")
+            over = uniform_overrides(args, ratios[s]) if agent == "uniform" else \
+                latency_overrides(args, latency_target(args, ratios[s]))
+            cfg = unit_config(args.config, agent, seed, budget, over)
+            started = time.perf_counter()
+            status = run_unit(cfg, agent, run_dir)
+            if status["status"] == "done":
+                measure_unit(run_dir, args.measure_rounds, int(cfg.env_kwargs(agent).get("latency_threads", 1)))
+                print(f"{run_dir}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    path = write_report(args, seeds, budget, smoke)
+    if path is not None:
+        print(f"wrote {path} (.json, .png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

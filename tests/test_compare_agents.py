@@ -1,0 +1,112 @@
+"""benchmarks/compare_agents.py: units on the run layer (search + fine-tune), resumable, equal budgets enforced, the
+leaderboard and verdict per target. The end-to-end run is the untrained width-0.0625 VGG-11 on generated images with
+two-batch fine-tunes."""
+import json
+
+import pytest
+import yaml
+
+import benchmarks.compare_agents as ca
+from benchmarks.common import UNDECIDED
+from tiny import SB3_SMALL
+
+TINY = {
+    "name": "tiny", "seed": 0, "device": "cpu", "agent": "uniform",
+    "env": {"model": "vgg11", "dataset": "synthetic", "width": 0.0625, "pretrained": False, "val_size": 32,
+            "reward_samples": 32, "calibration_size": 16, "n_steps": 2, "target": 0.4, "budget": "flops",
+            "alpha": 0.0, "beta": 0.0, "record_timings": False},
+    "agents": {"ppo": {**SB3_SMALL["ppo"], "policy_kwargs": {"net_arch": [8]}}},
+    "finetune": {"epochs": 1, "max_batches": 2, "batch_size": 16},
+    "run": {"progress": False, "export_torchscript": False, "checkpoint_every": 1},
+}
+
+
+def metrics(agent, used, budget=151, schedule=None):
+    return {"budget": budget, "n_evaluations": used, "budget_schedule": schedule}
+
+
+@pytest.mark.parametrize("agent, m, problem", [
+    ("random_search", metrics("random_search", 151), None),
+    ("ppo", metrics("ppo", 151), None),
+    ("uniform", metrics("uniform", 1), None),  # no search: one evaluation per step whatever the budget
+    ("random_search", metrics("random_search", 150), "used 150 of its 151 evaluations"),
+    ("ppo", metrics("ppo", 149), "used 149 of its 151 evaluations"),
+    ("rl_pruner_improved", metrics("rl_pruner_improved", 141, schedule="1 steps x 14 RL epochs"),
+     "used 141 of its 151 evaluations"),
+    ("uniform", metrics("uniform", 1, budget=90), "made with budget 90, not 151"),
+])
+def test_unequal_budgets_are_refused(agent, m, problem):
+    found = ca.budget_problem(agent, m, 151)
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_rl_agents_and_allocations():
+    assert ca.is_rl("rl_pruner_improved") and ca.is_rl("ppo") and ca.is_rl("rl_pruner")
+    assert not any(ca.is_rl(a) for a in ("uniform", "global_taylor", "random_search"))
+
+
+def test_fine_tune_seeds_are_distinct_and_the_first_is_the_runs_own():
+    seeds = [ca.ft_seed_value(s, f, 3) for s in range(3) for f in range(2)]
+    assert sorted(seeds) == list(range(6))
+    assert [ca.ft_seed_value(s, 0, 3) for s in range(3)] == [0, 1, 2]
+    assert ca.target_name(0.875) == "t0875" and ca.target_name(0.5) == "t0500"
+
+
+def test_the_queue_gives_every_search_seed_a_fine_tune_before_any_second_one():
+    args = ca.build_parser().parse_args(["--agents", "uniform", "ppo", "--targets", "0.875", "0.5"])
+    queue = ca.unit_queue(args)
+    assert len(queue) == 2 * 3 * 2 * 2
+    first_target = [q for q in queue if q[0] == 0.875]
+    assert queue[:len(first_target)] == first_target  # the first target is finished first
+    assert [q[2] for q in first_target] == [0] * 6 + [1] * 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "90"], "below the protocol's 150"),
+    (["--targets", "1.2"], "FLOPs reductions in (0, 1)"),
+    (["--search-seeds", "0"], "must be >= 1"),
+    (["--set", "novalue"], "--set"),
+])
+def test_bad_command_lines_exit_2(argv, message, capsys):
+    assert ca.main(argv + ["--report-only"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    argv = ["--config", str(cfg), "--agents", "uniform", "random_search", "--targets", "0.5", "--search-seeds", "2",
+            "--ft-seeds", "2", "--finetune-epochs", "1", "--out-dir", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "results")]
+    assert ca.main(argv) == 0
+    root = tmp_path / "runs" / "vgg11w006" / "oneshot" / "t0500"
+    units = sorted(p.name for p in (root / "finetune").glob("*.json"))
+    assert units == ["random_search_s0_f0.json", "random_search_s0_f2.json", "random_search_s1_f1.json",
+                     "random_search_s1_f3.json", "uniform_s0_f0.json", "uniform_s0_f2.json", "uniform_s1_f1.json",
+                     "uniform_s1_f3.json"]
+    record = json.loads((root / "finetune" / "random_search_s1_f3.json").read_text())
+    assert record["search"]["n_evaluations"] == 151 and record["finetune"]["seed"] == 3
+    assert record["command"].startswith("python benchmarks/compare_agents.py") and record["machine"]["cpu_count"]
+    report = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
+    block = report["targets"]["0.5"]
+    assert block["summary"]["random_search"]["ft_per_model"] == [2, 2]
+    assert block["summary"]["uniform"]["n_evaluations"]["mean"] == 1
+    assert block["verdict"] is None  # no RL agent in this comparison
+    assert (tmp_path / "results" / "compare_curves_vgg11w006.png").is_file()
+    md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
+    assert "| `random_search` | 2 | 2/2 |" in md and "Command: `python benchmarks/compare_agents.py" in md
+    # a rerun finds every unit finished: nothing is searched or fine-tuned again
+    forbid("benchmarks.compare_agents.run_unit", "benchmarks.compare_agents.finetune_searched")
+    assert ca.main(argv) == 0
+
+
+def test_a_verdict_is_undecided_and_provisional_with_one_search_seed():
+    summary = {"ppo": {"rl": True, "test": {"mean": 0.6, "std": float("nan"), "n": 1}, "search_seeds": [0],
+                       "ft_per_model": [2]},
+               "uniform": {"rl": False, "test": {"mean": 0.5, "std": 0.01, "n": 3}, "search_seeds": [0, 1, 2],
+                           "ft_per_model": [2, 2, 1]}}
+    args = ca.build_parser().parse_args(["--agents", "ppo", "uniform"])
+    v = ca.target_verdict(summary, args)
+    assert (v["first"], v["second"], v["verdict"]) == ("ppo", "uniform", UNDECIDED)
+    assert v["provisional"] == ["ppo: 1 search seed(s) of 3", "uniform: 1 fine-tune seed(s) per model of 2"]
+    assert "Provisional: ppo: 1 search seed(s) of 3" in ca.verdict_sentence("0.875", v)
