@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, zeroed_copy
-from test_pruning_nets import random_plan
+from tiny import random_plan
 from test_pruning_qkv import Attention
 
 

@@ -12,7 +12,7 @@ from pruning_env.costs import count_costs
 from pruning_env.costs.counting import FUSED_QKV_ATTENTION
 from pruning_env.pruning import Pruner, attention_handler, zeroed_copy
 from test_pruning_attention import flop_counter_macs, head_groups, n_heads
-from test_pruning_nets import check_built, random_plan
+from tiny import check_built, random_plan
 
 
 class Attention(nn.Module):
