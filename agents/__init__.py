@@ -16,6 +16,7 @@ _LAZY = {
     "GlobalTaylorPruner": "agents.heuristics",
     "RandomSearch": "agents.heuristics",
     "SB3Agent": "agents.sb3_baselines",
+    "AMCAgent": "agents.amc",
     "AGENTS": "agents.registry",
 }
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from agents.common.base import BasePruningAgent
-from pruning_env.envs.budget import bisect_increasing, cumulative_goal
+from pruning_env.envs.budget import bisect_increasing
 
 
 def _to_action(env: Any, removed_fraction: np.ndarray) -> np.ndarray:
@@ -79,14 +79,10 @@ class GlobalTaylorPruner(BasePruningAgent):
     def predict(self, observation: Any = None, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True) -> Tuple[np.ndarray, Any]:
         """The global-threshold action for the env's current state."""
-        env = self.penv
-        pruner = env.pruner
-        if pruner is None:
-            raise RuntimeError("the env's episode is over (no pruner for a final state); reset it before predict()")
+        env, pruner, goal = self._next_step()
         if pruner.importance is None:
             raise RuntimeError("the env's pruner has no importance scores for this state")
         scores = [np.asarray(s, dtype=np.float64) / max(float(np.mean(s)), 1e-12) for s in pruner.importance]
-        goal = cumulative_goal(env.target, env.step_index + 1, env.n_steps)
 
         def reduction(threshold: float) -> float:
             # the engine's rounding and floor turn fractions into kept channels, as in the env's own steps

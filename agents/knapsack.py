@@ -177,15 +177,9 @@ class LatencyKnapsackPruner(BasePruningAgent):
     def predict(self, observation: Any = None, state: Any = None, episode_start: Any = None,
                 deterministic: bool = True):
         """The knapsack action for the env's current state."""
-        from pruning_env.envs.budget import cumulative_goal
-
-        env = self.penv
-        pruner = env.pruner
-        if pruner is None:
-            raise RuntimeError("the env's episode is over (no pruner for a final state); reset it before predict()")
+        env, pruner, goal = self._next_step()
         if env.budget is None:
             raise ValueError("the knapsack agent needs an env with a budget (budget='latency', 'flops', ...)")
-        goal = cumulative_goal(env.target, env.step_index + 1, env.n_steps)
         metric = env.budget
 
         def cost(keep: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity analysis (Li et al. 2017, "Pruning Filters for Efficient ConvNets", section 3.3 / 4.1):
+"""Per-layer sensitivity analysis (Li et al. 2017, "Pruning Filters for Efficient ConvNets"):
 prune each group alone at several ratios, score each candidate with the env's reward estimator, then allocate
 per-group sparsities that meet the budget, the least sensitive groups pruned most.
 
@@ -7,6 +7,9 @@ Every probe is one evaluation of the env's one scoring path (``PruneEnv.evaluate
 agent's look-aheads; the episode's steps cost one evaluation each on top. The ratio grid is derived from the budget:
 ``(budget - n_steps) // n_groups`` ratios per group (an explicit grid longer than that is thinned, and the run's
 summary says so); a budget that cannot pay one ratio per group is refused.
+
+``allocation="threshold"`` is Li et al.'s own reading instead, automated: one accuracy-drop threshold for all
+groups, each pruned to its largest grid ratio within it, the smallest threshold whose allocation meets the target.
 
 The allocation (where this differs from the paper; ``docs/agents.md``): Li et al. read the curves by hand, skip the
 sensitive layers and prune the others at one ratio. Here a greedy exchange over the measured curves decides: from
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,6 +31,8 @@ from agents.heuristics import _to_action
 
 #: ratios per group of a derived grid when there is no budget (Li et al.'s curves: 10 % ... 90 %)
 DEFAULT_RATIOS = 9
+#: the allocation rules over the measured curves
+ALLOCATIONS = ("greedy", "threshold")
 
 
 def derived_grid(n: int, max_ratio: float) -> np.ndarray:
@@ -53,14 +58,20 @@ class SensitivityPruner(BasePruningAgent):
         sparsity mode); None derives ``n_ratios`` evenly spaced ratios up to ``max_ratio``.
     :param n_ratios: size of a derived grid; None: as many as the budget pays for (``DEFAULT_RATIOS`` without one).
     :param max_ratio: largest ratio of a derived grid.
+    :param allocation: ``"greedy"`` (default: least accuracy drop per unit of the budget metric saved) or
+        ``"threshold"`` (Li et al.'s reading of the curves, automated: every group pruned to its largest ratio whose
+        drop stays within one threshold, the smallest threshold that meets the target).
     :param seed: seeds ``env.reset`` (the analysis draws nothing at random).
     """
 
-    _init_keys = BasePruningAgent._init_keys + ("ratios", "n_ratios", "max_ratio")
+    _init_keys = BasePruningAgent._init_keys + ("ratios", "n_ratios", "max_ratio", "allocation")
 
     def __init__(self, env: Any = None, ratios: Optional[Sequence[float]] = None, n_ratios: Optional[int] = None,
-                 max_ratio: float = 0.9, seed: Optional[int] = None, verbose: int = 0,
+                 max_ratio: float = 0.9, allocation: str = "greedy", seed: Optional[int] = None, verbose: int = 0,
                  tensorboard_log: Optional[Union[str, Path]] = None) -> None:
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        self.allocation = allocation
         if ratios is not None:
             r = np.asarray(ratios, dtype=np.float64).reshape(-1)
             if r.size == 0 or not np.all(np.isfinite(r)) or np.any(r <= 0) or np.any(r >= 1) \
@@ -79,6 +90,16 @@ class SensitivityPruner(BasePruningAgent):
         super().__init__(env, seed=seed, verbose=verbose, tensorboard_log=tensorboard_log)
         if env is not None:
             self.budget_schedule = self.grid()[1]
+
+    _progress = False
+
+    def learn(self, *args: Any, progress_bar: bool = False, **kwargs: Any) -> "SensitivityPruner":
+        """:meth:`BasePruningAgent.learn`; ``progress_bar`` also shows a bar over the sensitivity probes."""
+        self._progress = bool(progress_bar)
+        try:
+            return super().learn(*args, progress_bar=progress_bar, **kwargs)
+        finally:
+            self._progress = False
 
     # ------------------------------------------------------------------ the grid the budget pays for
     def grid(self, budget: Optional[int] = None, warn: bool = True) -> Tuple[np.ndarray, str]:
@@ -107,7 +128,7 @@ class SensitivityPruner(BasePruningAgent):
                 grid, note = derived_grid(fits, self.max_ratio), f"derived from budget {budget}"
             elif fits < len(asked):
                 grid = thin_grid(asked, fits)
-                note = (f"grid reduced from {len(asked)} to {len(grid)} ratios to fit budget {budget}")
+                note = f"grid reduced from {len(asked)} to {len(grid)} ratios to fit budget {budget}"
                 if warn:
                     warnings.warn(f"sensitivity: {note}", stacklevel=3)
             else:
@@ -158,7 +179,8 @@ class SensitivityPruner(BasePruningAgent):
         accuracy = np.full((n, m), np.nan)
         todo = [(g, i) for g in range(n) for i in range(m)]
         seen: Dict[Tuple[int, int], float] = {}
-        bar = tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=None, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc="sensitivity", unit="probe", disable=not self._progress, leave=False,
+                   dynamic_ncols=True)
         try:
             for g, i in todo:
                 k = int(keep[g, i])
@@ -179,38 +201,49 @@ class SensitivityPruner(BasePruningAgent):
         return self._analysis
 
     def _allocate(self, keep: np.ndarray, accuracy: np.ndarray, base: float, current: np.ndarray) -> Dict[str, Any]:
-        """The greedy exchange over the curves (module docstring): grid levels per group meeting the target."""
+        """Grid levels per group meeting the target, by the ``allocation`` rule over the curves (module docstring)."""
         env = self.penv
         n, m = keep.shape
         # drop at level l (0 = unpruned, l = grid index + 1), made non-decreasing: pruning more is never cheaper
         drop = np.maximum.accumulate(np.concatenate([np.zeros((n, 1)), np.maximum(0.0, base - accuracy)], axis=1),
                                      axis=1)
         options = np.concatenate([current[:, None], keep], axis=1)
-        level = np.zeros(n, dtype=np.int64)
         goal = float(env.target)
 
         def kept(lv: np.ndarray) -> np.ndarray:
             return options[np.arange(n), lv]
 
-        reduction = env.reduction(kept(level))
-        while reduction < goal - 1e-12:
-            best = None
-            for g in np.flatnonzero(level < m):
-                lv = level.copy()
-                lv[g] += 1
-                red = env.reduction(kept(lv))
-                gain, cost = red - reduction, drop[g, lv[g]] - drop[g, level[g]]
-                # least accuracy per unit saved; ties: the larger saving, then the lower group
-                key = (0, cost / gain, -gain, g) if gain > 0 else (1, cost, 0.0, g)
-                if best is None or key < best[0]:
-                    best = (key, g, red)
-            if best is None:
-                break
-            _, g, reduction = best
-            level[g] += 1
+        threshold = None
+        if self.allocation == "threshold":
+            # the drop allowed per group: the smallest of the measured drops whose levels meet the target
+            for threshold in np.unique(drop):
+                level = (drop <= threshold).sum(axis=1) - 1  # the envelope is non-decreasing: a prefix
+                reduction = env.reduction(kept(level))
+                if reduction >= goal - 1e-12:
+                    break
+            threshold = float(threshold)
+        else:
+            level = np.zeros(n, dtype=np.int64)
+            reduction = env.reduction(kept(level))
+            while reduction < goal - 1e-12:
+                best = None
+                for g in np.flatnonzero(level < m):
+                    lv = level.copy()
+                    lv[g] += 1
+                    red = env.reduction(kept(lv))
+                    gain, cost = red - reduction, drop[g, lv[g]] - drop[g, level[g]]
+                    # least accuracy per unit saved; ties: the larger saving, then the lower group
+                    key = (0, cost / gain, -gain, g) if gain > 0 else (1, cost, 0.0, g)
+                    if best is None or key < best[0]:
+                        best = (key, g, red)
+                if best is None:
+                    break
+                _, g, reduction = best
+                level[g] += 1
         k = kept(level)
         return {"levels": level - 1, "sparsity": 1.0 - k / np.asarray(env.original_channels, dtype=np.float64),
-                "reduction": float(reduction), "goal": goal, "met": bool(reduction >= goal - 1e-12)}
+                "reduction": float(reduction), "goal": goal, "met": bool(reduction >= goal - 1e-12),
+                "threshold": threshold}
 
     # ------------------------------------------------------------------ acting
     def _choose_action(self, obs: np.ndarray) -> Tuple[np.ndarray, Dict[str, Any]]:
@@ -245,20 +278,4 @@ class SensitivityPruner(BasePruningAgent):
         self._analysis = dict(state) if state else None
 
 
-def allocation_table(agent: SensitivityPruner) -> List[Dict[str, Any]]:
-    """One row per group of an analysed agent: name, original channels, the curve (ratio -> accuracy), the allocated
-    sparsity and kept channels (for reports)."""
-    a = agent.analysis
-    if a is None:
-        raise RuntimeError("the agent has not analysed yet")
-    env = agent.penv
-    rows = []
-    for g, name in enumerate(env.group_names):
-        orig = int(env.original_channels[g])
-        rows.append({"group": name, "channels": orig,
-                     "curve": {f"{r:.3g}": float(acc) for r, acc in zip(a["ratios"], a["accuracy"][g])},
-                     "sparsity": float(a["sparsity"][g]), "kept": int(round(orig * (1 - a["sparsity"][g])))})
-    return rows
-
-
-__all__ = ["SensitivityPruner", "allocation_table", "derived_grid", "thin_grid", "DEFAULT_RATIOS"]
+__all__ = ["SensitivityPruner", "derived_grid", "thin_grid", "DEFAULT_RATIOS", "ALLOCATIONS"]

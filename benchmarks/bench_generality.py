@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="models run at once (one worker process each)")
     p.add_argument("--retry", action="store_true", help="also redo models already in the json that are not ok")
     p.add_argument("--no-torch-pruning", action="store_true", help="skip the Torch-Pruning column")
+    p.add_argument("--from-cache", action="store_true", help="only rewrite the tables from the per-model files "
+                                                           "(models without one are left out; nothing is run)")
     p.add_argument("--prune-normalized", action="store_true",
                    help="add a column: ours with Pruner(prune_normalized=True) (the LayerNorm-ed embedding width "
                         "pruned too), checked against the zeroed source with LayerNorm statistics over kept channels "
@@ -561,6 +563,10 @@ def to_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any], lib: Library) 
              + ", ".join(f"{v} {k}" for k, v in count["torch_pruning"].items())
              + f"; ours with prune_normalized (over {len(normalized)} models) "
              + ", ".join(f"{v} {k}" for k, v in count["ours_normalized"].items()) + ".", ""]
+    if meta.get("timeout"):
+        lines += [f"A tool that runs past `--timeout` ({meta['timeout']} s of wall clock per tool and model) counts as a "
+                  "crash (`TimeoutError` in its cell); on a shared, loaded machine that is not the tool's fault alone.",
+                  ""]
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += [f"Skipped: {len(skipped)} (listed in the table).", ""]
@@ -614,7 +620,7 @@ def run_worker(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         return {"model": name, "params": 0,
-                "skipped": f"the worker died (exit {done.returncode}): {done.stderr.strip()[-200:]}"}
+                "skipped": f"the worker died (exit {done.returncode}): {done.stderr.strip()[-400:]}"}
     return json.loads(lines[-1])
 
 
@@ -652,13 +658,15 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     by_name = {r["model"]: r for r in rows}
 
     def redo(row: Dict[str, Any]) -> bool:
+        if row.get("skipped", "").startswith("the worker"):
+            return True
         if args.prune_normalized and "skipped" not in row and "ours_normalized" not in row:
             return True
         return args.retry and "skipped" not in row and any(
             row.get(tool, {}).get("status") not in ("ok", None) for tool in TOOLS)
 
     todo = [n for n in names if args.models or n not in by_name or redo(by_name[n])]
-    meta = {"library": lib.name, "size": args.size, "sparsity": args.sparsity,
+    meta = {"library": lib.name, "size": args.size, "sparsity": args.sparsity, "timeout": args.timeout,
             "torch_pruning": versions["torch_pruning"], **{k: v for k, v in versions.items() if k != "torch_pruning"},
             "machine": machine_info(args.threads),
             "command": "python benchmarks/bench_generality.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -673,9 +681,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         if cached is not None and cached.get("settings") == settings(args):
             return cached["row"]
         row_ = run_worker(name, args)
-        atomic_write_text(json.dumps({"settings": settings(args), "row": row_}, indent=1), path_)
+        if not row_.get("skipped", "").startswith("the worker"):  # a dead or stuck worker is retried next time
+            atomic_write_text(json.dumps({"settings": settings(args), "row": row_}, indent=1), path_)
         return row_
 
+    if args.from_cache:  # the tables are exactly the per-model files
+        todo = [n for n in names if (cache / f"{n}.json").is_file()]
+        fresh, by_name = False, {}
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         for name, row in tqdm(zip(todo, pool.map(unit, todo)), total=len(todo), desc=f"{lib.name} models"):
             if "skipped" not in row and "skipped" not in by_name.get(name, {"skipped": ""}):

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: benchmarks.common is imported from the repository root
     sys.path.insert(0, str(ROOT))
@@ -38,7 +40,7 @@ from benchmarks.common import (best_vs_best, failures_section, fmt, machine_line
 from pruning_env.runtime import atomic_write_text  # noqa: E402
 from rl_prune.config import ConfigError, PruneRunConfig, load_config, parse_overrides  # noqa: E402
 from rl_prune.pipeline import build_env, finetune_searched  # noqa: E402
-from rl_prune.run_folder import RunFolder  # noqa: E402
+from rl_prune.run_folder import RunFolder, RunFolderLocked, RunLock  # noqa: E402
 from rl_prune.sweep import BENCH_CONFIG, run_unit, unit_config, unit_failure  # noqa: E402
 
 SCRIPT = "benchmarks/compare_agents.py"
@@ -47,9 +49,25 @@ DEFAULT_AGENTS = tuple(a for a in ("uniform", "global_taylor", "random_search", 
                        if a in AGENTS)
 #: the protocol's floor (issue 24 item 6): a verdict from less is marked provisional
 MIN_BUDGET, MIN_SEARCH_SEEDS, MIN_FT_SEEDS = 150, 3, 2
-#: default budget: >= 150 and spent exactly by RL-Pruner's derived schedule in one step (15 RL epochs x 10 samples
-#: + the reset point), random search (151 candidates) and the SB3 agents (150 timesteps + the final episode)
-DEFAULT_BUDGET = 151
+#: schedules: one-shot (every agent prunes to the target at once), iterative (the authors': several steps with KD
+#: recovery between them, the recovery epochs taken from the final fine-tune so every agent trains as long)
+SCHEDULES = ("oneshot", "iterative")
+
+
+def default_budget(n_steps: int) -> int:
+    """The smallest budget >= 150 that RL-Pruner (improved: 10 samples per RL epoch + the reset point per step),
+    random search (``budget / n_steps`` candidates per step) and the SB3 agents all spend exactly: ``n_steps`` divides
+    it and each step's share is 1 more than a multiple of 10 (151 for one step, 153 for three).
+
+    :param n_steps: pruning steps per episode.
+    """
+    budget = MIN_BUDGET
+    while budget % n_steps or (budget // n_steps - 1) % 10:
+        budget += 1
+    return budget
+
+#: the agent whose env the fine-tune units use (a plain PruneEnv: the task's splits, original model and device)
+FT_ENV_AGENT = "uniform"
 #: search-run settings of every unit: no fine-tune (the fine-tune units do it), no TorchScript export
 SEARCH_OVERRIDES = {"finetune.epochs": 0, "run.export_torchscript": False}
 
@@ -154,13 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"search seeds 0..N-1 (default {MIN_SEARCH_SEEDS})")
     p.add_argument("--ft-seeds", type=int, default=MIN_FT_SEEDS,
                    help=f"fine-tunes of every searched model, each with its own seed (default {MIN_FT_SEEDS})")
-    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
-                   help=f"evaluations per searching agent, spent exactly (>= {MIN_BUDGET}; default {DEFAULT_BUDGET})")
-    p.add_argument("--n-steps", type=int, default=1,
-                   help="pruning steps of every agent (default 1: one-shot; the SB3 agents always prune in one)")
+    p.add_argument("--budget", type=int, default=None,
+                   help=f"evaluations per searching agent, spent exactly (>= {MIN_BUDGET}; default: the smallest "
+                        f"such budget every agent spends exactly, 151 for one step, 153 for three)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="oneshot",
+                   help="oneshot: prune to the target in --n-steps steps (default 1) without training between them; "
+                        "iterative: --n-steps steps (default 3) with --recovery-epochs of KD recovery between them, "
+                        "taken from the final fine-tune (the same training for every agent and schedule)")
+    p.add_argument("--n-steps", type=int, default=None, help="pruning steps (default: 1 oneshot, 3 iterative)")
+    p.add_argument("--recovery-epochs", type=int, default=2,
+                   help="iterative: KD recovery epochs after each non-final step (default 2)")
     p.add_argument("--finetune-epochs", type=int, default=15,
-                   help="epochs of every fine-tune unit, the config's recipe otherwise (default 15: the length "
-                        "at which compare_agents.md found the ranking stable at 70 %%)")
+                   help="training epochs after the search: the final KD fine-tune, less the recovery epochs of the "
+                        "iterative schedule (default 15: the length at which compare_agents.md found the ranking "
+                        "stable at 70 %%)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config overrides of every unit (give a variant its own --out-dir)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_curves"), help="where the units live")
@@ -175,8 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_args(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on the schedule (``n_steps``, ``budget``)."""
+    if args.n_steps is None:
+        args.n_steps = 3 if args.schedule == "iterative" else 1
+    if args.budget is None:
+        args.budget = default_budget(max(1, args.n_steps))
+
+
+def final_epochs(args: argparse.Namespace) -> int:
+    """Epochs of the final fine-tune: ``--finetune-epochs`` less the iterative schedule's recovery epochs."""
+    recovery = (args.n_steps - 1) * args.recovery_epochs if args.schedule == "iterative" else 0
+    return args.finetune_epochs - recovery
+
+
+def schedule_name(args: argparse.Namespace) -> str:
+    """``oneshot``, ``3step`` (several steps, no training between) or ``iterative3_r2`` (3 steps, 2 recovery epochs
+    after each non-final one): the schedule's folder."""
+    if args.schedule == "iterative":
+        return f"iterative{args.n_steps}_r{args.recovery_epochs}"
+    return "oneshot" if args.n_steps == 1 else f"{args.n_steps}step"
+
+
 def check_args(args: argparse.Namespace) -> Optional[str]:
-    """The first problem with the command line, or None."""
+    """The first problem with the command line, or None (after :func:`resolve_args`)."""
     if args.search_seeds < 1 or args.ft_seeds < 1:
         return f"--search-seeds and --ft-seeds must be >= 1, got {args.search_seeds} and {args.ft_seeds}"
     bad = [t for t in args.targets if not 0.0 < t < 1.0]
@@ -187,6 +234,18 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
                 f"smaller budget does not let a search agent search)")
     if args.n_steps < 1 or args.finetune_epochs < 1:
         return f"--n-steps and --finetune-epochs must be >= 1, got {args.n_steps} and {args.finetune_epochs}"
+    if args.schedule == "iterative":
+        if args.n_steps < 2 or args.recovery_epochs < 1:
+            return (f"--schedule iterative needs --n-steps >= 2 and --recovery-epochs >= 1, got {args.n_steps} and "
+                    f"{args.recovery_epochs}")
+        if final_epochs(args) < 1:
+            return (f"--schedule iterative: {args.n_steps - 1} recoveries x {args.recovery_epochs} epochs leave "
+                    f"{final_epochs(args)} of the {args.finetune_epochs} training epochs for the final fine-tune; "
+                    f"raise --finetune-epochs or lower --recovery-epochs")
+        one_step = [a for a in args.agents if AGENTS[a].env.get("n_steps") == 1]
+        if one_step:
+            return (f"--schedule iterative: {', '.join(one_step)} always prune(s) in one step (their registry env); "
+                    f"leave them out of --agents for this schedule")
     try:
         parse_overrides(args.set)
     except ConfigError as err:
@@ -196,15 +255,21 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
 
 def search_config(args: argparse.Namespace, agent: str, seed: int, target: float) -> PruneRunConfig:
     """The search unit's config: the task's, with the target, the schedule, the budget and no fine-tune."""
+    return unit_config(args.config, agent, seed, args.budget, unit_overrides(args, target))
+
+
+def unit_overrides(args: argparse.Namespace, target: float) -> Dict[str, Any]:
+    """Config overrides of every unit of one target: ``--set``, the target, the schedule, no fine-tune."""
     over: Dict[str, Any] = {**parse_overrides(args.set), "env.target": float(target), "env.n_steps": args.n_steps,
                             **SEARCH_OVERRIDES}
-    return unit_config(args.config, agent, seed, args.budget, over)
+    if args.schedule == "iterative":
+        over.update({"env.recovery": "kd", "env.recovery_epochs": args.recovery_epochs, "env.recovery_batches": 0})
+    return over
 
 
 def finetune_config(args: argparse.Namespace, agent: str, seed: int, target: float) -> PruneRunConfig:
-    """The fine-tune unit's config: the search unit's with ``--finetune-epochs`` of the config's recipe."""
-    over: Dict[str, Any] = {**parse_overrides(args.set), "env.target": float(target), "env.n_steps": args.n_steps,
-                            **SEARCH_OVERRIDES, "finetune.epochs": args.finetune_epochs}
+    """The fine-tune unit's config: the search unit's with :func:`final_epochs` of the config's recipe."""
+    over = {**unit_overrides(args, target), "finetune.epochs": final_epochs(args)}
     return unit_config(args.config, agent, seed, args.budget, over)
 
 
@@ -227,6 +292,7 @@ def run_finetune_unit(args: argparse.Namespace, layout: Layout, target: float, a
     record = {
         "model": layout.root.parent.name, "schedule": layout.root.name, "target": target, "agent": agent,
         "search_seed": seed, "ft_seed": ft_seed, "finetune_epochs": args.finetune_epochs,
+        "final_epochs": final_epochs(args),
         "search": search_numbers(metrics), "finetune": result,
         **provenance(SCRIPT, threads=args.threads),
     }
@@ -286,8 +352,17 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
             if env_key != (target, seed):
                 if env is not None:
                     env.close()
-                env, env_key = build_env(finetune_config(args, agent, seed, target), agent), (target, seed)
+                # a PruneEnv (uniform's) whatever the agent: its splits, original model and device are the task's
+                env = build_env(finetune_config(args, FT_ENV_AGENT, seed, target), FT_ENV_AGENT)
+                env_key = (target, seed)
+            lock = RunLock(path.with_suffix(".lock"))  # two workers can share the queue: a unit runs once
             try:
+                lock.acquire()
+            except RunFolderLocked:
+                continue
+            try:
+                if path.is_file():  # another worker finished it before the lock was ours
+                    continue
                 run_finetune_unit(args, layout, target, agent, seed, ft_seed, env)
             except Exception as err:  # recorded beside the unit; the others go on
                 import traceback
@@ -296,6 +371,8 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
                 atomic_write_text(traceback.format_exc(), path.with_suffix(".error.txt"))
                 print(f"{path.name} FAILED: {err}", file=sys.stderr, flush=True)
                 continue
+            finally:
+                lock.release()
             path.with_suffix(".error.txt").unlink(missing_ok=True)
             done += 1
             write_report(args, layout)
@@ -444,6 +521,10 @@ def plot(per_target: Dict[str, Dict[str, Any]], agents: Sequence[str], original:
     if original is not None:
         ax.axhline(original, color="k", ls=":", lw=1, label=f"original ({original:.3f})")
     ax.set_xscale("log", base=2)
+    ticks = sorted(1.0 - float(t) for t in per_target)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{k:g} ({1 / k:.0f}x fewer)" for k in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("MACs kept (fraction of the original, log scale)")
     ax.set_ylabel("test top-1 after fine-tune (mean over search seeds ± std)")
     ax.set_title(title, fontsize=10)
@@ -485,15 +566,20 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
         return None
     cfg = load_config(args.config)
     model = layout.root.parent.name
-    stem = f"compare_curves_{model}"
+    stem = f"compare_curves_{model}" + ("" if layout.root.name == "oneshot" else f"_{layout.root.name}")
     results = Path(args.results)
     prov = provenance(SCRIPT, threads=args.threads)
-    meta = {"model": model, "schedule": layout.root.name, "config": str(args.config), "agents": list(args.agents),
+    config = Path(args.config).resolve()
+    meta = {"model": model, "schedule": layout.root.name,
+            "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(args.config), "agents": list(args.agents),
             "targets": list(args.targets), "budget": args.budget, "search_seeds": args.search_seeds,
             "ft_seeds": args.ft_seeds, "finetune_epochs": args.finetune_epochs, "n_steps": args.n_steps,
+            "schedule_kind": args.schedule, "recovery_epochs": args.recovery_epochs if args.schedule == "iterative"
+            else 0, "final_epochs": final_epochs(args),
             "set": list(args.set), "note": args.note, "reward_estimator": cfg.env.get("reward_estimator", "vanilla"),
-            "reward_samples": cfg.env.get("reward_samples"), "original": original, **prov}
-    payload = {"meta": meta, "targets": {
+            "reward_samples": cfg.env.get("reward_samples"), "reward_train_images": cfg.env.get("reward_train_images"),
+            "val_size": cfg.env.get("val_size"), "original": original, **prov}
+    payload = {"meta": meta, "search_cost": search_cost(per_target, meta), "targets": {
         t: {"summary": b["summary"], "verdict": b["verdict"], "refused": b["units"]["refused"],
             "failures": {k: v.strip().splitlines()[-1] for k, v in b["units"]["failures"].items()},
             "missing": b["units"]["missing"],
@@ -505,9 +591,103 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
     plot(per_target, args.agents, original["test_top1"], results / f"{stem}.png",
-         f"{model} ({meta['schedule']}, budget {args.budget}, {args.finetune_epochs}-epoch KD fine-tune)")
+         f"{model} ({meta['schedule']}, budget {args.budget}, {args.finetune_epochs} training epochs after pruning)")
     atomic_write_text(render_markdown(meta, per_target, stem), results / f"{stem}.md")
     return results / f"{stem}.md"
+
+
+#: the authors' protocol (spec: 10 samples x 10 RL epochs per step, every step scored on the full validation set,
+#: 1 % of the filters removed per step, a 20-epoch KD recovery after every step)
+AUTHORS_EVALS_PER_STEP, AUTHORS_STEP_SPARSITY, AUTHORS_RECOVERY_EPOCHS = 100, 0.01, 20
+
+
+def authors_steps(target: float) -> int:
+    """Pruning steps of the authors' schedule (1 % of the filters per step) to the channel sparsity that removes
+    ``target`` of the MACs when every layer is cut alike (MACs ~ kept fraction squared): ``ceil((1 - sqrt(1 -
+    target)) / 0.01)``.
+
+    :param target: FLOPs reduction.
+    """
+    return int(math.ceil(round((1.0 - math.sqrt(1.0 - target)) / AUTHORS_STEP_SPARSITY, 9)))
+
+
+def bn_images(meta: Dict[str, Any]) -> int:
+    """Training images one evaluation runs for BatchNorm statistics (the ``adaptive_bn`` estimator's; 0 otherwise)."""
+    return int(meta.get("reward_train_images") or 256) if meta.get("reward_estimator") == "adaptive_bn" else 0
+
+
+def search_cost(per_target: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Search cost per target against the authors' protocol, from the measured cost of one evaluation (search
+    seconds / evaluations of the searching agents' units, agent overhead included) scaled to the authors' images
+    per evaluation (the full validation split, vanilla accuracy) from ours (reward images + BN images), and the
+    measured seconds of one fine-tune epoch for their per-step recovery.
+    """
+    out: Dict[str, Any] = {}
+    if not isinstance(meta.get("val_size"), int):  # a fraction or unset: the image count is not known here
+        return out
+    ours_images = int(meta.get("reward_samples") or meta["val_size"]) + bn_images(meta)
+    scale = int(meta["val_size"]) / ours_images
+    for t, block in per_target.items():
+        units = [s for data in block["units"]["agents"].values() for s in data["searches"].values()]
+        searching = [s for s in units if s["n_evaluations"] == meta["budget"]]
+        if not searching:
+            continue
+        per_eval = float(np.mean([s["search_s"] / s["n_evaluations"] for s in searching]))
+        fts = [r for data in block["units"]["agents"].values() for r in data["finetunes"]]
+        epoch_s = float(np.mean([r["finetune"]["seconds"] for r in fts])) / meta["finetune_epochs"] if fts else None
+        steps = authors_steps(float(t))
+        a_evals = steps * AUTHORS_EVALS_PER_STEP
+        a_search_s = a_evals * per_eval * scale
+        a_recovery_s = None if epoch_s is None else (steps - 1) * AUTHORS_RECOVERY_EPOCHS * epoch_s
+        ours_s = meta["budget"] * per_eval
+        out[t] = {"ours_evaluations": meta["budget"], "ours_search_s": ours_s, "per_evaluation_s": per_eval,
+                  "authors_steps": steps, "authors_evaluations": a_evals, "authors_images_scale": scale,
+                  "authors_search_s": a_search_s, "authors_recovery_s": a_recovery_s,
+                  "evaluation_ratio": meta["budget"] / a_evals, "wall_ratio": ours_s / a_search_s,
+                  "finetune_epoch_s": epoch_s}
+    return out
+
+
+def search_cost_lines(cost: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
+    """The markdown of :func:`search_cost`."""
+    if not cost:
+        return []
+    rows = []
+    for t, c in cost.items():
+        rec = "–" if c["authors_recovery_s"] is None else f"{c['authors_recovery_s'] / 3600:.1f} h"
+        rows.append([t, c["ours_evaluations"], f"{c['ours_search_s'] / 60:.1f} min", f"{c['per_evaluation_s']:.2f}",
+                     f"{c['authors_steps']} x {AUTHORS_EVALS_PER_STEP} = {c['authors_evaluations']}",
+                     f"{c['authors_search_s'] / 3600:.1f} h", rec, f"{c['evaluation_ratio']:.3f}",
+                     f"{c['wall_ratio']:.3f}"])
+    return ["## Search cost vs the authors' protocol", "",
+            "Ours: the budget's evaluations, each timed on this machine (search seconds / evaluations of the "
+            f"searching agents' units: {int(meta.get('reward_samples') or meta['val_size'])} reward images + "
+            f"{bn_images(meta)} BN images per evaluation, agent overhead included). "
+            f"Authors: 10 samples x 10 RL epochs per step, 1 % of the filters per step (steps to the target's "
+            f"channel sparsity when every layer is cut alike), every evaluation on the full validation split "
+            f"({meta['val_size']} images, vanilla accuracy: our per-evaluation cost x "
+            f"{next(iter(cost.values()))['authors_images_scale']:.2f}), plus their {AUTHORS_RECOVERY_EPOCHS}-epoch "
+            f"KD recovery between steps (our measured fine-tune epoch). Estimates from measured unit costs, not "
+            f"runs of the authors' protocol.", "",
+            *markdown_table(["target", "our evaluations", "our search wall", "s / evaluation",
+                             "authors' evaluations", "authors' search wall", "authors' recovery",
+                             "evaluations ours / authors'", "search wall ours / authors'"], rows), "",
+            "A tenth of the authors' search cost or less: "
+            + ", ".join(f"{t} **{'yes' if c['wall_ratio'] <= 0.1 else 'no'}** ({c['wall_ratio']:.1%} of their search "
+                        f"wall{'' if c['authors_recovery_s'] is None else ', recovery aside'})"
+                        for t, c in cost.items())
+            + ". Whether it reaches *the same accuracy* is not answered here: the authors' iterative schedule was not "
+              "run on this task.", ""]
+
+
+def schedule_text(meta: Dict[str, Any]) -> str:
+    """The schedule in words, with its training epochs."""
+    if meta["schedule_kind"] == "iterative":
+        return (f"{meta['n_steps']} pruning steps with {meta['recovery_epochs']} KD recovery epoch(s) after each "
+                f"non-final one, then a {meta['final_epochs']}-epoch fine-tune: {meta['finetune_epochs']} training "
+                f"epochs in all, as in the one-shot schedule")
+    return (f"{meta['n_steps']} pruning step(s), no training between steps, then the {meta['final_epochs']}-epoch "
+            f"fine-tune")
 
 
 def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], stem: str) -> str:
@@ -522,12 +702,12 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
     lines += ["", "## Protocol", "",
               f"Task `{meta['config']}`: original test top-1 **{orig['test_top1']:.4f}** (validation "
               f"{orig['val_top1']:.4f}), {orig['macs'] / 1e6:.2f} M MACs, {orig['params'] / 1e6:.3f} M params. "
-              f"Schedule `{meta['schedule']}` ({meta['n_steps']} pruning step(s), no fine-tune between steps). "
+              f"Schedule `{meta['schedule']}`: {schedule_text(meta)}. "
               f"Budget **{meta['budget']} evaluations** per searching agent, spent exactly (a unit that used another "
               f"count is refused below); uniform and global Taylor evaluate once per step. Reward estimator "
               f"`{meta['reward_estimator']}` on {meta['reward_samples']} validation images (never the test split). "
               f"Search seeds 0..{meta['search_seeds'] - 1}; each searched model fine-tuned {meta['ft_seeds']} times "
-              f"(fine-tune seed = search seed + i x {meta['search_seeds']}), {meta['finetune_epochs']} epochs of the "
+              f"(fine-tune seed = search seed + i x {meta['search_seeds']}), {meta['final_epochs']} epochs of the "
               f"config's KD recipe, the same for every agent. RL agents: RL-Pruner, the SB3 algorithms and AMC; "
               f"the others are non-RL allocations.", "",
               machine_line(meta["machine"]) + " Shared by other jobs: wall times are upper bounds.", "",
@@ -543,6 +723,7 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
             lines.append("")
     failures = {k: v for b in per_target.values() for k, v in b["units"]["failures"].items()}
     missing = [m for b in per_target.values() for m in b["units"]["missing"]]
+    lines += search_cost_lines(search_cost(per_target, meta), meta)
     lines += failures_section(failures, missing, "the unit's error.txt / .error.txt")
     lines += [f"![test top-1 after fine-tune vs MACs kept]({stem}.png)", "", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
@@ -550,6 +731,7 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_args(args)
     problem = check_args(args)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
@@ -560,7 +742,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    layout = Layout(Path(args.out_dir), model_tag(cfg), "oneshot" if args.n_steps == 1 else f"{args.n_steps}step")
+    layout = Layout(Path(args.out_dir), model_tag(cfg), schedule_name(args))
     if not args.report_only:
         run_all(args, layout)
     path = write_report(args, layout)

@@ -18,8 +18,9 @@ Units, each resumable and skipped once finished (rerun the same command to conti
    (``--latency-target calibrated``, the default: the table's bias on the day is taken out) or at ``1 - 1/S``
    (``nominal``). The same evaluation budget caps every agent (``PruneMonitor`` / SB3's stop), the same KD
    fine-tune follows.
-3. ``{out-dir}/x{S}/{agent}_s{seed}/latency_measured.json``: the unit's pruned model and the original timed
-   together at batch 1 and batch 64 (``pruning_env.costs.measure_latency``).
+3. ``{out-dir}/x{S}/latency_measured.json``: the original and every finished unit's pruned model of the speed-up
+   timed together, in one interleaved call per batch size (1 and 64; ``pruning_env.costs.measure_latency``), so all
+   see the same machine (measured again when the set of finished units changes).
 
 Measured latency needs a quiet machine: on a shared one, the thread clock (one thread) keeps most of the load out,
 but not all (docs/latency.md).
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -51,8 +51,9 @@ from pruning_env.runtime import atomic_write_text, machine_info  # noqa: E402
 from rl_prune.config import ConfigError, load_config, parse_overrides  # noqa: E402
 from rl_prune.pipeline import build_env  # noqa: E402
 from rl_prune.run_folder import RunFolder  # noqa: E402
-from rl_prune.sweep import (BENCH_CONFIG, failures_section, fmt, load_unit, mean_std, num, run_unit,  # noqa: E402
-                            unit_config, unit_failure)
+from benchmarks.common import HIGHER, UNDECIDED, command_line, failures_section, fmt, mean_std, num  # noqa: E402
+from benchmarks.common import verdict as seed_verdict  # noqa: E402
+from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
 
 #: the agents of the issue's comparison
 DEFAULT_AGENTS = ("uniform", "global_taylor", "latency_knapsack", "rl_pruner_improved", "ppo")
@@ -60,7 +61,7 @@ DEFAULT_AGENTS = ("uniform", "global_taylor", "latency_knapsack", "rl_pruner_imp
 LEARNED = ("rl_pruner", "rl_pruner_improved", "rl_pruner_bounded", "ppo", "a2c", "sac", "td3", "ddpg", "trpo")
 #: the rules a learned allocation is compared with
 RULES = ("uniform", "latency_knapsack")
-#: per-unit file of the measured latencies
+#: per-speed-up file of the measured latencies (every finished unit's pruned model and the original, together)
 MEASURED_FILE = "latency_measured.json"
 #: the uniform ratio unit of one speed-up
 RATIO_FILE = "uniform_ratio.json"
@@ -84,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "that measures S x faster (calibrated, default) or 1 - 1/S (nominal)")
     p.add_argument("--bisect-rounds", type=int, default=10, help="timing rounds per bisection point (default 10)")
     p.add_argument("--bisect-steps", type=int, default=9, help="bisection steps on the channel ratio (default 9)")
-    p.add_argument("--measure-rounds", type=int, default=15,
-                   help="timing rounds per unit and batch size (default 15)")
+    p.add_argument("--measure-rounds", type=int, default=30,
+                   help="timing rounds of the measured table per speed-up and batch size (default 30)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="further config overrides of every unit (e.g. env.reward_samples=100)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_latency"), help="unit folders")
@@ -213,27 +214,39 @@ def latency_target(args: argparse.Namespace, ratio: Dict[str, Any]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ measuring the units
-def measure_unit(run_dir: Path, rounds: int, threads: int) -> Optional[Dict[str, Any]]:
-    """``latency_measured.json`` of a finished unit: its pruned model and the original timed together at each of
-    :data:`BATCHES` (read from the file when it exists; written atomically)."""
-    path = Path(run_dir) / MEASURED_FILE
+def measure_target(folder: Path, run_dirs: Sequence[Path], rounds: int, threads: int) -> Dict[str, Any]:
+    """``{folder}/latency_measured.json``: the original and every finished unit's pruned model of one speed-up,
+    timed together in one interleaved call per batch size of :data:`BATCHES` (so all see the same machine); read
+    back while the set of units is the same, measured again (and written atomically) when it changed.
+
+    :param folder: the speed-up's folder.
+    :param run_dirs: its finished units.
+    :param rounds: timing rounds.
+    :param threads: torch threads of the setting.
+    :return: ``{"units": [names], "batches": {b: {"original_s", "pruned_s": {name: s}, "speedup": {name: x}}}}``.
+    """
+    path = Path(folder) / MEASURED_FILE
+    names = sorted(Path(d).name for d in run_dirs)
     if path.is_file():
-        return json.loads(path.read_text())
-    folder = RunFolder(run_dir)
-    if not folder.is_finished:
-        return None
-    metrics = folder.read_metrics()
-    original = torch.load(folder.file(RunFolder.ORIGINAL_MODEL), map_location="cpu", weights_only=False).eval()
-    pruned = torch.load(folder.file(RunFolder.PRUNED_MODEL), map_location="cpu", weights_only=False).eval()
-    out: Dict[str, Any] = {"batches": {}, "rounds": int(rounds), "machine": machine_info(threads),
-                           "load_average": _load()}
+        old = json.loads(path.read_text())
+        if old.get("units") == names and old.get("rounds") == int(rounds) and old.get("threads") == int(threads):
+            return old
+    out: Dict[str, Any] = {"units": names, "rounds": int(rounds), "threads": int(threads), "batches": {}}
+    if not names:
+        return out
+    first = RunFolder(Path(folder) / names[0])
+    load = lambda f, n: torch.load(f.file(n), map_location="cpu", weights_only=False).eval()  # noqa: E731
+    models = [load(first, RunFolder.ORIGINAL_MODEL)] + [load(RunFolder(Path(folder) / n), RunFolder.PRUNED_MODEL)
+                                                        for n in names]
+    input_size = first.read_metrics()["input_size"]
     for batch in BATCHES:
         setting = LatencySetting(threads=threads, batch_size=batch)
-        t = measure_latency([original, pruned], metrics["input_size"], setting, rounds=rounds,
-                            desc=f"{Path(run_dir).name} b{batch}")
+        t = measure_latency(models, input_size, setting, rounds=rounds, desc=f"{Path(folder).name} b{batch}")
         out["batches"][str(batch)] = {"setting": setting.tag, "clock": setting.resolve_clock(),
-                                      "original_s": float(t[0]), "pruned_s": float(t[1]),
-                                      "speedup": float(t[0] / t[1])}
+                                      "original_s": float(t[0]),
+                                      "pruned_s": {n: float(v) for n, v in zip(names, t[1:])},
+                                      "speedup": {n: float(t[0] / v) for n, v in zip(names, t[1:])}}
+    out.update(machine=machine_info(threads), load_average=_load())
     atomic_write_text(json.dumps(out, indent=2), path)
     return out
 
@@ -243,39 +256,25 @@ def _load() -> Optional[List[float]]:
 
 
 # ------------------------------------------------------------------------------------------------- the report
-def pooled_std(a: Dict[str, float], b: Dict[str, float]) -> float:
-    """Pooled seed std of two :func:`rl_prune.sweep.mean_std` results (NaN with one seed)."""
-    if a["n"] < 2 or b["n"] < 2:
-        return float("nan")
-    return math.sqrt(((a["n"] - 1) * a["std"] ** 2 + (b["n"] - 1) * b["std"] ** 2) / (a["n"] + b["n"] - 2))
-
-
 def versus(summary: Dict[str, Any], agent: str, other: str, key: str = "test_top1") -> Dict[str, Any]:
-    """``agent`` minus ``other`` on ``key`` against the pooled seed std, in a plain word."""
-    a, b = summary[agent][key], summary[other][key]
-    diff, pooled = a["mean"] - b["mean"], pooled_std(a, b)
-    if math.isnan(pooled):
-        word = f"{'is above' if diff > 0 else 'is not above'} {other}, noise unknown (one seed)"
-    elif diff > pooled:
-        word = f"beats {other} by more than one pooled std"
-    elif diff < -pooled:
-        word = f"is worse than {other} by more than one pooled std"
-    else:
-        word = f"is level with {other} (within one pooled std)"
-    return {"agent": agent, "other": other, "diff": diff, "pooled_std": pooled, "verdict": word}
+    """``agent`` minus ``other`` on ``key`` against the pooled seed std (``benchmarks.common.verdict``)."""
+    return {"agent": agent, "other": other, **seed_verdict(summary[agent][key], summary[other][key])}
 
 
-def unit_row(m: Dict[str, Any], measured: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The numbers of one finished unit."""
+def unit_row(m: Dict[str, Any], name: str, measured: Dict[str, Any], ratio: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers of one finished unit (a uniform unit's predicted latency is its ratio unit's, when it kept the
+    same channels)."""
     row = {"seed": m["seed"], "test_top1": m["pruned"]["test_top1"],
            "test_before_ft": m["pruned_before_finetune"]["test_top1"], "macs_reduction": m["flops_reduction"],
            "params_reduction": m["params_reduction"], "n_evaluations": m["n_evaluations"],
            "search_s": m["seconds"]["search"], "kept_channels": m["kept_channels"]}
     predicted = (m.get("latency") or {}).get("predicted")
     row["predicted_speedup"] = None if predicted is None else predicted["speedup"]
+    if predicted is None and ratio.get("predicted_s") and list(m["kept_channels"]) == list(ratio["kept"]):
+        row["predicted_speedup"] = float(ratio["predicted_original_s"]) / float(ratio["predicted_s"])
     for batch in BATCHES:
-        b = (measured or {}).get("batches", {}).get(str(batch))
-        row[f"speedup_b{batch}"] = None if b is None else b["speedup"]
+        b = measured.get("batches", {}).get(str(batch)) or {}
+        row[f"speedup_b{batch}"] = b.get("speedup", {}).get(name)
     return row
 
 
@@ -301,15 +300,43 @@ def verdict(summary: Dict[str, Any]) -> Dict[str, Any]:
         return {"text": "not enough agents finished for a verdict", "pairs": []}
     best = max(learned, key=lambda a: summary[a]["test_top1"]["mean"])
     pairs = [versus(summary, best, rule) for rule in rules]
-    beats_all = all(p["verdict"].startswith("beats") for p in pairs)
-    text = (f"the best learned allocation, {best}, " + "; ".join(f"{p['verdict']} ({100 * p['diff']:+.2f} pp, "
-                                                                 f"pooled std {num(100 * p['pooled_std'], '.2f')} pp)"
-                                                                 for p in pairs)
-            + (": a learned latency-aware allocation beats uniform and the knapsack by more than one pooled std."
-               if beats_all else ": it does not beat " + " and ".join(p["other"] for p in pairs
-                                                                     if not p["verdict"].startswith("beats"))
+    if any(p["verdict"] == UNDECIDED for p in pairs):
+        text = (f"no verdict: fewer than two seeds give no pooled std (the best learned allocation, {best}, differs by "
+                + ", ".join(f"{100 * p['diff']:+.2f} pp from {p['other']}" for p in pairs) + ")")
+        return {"best_learned": best, "pairs": pairs, "beats_all": None, "text": text}
+    beats_all = all(p["verdict"] == HIGHER for p in pairs)
+    text = (f"the best learned allocation, {best}, against " + "; against ".join(
+        f"{p['other']}: {p['verdict']} ({100 * p['diff']:+.2f} pp, pooled std {100 * p['pooled_std']:.2f} pp)"
+        for p in pairs)
+            + (". A learned latency-aware allocation beats uniform and the knapsack by more than one pooled std."
+               if beats_all else ". It does not beat " + " and ".join(p["other"] for p in pairs
+                                                                     if p["verdict"] != HIGHER)
                + " by more than one pooled std."))
     return {"best_learned": best, "pairs": pairs, "beats_all": beats_all, "text": text}
+
+
+def latency_match(summary: Dict[str, Any], speedup: float, tolerance: float = 0.1) -> Dict[str, Any]:
+    """Whether the agents' mean measured speed-ups at batch 1, timed together, lie within ``tolerance`` (relative)
+    of their median: the comparison is at equal measured latency only then (the latency agents are budgeted in
+    predicted latency, uniform on the bisection's measurement, taken at another moment). How far the median is from
+    the target ``speedup`` is reported too.
+
+    :param summary: from :func:`summarise`.
+    :param speedup: the target speed-up.
+    :param tolerance: relative spread allowed around the median.
+    """
+    measured = {a: row["speedup_b1"]["mean"] for a, row in summary.items() if row.get("speedup_b1")}
+    if not measured:
+        return {"ok": None, "off": {}, "median": None, "text": "no unit measured yet"}
+    median = float(np.median(list(measured.values())))
+    off = {a: v for a, v in measured.items() if abs(v / median - 1.0) > tolerance}
+    text = (f"measured together, the agents' speed-ups at batch 1 range from {min(measured.values()):.2f}x to "
+            f"{max(measured.values()):.2f}x (median {median:.2f}x, target {speedup:g}x); ")
+    text += (f"all within {tolerance:.0%} of the median: equal measured latency holds." if not off else
+             f"outside {tolerance:.0%} of the median: " + ", ".join(f"{a} {v:.2f}x" for a, v in off.items())
+             + ", so these are not at equal measured latency with the rest (their accuracy is not comparable as "
+               "such).")
+    return {"ok": not off, "off": off, "median": median, "text": text}
 
 
 def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
@@ -349,6 +376,10 @@ def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _times(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def _cell(stat: Optional[Dict[str, float]], digits: int = 3, pct: bool = False, suffix: str = "") -> str:
     return "n/a" if stat is None else fmt(stat, digits, pct) + suffix
 
@@ -384,7 +415,8 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
                          f"{_cell(row['test_before_ft'], 2, True)} | {_cell(row['macs_reduction'], 1, True, ' %')} | "
                          f"{_cell(row['speedup_b1'], 2, suffix='x')} | {_cell(row['speedup_b64'], 2, suffix='x')} | "
                          f"{_cell(row['predicted_speedup'], 2, suffix='x')} | {_cell(row['n_evaluations'], 0)} |")
-        lines += ["", f"**Verdict ({s}x):** {block['verdict']['text']}", ""]
+        lines += ["", f"Equal measured latency: {block['match']['text']}", "",
+                  f"**Verdict ({s}x):** {block['verdict']['text']}", ""]
     lines += ["## MACs reduction vs measured speed-up (every unit)", "",
               "| speed-up target | agent | seed | MACs reduction | measured b1 | measured b64 | predicted b1 |",
               "|---:|---|---:|---:|---:|---:|---:|"]
@@ -392,8 +424,8 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
         for agent, runs in block["rows"].items():
             for r in runs:
                 lines.append(f"| {s}x | {agent} | {r['seed']} | {100 * r['macs_reduction']:.1f} % | "
-                             f"{num(r['speedup_b1'], '.2f')}x | {num(r['speedup_b64'], '.2f')}x | "
-                             f"{num(r['predicted_speedup'], '.2f')}x |")
+                             f"{_times(r['speedup_b1'])} | {_times(r['speedup_b64'])} | "
+                             f"{_times(r['predicted_speedup'])} |")
     lines.append("")
     lines += failures_section(failures, missing, "the units' error.txt")
     return "\n".join(lines) + "\n"
@@ -413,6 +445,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
             continue
         ratio = json.loads((folder / RATIO_FILE).read_text())
         rows: Dict[str, List[Dict[str, Any]]] = {a: [] for a in args.agents}
+        finished: List[Tuple[str, Path, Dict[str, Any]]] = []
         for agent in args.agents:
             for seed in seeds:
                 run_dir = folder / f"{agent}_s{seed}"
@@ -425,10 +458,13 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
                         missing.append(f"{folder.name}/{run_dir.name}")
                     continue
                 done.append(m)
-                rows[agent].append(unit_row(m, measure_unit(run_dir, args.measure_rounds, threads)))
+                finished.append((agent, run_dir, m))
+        measured = measure_target(folder, [d for _, d, _ in finished], args.measure_rounds, threads)
+        for agent, run_dir, m in finished:
+            rows[agent].append(unit_row(m, run_dir.name, measured, ratio))
         summary = summarise(rows)
         blocks[f"{s:g}"] = {"ratio": {k: v for k, v in ratio.items() if k != "history"}, "rows": rows,
-                            "summary": summary, "verdict": verdict(summary),
+                            "summary": summary, "verdict": verdict(summary), "match": latency_match(summary, s),
                             "latency_target": latency_target(args, ratio)}
     if not done:
         print("no finished units yet: nothing to report", file=sys.stderr)
@@ -443,8 +479,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
             "latency_target": args.latency_target, "clock": LatencySetting(threads=threads).resolve_clock(),
             "machine": machine_info(threads), "load_average": _load(), "smoke": smoke,
             "original_test_top1": done[0]["original"]["test_top1"],
-            "command": "python benchmarks/compare_latency.py " + " ".join(a for a in sys.argv[1:]
-                                                                         if a != "--report-only")}
+            "command": command_line("benchmarks/compare_latency.py", sys.argv[1:])}
     if meta["max_evaluations"] > budget:
         raise RuntimeError(f"a unit used {meta['max_evaluations']} evaluations, more than the budget {budget}")
     results = Path(args.results)
@@ -495,7 +530,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             started = time.perf_counter()
             status = run_unit(cfg, agent, run_dir)
             if status["status"] == "done":
-                measure_unit(run_dir, args.measure_rounds, int(cfg.env_kwargs(agent).get("latency_threads", 1)))
                 print(f"{run_dir}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     path = write_report(args, seeds, budget, smoke)
     if path is not None:

@@ -424,7 +424,8 @@ def write_markdown(path: Path, summary: Dict[str, Any], settings: Dict[str, Any]
              "(each also runs the teacher). **Pick regret**: over random batches of 10 candidates (RL-Pruner's "
              "sample_num), the truth of the batch's best minus that of the estimator's choice, in top-1 points. "
              "BN statistics and KD batches come from training images only; estimators read validation images "
-             "only; the test split is read only after the fine-tunes.", "",
+             "only; the test split is read only after the fine-tunes. rho is nan where an estimator gives every "
+             "candidate the same value (distinct values: 1).", "",
              "Estimators (`pruning_env/envs/reward.py` registry names and options): " + "; ".join(
                  f"`{k}` = `{n}` {o}{' on every validation image' if r is None else f' on {r} validation images'}"
                  for k, (n, o, r) in settings["estimators"].items()) + ". " + "; ".join(
@@ -445,7 +446,7 @@ def write_markdown(path: Path, summary: Dict[str, Any], settings: Dict[str, Any]
                       f"10 loses {s['random_pick_regret']:.1f} points.", ""]
         lines += ["| estimator | rho (mean truth) | ± std | 95 % interval | **rho / ceiling** | ± std | 95 % interval | "
                   "rho (seed 0) | pick regret (pts) | cost (× vanilla, wall) | val images | BN images | "
-                  "SGD batches |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "SGD batches | distinct values |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, e in s["estimators"].items():
             share = (f"**{e['share']:.2f}** | {e['share_std']:.2f} | [{e['share_ci95'][0]:.2f}, "
                      f"{e['share_ci95'][1]:.2f}]" if "share" in e else "– | – | –")
@@ -453,7 +454,8 @@ def write_markdown(path: Path, summary: Dict[str, Any], settings: Dict[str, Any]
             ci = e.get("rho_ci95", [e.get("ci95_low"), e.get("ci95_high")])
             lines.append(f"| {label} | {e['rho']:.3f} | {spread:.3f} | [{ci[0]:.3f}, {ci[1]:.3f}] | {share} | "
                          f"{e['rho_seed0']:.3f} | {e['regret']:.1f} | {e['cost_ratio']:.1f} | "
-                         f"{e['val_images']:g} | {e['bn_images']:g} | {e['sgd_batches']:g} |")
+                         f"{e['val_images']:g} | {e['bn_images']:g} | {e['sgd_batches']:g} | "
+                         f"{e.get('distinct', '–')} |")
         lines.append("")
     if settings["note"]:
         lines += [settings["note"], ""]

@@ -19,13 +19,13 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from pruning_env.runtime import TorchRNG
+from pruning_env.runtime import TorchRNG, model_device
 
 #: parameters of these modules are re-drawn by their ``_reset_parameters`` (``nn.MultiheadAttention`` and its
 #: head-pruned subclasses); every other module with parameters of its own needs ``reset_parameters``
@@ -51,7 +51,7 @@ def reinitialize(model: nn.Module, seed: int) -> nn.Module:
             raise ValueError(f"cannot re-initialise {name or 'the model'} ({type(module).__name__}): it holds "
                              f"parameters but has no reset_parameters(); Scratch-E needs every layer's initialiser")
         owners.append(module)
-    with TorchRNG(seed, next((p.device for p in model.parameters()), None)):
+    with TorchRNG(seed, model_device(model)):
         for module in owners:
             if isinstance(module, nn.modules.batchnorm._NormBase):
                 module.reset_parameters() if module.affine else module.reset_running_stats()

@@ -225,3 +225,11 @@ def test_zoo_file_states_amcs_defaults():
     for key in ("init_delta", "delta_decay", "actor_learning_rate", "moving_alpha", "buffer_episodes", "warmup",
                 "warmup_fraction"):
         assert zoo[key] == own[key].default, key
+
+
+def test_layerwise_env_offers_the_inner_envs_attributes_but_not_its_lookaheads(splits):
+    env, _, _ = built(splits, budget=9)
+    assert env.original_model is env.inner.original_model and env.config is env.inner.config
+    assert env.n_steps == env.n_groups and env.action_mode == "layerwise"
+    for name in ("evaluate_action", "keep_for_action", "snapshot", "step_index", "_state"):
+        assert not hasattr(env, name), name

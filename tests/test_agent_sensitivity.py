@@ -168,6 +168,25 @@ def test_the_least_sensitive_group_is_pruned_most(splits):
     assert swapped["sparsity"][1] > out["sparsity"][1] and swapped["sparsity"][0] < out["sparsity"][0]
 
 
+def test_the_threshold_rule_prunes_every_group_within_one_drop(splits):
+    agent = SensitivityPruner(budget_env(splits), ratios=[0.25, 0.5, 0.75], allocation="threshold", seed=0)
+    env = agent.penv
+    env.reset(seed=0)
+    current = env.original_channels.copy()
+    keep = np.array([[env.pruner.keep_counts(np.eye(3)[g] * r)[g] for r in (0.25, 0.5, 0.75)] for g in range(3)])
+    accuracy = np.array([[0.8, 0.8, 0.79], [0.5, 0.3, 0.1], [0.78, 0.7, 0.6]])
+    out = agent._allocate(keep, accuracy, 0.8, current)
+    assert out["met"] and out["reduction"] >= TARGET
+    tau = out["threshold"]
+    drop = np.maximum.accumulate(np.maximum(0.0, 0.8 - accuracy), axis=1)
+    # each group at its largest ratio within tau (-1: not even the smallest), and no smaller drop would do
+    np.testing.assert_array_equal(out["levels"], (drop <= tau + 1e-12).sum(axis=1) - 1)
+    assert tau == pytest.approx(0.3)  # conv2+3 must give 25 % (a drop of 0.3): conv1 and fc1 go as far as that
+    np.testing.assert_array_equal(out["levels"], [2, 0, 2])
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        SensitivityPruner(env, allocation="knapsack")
+
+
 def test_the_analysis_is_deterministic(splits):
     runs = []
     for _ in range(2):
@@ -191,3 +210,29 @@ def test_a_budget_free_env_is_refused(splits):
     agent = SensitivityPruner(tiny_env(splits, action_mode="sparsity"), seed=0)
     with pytest.raises(ValueError, match="needs an env with a budget"):
         agent.learn()
+
+
+def test_train_agent_runs_it_and_reports_the_evaluations_of_the_budget(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from rl_prune.cli import train_main
+
+    cfg = {"name": "tiny", "seed": 0, "device": "cpu", "agent": "sensitivity",
+           "env": {"model": "vgg11", "dataset": "synthetic", "width": 0.0625, "pretrained": False, "val_size": 32,
+                   "reward_samples": 16, "calibration_size": 16, "n_steps": 2, "target": 0.4, "budget": "flops",
+                   "record_timings": False},
+           "finetune": {"epochs": 1, "max_batches": 1, "batch_size": 16},
+           "run": {"progress": False, "export_torchscript": False, "out_dir": str(tmp_path / "runs")}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train_main(["--config", str(path), "--name", "s", "budget=22"]) == 0
+    out = capsys.readouterr()
+    metrics = json.loads((tmp_path / "runs" / "s" / "metrics.json").read_text())
+    groups, n = len(metrics["group_names"]), metrics["n_evaluations"]
+    ratios = (22 - 2) // groups
+    assert metrics["budget"] == 22 and n <= groups * ratios + 2
+    assert f"evaluations used {n} of budget 22" in out.out
+    assert metrics["budget_schedule"].startswith(f"{groups} groups x {ratios} ratios")
+    assert "sensitivity schedule:" in out.err and "does not apply" not in out.err

@@ -103,3 +103,39 @@ def test_a_verdict_is_undecided_and_provisional_with_one_search_seed():
     assert (v["first"], v["second"], v["verdict"]) == ("ppo", "uniform", UNDECIDED)
     assert v["provisional"] == ["ppo: 1 search seed(s) of 3", "uniform: 1 fine-tune seed(s) per model of 2"]
     assert "Provisional: ppo: 1 search seed(s) of 3" in ca.verdict_sentence("0.875", v)
+
+
+def test_default_budgets_are_spent_exactly_by_every_searching_agent():
+    assert ca.default_budget(1) == 151 and ca.default_budget(3) == 153
+    for steps in (1, 2, 3, 4):
+        b = ca.default_budget(steps)
+        assert b >= 150 and b % steps == 0 and (b // steps - 1) % 10 == 0
+
+
+def parsed(argv):
+    args = ca.build_parser().parse_args(argv)
+    ca.resolve_args(args)
+    return args
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--schedule", "iterative", "--agents", "uniform", "ppo"], "ppo always prune(s) in one step"),
+    (["--schedule", "iterative", "--agents", "uniform", "--recovery-epochs", "8"],
+     "2 recoveries x 8 epochs leave -1 of the 15 training epochs"),
+    (["--schedule", "iterative", "--agents", "uniform", "--n-steps", "1"], "needs --n-steps >= 2"),
+])
+def test_the_iterative_schedule_refuses_what_it_cannot_compare(argv, message):
+    assert message in ca.check_args(parsed(argv))
+
+
+def test_the_iterative_schedule_trains_as_long_as_the_one_shot_one(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    one = parsed(["--config", str(cfg), "--agents", "uniform"])
+    it = parsed(["--config", str(cfg), "--agents", "uniform", "--schedule", "iterative"])
+    assert (one.n_steps, one.budget, ca.final_epochs(one), ca.schedule_name(one)) == (1, 151, 15, "oneshot")
+    assert (it.n_steps, it.budget, ca.final_epochs(it), ca.schedule_name(it)) == (3, 153, 11, "iterative3_r2")
+    search = ca.search_config(it, "uniform", 0, 0.5)
+    assert (search.env["recovery"], search.env["recovery_epochs"], search.finetune.epochs) == ("kd", 2, 0)
+    assert ca.finetune_config(it, "uniform", 0, 0.5).finetune.epochs == 11
+    assert ca.search_config(one, "uniform", 0, 0.5).env.get("recovery") is None

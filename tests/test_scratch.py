@@ -4,7 +4,6 @@ trained end to end with the pretraining recipe's loop.
 """
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

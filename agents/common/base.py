@@ -120,6 +120,18 @@ class BasePruningAgent(RecordView):
             raise RuntimeError(f"{type(self).__name__} has no env; pass env= to the constructor or load()")
         return unwrap_env(self.env)
 
+    def _next_step(self) -> Tuple[Any, Any, float]:
+        """``(env, pruner, goal)`` of the step about to be taken: the bare env, its current
+        :class:`~pruning_env.pruning.Pruner` and the step's cumulative goal ``target * (t + 1) / n_steps``
+        (what the state-reading agents plan against); a ``RuntimeError`` once the episode is over."""
+        from pruning_env.envs.budget import cumulative_goal
+
+        env = self.penv
+        pruner = env.pruner
+        if pruner is None:
+            raise RuntimeError("the env's episode is over (no pruner for a final state); reset it before predict()")
+        return env, pruner, cumulative_goal(env.target, env.step_index + 1, env.n_steps)
+
     def get_env(self) -> Optional[PruneMonitor]:
         """The monitored env the agent acts on (SB3 callbacks read it)."""
         return self.env

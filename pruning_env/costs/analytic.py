@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pruning_env.costs.counting import (attention_product_macs, conv_term, layer_term, linear_term,
+from pruning_env.costs.counting import (attention_product_macs, conv_term, conv_transpose_term, layer_term, linear_term,
                                         matmul_term, norm_term, count_params)
 
 if TYPE_CHECKING:  # the graph imports the counter; importing it back at run time would be a cycle
@@ -150,6 +150,13 @@ class CostTerms:
                     if m.bias is not None:
                         param_rows.append((1, one, e_out, li))
                     handled_params += _conv_extras(m, e_out, li, param_rows, one) if call.role == "conv" else 0
+            elif call.role == "convt":  # transposed, groups == 1: weight (in, out, *kernel), counted on the input
+                e_in, e_out = expr(spec.in_layout, m.in_channels), expr(spec.out_layout, m.out_channels)
+                macs_rows.append((conv_transpose_term(m, call.positions).weight, e_in, e_out, li))
+                if first:
+                    param_rows.append((int(np.prod(m.kernel_size)), e_in, e_out, li))
+                    if m.bias is not None:
+                        param_rows.append((1, one, e_out, li))
             elif call.role == "depthwise":  # or grouped with equal widths: each output reads its group's inputs
                 k_area = int(np.prod(m.kernel_size)) * (m.in_channels // m.groups)
                 e = expr(spec.out_layout, m.out_channels)

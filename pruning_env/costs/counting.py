@@ -42,6 +42,7 @@ from pruning_env.runtime import model_device
 __all__ = ["CONV_TYPES", "CONVT_TYPES", "NORM_TYPES", "LINEAR_TYPES", "COUNTED_TYPES", "NORM_MACS_PER_ELEMENT",
            "ATTENTION_TYPES", "MacsTerm", "conv_term", "conv_transpose_term", "linear_term", "norm_term",
            "matmul_term", "layer_term", "layer_positions", "count_params", "layer_macs", "attention_geometry",
+           "FUSED_QKV_ATTENTION", "is_fused_qkv_attention", "is_attention",
            "attention_product_macs", "attention_macs", "count_costs"]
 
 #: The layer types (the project's one table of them: the dependency graph's tracer records the same ones).
@@ -55,6 +56,22 @@ COUNTED_TYPES = CONV_TYPES + CONVT_TYPES + NORM_TYPES + LINEAR_TYPES
 NORM_MACS_PER_ELEMENT = 2
 #: Attention modules whose hidden products :func:`attention_macs` counts.
 ATTENTION_TYPES = (nn.MultiheadAttention, ShiftedWindowAttention, RelativePositionalMultiHeadAttention)
+#: Fused-qkv attention classes, by ``module.qualname`` (their library is never imported here): a child ``qkv``
+#: linear layer whose output is reshaped into q, k, v of ``num_heads`` x ``head_dim`` on ``(B, N, C)`` tokens, all N
+#: keys attended, then a child ``proj``; their projections are layer calls, :func:`attention_product_macs` adds
+#: QK^T and AV. timm's ``Attention`` (ViT, DeiT and the other models built from its ``Block``). Extension point.
+FUSED_QKV_ATTENTION = {"timm.layers.attention.Attention"}
+
+
+def is_fused_qkv_attention(module: nn.Module) -> bool:
+    """Whether ``module``'s class (or a base class) is listed in :data:`FUSED_QKV_ATTENTION`."""
+    return any(f"{c.__module__}.{c.__qualname__}" in FUSED_QKV_ATTENTION for c in type(module).__mro__)
+
+
+def is_attention(module: nn.Module) -> bool:
+    """Whether :func:`attention_macs` counts products inside ``module`` (an :data:`ATTENTION_TYPES` or
+    :data:`FUSED_QKV_ATTENTION` module)."""
+    return isinstance(module, ATTENTION_TYPES) or is_fused_qkv_attention(module)
 
 
 @dataclass(frozen=True)
@@ -174,6 +191,9 @@ def attention_geometry(module: nn.Module, args: Tuple[Any, ...],
     if isinstance(module, RelativePositionalMultiHeadAttention):
         x = args[0] if args else kwargs["x"]
         return int(x.shape[1] * x.shape[2]), int(x.shape[1] * x.shape[2]), int(x.shape[2])
+    if is_fused_qkv_attention(module):
+        x = args[0] if args else kwargs["x"]
+        return int(x.shape[1]), int(x.shape[1]), int(x.shape[1])
     return None
 
 
@@ -203,6 +223,8 @@ def attention_product_macs(module: nn.Module, geometry: Optional[Tuple[int, int,
                  linear_term(n_q, inner, module.proj.out_features))
     elif isinstance(module, RelativePositionalMultiHeadAttention):
         terms = (matmul_term(n_q, context, module.n_heads * module.head_dim),)
+    elif is_fused_qkv_attention(module):
+        terms = (matmul_term(n_q, context, module.num_heads * module.head_dim),)
     else:
         return 0
     return sum(t.macs for t in terms)
@@ -245,7 +267,7 @@ def count_costs(
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, COUNTED_TYPES)]
     handles += [m.register_forward_pre_hook(attention_hook, with_kwargs=True)
-                for m in model.modules() if isinstance(m, ATTENTION_TYPES)]
+                for m in model.modules() if is_attention(m)]
     was_training = model.training
     model.eval()
     try:

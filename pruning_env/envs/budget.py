@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from pruning_env.costs import Cost, Reductions, reductions
+from pruning_env.envs.actions import real_action
 
 ArrayLike = Sequence[float] | np.ndarray
 #: what a budget or an episode target is measured in: a field of ``Reductions``, or the authors' channel sparsity
@@ -161,6 +162,60 @@ def cumulative_goal(target: float, step: int, n_steps: int) -> float:
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     return float(target) * min(max(step, 0), n_steps) / n_steps
+
+
+def channel_floor(keep_counts: Callable[[np.ndarray], np.ndarray], current: ArrayLike) -> np.ndarray:
+    """Kept channels per group with every group pruned to its floor (``keep_counts`` at sparsity 1), never above
+    ``current``: the most a state can still remove.
+
+    :param keep_counts: sparsity per group -> kept channels per group (a pruner's ``keep_counts``).
+    :param current: channels per group now.
+    """
+    cur = np.asarray(current, dtype=np.int64).reshape(-1)
+    return np.minimum(keep_counts(np.ones(cur.size)), cur)
+
+
+def refuse_unreachable_target(reduction: Callable[[np.ndarray], float], floor: np.ndarray, target: float,
+                              tolerance: float, metric: str, limits: str) -> None:
+    """A ``ValueError`` when even ``floor`` (every group at its channel floor) reduces ``metric`` by less than
+    ``target - tolerance``: a budget that no episode can meet, refused before any episode.
+
+    :param reduction: kept channels -> cumulative reduction in ``metric`` (:meth:`ReductionMeter.function`).
+    :param floor: kept channels with every group at its floor (:func:`channel_floor`).
+    :param limits: the settings that set the floor, in words (named in the message).
+    """
+    most = reduction(floor)
+    if most < target - tolerance:
+        raise ValueError(f"target={target:g} ({metric} reduction) is unreachable: with {limits} every group at its "
+                         f"floor removes only {most:.4f}; lower target to at most {most:.4f} or lower min_channels / "
+                         f"round_to")
+
+
+def exact_keep(keep: Any, current: ArrayLike, built: Callable[[np.ndarray], Sequence[int]], limits: str,
+               caller: str = "keep") -> np.ndarray:
+    """``keep`` checked as kept channels to use as they are (no budget mapping): whole counts in [1, current width]
+    per group that a plan keeps exactly; int64, or a ``ValueError`` saying what is wrong.
+
+    :param keep: kept channels per group (array, list, tensor).
+    :param current: channels per group now.
+    :param built: kept channels -> the channels a plan of them keeps, e.g.
+        ``lambda k: [len(i) for i in pruner.plan(keep=k).kept]``.
+    :param limits: what sets the buildable counts, in words (named in the message).
+    :param caller: what is checked, prefixed to a shape or value error (e.g. ``"evaluate_keep"``).
+    """
+    cur = np.asarray(current, dtype=np.int64).reshape(-1)
+    try:
+        k = real_action(keep, cur.size, f"shape ({cur.size},): kept channels per group", entries="groups")
+    except ValueError as err:
+        raise ValueError(f"{caller}: {err}") from err
+    if np.any(k != np.round(k)) or np.any(k < 1) or np.any(k > cur):
+        raise ValueError(f"keep must hold whole channel counts in [1, current width] per group; got "
+                         f"{k.tolist()} for widths {cur.tolist()}")
+    k = k.astype(np.int64)
+    got = np.asarray(built(k), dtype=np.int64)
+    if not np.array_equal(got, k):
+        raise ValueError(f"keep {k.tolist()} cannot be built as it is ({limits}): the plan keeps {got.tolist()}")
+    return k
 
 
 def bisect_increasing(fn: Callable[[float], float], goal: float, lo: float, hi: float, iters: int = 40,
@@ -417,4 +472,5 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
 
 __all__ = ["keep_for_action", "StepKeep", "ReductionMeter", "METRICS", "ACTION_MODES", "normalize_distribution",
            "distribution_to_counts", "charged",
-           "channel_sparsity", "filter_num", "step_channel_budget", "cumulative_goal", "bisect_increasing"]
+           "channel_sparsity", "filter_num", "step_channel_budget", "cumulative_goal", "bisect_increasing", "channel_floor",
+           "refuse_unreachable_target", "exact_keep"]

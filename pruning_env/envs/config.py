@@ -53,6 +53,25 @@ class ConfigAttribute:
         return self if env is None else getattr(env.config, self.name)
 
 
+class PruneEnvSettings:
+    """The settings a :class:`~pruning_env.envs.prune_env.PruneEnv` exposes as attributes (agents and reports read
+    ``env.target``, ``env.budget``, ...), each read from the env's ``config`` (:class:`ConfigAttribute`)."""
+
+    budget = ConfigAttribute("step_metric")  # budget, or target_metric in distribution mode; None: budget-free
+    max_steps = ConfigAttribute("step_cap")  # steps after which a budget-free episode is truncated
+    action_mode = ConfigAttribute()
+    target = ConfigAttribute()
+    target_metric = ConfigAttribute()
+    episode_metric = ConfigAttribute()
+    n_steps = ConfigAttribute()
+    alpha = ConfigAttribute()
+    beta = ConfigAttribute()
+    max_step_sparsity = ConfigAttribute()
+    target_tolerance = ConfigAttribute()
+    lookahead_cache = ConfigAttribute()
+    eval_batch_size = ConfigAttribute()
+
+
 def zoo_model_problem(model: Any) -> Optional[str]:
     """Why ``model`` names no zoo model (listing the zoo and the closest name), or None (a module passes).
 
@@ -104,6 +123,23 @@ class PruneEnvConfig(Settings):
         return LatencySetting(device=self.latency_device, threads=self.latency_threads,
                               batch_size=self.latency_batch_size, dtype=self.latency_dtype,
                               channels_last=self.latency_channels_last)
+
+    def build_latency_model(self, pruner: Any) -> Any:
+        """The :class:`~pruning_env.costs.latency.LatencyModel` of ``pruner``'s model in the ``latency_*`` setting
+        (cached on disk unless ``latency_cache=False``); a setting this machine cannot measure, e.g. CUDA without a
+        GPU, is a ``ValueError`` naming ``latency_device``.
+
+        :param pruner: the :class:`~pruning_env.pruning.Pruner` of the original model (its widths are the full ones).
+        """
+        from pruning_env.costs.latency import LatencyModel
+
+        setting = self.latency_setting()
+        try:
+            setting.torch_device  # noqa: B018  (CUDA asked without one fails here, before any table is built)
+        except RuntimeError as e:
+            raise ValueError(f"latency_device={self.latency_device!r}: {e}") from e
+        cache = True if self.latency_cache is None else self.latency_cache
+        return LatencyModel.build(pruner, setting, cache=cache, grid=self.latency_grid)
 
     # ---- task: model, data, checkpoint
     model: Union[str, nn.Module] = setting("vgg19", what="a zoo name or an nn.Module", check=zoo_model_problem)
@@ -371,4 +407,4 @@ class PatchEnvConfig(Settings):
 
 __all__ = ["PruneEnvConfig", "PatchEnvConfig", "ACTION_MODES", "RECOVERY_MODES", "DEFAULT_VAL_SIZE",
            "PATCH_ACTION_MODES", "BINARIZE_RULES", "LOSS_REFERENCES", "VIT_OPTIMIZERS", "LR_SCHEDULES",
-           "ConfigAttribute", "zoo_model_problem", "val_size_problem"]
+           "ConfigAttribute", "PruneEnvSettings", "zoo_model_problem", "val_size_problem"]

@@ -1,9 +1,7 @@
 """RL-Pruner as a Gymnasium environment: one episode prunes a pretrained CNN from its original state to a
 target sparsity in ``n_steps`` steps; the action is a per-group sparsity vector (or pruning distribution).
-
-Reward (spec §3, on held-out validation images, never the test set):
-``accuracy + alpha * (1 - MACs/MACs0) + beta * (1 - params/params0)``. Look-ahead (``evaluate_action``,
-``snapshot``/``restore``) lets agents score candidate actions from one state with the importance cached.
+:class:`PruneEnv` keeps the spaces, reset, step, look-ahead and the states of the trajectory; what a candidate scores
+is ``envs/scoring.py``, how an action becomes kept channels ``envs/budget.py``, the infos ``envs/info.py``.
 """
 from __future__ import annotations
 
@@ -20,9 +18,10 @@ from gymnasium import spaces
 
 from pruning_env.costs import Cost, Reductions, count_costs
 from pruning_env.envs.actions import real_action
-from pruning_env.envs.budget import (ReductionMeter, StepKeep, channel_sparsity, cumulative_goal, keep_for_action,
-                                     step_channel_budget)
-from pruning_env.envs.config import ConfigAttribute, PruneEnvConfig
+from pruning_env.envs.budget import (ReductionMeter, StepKeep, channel_floor, channel_sparsity, cumulative_goal,
+                                     exact_keep, keep_for_action, refuse_unreachable_target, step_channel_budget)
+from pruning_env.envs.config import PruneEnvConfig, PruneEnvSettings
+from pruning_env.envs.info import InfoBuilder
 from pruning_env.envs.parallel import CandidateBackend, SerialBackend, make_backend
 from pruning_env.envs.scoring import Candidate, CandidateCache, CandidateScorer
 from pruning_env.envs.task import PruningTask
@@ -66,7 +65,7 @@ class _State:
         return self.terminated or self.truncated
 
 
-class PruneEnv(gym.Env):
+class PruneEnv(PruneEnvSettings, gym.Env):
     """Structured channel pruning of a pretrained CNN as a Gymnasium environment (RL-Pruner, spec §2-§3); the
     settings are the fields of :class:`~pruning_env.envs.config.PruneEnvConfig`, ``docs/env.md`` the full story.
 
@@ -76,32 +75,19 @@ class PruneEnv(gym.Env):
       ``target`` (truncated after ``max_steps`` steps or at the channel floor, ``info["truncated_reason"]``).
     * **Action**: ``Box(0, 1, (n_groups,))``, mapped to kept channels by
       :func:`~pruning_env.envs.budget.keep_for_action`; NaN, inf, complex or misshaped actions raise ``ValueError``.
-    * **Reward**: ``accuracy + alpha * flops_reduction + beta * params_reduction`` from the env's
+    * **Reward** (spec §3, on held-out validation images, never the test set): ``accuracy + alpha *
+      flops_reduction + beta * params_reduction`` (``1 - MACs/MACs0``, ``1 - params/params0``) from the env's
       :class:`~pruning_env.envs.scoring.CandidateScorer`; ``recovery`` fine-tunes between steps.
     * **Observation**: the per-group ``GROUP_FEATURES`` (one block of ``n_groups`` each), then ``GLOBAL_FEATURES``.
     * **Look-ahead**: :meth:`evaluate_action`, :meth:`evaluate_actions`, :meth:`lookahead_step`, :meth:`snapshot`
-      / :meth:`restore`; agents also read :attr:`pruner`, :attr:`group_importance`, :meth:`keep_for_action`,
-      :meth:`reduction`.
+      / :meth:`restore` (score candidates from one state, importance cached); agents also read :attr:`pruner`,
+      :attr:`group_importance`, :meth:`keep_for_action`, :meth:`reduction`, and the settings as attributes
+      (``env.target``, ``env.budget``, ...: :class:`~pruning_env.envs.config.PruneEnvSettings`).
 
     :param config: the settings (default: ``PruneEnvConfig()``).
     :param kwargs: settings by name (override ``config``'s).
     """
-
     metadata = {"render_modes": []}
-    # settings read from the config (agents and reports read them here)
-    budget = ConfigAttribute("step_metric")  # budget, or target_metric in distribution mode; None: budget-free
-    max_steps = ConfigAttribute("step_cap")  # steps after which a budget-free episode is truncated
-    action_mode = ConfigAttribute()
-    target = ConfigAttribute()
-    target_metric = ConfigAttribute()
-    episode_metric = ConfigAttribute()
-    n_steps = ConfigAttribute()
-    alpha = ConfigAttribute()
-    beta = ConfigAttribute()
-    max_step_sparsity = ConfigAttribute()
-    target_tolerance = ConfigAttribute()
-    lookahead_cache = ConfigAttribute()
-    eval_batch_size = ConfigAttribute()
 
     def __init__(self, config: Optional[PruneEnvConfig] = None, **kwargs: Any) -> None:
         super().__init__()
@@ -127,14 +113,20 @@ class PruneEnv(gym.Env):
                              "classifier); nothing to prune")
         self.original_channels = np.asarray(probe.num_channels, dtype=np.int64).copy()
         self.layer_counts = np.asarray(probe.layer_counts, dtype=np.int64).copy()
-        self.latency_model = self._latency_model(probe) if cfg.uses_latency else None
+        self.latency_model = cfg.build_latency_model(probe) if cfg.uses_latency else None
         self.meter = ReductionMeter(self.original_cost, self.original_channels, self.layer_counts,
                                     latency=None if self.latency_model is None else self.latency_model.predict)
+        self._infos = InfoBuilder(self.meter, cfg, self.scorer.refines)
         if cfg.gamma != 0:
             self.scorer.use_latency(cfg.gamma, self.meter.latency_reduction)
         self.step_filter_budget = step_channel_budget(self.original_channels, self.layer_counts, self.target,
                                                       self.n_steps)
-        self._refuse_unreachable_target(probe)
+        if self.budget is not None:  # a budget-free episode that cannot reach its target ends truncated instead
+            refuse_unreachable_target(self.meter.function(self.episode_metric, lambda k: probe.plan_cost(keep=k)),
+                                      channel_floor(probe.keep_counts, self.original_channels), self.target,
+                                      self.target_tolerance, self.episode_metric,
+                                      f"min_channels={cfg.min_channels}, round_to={cfg.round_to} and "
+                                      f"ignore_layers={list(cfg.ignore_layers)}")
         # the initial state (built at the first reset) reuses the probe: its model is a private copy already
         self._probe: Optional[Pruner] = probe
 
@@ -142,8 +134,7 @@ class PruneEnv(gym.Env):
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(GROUP_FEATURES) * self.n_groups
                                                              + len(GLOBAL_FEATURES),), dtype=np.float32)
         self._original_accuracy: Optional[float] = None
-        self._state: Optional[_State] = None
-        self._initial_state: Optional[_State] = None
+        self._state = self._initial_state = None  # Optional[_State]: the current one, every episode's first one
         # counters live on the env, not on states: restoring a snapshot does not refund evaluations
         self._spent, self.total_evaluations = np.zeros(2, dtype=np.int64), 0  # episode: evaluations, SGD batches
 
@@ -151,34 +142,6 @@ class PruneEnv(gym.Env):
         cfg = self.config
         return Pruner(model, torch.zeros((1, *self.input_size), device=self.device), ignore=cfg.ignore_layers,
                       min_channels=cfg.min_channels, round_to=cfg.round_to, prune_normalized=cfg.prune_normalized)
-
-    def _latency_model(self, probe: Pruner) -> Any:
-        """The latency model of the original model in the config's ``latency_*`` setting (cached on disk; a
-        setting this machine cannot measure, e.g. CUDA without a GPU, is a ``ValueError`` here)."""
-        from pruning_env.costs.latency import LatencyModel
-
-        cfg = self.config
-        setting = cfg.latency_setting()
-        try:
-            setting.torch_device  # noqa: B018  (CUDA asked without one fails here, before any table is built)
-        except RuntimeError as e:
-            raise ValueError(f"latency_device={cfg.latency_device!r}: {e}") from e
-        cache = True if cfg.latency_cache is None else cfg.latency_cache
-        return LatencyModel.build(probe, setting, cache=cache, grid=cfg.latency_grid)
-
-    def _refuse_unreachable_target(self, probe: Pruner) -> None:
-        """A budget whose target even every group at its channel floor cannot reach is refused before any
-        episode (a budget-free episode that cannot reach its target ends truncated instead)."""
-        if self.budget is None:
-            return
-        floor = np.minimum(probe.keep_counts(np.ones(self.n_groups)), self.original_channels)
-        most = self.meter.function(self.episode_metric, lambda keep: probe.plan_cost(keep=keep))(floor)
-        if most < self.target - self.target_tolerance:
-            cfg = self.config
-            raise ValueError(f"target={self.target:g} ({self.episode_metric} reduction) is unreachable: with "
-                             f"min_channels={cfg.min_channels}, round_to={cfg.round_to} and "
-                             f"ignore_layers={list(cfg.ignore_layers)} every group at its floor removes only "
-                             f"{most:.4f}; lower target to at most {most:.4f} or lower min_channels / round_to")
 
     # ------------------------------------------------------------------ public properties
     @property
@@ -293,14 +256,16 @@ class PruneEnv(gym.Env):
             return self.scorer.candidates(backend, state.pruner, steps, state.teacher, refine=batched,
                                           max_evaluations=max_evaluations)
 
-        out = []
-        for cand, cached in state.candidates.resolve([CandidateCache.key(a) for a in actions], self.lookahead_cache,
-                                                     build):
-            if not cached:
-                self._spent += (cand.evaluations, cand.train_batches)
-                self.total_evaluations += cand.evaluations
-            out.append((cand, cached, (self.n_evaluations, self.n_train_batches)))
-        return out
+        keys = [CandidateCache.key(a) for a in actions]
+        return [(cand, cached, self._charge(None if cached else cand))
+                for cand, cached in state.candidates.resolve(keys, self.lookahead_cache, build)]
+
+    def _charge(self, cand: Optional[Candidate]) -> Tuple[int, int]:
+        """Count ``cand``'s evaluations and batches (None: a cache hit, free); the episode's counts after it."""
+        if cand is not None:
+            self._spent += (cand.evaluations, cand.train_batches)
+            self.total_evaluations += cand.evaluations
+        return self.n_evaluations, self.n_train_batches
 
     def _make_state(self, model: nn.Module, pruner: Pruner, channels: np.ndarray, cost: Cost, r: Reductions,
                     accuracy: float, step_index: int, final: bool, teacher: nn.Module,
@@ -308,23 +273,19 @@ class PruneEnv(gym.Env):
         """A state (its importance only when the episode can go on from it) and the seconds that took; ``missed``:
         the step that led here could not reach its budget goal."""
         t0 = time.perf_counter()
-        importance = np.zeros(self.n_groups)
-        end_reason = None
-        terminated = truncated = False
-        if final:
-            terminated, truncated = not missed, missed
-            if missed:
-                end_reason = (f"the {self.budget} budget could not be met: no action reaches the target "
-                              f"{self.target:g} from here (every group at its channel floor or at "
-                              f"max_step_sparsity={self.max_step_sparsity:g})")
-        else:
+        importance, end_reason = np.zeros(self.n_groups), None
+        terminated, truncated = final and not missed, final and missed
+        if truncated:
+            end_reason = (f"the {self.budget} budget could not be met: no action reaches the target "
+                          f"{self.target:g} from here (every group at its channel floor or at "
+                          f"max_step_sparsity={self.max_step_sparsity:g})")
+        elif not final:
             pruner.compute_importance(self.task.calibration, criterion=self.config.importance,
                                       train_mode=self.config.importance_train_mode)
             importance = pruner.group_importance()
             sync(self.device)
             if self.budget is None:
-                floor = np.minimum(pruner.keep_counts(np.ones(self.n_groups)), channels)
-                if np.all(floor >= channels):
+                if np.all(channel_floor(pruner.keep_counts, channels) >= channels):
                     truncated, end_reason = True, "every group is at its channel floor: nothing left to prune"
                 elif step_index >= self.max_steps:
                     truncated, end_reason = True, f"max_steps={self.max_steps} reached short of the target"
@@ -335,27 +296,6 @@ class PruneEnv(gym.Env):
                        truncated=truncated, group_macs=g_macs, group_params=g_params, importance=importance,
                        teacher=teacher, teacher_accuracy=teacher_accuracy, end_reason=end_reason)
         return state, time_importance
-
-    def _info(self, accuracy: float, reward: float, cost: Cost, r: Reductions, keep: np.ndarray, step: int,
-              counts: Tuple[int, int], time_prune: float = 0.0, time_importance: float = 0.0,
-              time_eval: float = 0.0, **extra: Any) -> Dict[str, Any]:
-        timing = self.config.record_timings  # off: infos repeat exactly (Gymnasium's checker compares them)
-        times = {"time_prune": time_prune, "time_importance": time_importance, "time_eval": time_eval}
-        return {"accuracy": float(accuracy), "reward": float(reward),
-                **self.meter.report(keep, cost, r, self.episode_metric), "step": int(step),
-                "n_evaluations": int(counts[0]), "train_batches": int(counts[1]),
-                **{k: float(v) if timing else 0.0 for k, v in times.items()}, **extra}
-
-    def _step_info(self, state: _State, cand: Candidate, cached: bool, counts: Tuple[int, int],
-                   **extra: Any) -> Dict[str, Any]:
-        step = cand.step
-        if step.goal is not None:
-            extra.update(budget_goal=step.goal, budget_missed=not step.reachable)
-        if self.scorer.refines:
-            extra.update(refined=cand.refined, accuracy_cheap=cand.cheap_accuracy)
-        return self._info(cand.accuracy, cand.reward, cand.cost, cand.reductions, step.keep, state.step_index + 1,
-                          counts, 0.0 if cached else cand.time_prune, extra.pop("time_importance", 0.0),
-                          0.0 if cached else cand.time_eval, step_budget=step.budget, cached=cached, **extra)
 
     def _observation(self, state: _State) -> np.ndarray:
         orig = self.original_channels.astype(np.float64)
@@ -394,8 +334,8 @@ class PruneEnv(gym.Env):
             t_imp += t_trace
         state = self._state = self._initial_state
         self._spent[:] = 0
-        info = self._info(state.accuracy, self.scorer.reward(state.accuracy, state.reductions, state.channels), state.cost,
-                          state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
+        info = self._infos.state(state.accuracy, self.scorer.reward(state.accuracy, state.reductions, state.channels),
+                                 state.cost, state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
         return self._observation(state), info
 
     def evaluate_action(self, action: Any) -> Tuple[float, Dict[str, Any]]:
@@ -403,7 +343,7 @@ class PruneEnv(gym.Env):
         move, and the candidate is cached for a following step (``info["cached"]``: an earlier one was reused)."""
         state = self._require_active()
         [(cand, cached, count)] = self._lookahead(state, [self._validate_action(action)], batched=False)
-        info = self._step_info(state, cand, cached, count, lookahead=True)
+        info = self._infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
         return info["reward"], info
 
     def evaluate_actions(self, actions: Sequence[Any],
@@ -413,7 +353,7 @@ class PruneEnv(gym.Env):
         that a multi-fidelity estimator refines the best new ones, as many as ``max_evaluations`` allows."""
         state = self._require_active()
         acts = [self._validate_action(a) for a in actions]
-        infos = [self._step_info(state, cand, cached, count, lookahead=True)
+        infos = [self._infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
                  for cand, cached, count in self._lookahead(state, acts, True, max_evaluations)]
         return [info["reward"] for info in infos], infos
 
@@ -426,23 +366,11 @@ class PruneEnv(gym.Env):
             (``min_channels`` floor, whole blocks of the granularity).
         """
         state = self._require_active()
-        try:
-            k = real_action(keep, self.n_groups, f"shape ({self.n_groups},): kept channels per group",
-                            entries="groups")
-        except ValueError as err:
-            raise ValueError(f"evaluate_keep: {err}") from err
-        if np.any(k != np.round(k)) or np.any(k < 1) or np.any(k > state.channels):
-            raise ValueError(f"keep must hold whole channel counts in [1, current width] per group; got "
-                             f"{k.tolist()} for widths {state.channels.tolist()}")
-        k = k.astype(np.int64)
-        built = np.array([len(i) for i in state.pruner.plan(keep=k).kept], dtype=np.int64)
-        if not np.array_equal(built, k):
-            raise ValueError(f"keep {k.tolist()} cannot be built as it is (min_channels={self.config.min_channels}, "
-                             f"granularity {state.pruner.granularity.tolist()}): the plan keeps {built.tolist()}")
+        k = exact_keep(keep, state.channels, lambda k: [len(i) for i in state.pruner.plan(keep=k).kept],
+                       f"min_channels={self.config.min_channels}, granularity {state.pruner.granularity.tolist()}",
+                       caller="evaluate_keep")
         [cand] = self.scorer.candidates(self._serial, state.pruner, [StepKeep(k, 1.0)], state.teacher)
-        self._spent += (cand.evaluations, cand.train_batches)
-        self.total_evaluations += cand.evaluations
-        info = self._step_info(state, cand, False, (self.n_evaluations, self.n_train_batches), lookahead=True)
+        info = self._infos.candidate(cand, False, state.step_index + 1, self._charge(cand), lookahead=True)
         return info["reward"], info
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
@@ -489,8 +417,8 @@ class PruneEnv(gym.Env):
         self._state = new_state
         if new_state.end_reason is not None:
             extra["truncated_reason"] = new_state.end_reason
-        info = self._step_info(state, cand, cached, count, lookahead=not recover, time_importance=t_imp,
-                               time_recovery=time_recovery if self.config.record_timings else 0.0, **extra)
+        info = self._infos.candidate(cand, cached, step_index, count, lookahead=not recover, time_importance=t_imp,
+                                     time_recovery=time_recovery, **extra)
         return self._observation(new_state), info["reward"], new_state.terminated, new_state.truncated, info
 
     def _recover(self, model: nn.Module, teacher: nn.Module) -> float:

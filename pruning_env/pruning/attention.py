@@ -4,8 +4,9 @@ their surgery handlers and the forward passes of head-pruned copies.
 A head group's channels are heads; each head owns ``head_dim`` rows of q, k and v and ``head_dim`` input columns of
 the output projection, so heads are removed whole and the head dim stays. Supported: ``nn.MultiheadAttention``
 (self-attention, packed q/k/v, no ``add_bias_kv``), torchvision's Swin ``ShiftedWindowAttention`` /
-``ShiftedWindowAttentionV2`` and MaxViT's ``RelativePositionalMultiHeadAttention``; any other attention module
-stays opaque (see ``graph.is_opaque``).
+``ShiftedWindowAttentionV2``, MaxViT's ``RelativePositionalMultiHeadAttention`` and fused-qkv attention (timm's
+``Attention``: one linear layer producing q, k and v, reshaped into heads); any other attention module stays opaque
+(see ``graph.is_opaque``).
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ import torch.nn.functional as F
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
 
+from pruning_env.costs.counting import is_fused_qkv_attention
 from pruning_env.pruning.surgery import HANDLERS, Index, LayerHandler
 
 __all__ = ["AttentionHandler", "MultiheadAttentionHandler", "WindowAttentionHandler",
-           "RelativePositionalAttentionHandler", "attention_handler", "HeadPrunedMultiheadAttention",
+           "RelativePositionalAttentionHandler", "FusedQkvAttentionHandler", "attention_handler", "HeadPrunedMultiheadAttention",
            "HeadPrunedShiftedWindowAttention", "HeadPrunedShiftedWindowAttentionV2",
            "HeadPrunedRelativePositionalMultiHeadAttention"]
 
@@ -341,16 +343,59 @@ class RelativePositionalAttentionHandler(AttentionHandler):
         module.__dict__["n_heads"] = heads
 
 
+class FusedQkvAttentionHandler(AttentionHandler):
+    """Fused-qkv attention (:data:`pruning_env.costs.counting.FUSED_QKV_ATTENTION`: timm's ``Attention``, used by its
+    ViT, DeiT and every model built from its ``Block``): a child ``qkv`` linear layer whose ``3 * num_heads *
+    head_dim`` rows are reshaped into q, k and v heads, ``q_norm`` / ``k_norm`` over the head dim, a child ``proj``.
+    Its forward reads ``num_heads`` / ``head_dim`` / ``attn_dim`` from the module, so a head-pruned copy keeps its
+    class with those attributes updated. Heads are traced only without the options that mix them: a ``norm`` over
+    all heads (``scale_norm``) or a ``gate`` linear layer; otherwise the module stays opaque."""
+
+    def pruned_class(self, module: nn.Module) -> type:
+        return type(module)
+
+    def supports(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+        x = self.inputs(args, kwargs)[0]
+        qkv = getattr(module, "qkv", None)
+        return (x.dim() == 3 and isinstance(qkv, nn.Linear) and isinstance(getattr(module, "proj", None), nn.Linear)
+                and qkv.out_features == 3 * module.num_heads * module.head_dim
+                and getattr(module, "gate", None) is None
+                and isinstance(getattr(module, "norm", nn.Identity()), nn.Identity))
+
+    def heads(self, module: nn.Module) -> Tuple[int, int]:
+        return module.num_heads, module.head_dim
+
+    def tokens(self, module: nn.Module, x: torch.Tensor) -> Tuple[int, int]:
+        return x.shape[1], x.shape[1]
+
+    def head_tensors(self, module: nn.Module) -> List[Tuple[str, int, int]]:
+        return []
+
+    def projections(self, module: nn.Module) -> Tuple[Optional[str], str]:
+        return "qkv", "proj"
+
+    def set_heads(self, module: nn.Module, heads: int) -> None:
+        module.__dict__["num_heads"] = heads
+        if "attn_dim" in module.__dict__:
+            module.__dict__["attn_dim"] = heads * module.head_dim
+
+
 _MHA = MultiheadAttentionHandler()
 _WINDOW = WindowAttentionHandler()
+_FUSED_QKV = FusedQkvAttentionHandler()
 HANDLERS.update({nn.MultiheadAttention: _MHA, ShiftedWindowAttention: _WINDOW,
                  RelativePositionalMultiHeadAttention: RelativePositionalAttentionHandler()})
 
 
 def attention_handler(module: nn.Module) -> Optional[AttentionHandler]:
-    """The head handler of ``module``'s type, or ``None`` if its heads cannot be pruned (then it is opaque)."""
+    """The head handler of ``module``'s type, or ``None`` if its heads cannot be pruned (then it is opaque). A
+    class listed by name in :data:`~pruning_env.costs.counting.FUSED_QKV_ATTENTION` gets the fused-qkv handler
+    (registered in ``HANDLERS`` under its class on first sight, so the surgery finds it too)."""
     for cls in type(module).__mro__:
         h = HANDLERS.get(cls)
         if h is not None:
             return h if isinstance(h, AttentionHandler) else None
+    if is_fused_qkv_attention(module):
+        HANDLERS[type(module)] = _FUSED_QKV
+        return _FUSED_QKV
     return None

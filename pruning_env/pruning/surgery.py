@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-__all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "GroupNormHandler", "HANDLERS",
+__all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "GroupNormHandler", "ConvTransposeHandler", "HANDLERS",
            "WIDTH_ATTRIBUTES", "CONV_OUT_EXTRAS", "handler_for", "unhandled_channel_tensors",
            "build_pruned_model"]
 
@@ -124,6 +124,22 @@ class LayerNormHandler(LayerHandler):
             module.__dict__["normalized_shape"] = (n_out,)
 
 
+class ConvTransposeHandler(LayerHandler):
+    """ConvTranspose1d/2d/3d with ``groups == 1``: weight ``(in, out, *kernel)``, bias per output channel."""
+
+    def out_tensors(self, module: nn.ConvTranspose2d) -> List[Tuple[str, int]]:
+        return [("weight", 1), ("bias", 0)]
+
+    def in_tensors(self, module: nn.ConvTranspose2d) -> List[Tuple[str, int]]:
+        return [("weight", 0)]
+
+    def set_shape(self, module: nn.ConvTranspose2d, n_out: Optional[int], n_in: Optional[int]) -> None:
+        if n_out is not None:
+            module.__dict__["out_channels"] = n_out
+        if n_in is not None:
+            module.__dict__["in_channels"] = n_in
+
+
 class GroupNormHandler(LayerHandler):
     """GroupNorm: weight and bias follow the channels; the channels per group stay, so ``num_groups`` shrinks with
     the whole groups removed (one group stays one group: a normalised width, statistics over the kept channels)."""
@@ -179,6 +195,9 @@ HANDLERS: Dict[type, LayerHandler] = {
     nn.BatchNorm3d: _NORM,
     nn.LayerNorm: LayerNormHandler(),
     nn.GroupNorm: GroupNormHandler(),
+    nn.ConvTranspose1d: ConvTransposeHandler(),
+    nn.ConvTranspose2d: ConvTransposeHandler(),
+    nn.ConvTranspose3d: ConvTransposeHandler(),
 }
 
 #: Plain int attributes that a module's forward pass reads as a width, set from the pruned copy (extension point):

@@ -142,10 +142,12 @@ def zeroed_copy(model: nn.Module, pruner: Pruner, plan: PrunePlan) -> nn.Module:
                     param.index_fill_(axis, rows, 0)
         if spec.role == "layernorm":
             masks[name] = torch.ones(norm_width(module), dtype=torch.bool).index_fill_(0, idx, False)
-        for pname in ("weight", "bias"):
+        # the output-channel dim of each tensor (a transposed conv's weight holds its outputs in dim 1)
+        dims = {"weight": 1, "bias": 0} if spec.role == "convt" else {"weight": 0, "bias": 0}
+        for pname, dim in dims.items():
             param = getattr(module, pname, None)
             if isinstance(param, torch.Tensor):
-                param[idx] = 0
+                param.index_fill_(dim, idx, 0)
     for name, spec in pruner.graph.params.items():
         gone = _removed_features(spec.layout, removed)
         if len(gone):

@@ -18,7 +18,7 @@ from pruning_env.pruning.graph import partitions
 from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
                                                layout_features)
 from pruning_env.pruning.graph.norms import norm_width
-from pruning_env.pruning.graph.ops import CONV_TYPES
+from pruning_env.pruning.graph.ops import CONV_TYPES, CONVT_TYPES
 from pruning_env.pruning.graph.tracer import Tracer
 
 __all__ = ["Group", "ModuleSpec", "ParamSpec", "LayerCall", "DependencyGraph"]
@@ -85,8 +85,8 @@ class LayerCall:
     """One call of a conv/linear/norm layer during the trace, as the analytic cost model needs it: geometry only
     (the MACs formulas are the cost model's, :mod:`pruning_env.costs.counting`).
 
-    :ivar role: ``"conv"``, ``"linear"``, ``"norm"``, ``"layernorm"``, ``"depthwise"``, ``"attention"`` (widths
-        follow the groups; the layer's layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never
+    :ivar role: ``"conv"``, ``"convt"`` (transposed), ``"linear"``, ``"norm"``, ``"layernorm"``, ``"depthwise"``,
+        ``"attention"`` (widths follow the groups; the layer's layouts are its :class:`ModuleSpec`'s), ``"fixed"`` (a layer whose channels never
         change, e.g. a grouped conv that changes the width, or a layer inside an opaque module) or ``"other"``
         (no group touches it).
     :ivar name: the layer's qualified module name.
@@ -247,7 +247,7 @@ class DependencyGraph:
         m = spec.module
         if isinstance(m, nn.Linear):
             out_n, in_n = m.out_features, m.in_features
-        elif isinstance(m, CONV_TYPES):
+        elif isinstance(m, CONV_TYPES + CONVT_TYPES):
             out_n, in_n = m.out_channels, m.in_channels
         elif spec.role == "attention":
             heads, head_dim = attention_handler(m).heads(m)

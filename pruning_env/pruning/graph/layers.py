@@ -86,9 +86,15 @@ class LayerOps:
             else:
                 raise self.unsupported_leaf(module, name, in_layout, f" with its channels in dim {in_cdim}")
         if isinstance(module, CONVT_TYPES):
-            if in_layout is not None:
-                raise self.unsupported_leaf(module, name, in_layout)
-            self.calls.append(TracedCall(name, module, "other", None, None, layer_positions(module, out)))
+            if module.groups > 1 or (in_layout is not None and layout_features(in_layout) != module.in_channels):
+                self.fix_layout(in_layout)  # grouped (or mismatched): its inputs and outputs stay whole
+                self.calls.append(TracedCall(name, module, "other", None, None, layer_positions(module, out)))
+                return
+            # a transposed conv (YOLOv6's upsampling): inputs are weight dim 0, outputs weight dim 1
+            if name not in self.ignore:
+                out_layout = (Segment(self.new_source(module, name, module.out_channels), module.out_channels),)
+            self.calls.append(TracedCall(name, module, "convt", in_layout, out_layout, layer_positions(module, out)))
+            self.set_layout(out, out_layout, 1)
             return
         if isinstance(module, CONV_TYPES):
             if in_layout is not None and layout_features(in_layout) != module.in_channels:

@@ -24,7 +24,7 @@ from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segm
                                                layout_features)
 from pruning_env.pruning.graph.norms import NormOps
 from pruning_env.pruning.graph.ops import (ADD_OPS, CAT_OPS, EXPAND_OPS, FREEZE_OPS, LEAF_TYPES, MUL_OPS, NEW_OPS,
-                                          PERMUTE_OPS, PRESERVE_OPS, is_opaque)
+                                          PERMUTE_OPS, PRESERVE_OPS, RESHAPE_OPS, is_opaque)
 from pruning_env.pruning.graph.unionfind import UnionFind
 
 __all__ = ["Tracer"]
@@ -64,6 +64,8 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
         self.params: Dict[int, Tuple[torch.Tensor, nn.Parameter, str]] = {
             id(p): (p, p, n) for n, p in model.named_parameters()} if prune_normalized else {}
         self.param_sources: Dict[str, Tuple[int, int]] = {}
+        # id(view) -> the dim of a reshaped (then maybe expanded) 1-d parameter's view that holds its values
+        self.param_dims: Dict[int, int] = {}
         # id(tensor) -> (tensor, layout of its channel dim, which dim holds the channels)
         self.layouts: Dict[int, Tuple[torch.Tensor, Layout, int]] = {}
         self.uf = UnionFind()
@@ -150,8 +152,18 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
         name = getattr(func, "__name__", str(func))
         if not sourced:
             if name in EXPAND_OPS and args and self.param_of(args[0]) is not None and isinstance(out, torch.Tensor):
-                _, param, pname = self.param_of(args[0])
+                src, param, pname = self.param_of(args[0])
                 self.params[id(out)] = (out, param, pname)  # e.g. ViT's class token expanded to the batch
+                if id(src) in self.param_dims:
+                    self.param_dims[id(out)] = self.param_dims[id(src)] + out.dim() - src.dim()
+            elif name in RESHAPE_OPS and args and self.param_of(args[0]) is not None and isinstance(out, torch.Tensor):
+                _, param, pname = self.param_of(args[0])
+                dims = [d for d, n in enumerate(out.shape) if n > 1]
+                # e.g. a layer scale, gamma.reshape(1, -1, 1, 1); a width spelt out (view(self.shape), a stored
+                # tuple) would not fit the pruned parameter, so that parameter's channels stay
+                if param.dim() == 1 and len(dims) == 1 and self.sized_by_parameter(name, args, kwargs, dims[0]):
+                    self.params[id(out)] = (out, param, pname)
+                    self.param_dims[id(out)] = dims[0]
             return
         if name.startswith("_") and not name.startswith("__"):
             name = name[1:]  # boolean-dispatch helpers such as _max_pool2d
@@ -195,6 +207,17 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
             for o in outs:
                 self.set_layout(o, None)
 
+    @staticmethod
+    def sized_by_parameter(name: str, args, kwargs, dim: int) -> bool:
+        """Whether a reshape of a parameter leaves the size of its dim ``dim`` to the parameter (``-1``, or an op
+        such as ``unsqueeze`` / ``flatten`` that takes no sizes)."""
+        if name not in ("view", "reshape"):
+            return True
+        shape = kwargs.get("shape", kwargs.get("size", args[1:]))
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = shape[0]
+        return len(shape) > dim and shape[dim] == -1
+
     def param_of(self, t: Any) -> Optional[Tuple[torch.Tensor, nn.Parameter, str]]:
         """``(tensor, parameter, name)`` if ``t`` is a parameter of the model or an expanded view of one."""
         entry = self.params.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -208,6 +231,8 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
             return None
         _, param, pname = entry
         pdim = dim - (t.dim() - param.dim())  # expanded views and broadcasting align the trailing dims
+        if id(t) in self.param_dims:  # a reshaped 1-d parameter: its values run along one dim of the view
+            pdim = 0 if dim == self.param_dims[id(t)] else -1
         if pdim < 0 or param.shape[pdim] != t.shape[dim] or t.shape[dim] == 1:
             return None
         sid, known = self.param_sources.get(pname, (None, pdim))

@@ -1,0 +1,156 @@
+"""Fused-qkv attention (timm's ``Attention``: one linear layer producing q, k and v, reshaped into heads) is pruned
+by whole heads, as ``nn.MultiheadAttention``: pruned == zeroed, the hook counter == the analytic plan cost ==
+FlopCounterMode, the head dim kept. Variants that mix heads (a gate, a norm over all heads) stay opaque. The tiny
+modules are built here; the last test runs timm's own ViT and is skipped without timm."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pruning_env.costs import count_costs
+from pruning_env.costs.counting import FUSED_QKV_ATTENTION
+from pruning_env.pruning import Pruner, attention_handler, zeroed_copy
+from test_pruning_attention import flop_counter_macs, head_groups, n_heads
+from tiny import check_built, random_plan
+
+
+class Attention(nn.Module):
+    """timm's ``Attention`` (timm.layers.attention), its forward as written there."""
+
+    def __init__(self, dim, num_heads=4, head_dim=None, qkv_bias=True, qk_norm=False, scale_norm=False,
+                 gated=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.norm = nn.LayerNorm(self.attn_dim) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj(x)
+
+
+FUSED_QKV_ATTENTION.add(f"{Attention.__module__}.{Attention.__qualname__}")  # the extension point
+
+
+class Block(nn.Module):
+    def __init__(self, dim, **kw):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, **kw)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, dim=24, depth=2, **kw):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.Sequential(*[Block(dim, **kw) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(x)).mean(1))
+
+
+def _net(**kw):
+    torch.manual_seed(0)
+    model = TinyViT(**kw).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # no unit gains / zero biases, so a misplaced row shows
+    return model
+
+
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True}, {"head_dim": 5, "qkv_bias": False}],
+                         ids=["plain", "qk_norm", "head_dim_not_dim_over_heads"])
+def test_fused_qkv_heads_prune_to_the_zeroed_original(kw):
+    model = _net(**kw)
+    x = torch.randn(3, 3, 16, 16)
+    pruner = Pruner(model, x[:1])
+    heads = head_groups(pruner)
+    assert [g.members[0] for g in heads] == ["blocks.0.attn", "blocks.1.attn"]
+    assert [g.num_channels for g in heads] == [4, 4]
+    pruner.compute_importance(criterion="l1")
+    head_dim = model.blocks[0].attn.head_dim
+    for seed in range(3):
+        plan = pruner.plan(sparsity=0.5) if seed == 0 else random_plan(pruner, seed, 0.9)
+        new = check_built(model, pruner, x, plan)  # shapes, analytic == counted costs, child and re-trace
+        with torch.no_grad():
+            ref = zeroed_copy(model, pruner, plan)(x)
+            assert torch.allclose(new(x), ref, atol=1e-5, rtol=1e-4), (new(x) - ref).abs().max()
+        for g in heads:
+            kept = len(plan.kept[pruner.groups.index(g)])
+            attn = new.get_submodule(g.members[0])
+            assert type(attn) is Attention and n_heads(attn) == kept and attn.head_dim == head_dim
+            assert attn.attn_dim == kept * head_dim and attn.qkv.out_features == 3 * kept * head_dim
+            assert attn.proj.in_features == kept * head_dim
+        size = tuple(x.shape[1:])
+        assert count_costs(new, size).macs == pruner.plan_cost(plan).macs
+        assert count_costs(new, size, include_norm=False).macs == flop_counter_macs(new, x[:1])
+    assert any(len(plan.kept[pruner.groups.index(g)]) < g.num_channels for g in heads)
+
+
+def test_the_counter_sees_the_fused_qkv_products():
+    model = _net()
+    x = torch.randn(1, 3, 16, 16)
+    assert count_costs(model, (3, 16, 16), include_norm=False).macs == flop_counter_macs(model, x)
+
+
+@pytest.mark.parametrize("kw", [{"gated": True}, {"scale_norm": True}], ids=["gated", "scale_norm"])
+def test_variants_that_mix_heads_stay_opaque(kw):
+    model = _net(**kw)
+    x = torch.randn(2, 3, 16, 16)
+    pruner = Pruner(model, x[:1])
+    assert not head_groups(pruner)
+    assert attention_handler(model.blocks[0].attn) is not None  # known type, this call not supported
+    pruner.compute_importance(criterion="l1")
+    plan = pruner.plan(sparsity=0.5)
+    new = check_built(model, pruner, x, plan)
+    with torch.no_grad():
+        assert torch.allclose(new(x), zeroed_copy(model, pruner, plan)(x), atol=1e-5, rtol=1e-4)
+    assert count_costs(new, (3, 16, 16)).macs == pruner.plan_cost(plan).macs
+
+
+def test_timm_vit_heads_prune_to_the_zeroed_original():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4,
+                                          num_classes=7).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32)
+    for prune_normalized in (False, True):
+        pruner = Pruner(model, x[:1], prune_normalized=prune_normalized)
+        heads = head_groups(pruner)
+        assert len(heads) == 2 and all(g.num_channels == 4 for g in heads)
+        pruner.compute_importance(criterion="l1")
+        plan = pruner.plan(sparsity=0.5)
+        new = pruner.apply(plan)
+        with torch.no_grad():
+            ref = zeroed_copy(model, pruner, plan)(x)
+            np.testing.assert_allclose(new(x).numpy(), ref.numpy(), atol=1e-5, rtol=1e-4)
+        assert count_costs(new, (3, 32, 32)).macs == pruner.plan_cost(plan).macs
+        assert count_costs(new, (3, 32, 32), include_norm=False).macs == flop_counter_macs(new, x[:1])
