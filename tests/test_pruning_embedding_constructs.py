@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, zeroed_copy
-from tiny import random_plan
-from test_pruning_qkv import Attention
+from tiny import Attention, random_plan
 
 
 class LayerNorm2d(nn.LayerNorm):
