@@ -49,7 +49,7 @@ from pruning_env.pruning import Pruner  # noqa: E402
 from pruning_env.pruning.pruner import PrunePlan  # noqa: E402
 from pruning_env.runtime import atomic_write_text, machine_info  # noqa: E402
 from rl_prune.config import ConfigError, load_config, parse_overrides  # noqa: E402
-from rl_prune.pipeline import build_env  # noqa: E402
+from rl_prune.pipeline import build_env, finetune_searched  # noqa: E402
 from rl_prune.run_folder import RunFolder  # noqa: E402
 from benchmarks.common import HIGHER, UNDECIDED, command_line, failures_section, fmt, mean_std, num  # noqa: E402
 from benchmarks.common import verdict as seed_verdict  # noqa: E402
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bisect-steps", type=int, default=9, help="bisection steps on the channel ratio (default 9)")
     p.add_argument("--measure-rounds", type=int, default=30,
                    help="timing rounds of the measured table per speed-up and batch size (default 30)")
+    p.add_argument("--ft-check-epochs", type=int, default=0,
+                   help="also fine-tune every unit's searched model for this many epochs (same recipe and seed) and "
+                        "report whether the agents' ranking is the same after it (0: no check, the default)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="further config overrides of every unit (e.g. env.reward_samples=100)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_latency"), help="unit folders")
@@ -255,6 +258,44 @@ def _load() -> Optional[List[float]]:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+# -------------------------------------------------------------------------------------- the fine-tune-length check
+def ft_check_unit(args: argparse.Namespace, run_dir: Path, agent: str, seed: int, over: Dict[str, Any],
+                  budget: int) -> Optional[Dict[str, Any]]:
+    """``ft_check_e{E}.json`` of a finished unit: its searched model fine-tuned for ``--ft-check-epochs`` epochs
+    with the unit's recipe and seed (``rl_prune.pipeline.finetune_searched``); read back when it exists."""
+    epochs = int(args.ft_check_epochs)
+    path = Path(run_dir) / f"ft_check_e{epochs}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    folder = RunFolder(run_dir)
+    if epochs < 1 or not folder.is_finished:
+        return None
+    cfg = unit_config(args.config, agent, seed, budget, {**over, "finetune.epochs": epochs})
+    try:
+        result = finetune_searched(cfg, folder, seed=seed)
+    except FileNotFoundError as err:  # a unit written before runs kept their searched model
+        print(f"{run_dir}: no fine-tune-length check: {err}", file=sys.stderr)
+        return None
+    record = {"epochs": epochs, "test_top1": result["report"]["test_top1"], "result": result}
+    atomic_write_text(json.dumps(record, indent=2, default=float), path)
+    return record
+
+
+def ranking_check(summary: Dict[str, Any], epochs: int) -> Optional[Dict[str, Any]]:
+    """Whether the agents rank the same by test top-1 after the units' fine-tune and after the ``epochs`` one."""
+    key = "test_top1_long"
+    agents = [a for a, row in summary.items() if row.get(key)]
+    if epochs < 1 or len(agents) < 2:
+        return None
+    short = sorted(agents, key=lambda a: -summary[a]["test_top1"]["mean"])
+    long = sorted(agents, key=lambda a: -summary[a][key]["mean"])
+    same = short == long
+    outcome = "the same" if same else "it changes: the units' fine-tune is too short for a stable ranking"
+    text = (f"ranking after the units' fine-tune: {' > '.join(short)}; after {epochs} epochs: {' > '.join(long)}"
+            f" ({outcome})")
+    return {"short": short, "long": long, "stable": same, "text": text}
+
+
 # ------------------------------------------------------------------------------------------------- the report
 def versus(summary: Dict[str, Any], agent: str, other: str, key: str = "test_top1") -> Dict[str, Any]:
     """``agent`` minus ``other`` on ``key`` against the pooled seed std (``benchmarks.common.verdict``)."""
@@ -275,12 +316,14 @@ def unit_row(m: Dict[str, Any], name: str, measured: Dict[str, Any], ratio: Dict
     for batch in BATCHES:
         b = measured.get("batches", {}).get(str(batch)) or {}
         row[f"speedup_b{batch}"] = b.get("speedup", {}).get(name)
+    row["test_top1_long"] = None
     return row
 
 
 def summarise(rows: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
     """Mean ± std per agent of every numeric column."""
-    keys = ("test_top1", "test_before_ft", "macs_reduction", "params_reduction", "n_evaluations", "search_s",
+    keys = ("test_top1", "test_top1_long", "test_before_ft", "macs_reduction", "params_reduction", "n_evaluations",
+            "search_s",
             "predicted_speedup", *(f"speedup_b{b}" for b in BATCHES))
     out: Dict[str, Any] = {}
     for agent, runs in rows.items():
@@ -407,14 +450,17 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
                   f"measured {ratio['measured_speedup']:.3f}x in the bisection; its predicted latency reduction "
                   f"{num(ratio.get('predicted_reduction'), '.3f')} is the latency agents' budget "
                   f"{block['latency_target']:.3f}.", "",
-                  "| agent | seeds | test top-1 after FT | before FT | MACs reduction | measured speed-up b1 | "
-                  "measured speed-up b64 | predicted speed-up | evaluations |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| agent | seeds | test top-1 after FT | after the longer FT | before FT | MACs reduction | "
+                  "measured speed-up b1 | measured speed-up b64 | predicted speed-up | evaluations |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for agent, row in summary.items():
             lines.append(f"| {agent} | {len(row['seeds'])} | {_cell(row['test_top1'], 2, True)} | "
+                         f"{_cell(row['test_top1_long'], 2, True)} | "
                          f"{_cell(row['test_before_ft'], 2, True)} | {_cell(row['macs_reduction'], 1, True, ' %')} | "
                          f"{_cell(row['speedup_b1'], 2, suffix='x')} | {_cell(row['speedup_b64'], 2, suffix='x')} | "
                          f"{_cell(row['predicted_speedup'], 2, suffix='x')} | {_cell(row['n_evaluations'], 0)} |")
+        if block.get("ranking"):
+            lines += ["", f"Fine-tune length check: {block['ranking']['text']}."]
         lines += ["", f"Equal measured latency: {block['match']['text']}", "",
                   f"**Verdict ({s}x):** {block['verdict']['text']}", ""]
     lines += ["## MACs reduction vs measured speed-up (every unit)", "",
@@ -461,10 +507,15 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
                 finished.append((agent, run_dir, m))
         measured = measure_target(folder, [d for _, d, _ in finished], args.measure_rounds, threads)
         for agent, run_dir, m in finished:
-            rows[agent].append(unit_row(m, run_dir.name, measured, ratio))
+            row = unit_row(m, run_dir.name, measured, ratio)
+            check = Path(run_dir) / f"ft_check_e{args.ft_check_epochs}.json"
+            if args.ft_check_epochs > 0 and check.is_file():
+                row["test_top1_long"] = json.loads(check.read_text())["test_top1"]
+            rows[agent].append(row)
         summary = summarise(rows)
         blocks[f"{s:g}"] = {"ratio": {k: v for k, v in ratio.items() if k != "history"}, "rows": rows,
                             "summary": summary, "verdict": verdict(summary), "match": latency_match(summary, s),
+                            "ranking": ranking_check(summary, args.ft_check_epochs),
                             "latency_target": latency_target(args, ratio)}
     if not done:
         print("no finished units yet: nothing to report", file=sys.stderr)
@@ -502,6 +553,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         print(f"error: --speedups must be measured speed-ups above 1, got {bad}", file=sys.stderr)
         return 2
+    if args.ft_check_epochs < 0:
+        print(f"error: --ft-check-epochs must be >= 0, got {args.ft_check_epochs}", file=sys.stderr)
+        return 2
     for key in ("bisect_rounds", "bisect_steps", "measure_rounds"):
         if getattr(args, key) < 1:
             print(f"error: --{key.replace('_', '-')} must be >= 1", file=sys.stderr)
@@ -531,6 +585,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             status = run_unit(cfg, agent, run_dir)
             if status["status"] == "done":
                 print(f"{run_dir}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            if args.ft_check_epochs > 0:
+                ft_check_unit(args, run_dir, agent, seed, over, budget)
     path = write_report(args, seeds, budget, smoke)
     if path is not None:
         print(f"wrote {path} (.json, .png)")

@@ -118,3 +118,13 @@ def test_equal_measured_latency_is_checked_around_the_median():
     assert match["ok"] is False and set(match["off"]) == {"ppo"} and "ppo 1.70x" in match["text"]
     del summary["ppo"]
     assert cl.latency_match(summary, 2.0)["ok"] is True
+
+
+def test_ranking_check_compares_the_two_fine_tunes():
+    summary = {"uniform": {"test_top1": _stat(0.60, 0.01), "test_top1_long": _stat(0.66, 0.01)},
+               "ppo": {"test_top1": _stat(0.62, 0.01), "test_top1_long": _stat(0.65, 0.01)}}
+    check = cl.ranking_check(summary, 5)
+    assert check["short"] == ["ppo", "uniform"] and check["long"] == ["uniform", "ppo"] and not check["stable"]
+    summary["ppo"]["test_top1_long"] = _stat(0.67, 0.01)
+    assert cl.ranking_check(summary, 5)["stable"]
+    assert cl.ranking_check(summary, 0) is None
