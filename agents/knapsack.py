@@ -152,7 +152,8 @@ class LatencyKnapsackPruner(BasePruningAgent):
     MACs with ``budget="flops"``, params, channels), so the same agent serves latency and MACs budgets.
 
     The cost of kept counts is ``1 - env.reduction(keep)`` (the fraction of the original model left in the budget
-    metric, the env's one budget mapping) and the budget is ``1 - goal`` of the step; the action is the removed
+    metric, the env's one budget mapping; each move's candidates go to ``env.reduction`` as one matrix, so a latency
+    budget costs one call of the latency model per move) and the budget is ``1 - goal`` of the step; the action is the removed
     fraction of each group, which the env's budget mapping then meets exactly.
 
     :param env: a ``PruneEnv`` with a budget; its importance criterion (Taylor by default) is used.
@@ -182,9 +183,8 @@ class LatencyKnapsackPruner(BasePruningAgent):
             raise ValueError("the knapsack agent needs an env with a budget (budget='latency', 'flops', ...)")
         metric = env.budget
 
-        def cost(keep: np.ndarray) -> np.ndarray:
-            rows = np.atleast_2d(np.asarray(keep, dtype=np.int64))
-            return np.array([1.0 - env.reduction(k, metric=metric) for k in rows])
+        def cost(keep: np.ndarray) -> np.ndarray:  # every candidate at once (latency: one call of the table)
+            return 1.0 - env.reduction(np.atleast_2d(np.asarray(keep, dtype=np.int64)), metric=metric)
 
         result = knapsack_keep(pruner, cost, 1.0 - goal, normalize=self.normalize)
         self._met = bool(result.met)

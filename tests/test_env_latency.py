@@ -130,6 +130,54 @@ def test_knapsack_agent_meets_the_latency_budget_and_counts_its_evaluations(spli
     assert agent.n_evaluations == env.n_evaluations == 2
 
 
+def test_batched_reductions_agree_exactly_with_per_row_ones(splits, cache, reachable):
+    """``env.reduction`` of a matrix (the knapsack's candidates, one latency-model call) is, row for row, exactly
+    the reduction of each row alone, in every metric; the original's latency is predicted once."""
+    env = _env(splits, cache, target=reachable)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    rows = np.vstack([env.original_channels, rng.integers(1, env.original_channels + 1, size=(20, env.n_groups))])
+    for metric in ("latency", "flops", "params", "channels"):
+        batched = env.reduction(rows, metric=metric)
+        assert batched.shape == (len(rows),)
+        np.testing.assert_array_equal(batched, [env.reduction(r, metric=metric) for r in rows])
+    model = env.latency_model
+    assert env.meter.original_latency == model.original
+    expected = [1.0 - float(model.predict(r)) / float(model.predict(env.original_channels)) for r in rows]
+    np.testing.assert_array_equal(env.meter.latency_reduction(rows), expected)
+    with pytest.raises(ValueError, match="one column per group"):
+        env.reduction(rows[:, :-1])
+
+
+def test_knapsack_plan_is_the_per_row_plan(splits, cache, reachable):
+    """The knapsack agent's batched candidate costs choose exactly what the per-row cost (one reduction per
+    candidate, the original's latency predicted each time) chose, at every step of a latency and a MACs budget."""
+    from agents.heuristics import _to_action
+    from agents.knapsack import LatencyKnapsackPruner, knapsack_keep
+    from pruning_env.envs.budget import cumulative_goal
+
+    for metric, target in (("latency", reachable), ("flops", 0.4)):
+        env = _env(splits, cache, target=target, n_steps=2, target_metric=metric, budget=metric, gamma=1.0)
+        model = env.latency_model
+        agent = LatencyKnapsackPruner(env, seed=0)
+        env.reset(seed=0)
+        for step in (1, 2):
+            goal = cumulative_goal(target, step, 2)
+
+            def per_row(keep):
+                if metric == "flops":
+                    return np.array([1.0 - env.reduction(k, metric=metric) for k in np.atleast_2d(keep)])
+                return np.array([float(model.predict(k)) / float(model.predict(env.original_channels))
+                                 for k in np.atleast_2d(keep)])
+
+            old = knapsack_keep(env.pruner, per_row, 1.0 - goal)
+            expected = _to_action(env, 1.0 - old.keep / np.maximum(env.current_channels, 1.0))
+            action, _ = agent.predict()
+            np.testing.assert_array_equal(action, expected)
+            assert len(old.steps) > 0
+            env.step(action)
+
+
 def test_quickstart_with_a_latency_target_runs_and_passes_both_checkers(tmp_path):
     import gymnasium as gym
     from gymnasium.utils.env_checker import check_env

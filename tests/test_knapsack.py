@@ -112,3 +112,21 @@ def test_bad_inputs_are_refused():
         knapsack_keep(pruner, macs_cost(pruner), 1e6, normalize="max")
     with pytest.raises(ValueError, match="keep must give"):
         knapsack_keep(pruner, macs_cost(pruner), 1e6, keep=pruner.num_channels + 1)
+
+
+def test_batched_predictions_agree_exactly_with_per_row_ones(latency_model):
+    """The knapsack costs a move's candidates in one call: a matrix of kept vectors predicts, row for row, exactly
+    (not approximately) what each row predicts alone, so batching changes no decision."""
+    widths = latency_model.full_widths
+    rng = np.random.default_rng(0)
+    rows = np.vstack([widths, np.ones_like(widths), rng.integers(1, widths + 1, size=(40, len(widths)))])
+    batched = latency_model.predict(rows)
+    assert batched.shape == (len(rows),)
+    np.testing.assert_array_equal(batched, [latency_model.predict(r) for r in rows])
+    # and the knapsack's choices are the same with a per-row cost as with the batched one
+    pruner = _pruner()
+    per_row = knapsack_keep(pruner, lambda k: np.array([latency_model.predict(r) for r in np.atleast_2d(k)]),
+                            0.6 * latency_model.original)
+    batch = knapsack_keep(pruner, latency_model.predict, 0.6 * latency_model.original)
+    assert per_row.steps == batch.steps and per_row.cost == batch.cost
+    np.testing.assert_array_equal(per_row.keep, batch.keep)

@@ -8,7 +8,8 @@ come in as functions (a pruner's analytic ``plan_cost``, or any other cost model
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from functools import cached_property
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -316,11 +317,25 @@ class ReductionMeter:
             return self.latency_reduction(keep)
         return float(getattr(r, metric))
 
-    def latency_reduction(self, keep: np.ndarray) -> float:
-        """``1 - latency(keep) / latency(original)``, predicted by the latency model."""
+    @cached_property
+    def original_latency(self) -> float:
+        """Predicted seconds per forward pass of the original model (predicted once)."""
         if self.latency is None:
             raise ValueError("the latency metric needs a latency model (target_metric/budget 'latency' or gamma != 0)")
-        return 1.0 - float(self.latency(np.asarray(keep, dtype=np.int64))) / float(self.latency(self.original_channels))
+        return float(self.latency(np.asarray(self.original_channels, dtype=np.int64)))
+
+    def latency_reduction(self, keep: np.ndarray) -> Union[float, np.ndarray]:
+        """``1 - latency(keep) / latency(original)``, predicted by the latency model.
+
+        :param keep: channels per group (a float comes back), or a matrix ``(m, n_groups)`` of such rows (an array
+            ``(m,)``, from one call of the latency model).
+        """
+        if self.latency is None:
+            raise ValueError("the latency metric needs a latency model (target_metric/budget 'latency' or gamma != 0)")
+        k = np.asarray(keep, dtype=np.int64)
+        if k.ndim == 2:
+            return 1.0 - np.asarray(self.latency(k), dtype=np.float64).reshape(len(k)) / self.original_latency
+        return 1.0 - float(self.latency(k)) / self.original_latency
 
     def function(self, metric: str, cost_of: Callable[[np.ndarray], Cost]) -> Callable[[np.ndarray], float]:
         """``keep -> reduction in metric``, the function :func:`keep_for_action` meets a budget with.
@@ -331,6 +346,23 @@ class ReductionMeter:
         if metric in ("channels", "latency"):  # no cost needed: skip the analytic plan cost
             return lambda keep: self.value(metric, keep, None)
         return lambda keep: self.value(metric, keep, self.reductions(cost_of(keep)))
+
+    def values(self, metric: str, keeps: np.ndarray, cost_of: Callable[[np.ndarray], Cost]) -> np.ndarray:
+        """The reductions in ``metric`` of every row of ``keeps``, as :meth:`function` gives them one at a time
+        (latency: one call of the latency model for all rows).
+
+        :param metric: one of :data:`METRICS`.
+        :param keeps: a matrix ``(m, n_groups)`` of kept vectors.
+        :param cost_of: the cost of one kept vector (as for :meth:`function`).
+        """
+        rows = np.asarray(keeps, dtype=np.int64)
+        if rows.ndim != 2 or rows.shape[1] != len(self.original_channels):
+            raise ValueError(f"keeps must be a matrix with one column per group ({len(self.original_channels)}), "
+                             f"got shape {rows.shape}")
+        if metric == "latency":
+            return np.asarray(self.latency_reduction(rows), dtype=np.float64)
+        one = self.function(metric, cost_of)
+        return np.array([one(k) for k in rows], dtype=np.float64)
 
     def report(self, keep: np.ndarray, cost: Cost, r: Reductions, metric: str) -> Dict[str, Any]:
         """The cost part of an env info for a kept vector: absolute cost, ratios and reductions, the authors'

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import gymnasium as gym
 import numpy as np
@@ -206,16 +206,20 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         """Kept channels per group that ``step(action)`` would produce from the current state (no evaluation)."""
         return self._step_keep(self._require_active(), self._validate_action(action)).keep.copy()
 
-    def reduction(self, keep: Any, metric: Optional[str] = None) -> float:
+    def reduction(self, keep: Any, metric: Optional[str] = None) -> Union[float, np.ndarray]:
         """Cumulative reduction (analytic, no evaluation) if the current state kept ``keep`` channels per group.
 
-        :param keep: channels per group, at most the current widths.
+        :param keep: channels per group, at most the current widths (a float comes back), or a matrix
+            ``(m, n_groups)`` of such rows (an array ``(m,)``; a latency reduction costs one call of the latency
+            model for all rows).
         :param metric: one of ``METRICS``; default the step's budget metric, else ``target_metric``.
         """
         pruner = self._require_active().pruner
-        reduction = self.meter.function(metric or self.budget or self.target_metric,
-                                        lambda k: pruner.plan_cost(keep=k))
-        return reduction(np.asarray(keep, dtype=np.int64))
+        metric = metric or self.budget or self.target_metric
+        k = np.asarray(keep, dtype=np.int64)
+        if k.ndim == 2:
+            return self.meter.values(metric, k, lambda row: pruner.plan_cost(keep=row))
+        return self.meter.function(metric, lambda row: pruner.plan_cost(keep=row))(k)
 
     # ------------------------------------------------------------------ core
     def _require_state(self) -> _State:
