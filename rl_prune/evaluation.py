@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from pruning_env.checkpoint import load_model
 from pruning_env.costs import count_costs
+from pruning_env.costs.latency import LatencySetting, measure_latency_rounds
 from pruning_env.data import DatasetSplits, make_datasets, preload
 from pruning_env.export import export_onnx, export_torchscript, max_abs_diff, quiet_jit
-from pruning_env.runtime import atomic_write_text, machine_info, resolve_device, seed_everything, sync
+from pruning_env.runtime import atomic_write_text, machine_info, resolve_device, seed_everything
 from pruning_env.training import evaluate, model_logits
 from rl_prune.run_folder import RunFolder, describe_owner
 
@@ -213,56 +214,50 @@ def accuracy_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 
 
-@torch.inference_mode()
-def time_forward(model: nn.Module, x: torch.Tensor, repeats: int, warmup: int, desc: str = "timing",
-                 progress: bool = True) -> List[float]:
-    """Seconds of each of ``repeats`` forward passes on ``x`` after ``warmup`` untimed ones; on CUDA the device
-    is synchronised around every pass so that the time covers the kernels, not just their launch.
-
-    :param model: the model, already on ``x``'s device and in eval mode.
-    :param x: the input batch.
-    """
-    device = x.device
-    for _ in range(warmup):
-        model(x)
-    sync(device)
-    times = []
-    for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        sync(device)
-        start = time.perf_counter()
-        model(x)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+#: shortest timed block of a round (fast models repeat their forward pass within a block): ``measure_latency``'s
+MIN_BLOCK_S = 0.02
 
 
-def measure_speed(model: nn.Module, input_size: Sequence[int], device: torch.device, batch_size: int = 256,
-                  repeats: int = 30, warmup: int = 5, seed: int = 0, desc: str = "",
-                  progress: bool = True) -> Dict[str, float]:
-    """Batch-1 latency (median and p90, ms) and throughput (images/s at ``batch_size``, from the median batch
-    time) of ``model`` on ``device``, on seeded random inputs (speed does not depend on the values).
+def measure_speed(models: Sequence[nn.Module], input_size: Sequence[int], device: torch.device,
+                  batch_size: int = 256, repeats: int = 30, warmup: int = 5, seed: int = 0,
+                  threads: Optional[int] = None, desc: str = "", progress: bool = True) -> List[Dict[str, Any]]:
+    """Batch-1 latency (median, p90 and mean, ms) and throughput (images/s at ``batch_size``, from the median batch
+    time) of each model on ``device``, on seeded random inputs (speed does not depend on the values).
 
-    :param model: the model (a copy is moved to ``device``; the original stays where it is).
+    The models are timed together with :func:`pruning_env.costs.latency.measure_latency_rounds` (the project's one
+    timing mechanism: ``torch.utils.benchmark.Timer``, warm-up, ``repeats`` interleaved rounds in a fresh random
+    order each, so a burst of load on a shared machine lands on every model alike; the thread clock for one CPU
+    thread, the synchronised wall clock otherwise); a round times a block of at least :data:`MIN_BLOCK_S` of passes
+    and the statistics are over the rounds' per-pass times.
+
+    :param models: the models (copies move to ``device``; the originals stay where they are).
     :param input_size: ``(C, H, W)``.
-    :param repeats: timed passes for each of the two measurements.
-    :param warmup: untimed passes before each measurement (allocator, cuDNN autotuning, thread pools).
+    :param repeats: interleaved timing rounds for each of the two measurements (batch 1, ``batch_size``).
+    :param warmup: untimed passes of each model before each measurement (allocator, cuDNN autotuning, thread pools).
+    :param threads: torch CPU threads (default: torch's current number).
+    :raises EvaluationError: a setting that cannot be measured (more threads than cores, CUDA without a GPU).
+    :return: one dict per model.
     """
-    runner = model if device.type == "cpu" else copy.deepcopy(model).to(device)
-    runner.eval()
-    g = torch.Generator().manual_seed(seed)
-    one = torch.randn(1, *input_size, generator=g).to(device)
-    batch = torch.randn(batch_size, *input_size, generator=g).to(device)
-    lat = np.asarray(time_forward(runner, one, repeats, warmup, f"{desc} {device.type} batch 1", progress)) * 1e3
-    thr = np.asarray(time_forward(runner, batch, repeats, warmup, f"{desc} {device.type} batch {batch_size}",
-                                  progress))
-    if runner is not model:
-        del runner
-        torch.cuda.empty_cache()
-    return {"latency_ms_median": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
-            "latency_ms_mean": float(lat.mean()), "batch_size": int(batch_size),
-            "batch_ms_median": float(np.median(thr) * 1e3),
-            "throughput_ips": float(batch_size / np.median(thr)), "repeats": int(repeats), "warmup": int(warmup)}
-
+    threads = int(threads or torch.get_num_threads())
+    samples, clock = {}, None
+    for bs in (1, int(batch_size)):
+        try:
+            setting = LatencySetting(device=str(device), threads=threads, batch_size=bs)
+            clock = setting.resolve_clock()
+            samples[bs] = measure_latency_rounds(models, input_size, setting, rounds=repeats, seed=seed,
+                                                 min_block_s=MIN_BLOCK_S, warmup=warmup, progress=progress,
+                                                 desc=f"{desc} {device.type} batch {bs}".strip())
+        except (ValueError, RuntimeError) as err:
+            raise EvaluationError(f"cannot time the models on {device}: {err}") from err
+    out = []
+    for i in range(len(models)):
+        lat, thr = samples[1][:, i] * 1e3, samples[int(batch_size)][:, i]
+        out.append({"latency_ms_median": float(np.median(lat)), "latency_ms_p90": float(np.percentile(lat, 90)),
+                    "latency_ms_mean": float(lat.mean()), "batch_size": int(batch_size),
+                    "batch_ms_median": float(np.median(thr) * 1e3),
+                    "throughput_ips": float(batch_size / np.median(thr)), "repeats": int(repeats),
+                    "warmup": int(warmup), "clock": clock, "threads": threads})
+    return out
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -271,8 +266,9 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def compare(original: nn.Module, pruned: nn.Module, x: torch.Tensor, y: torch.Tensor, input_size: Sequence[int],
             device: torch.device, speed_devices: Sequence[torch.device] = (), batch_size: int = 256,
-            repeats: int = 30, warmup: int = 5, seed: int = 0, progress: bool = True) -> Dict[str, Any]:
-    """Measure both models and their ratios (pruned / original).
+            repeats: int = 30, warmup: int = 5, seed: int = 0, progress: bool = True,
+            threads: Optional[int] = None) -> Dict[str, Any]:
+    """Measure both models and their ratios (pruned / original); the two are timed together (:func:`measure_speed`).
 
     :param original: the unpruned model (CPU, eval).
     :param pruned: the pruned model (CPU, eval).
@@ -280,6 +276,7 @@ def compare(original: nn.Module, pruned: nn.Module, x: torch.Tensor, y: torch.Te
     :param input_size: ``(C, H, W)`` for the cost model and the timing inputs.
     :param device: where accuracy is measured.
     :param speed_devices: where latency / throughput are measured (empty: skip timing).
+    :param threads: torch CPU threads of the timings (default: torch's current number).
     :return: ``{"original": {...}, "pruned": {...}, "ratios": {...}}``.
     """
     report: Dict[str, Any] = {}
@@ -290,10 +287,14 @@ def compare(original: nn.Module, pruned: nn.Module, x: torch.Tensor, y: torch.Te
         del runner
         entry.update(top1=acc["top1"], top5=acc["top5"], loss=acc["loss"], n_test=acc["n"])
         entry["speed"] = {}
-        for dev in speed_devices:
-            entry["speed"][dev.type] = measure_speed(model, input_size, dev, batch_size, repeats, warmup, seed,
-                                                     role, progress)
         report[role] = entry
+    for dev in speed_devices:  # both models timed together, in interleaved rounds
+        speeds = measure_speed([original, pruned], input_size, dev, batch_size, repeats, warmup, seed, threads,
+                               "original/pruned", progress)
+        for role, speed in zip(("original", "pruned"), speeds):
+            report[role]["speed"][dev.type] = speed
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     o, p = report["original"], report["pruned"]
     ratios: Dict[str, Any] = {
         "macs": _ratio(p["macs"], o["macs"]), "params": _ratio(p["params"], o["params"]),
@@ -461,9 +462,11 @@ def format_markdown(result: Dict[str, Any]) -> str:
     if o["speed"]:
         measured = "; ".join(f"{dev.upper()} {_x(s['latency'])} at batch 1, {_x(s['throughput'])} at batch "
                              f"{o['speed'][dev]['batch_size']}" for dev, s in r["speedup"].items())
+        clocks = "/".join(sorted({str(s.get("clock", "wall")) for s in o["speed"].values()}))
         lines.append(f"Measured speedup: {measured}; theoretical (MACs ratio): {_x(r['speedup_theoretical'])}. "
-                     f"Timings: median of {result['settings']['repeats']} passes after "
-                     f"{result['settings']['warmup']} warm-up passes.")
+                     f"Timings: `torch.utils.benchmark.Timer` ({clocks} clock), original and pruned interleaved in "
+                     f"{result['settings']['repeats']} rounds (each a block of at least {1e3 * MIN_BLOCK_S:g} ms of "
+                     f"passes) after {result['settings']['warmup']} warm-up passes; median and p90 over the rounds.")
     else:
         lines.append(f"Theoretical speedup (MACs ratio): {_x(r['speedup_theoretical'])}; latency not measured "
                      f"(--no-latency).")
@@ -569,7 +572,7 @@ def evaluate_models(options: EvaluationOptions) -> Dict[str, Any]:
     return result
 
 
-__all__ = ["EvaluationOptions", "EvaluationError", "evaluate_models", "compare", "measure_speed", "time_forward",
+__all__ = ["EvaluationOptions", "EvaluationError", "evaluate_models", "compare", "measure_speed", "MIN_BLOCK_S",
            "run_setting_latency", "LATENCY_MODEL_CHOICES",
            "accuracy_on", "model_costs", "run_exports", "format_markdown", "resolve_inputs", "load_splits",
            "load_models", "EXPORT_FORMATS", "FORMAT", "TRAIN_HINT"]

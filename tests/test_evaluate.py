@@ -63,12 +63,46 @@ def test_run_folder_report(run_dir, report):
         speed = entry["speed"]["cpu"]
         assert speed["latency_ms_median"] > 0 and speed["latency_ms_p90"] >= speed["latency_ms_median"]
         assert speed["throughput_ips"] > 0 and speed["batch_size"] == 32 and speed["repeats"] == 2
+        assert speed["clock"] == ("thread" if speed["threads"] == 1 else "wall") and speed["warmup"] == 1
     assert p["file_mb"] < o["file_mb"]
     assert set(r["speedup"]) == {"cpu"} and r["speedup"]["cpu"]["latency"] > 0
     assert report["data"]["dataset"] == "synthetic" and report["input_size"] == [3, 32, 32]
     assert report["machine"]["torch"] == torch.__version__
     md = (run_dir / "evaluation.md").read_text()
     assert "| test top-1 |" in md and "CPU latency, batch 1, median" in md and "TorchScript (script)" in md
+    assert "torch.utils.benchmark.Timer" in md and "interleaved in 2 rounds" in md
+
+
+def test_speed_rows_come_from_the_projects_interleaved_timer(monkeypatch):
+    """Both models are timed in one ``measure_latency_rounds`` call per batch size (interleaved rounds, the
+    setting's clock); the rows are the statistics of its per-round samples."""
+    calls = []
+    samples = {1: np.array([[2e-3, 1e-3], [4e-3, 3e-3], [3e-3, 2e-3]]),
+               8: np.array([[0.2, 0.1], [0.1, 0.05], [0.3, 0.2]])}
+
+    def fake(models, input_size, setting, rounds=10, seed=0, warmup=0, **kw):
+        calls.append((len(models), setting.batch_size, setting.threads, rounds, warmup))
+        return samples[setting.batch_size]
+
+    monkeypatch.setattr(evaluation, "measure_latency_rounds", fake)
+    models = [create_model("vgg11", num_classes=10, width=0.0625) for _ in range(2)]
+    o, p = evaluation.measure_speed(models, (3, 32, 32), torch.device("cpu"), batch_size=8, repeats=3, warmup=4,
+                                    threads=1, progress=False)
+    assert calls == [(2, 1, 1, 3, 4), (2, 8, 1, 3, 4)]
+    assert o["latency_ms_median"] == pytest.approx(3.0) and p["latency_ms_median"] == pytest.approx(2.0)
+    assert o["latency_ms_p90"] == pytest.approx(np.percentile([2.0, 4.0, 3.0], 90))
+    assert o["latency_ms_mean"] == pytest.approx(3.0) and o["clock"] == "thread"
+    assert o["batch_ms_median"] == pytest.approx(200.0) and o["throughput_ips"] == pytest.approx(8 / 0.2)
+    assert p["throughput_ips"] == pytest.approx(8 / 0.1) and p["repeats"] == 3 and p["batch_size"] == 8
+
+
+def test_timing_with_more_threads_than_cores_is_a_clear_error():
+    import os
+
+    model = create_model("vgg11", num_classes=10, width=0.0625)
+    with pytest.raises(evaluation.EvaluationError, match="cannot time the models on cpu.*exceeds"):
+        evaluation.measure_speed([model], (3, 32, 32), torch.device("cpu"), batch_size=2, repeats=1,
+                                 threads=(os.cpu_count() or 1) + 1, progress=False)
 
 
 def test_accuracy_matches_training_evaluate(run_dir, report):

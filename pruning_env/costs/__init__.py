@@ -8,9 +8,9 @@ kept tokens.
 from pruning_env.costs.cost import Cost, Reductions, reductions
 from pruning_env.costs.counting import (ATTENTION_TYPES, NORM_MACS_PER_ELEMENT, attention_macs, count_costs,
                                         count_params, layer_macs)
-from pruning_env.costs.latency import LatencyModel, LatencySetting, measure_latency
+from pruning_env.costs.latency import LatencyModel, LatencySetting, measure_latency, measure_latency_rounds
 from pruning_env.costs.vit import state_macs, vit_gflops, vit_macs
 
 __all__ = ["Cost", "Reductions", "reductions", "NORM_MACS_PER_ELEMENT", "ATTENTION_TYPES", "attention_macs",
            "count_costs", "count_params", "layer_macs", "vit_macs", "vit_gflops", "state_macs", "LatencyModel",
-           "LatencySetting", "measure_latency"]
+           "LatencySetting", "measure_latency", "measure_latency_rounds"]

@@ -31,7 +31,7 @@ from pruning_env.runtime import atomic_write_text, machine_info
 if TYPE_CHECKING:  # the engine imports the cost package; importing it back at run time would be a cycle
     from pruning_env.pruning.pruner import Pruner, PrunePlan
 
-__all__ = ["LatencySetting", "LatencyModel", "measure_latency", "default_cache_dir", "interpolate_table",
+__all__ = ["LatencySetting", "LatencyModel", "measure_latency", "measure_latency_rounds", "default_cache_dir", "interpolate_table",
            "DEFAULT_GRID", "CLOCKS"]
 
 #: Fractions of a width at which each op is measured (the narrowest width, one channel or block, is always added:
@@ -184,7 +184,7 @@ class _ModelTimers:
     :meth:`round` times each model once, in a random order."""
 
     def __init__(self, models: Sequence[nn.Module], input_size: Sequence[int], setting: LatencySetting, clock: str,
-                 min_block_s: float, seed: int) -> None:
+                 min_block_s: float, seed: int, warmup: int = 0) -> None:
         device = setting.torch_device
         timer_fn = time.thread_time if clock == "thread" else (_cuda_wall if device.type == "cuda"
                                                                 else timeit.default_timer)
@@ -197,7 +197,10 @@ class _ModelTimers:
         runners = [_prepare(m, setting).eval() for m in self.models]
         self.timers = [Timer("m(x)", globals={"m": m, "x": x}, num_threads=setting.threads, timer=timer_fn)
                        for m in runners]
-        with torch.inference_mode():  # block sizes, from a warmed-up single call
+        with torch.inference_mode():  # block sizes, from a warmed-up single call (after `warmup` untimed calls)
+            for t in self.timers:
+                if warmup > 0:
+                    t.timeit(int(warmup))
             singles = [t.timeit(1).mean for t in self.timers]
         self.numbers = [max(1, int(math.ceil(min_block_s / max(t, 1e-9)))) for t in singles]
 
@@ -218,7 +221,7 @@ class _ModelTimers:
 
 def measure_latency(models: Sequence[nn.Module], input_size: Sequence[int], setting: LatencySetting,
                     rounds: int = 10, clock: str = "auto", min_block_s: float = 0.02, seed: int = 0,
-                    progress: bool = True, desc: str = "latency") -> np.ndarray:
+                    progress: bool = True, desc: str = "latency", warmup: int = 0) -> np.ndarray:
     """Median seconds per forward pass of each model in one setting, measured with ``torch.utils.benchmark.Timer``.
 
     Rounds are interleaved: every round times each model once (a warmed-up block of calls), in a fresh random order,
@@ -235,18 +238,35 @@ def measure_latency(models: Sequence[nn.Module], input_size: Sequence[int], sett
     :param seed: seeds the round orders and the random input.
     :param progress: show a progress bar.
     :param desc: label of the progress bar.
+    :param warmup: untimed forward passes of each model before the first round (``Timer`` also warms up every
+        block with a few calls of its own).
     :return: median seconds per forward pass, shape ``(len(models),)``.
+    """
+    return np.median(measure_latency_rounds(models, input_size, setting, rounds, clock, min_block_s, seed, progress,
+                                            desc, warmup), axis=0)
+
+
+def measure_latency_rounds(models: Sequence[nn.Module], input_size: Sequence[int], setting: LatencySetting,
+                           rounds: int = 10, clock: str = "auto", min_block_s: float = 0.02, seed: int = 0,
+                           progress: bool = True, desc: str = "latency", warmup: int = 0) -> np.ndarray:
+    """Seconds per forward pass of each model in every interleaved round of :func:`measure_latency` (its median
+    over rounds is :func:`measure_latency`; other statistics, such as a p90, come from these samples).
+
+    The parameters are :func:`measure_latency`'s.
+
+    :return: shape ``(rounds, len(models))``: row r is round r's block mean of each model.
     """
     if int(rounds) < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    timers = _ModelTimers(models, input_size, setting, setting.resolve_clock(clock), min_block_s, seed)
+    if int(warmup) < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    timers = _ModelTimers(models, input_size, setting, setting.resolve_clock(clock), min_block_s, seed, int(warmup))
     try:
         with tqdm(total=int(rounds) * len(models), desc=desc, disable=not progress, leave=False,
                   dynamic_ncols=True) as bar:
-            samples = np.stack([timers.round(bar) for _ in range(int(rounds))])
+            return np.stack([timers.round(bar) for _ in range(int(rounds))])
     finally:
         timers.close()
-    return np.median(samples, axis=0)
 
 
 def _cuda_wall() -> float:
