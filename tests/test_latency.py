@@ -280,3 +280,15 @@ def test_measure_latency_times_every_model_and_restores_modes():
     assert models[0].training and not models[1].training
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         measure_latency(models, (3, 16, 16), LatencySetting(), rounds=0)
+    with pytest.raises(ValueError, match="warmup must be >= 0"):
+        measure_latency(models, (3, 16, 16), LatencySetting(), warmup=-1)
+
+
+def test_measure_latency_rounds_gives_every_rounds_sample():
+    """The per-round samples that measure_latency takes the median of (evaluate.py's p90 comes from them)."""
+    from pruning_env.costs.latency import measure_latency_rounds
+
+    models = [TinyNet().eval(), TinyNet().eval()]
+    samples = measure_latency_rounds(models, (3, 16, 16), LatencySetting(), rounds=3, min_block_s=0.001,
+                                     progress=False, warmup=2)
+    assert samples.shape == (3, 2) and np.all(np.isfinite(samples)) and np.all(samples > 0)
