@@ -199,8 +199,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="accuracy device; timings on CPU and CUDA (auto, when available), or only this one")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256,
                    help="batch size for accuracy and throughput (default 256)")
-    p.add_argument("--repeats", type=int, default=30, help="timed forward passes per measurement (default 30)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed passes before each measurement (default 5)")
+    p.add_argument("--repeats", type=int, default=30,
+                   help="interleaved timing rounds (original and pruned, a block of >= 20 ms of passes each) per "
+                        "measurement; median and p90 over them (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed passes of each model before each measurement "
+                                                         "(default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads for the measurements (default: torch's)")
     p.add_argument("--no-latency", dest="latency", action="store_false", help="skip latency / throughput")
     p.add_argument("--latency-model", dest="latency_model", default="auto", choices=("auto", "build", "off"),

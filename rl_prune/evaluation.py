@@ -66,9 +66,10 @@ class EvaluationOptions:
     batch_size: int = 256
     """batch size for accuracy and throughput"""
     repeats: int = 30
-    """timed forward passes per measurement"""
+    """interleaved timing rounds per measurement (``measure_latency_rounds``: original and pruned, a block of passes
+    each; median and p90 over the rounds)"""
     warmup: int = 5
-    """untimed passes before each measurement"""
+    """untimed passes of each model before each measurement"""
     threads: Optional[int] = None
     """torch CPU threads for the measurements (None: torch's)"""
     latency: bool = True
