@@ -525,6 +525,7 @@ def plot(per_target: Dict[str, Dict[str, Any]], agents: Sequence[str], original:
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{k:g} ({1 / k:.0f}x fewer)" for k in ticks])
     ax.minorticks_off()
+    ax.set_xlim(min(ticks) / 1.3, max(ticks) * 1.3)  # the spread of MACs kept at one target stays readable
     ax.set_xlabel("MACs kept (fraction of the original, log scale)")
     ax.set_ylabel("test top-1 after fine-tune (mean over search seeds ± std)")
     ax.set_title(title, fontsize=10)

@@ -139,3 +139,21 @@ def test_the_iterative_schedule_trains_as_long_as_the_one_shot_one(tmp_path):
     assert (search.env["recovery"], search.env["recovery_epochs"], search.finetune.epochs) == ("kd", 2, 0)
     assert ca.finetune_config(it, "uniform", 0, 0.5).finetune.epochs == 11
     assert ca.search_config(one, "uniform", 0, 0.5).env.get("recovery") is None
+
+
+def test_the_authors_search_cost_is_scaled_from_the_measured_one():
+    assert [ca.authors_steps(t) for t in (0.5, 0.75, 0.875)] == [30, 50, 65]
+    search = {"n_evaluations": 151, "search_s": 302.0}
+    block = {"units": {"agents": {
+        "ppo": {"searches": {0: search}, "finetunes": [{"finetune": {"seconds": 150.0}}]},
+        "uniform": {"searches": {0: {"n_evaluations": 1, "search_s": 4.0}}, "finetunes": []}}}}
+    meta = {"budget": 151, "val_size": 1000, "reward_samples": 250, "reward_train_images": 256,
+            "reward_estimator": "adaptive_bn", "finetune_epochs": 15}
+    cost = ca.search_cost({"0.75": block}, meta)["0.75"]
+    assert cost["per_evaluation_s"] == 2.0  # uniform's one evaluation is no search: left out
+    assert cost["authors_evaluations"] == 5000 and cost["authors_images_scale"] == 1000 / 506
+    assert cost["authors_search_s"] == pytest.approx(5000 * 2.0 * 1000 / 506)
+    assert cost["authors_recovery_s"] == pytest.approx(49 * 20 * 10.0)
+    assert cost["wall_ratio"] == pytest.approx(151 * 2.0 / cost["authors_search_s"])
+    text = "\n".join(ca.search_cost_lines({"0.75": cost}, meta))
+    assert f"0.75 **{'yes' if cost['wall_ratio'] <= 0.1 else 'no'}**" in text
