@@ -136,7 +136,7 @@ class SensitivityPruner(BasePruningAgent):
         if env.action_mode == "sparsity" and grid.max() > env.max_step_sparsity + 1e-12:
             raise ValueError(f"ratios go up to {grid.max():g}, above the env's max_step_sparsity "
                              f"{env.max_step_sparsity:g}: lower max_ratio / ratios or raise max_step_sparsity")
-        text = (f"{groups} groups x {len(grid)} ratios ({', '.join(f'{r:.3g}' for r in grid)}) = "
+        text = (f"{groups} groups x {len(grid)} ratio{'s' if len(grid) != 1 else ''} ({', '.join(f'{r:.3g}' for r in grid)}) = "
                 f"{groups * len(grid)} sensitivity probes at most (identical kept counts scored once) + {steps} "
                 f"steps = {groups * len(grid) + steps} evaluations, {note}")
         return grid, text

@@ -12,7 +12,8 @@ The runs (one unit each, resumable: a finished folder is skipped by the loop):
           agents.sensitivity.allocation=threshold; done
     python benchmarks/sensitivity_report.py runs/bench_*_t0875_s*
 
-writes ``benchmarks/results/sensitivity_vgg19w025_t0875.md`` and ``.json``.
+writes ``benchmarks/results/sensitivity_vgg19w025_t0875.md`` and ``.json`` (``t05`` for the runs at target 0.5,
+made by the same loop with ``env.target=0.5`` and names ``*_t05_*``, without the threshold rule).
 """
 from __future__ import annotations
 
@@ -29,11 +30,17 @@ sys.path.insert(0, str(ROOT))
 from pruning_env.runtime import atomic_write_text, machine_info  # noqa: E402
 from rl_prune.run_folder import RunFolder  # noqa: E402
 
-COMMAND = ("for seed in 0 1 2; do for agent in uniform sensitivity; do python train_agent.py --config "
-           "configs/bench_cpu_vgg19w025_npz.yaml --agent $agent --name bench_${agent}_t0875_s$seed env.target=0.875 "
-           "budget=150 seed=$seed; done; python train_agent.py --config configs/bench_cpu_vgg19w025_npz.yaml --agent "
-           "sensitivity --name bench_sensitivity-threshold_t0875_s$seed env.target=0.875 budget=150 seed=$seed "
-           "agents.sensitivity.allocation=threshold; done")
+def command(target: float, threshold: bool) -> str:
+    """The loop that made the runs of ``target`` (with the threshold-rule runs when there are some)."""
+    tag = f"t{target:g}".replace(".", "")
+    run = ("python train_agent.py --config configs/bench_cpu_vgg19w025_npz.yaml --agent {agent} --name "
+           "bench_{name}_" + tag + "_s$seed env.target=" + f"{target:g}" + " budget=150 seed=$seed")
+    loop = ("for seed in 0 1 2; do for agent in uniform sensitivity; do "
+            + run.format(agent="$agent", name="${agent}") + "; done")
+    if threshold:
+        loop += ("; " + run.format(agent="sensitivity", name="sensitivity-threshold")
+                 + " agents.sensitivity.allocation=threshold")
+    return loop + "; done"
 
 
 def row(folder: RunFolder) -> Dict[str, Any]:
@@ -62,16 +69,24 @@ def spread(values: List[float]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="finished run folders")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sensitivity_vgg19w025_t0875"))
+    p.add_argument("--out", default=None,
+                   help="output stem (default benchmarks/results/sensitivity_vgg19w025_tTARGET)")
     args = p.parse_args(argv)
     rows = sorted((row(RunFolder(r)) for r in args.runs if RunFolder(r).is_finished),
                   key=lambda r: (r["agent"], r["seed"]))
-    lines = ["# Sensitivity analysis (Li et al. 2017) vs uniform, VGG-19 w0.25, 87.5 % fewer FLOPs", "",
-             f"Command: `{COMMAND}`, then `python benchmarks/sensitivity_report.py {' '.join(args.runs)}`.", "",
+    targets = sorted({r["target"] for r in rows})
+    if len(targets) != 1:
+        p.error(f"the runs must share one target, got {targets or 'no finished run'}")
+    target = targets[0]
+    cmd = command(target, any("threshold" in r["agent"] for r in rows))
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"sensitivity_vgg19w025_t{target:g}".replace(".", ""))
+    lines = [f"# Sensitivity analysis (Li et al. 2017) vs uniform, VGG-19 w0.25, {100 * target:g} % fewer FLOPs", "",
+             f"Command: `{cmd}`, then `python benchmarks/sensitivity_report.py {' '.join(args.runs)}`.", "",
              f"Machine: {machine_info().get('cpu')}, 2 cores shared with other jobs (wall times are not comparable).",
              "", "Task: `configs/bench_cpu_vgg19w025_npz.yaml` (5k CIFAR-10 images, `adaptive_bn` reward on 250 "
-             "validation images, distribution mode, 3 steps, `min_channels: 4`), target 0.875, budget 150, the "
-             "config's 1-epoch KD fine-tune. Test split: 1,034 images.", "",
+             f"validation images, distribution mode, 3 steps, `min_channels: 4`), target {target:g}, budget 150, the "
+             "config's 1-epoch KD fine-tune. Test split: 1,034 images; chance is 0.10 (10 classes); the unpruned model "
+             f"scores {rows[0]['original_test']:.4f}.", "",
              "| agent | seed | evaluations | FLOPs −% | search reward | test, BN re-estimated "
              "| test, after fine-tune |",
              "|---|---|---|---|---|---|---|"]
@@ -83,6 +98,18 @@ def main(argv=None) -> int:
     for agent in sorted({r["agent"] for r in rows}):
         rs = [r for r in rows if r["agent"] == agent]
         lines.append(f"| {agent} | {spread([r['reward'] for r in rs])} | {spread([r['test_finetuned'] for r in rs])} |")
+    base = [r["test_finetuned"] for r in rows if r["agent"] == "uniform"]
+    if len(base) >= 2:
+        lines += ["", "Verdict (test top-1 after the fine-tune, against uniform, in pooled seed std):"]
+        for agent in sorted({r["agent"] for r in rows} - {"uniform"}):
+            xs = [r["test_finetuned"] for r in rows if r["agent"] == agent]
+            if len(xs) < 2:
+                continue
+            diff = statistics.mean(xs) - statistics.mean(base)
+            pooled = ((statistics.variance(xs) + statistics.variance(base)) / 2) ** 0.5
+            where = "within one pooled std" if abs(diff) <= pooled else "more than one pooled std"
+            lines.append(f"- {agent}: {diff:+.4f} ({diff / pooled:+.2f} pooled std {pooled:.4f}): {where} of uniform "
+                         f"({len(xs)} and {len(base)} seeds).")
     firsts = {}
     for r in rows:
         if "analysis" in r:
@@ -100,9 +127,8 @@ def main(argv=None) -> int:
             lines.append(f"| {name} | {r['original_channels'][g]} | "
                          + " | ".join(f"{x:.3f}" for x in a["accuracy"][g])
                          + f" | {a['sparsity'][g]:.3f} | {r['kept_channels'][g]} |")
-    out = Path(args.out)
     atomic_write_text("\n".join(lines) + "\n", out.with_suffix(".md"))
-    atomic_write_text(json.dumps({"command": COMMAND, "machine": machine_info(), "runs": rows}, indent=2),
+    atomic_write_text(json.dumps({"command": cmd, "machine": machine_info(), "runs": rows}, indent=2),
                       out.with_suffix(".json"))
     print("\n".join(lines))
     return 0
