@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pruning_env.envs.budget import (bisect_increasing, channel_sparsity, charged, cumulative_goal,
-                                     distribution_to_counts, filter_num, keep_for_action, normalize_distribution,
-                                     step_channel_budget)
+from pruning_env.envs.budget import (bisect_increasing, channel_floor, channel_sparsity, charged, cumulative_goal,
+                                     distribution_to_counts, exact_keep, filter_num, keep_for_action,
+                                     normalize_distribution, refuse_unreachable_target, step_channel_budget)
 
 
 def test_counts_exact_split():
@@ -209,3 +209,40 @@ def test_keep_for_action_distribution_removes_whole_blocks_of_a_grouped_group(ac
     with pytest.raises(ValueError, match="granularity must have one entry per group"):
         keep_for_action(action, "distribution", CURRENT, LAYERS, keep_counts, reduction=linear_reduction, goal=0.4,
                         granularity=[1, 4])
+
+
+# ---- the env's floor, reachability and exact-keep checks, on hand-made cost functions
+def _floor_of(minimum):
+    """A pruner-like ``keep_counts``: sparsity s keeps ``max(minimum, round((1 - s) * width))`` of widths 8, 4."""
+    widths = np.array([8, 4])
+    return lambda s: np.maximum(minimum, np.round((1.0 - np.asarray(s)) * widths)).astype(np.int64)
+
+
+def test_channel_floor_is_the_full_sparsity_keep_capped_at_the_current_widths():
+    assert channel_floor(_floor_of(np.array([2, 3])), [8, 4]).tolist() == [2, 3]
+    assert channel_floor(_floor_of(np.array([2, 3])), [8, 2]).tolist() == [2, 2]  # already below its floor
+
+
+def test_refuse_unreachable_target_names_the_most_the_floor_removes():
+    removed = lambda keep: 1.0 - float(np.sum(keep)) / 12.0  # noqa: E731  (fraction of 12 channels removed)
+    floor = np.array([2, 3])  # removes 7/12 = 0.5833
+    refuse_unreachable_target(removed, floor, 0.58, 0.0, "channels", "min_channels=2")  # reachable: no error
+    refuse_unreachable_target(removed, floor, 0.59, 0.01, "channels", "min_channels=2")  # within the tolerance
+    with pytest.raises(ValueError, match=r"target=0.6 \(channels reduction\) is unreachable: with min_channels=2 "
+                                         r"every group .* only 0.5833; lower target to at most 0.5833"):
+        refuse_unreachable_target(removed, floor, 0.6, 0.01, "channels", "min_channels=2")
+
+
+def test_exact_keep_returns_buildable_whole_counts_and_refuses_the_others():
+    even = lambda k: 2 * np.ceil(np.asarray(k) / 2)  # noqa: E731  (a plan keeps whole blocks of 2)
+    out = exact_keep([4.0, 2], [8, 4], even, "blocks of 2")
+    assert out.dtype == np.int64 and out.tolist() == [4, 2]
+    with pytest.raises(ValueError, match=r"probe: .*shape \(2,\)"):
+        exact_keep([4, 2, 1], [8, 4], even, "blocks of 2", caller="probe")
+    with pytest.raises(ValueError, match="whole channel counts in \\[1, current width\\]"):
+        exact_keep([4, 5], [8, 4], even, "blocks of 2")
+    with pytest.raises(ValueError, match="whole channel counts"):
+        exact_keep([0, 2], [8, 4], even, "blocks of 2")
+    with pytest.raises(ValueError, match=r"keep \[3, 2\] cannot be built as it is \(blocks of 2\): the plan keeps "
+                                         r"\[4, 2\]"):
+        exact_keep([3, 2], [8, 4], even, "blocks of 2")

@@ -1,9 +1,7 @@
 """RL-Pruner as a Gymnasium environment: one episode prunes a pretrained CNN from its original state to a
 target sparsity in ``n_steps`` steps; the action is a per-group sparsity vector (or pruning distribution).
-
-Reward (spec §3, on held-out validation images, never the test set):
-``accuracy + alpha * (1 - MACs/MACs0) + beta * (1 - params/params0)``. Look-ahead (``evaluate_action``,
-``snapshot``/``restore``) lets agents score candidate actions from one state with the importance cached.
+:class:`PruneEnv` keeps the spaces, reset, step, look-ahead and the states of the trajectory; what a candidate scores
+is ``envs/scoring.py``, how an action becomes kept channels ``envs/budget.py``, the infos ``envs/info.py``.
 """
 from __future__ import annotations
 
@@ -77,15 +75,14 @@ class PruneEnv(PruneEnvSettings, gym.Env):
       ``target`` (truncated after ``max_steps`` steps or at the channel floor, ``info["truncated_reason"]``).
     * **Action**: ``Box(0, 1, (n_groups,))``, mapped to kept channels by
       :func:`~pruning_env.envs.budget.keep_for_action`; NaN, inf, complex or misshaped actions raise ``ValueError``.
-    * **Reward**: ``accuracy + alpha * flops_reduction + beta * params_reduction`` from the env's
+    * **Reward** (spec §3, on held-out validation images, never the test set): ``accuracy + alpha *
+      flops_reduction + beta * params_reduction`` (``1 - MACs/MACs0``, ``1 - params/params0``) from the env's
       :class:`~pruning_env.envs.scoring.CandidateScorer`; ``recovery`` fine-tunes between steps.
     * **Observation**: the per-group ``GROUP_FEATURES`` (one block of ``n_groups`` each), then ``GLOBAL_FEATURES``.
     * **Look-ahead**: :meth:`evaluate_action`, :meth:`evaluate_actions`, :meth:`lookahead_step`, :meth:`snapshot`
-      / :meth:`restore`; agents also read :attr:`pruner`, :attr:`group_importance`, :meth:`keep_for_action`,
-      :meth:`reduction`.
-
-    Settings read on the env (``env.target``, ``env.budget``, ...) come from
-    :class:`~pruning_env.envs.config.PruneEnvSettings`, infos from :class:`~pruning_env.envs.info.InfoBuilder`.
+      / :meth:`restore` (score candidates from one state, importance cached); agents also read :attr:`pruner`,
+      :attr:`group_importance`, :meth:`keep_for_action`, :meth:`reduction`, and the settings as attributes
+      (``env.target``, ``env.budget``, ...: :class:`~pruning_env.envs.config.PruneEnvSettings`).
 
     :param config: the settings (default: ``PruneEnvConfig()``).
     :param kwargs: settings by name (override ``config``'s).
@@ -119,7 +116,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         self.latency_model = cfg.build_latency_model(probe) if cfg.uses_latency else None
         self.meter = ReductionMeter(self.original_cost, self.original_channels, self.layer_counts,
                                     latency=None if self.latency_model is None else self.latency_model.predict)
-        self.infos = InfoBuilder(self.meter, cfg, self.scorer.refines)
+        self._infos = InfoBuilder(self.meter, cfg, self.scorer.refines)
         if cfg.gamma != 0:
             self.scorer.use_latency(cfg.gamma, self.meter.latency_reduction)
         self.step_filter_budget = step_channel_budget(self.original_channels, self.layer_counts, self.target,
@@ -137,8 +134,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(GROUP_FEATURES) * self.n_groups
                                                              + len(GLOBAL_FEATURES),), dtype=np.float32)
         self._original_accuracy: Optional[float] = None
-        self._state: Optional[_State] = None
-        self._initial_state: Optional[_State] = None
+        self._state = self._initial_state = None  # Optional[_State]: the current one, every episode's first one
         # counters live on the env, not on states: restoring a snapshot does not refund evaluations
         self._spent, self.total_evaluations = np.zeros(2, dtype=np.int64), 0  # episode: evaluations, SGD batches
 
@@ -260,17 +256,16 @@ class PruneEnv(PruneEnvSettings, gym.Env):
             return self.scorer.candidates(backend, state.pruner, steps, state.teacher, refine=batched,
                                           max_evaluations=max_evaluations)
 
-        out = []
-        for cand, cached in state.candidates.resolve([CandidateCache.key(a) for a in actions], self.lookahead_cache,
-                                                     build):
-            if not cached:
-                self._charge(cand)
-            out.append((cand, cached, (self.n_evaluations, self.n_train_batches)))
-        return out
+        keys = [CandidateCache.key(a) for a in actions]
+        return [(cand, cached, self._charge(None if cached else cand))
+                for cand, cached in state.candidates.resolve(keys, self.lookahead_cache, build)]
 
-    def _charge(self, cand: Candidate) -> None:
-        self._spent += (cand.evaluations, cand.train_batches)
-        self.total_evaluations += cand.evaluations
+    def _charge(self, cand: Optional[Candidate]) -> Tuple[int, int]:
+        """Count ``cand``'s evaluations and batches (None: a cache hit, free); the episode's counts after it."""
+        if cand is not None:
+            self._spent += (cand.evaluations, cand.train_batches)
+            self.total_evaluations += cand.evaluations
+        return self.n_evaluations, self.n_train_batches
 
     def _make_state(self, model: nn.Module, pruner: Pruner, channels: np.ndarray, cost: Cost, r: Reductions,
                     accuracy: float, step_index: int, final: bool, teacher: nn.Module,
@@ -278,16 +273,13 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         """A state (its importance only when the episode can go on from it) and the seconds that took; ``missed``:
         the step that led here could not reach its budget goal."""
         t0 = time.perf_counter()
-        importance = np.zeros(self.n_groups)
-        end_reason = None
-        terminated = truncated = False
-        if final:
-            terminated, truncated = not missed, missed
-            if missed:
-                end_reason = (f"the {self.budget} budget could not be met: no action reaches the target "
-                              f"{self.target:g} from here (every group at its channel floor or at "
-                              f"max_step_sparsity={self.max_step_sparsity:g})")
-        else:
+        importance, end_reason = np.zeros(self.n_groups), None
+        terminated, truncated = final and not missed, final and missed
+        if truncated:
+            end_reason = (f"the {self.budget} budget could not be met: no action reaches the target "
+                          f"{self.target:g} from here (every group at its channel floor or at "
+                          f"max_step_sparsity={self.max_step_sparsity:g})")
+        elif not final:
             pruner.compute_importance(self.task.calibration, criterion=self.config.importance,
                                       train_mode=self.config.importance_train_mode)
             importance = pruner.group_importance()
@@ -342,8 +334,8 @@ class PruneEnv(PruneEnvSettings, gym.Env):
             t_imp += t_trace
         state = self._state = self._initial_state
         self._spent[:] = 0
-        info = self.infos.state(state.accuracy, self.scorer.reward(state.accuracy, state.reductions, state.channels),
-                                state.cost, state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
+        info = self._infos.state(state.accuracy, self.scorer.reward(state.accuracy, state.reductions, state.channels),
+                                 state.cost, state.reductions, state.channels, 0, (0, 0), time_importance=t_imp)
         return self._observation(state), info
 
     def evaluate_action(self, action: Any) -> Tuple[float, Dict[str, Any]]:
@@ -351,7 +343,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         move, and the candidate is cached for a following step (``info["cached"]``: an earlier one was reused)."""
         state = self._require_active()
         [(cand, cached, count)] = self._lookahead(state, [self._validate_action(action)], batched=False)
-        info = self.infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
+        info = self._infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
         return info["reward"], info
 
     def evaluate_actions(self, actions: Sequence[Any],
@@ -361,7 +353,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         that a multi-fidelity estimator refines the best new ones, as many as ``max_evaluations`` allows."""
         state = self._require_active()
         acts = [self._validate_action(a) for a in actions]
-        infos = [self.infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
+        infos = [self._infos.candidate(cand, cached, state.step_index + 1, count, lookahead=True)
                  for cand, cached, count in self._lookahead(state, acts, True, max_evaluations)]
         return [info["reward"] for info in infos], infos
 
@@ -378,9 +370,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
                        f"min_channels={self.config.min_channels}, granularity {state.pruner.granularity.tolist()}",
                        caller="evaluate_keep")
         [cand] = self.scorer.candidates(self._serial, state.pruner, [StepKeep(k, 1.0)], state.teacher)
-        self._charge(cand)
-        info = self.infos.candidate(cand, False, state.step_index + 1, (self.n_evaluations, self.n_train_batches),
-                                    lookahead=True)
+        info = self._infos.candidate(cand, False, state.step_index + 1, self._charge(cand), lookahead=True)
         return info["reward"], info
 
     def step(self, action: Any) -> Tuple[np.ndarray, float, bool, bool, Dict[str, Any]]:
@@ -427,8 +417,8 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         self._state = new_state
         if new_state.end_reason is not None:
             extra["truncated_reason"] = new_state.end_reason
-        info = self.infos.candidate(cand, cached, step_index, count, lookahead=not recover, time_importance=t_imp,
-                                    time_recovery=time_recovery, **extra)
+        info = self._infos.candidate(cand, cached, step_index, count, lookahead=not recover, time_importance=t_imp,
+                                     time_recovery=time_recovery, **extra)
         return self._observation(new_state), info["reward"], new_state.terminated, new_state.truncated, info
 
     def _recover(self, model: nn.Module, teacher: nn.Module) -> float:

@@ -308,7 +308,11 @@ class EstimatorSpec:
             return 0
         if self.train_batches in options:
             return int(options[self.train_batches])
-        return int(inspect.signature(self.fn).parameters[self.train_batches].default)
+        return int(self.default(self.train_batches))
+
+    def default(self, option: str) -> Any:
+        """The default of ``fn``'s keyword ``option`` (e.g. a multi-fidelity entry's ``base``)."""
+        return inspect.signature(self.fn).parameters[option].default
 
     def options_from(self, settings: Any) -> Dict[str, Any]:
         """The keyword options of ``fn`` read from an env config.

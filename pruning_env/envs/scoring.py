@@ -141,7 +141,7 @@ class CandidateScorer:
             if int(refine_top) < 1:
                 raise ValueError(f"refine_top must be an integer >= 1, got {refine_top!r}")
             self.refine_spec, self.refine_top = REWARD_ESTIMATORS[estimator], int(refine_top)
-            cheap = self.options.pop("base", "adaptive_bn")
+            cheap = self.options.pop("base", self.refine_spec.default("base"))
             if cheap not in CHEAP_ESTIMATORS:
                 raise ValueError(f"{estimator}'s base must score one candidate on its own, one of "
                                  f"{CHEAP_ESTIMATORS}; got {cheap!r}")
