@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, UnsupportedModelError, attention_handler, zeroed_copy
-from tiny import check_built, hooked_group_costs, random_plan, randomise, tiny_maxvit, tiny_swin, tiny_vit
+from tiny import (check_built, flop_counter_macs, head_groups, hooked_group_costs, n_heads, random_plan, randomise,
+                  tiny_maxvit, tiny_swin, tiny_vit)
 
 
 class MHABlock(nn.Module):
@@ -41,22 +40,6 @@ MODELS = {
     "swin_v2": (lambda: tiny_swin(v2=True), 32),
     "vit": (tiny_vit, 32),
 }
-
-
-def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """FlopCounterMode / 2 with autograd on (no fused MHA fast path) and the math attention kernel."""
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel([SDPBackend.MATH]):
-        model(x)
-    return counter.get_total_flops() // 2
-
-
-def n_heads(module: nn.Module) -> int:
-    return attention_handler(module).heads(module)[0]
-
-
-def head_groups(pruner):
-    return [g for g in pruner.groups if attention_handler(pruner.graph.specs[g.members[0]].module) is not None]
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, zeroed_copy
 from tiny import random_plan
-from test_pruning_qkv import Attention
+from tiny import TimmAttention as Attention
 
 
 class LayerNorm2d(nn.LayerNorm):

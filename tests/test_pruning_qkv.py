@@ -9,44 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruning_env.costs import count_costs
-from pruning_env.costs.counting import FUSED_QKV_ATTENTION
 from pruning_env.pruning import Pruner, attention_handler, zeroed_copy
-from test_pruning_attention import flop_counter_macs, head_groups, n_heads
-from tiny import check_built, random_plan
-
-
-class Attention(nn.Module):
-    """timm's ``Attention`` (timm.layers.attention), its forward as written there."""
-
-    def __init__(self, dim, num_heads=4, head_dim=None, qkv_bias=True, qk_norm=False, scale_norm=False,
-                 gated=False):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim or dim // num_heads
-        self.attn_dim = num_heads * self.head_dim
-        self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.norm = nn.LayerNorm(self.attn_dim) if scale_norm else nn.Identity()
-        self.gate = nn.Linear(dim, self.attn_dim) if gated else None
-        self.proj = nn.Linear(self.attn_dim, dim)
-
-    def forward(self, x, attn_mask=None):
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj(x)
-
-
-FUSED_QKV_ATTENTION.add(f"{Attention.__module__}.{Attention.__qualname__}")  # the extension point
+from tiny import TimmAttention as Attention, check_built, flop_counter_macs, head_groups, n_heads, random_plan
 
 
 class Block(nn.Module):

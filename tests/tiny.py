@@ -13,10 +13,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from pruning_env.costs import attention_macs, count_costs, layer_macs
 from pruning_env.pruning import Pruner
 from pruning_env.pruning.attention import attention_handler
+from pruning_env.costs.counting import FUSED_QKV_ATTENTION
 
 
 
@@ -390,3 +393,53 @@ def tiny_maxvit() -> nn.Module:
 
     return MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16, 32],
                   block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=3)
+
+
+def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """FlopCounterMode / 2 with autograd on (no fused MHA fast path) and the math attention kernel."""
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel([SDPBackend.MATH]):
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def n_heads(module: nn.Module) -> int:
+    return attention_handler(module).heads(module)[0]
+
+
+def head_groups(pruner):
+    return [g for g in pruner.groups if attention_handler(pruner.graph.specs[g.members[0]].module) is not None]
+
+
+class TimmAttention(nn.Module):
+    """timm's ``Attention`` (timm.layers.attention), its forward as written there."""
+
+    def __init__(self, dim, num_heads=4, head_dim=None, qkv_bias=True, qk_norm=False, scale_norm=False,
+                 gated=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.norm = nn.LayerNorm(self.attn_dim) if scale_norm else nn.Identity()
+        self.gate = nn.Linear(dim, self.attn_dim) if gated else None
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj(x)
+
+
+FUSED_QKV_ATTENTION.add(f"{TimmAttention.__module__}.{TimmAttention.__qualname__}")  # the extension point
