@@ -281,7 +281,8 @@ class Ultralytics(Library):
             return Built(model, _input(size), keep=keep, heads=keep)
         heads = [f"{prefix}{n}.{len(s) - 1}" for n, s in head.named_modules()
                  if isinstance(s, nn.Sequential) and len(s) and type(s[-1]) is nn.Conv2d]
-        keep = heads + [prefix + "dfl.conv"] if hasattr(head, "dfl") and isinstance(head.dfl, nn.Module) else heads
+        keep = heads + [prefix + "dfl.conv"] if isinstance(getattr(getattr(head, "dfl", None), "conv", None),
+                                                           nn.Conv2d) else list(heads)  # yolo26: dfl is Identity
         if hasattr(head, "proto"):
             keep.append(prefix + "proto.cv3.conv")
             heads = heads + [prefix + "proto"]

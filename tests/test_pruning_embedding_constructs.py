@@ -169,3 +169,51 @@ def test_layer_scale_viewed_to_a_stored_shape_keeps_its_channels():
     new = pruner.apply(plan)
     with torch.no_grad():
         assert torch.allclose(new(x), zeroed_copy(model, pruner, plan)(x), atol=1e-5)
+
+
+class WindowBlock(nn.Module):
+    """timm Swin's block layout: channel-last map padded to whole windows, partitioned into the batch dim
+    (``[B, h, w, wh, ww, C] -> [B * h * w, wh, ww, C]``), a per-window layer, windows merged back, cropped."""
+
+    def __init__(self, dim, window=4):
+        super().__init__()
+        self.window = window
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):  # x: [B, H, W, C]
+        b, h, w, c = x.shape
+        s = self.window
+        y = F.pad(self.norm(x), (0, 0, 0, (-w) % s, 0, (-h) % s))
+        ph, pw = y.shape[1], y.shape[2]
+        y = y.view(b, ph // s, s, pw // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s, s, c)
+        y = self.mix(y)
+        y = y.view(b, ph // s, pw // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, ph, pw, c)
+        x = x + y[:, :h, :w, :]
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_window_partition_into_the_batch_dim_and_padding_are_traced():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 2, stride=2)
+            self.block = WindowBlock(8)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(self.block(self.embed(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+    model = _net(Net)
+    x = torch.randn(2, 3, 12, 12)  # 6x6 maps: padded to 8x8, four 4x4 windows
+    for prune_normalized, groups in ((False, {"block.fc1"}), (True, {"block.fc1", "embed"})):
+        pruner = Pruner(model, x[:1], prune_normalized=prune_normalized)
+        assert groups <= {n.split(" ")[0] for n in pruner.group_names}, pruner.group_names
+        pruner.compute_importance(criterion="l1")
+        plan = pruner.plan(sparsity=0.5)
+        new = pruner.apply(plan)
+        with torch.no_grad():
+            got, ref = new(x), zeroed_copy(model, pruner, plan)(x)
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), (got - ref).abs().max()
+        assert count_costs(new, (3, 12, 12)) == pruner.plan_cost(plan)

@@ -119,3 +119,54 @@ def test_timm_vit_heads_prune_to_the_zeroed_original():
             np.testing.assert_allclose(new(x).numpy(), ref.numpy(), atol=1e-5, rtol=1e-4)
         assert count_costs(new, (3, 32, 32)).macs == pruner.plan_cost(plan).macs
         assert count_costs(new, (3, 32, 32), include_norm=False).macs == flop_counter_macs(new, x[:1])
+
+
+@pytest.mark.parametrize("cls_name", ["Attention2d", "AttentionCl", "ClassAttn"])
+def test_timm_attention_variants_by_name_are_opaque(cls_name):
+    """timm's ``Attention2d`` (CoAtNet), ``AttentionCl`` (MaxViT-rw) and CaiT's ``ClassAttn`` reshape q/k/v heads out
+    of the channels in ways no group follows: kept whole (opaque) instead of refusing the model; a block named
+    ``PartitionAttentionCl`` that merely contains one is still traced (its MLP width pruned)."""
+
+    def forward(self, x):  # [B, C, H, W]: heads carved out of the channels by a view
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, 3, 2, c // 2, h * w).unbind(1)
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)
+        return self.proj((v @ attn.transpose(-2, -1)).reshape(b, c, h, w))
+
+    def init(self, dim):
+        nn.Module.__init__(self)
+        self.qkv, self.proj = nn.Conv2d(dim, 3 * dim, 1), nn.Conv2d(dim, dim, 1)
+
+    attn_cls = type(cls_name, (nn.Module,), {"__init__": init, "forward": forward})
+
+    class PartitionAttentionCl(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.attn = attn_cls(dim)
+            self.fc1, self.fc2 = nn.Conv2d(dim, 2 * dim, 1), nn.Conv2d(2 * dim, dim, 1)
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return x + self.fc2(F.gelu(self.fc1(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = PartitionAttentionCl(8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = Pruner(model, x[:1])
+    assert pruner.group_names == ["block.fc1"]
+    pruner.compute_importance(criterion="l1")
+    plan = pruner.plan(sparsity=0.5)
+    new = pruner.apply(plan)
+    with torch.no_grad():
+        assert torch.allclose(new(x), zeroed_copy(model, pruner, plan)(x), atol=1e-5)
+    assert count_costs(new, (3, 6, 6)) == pruner.plan_cost(plan)

@@ -189,3 +189,43 @@ def test_one_channel_per_group_and_child_pruner(name):
     assert count_costs(child.apply(child.plan(sparsity=0.5)), tuple(x.shape[1:])) == pruner.plan_cost(plan)
     with pytest.raises(ValueError, match="does not match"):
         pruner.child(model, plan)  # the unpruned model does not have the plan's widths
+
+
+def test_a_forward_bound_in_init_runs_the_pruned_copy():
+    """timm FasterNet's ``Partial_conv3`` binds ``self.forward = self.forward_split_cat`` in ``__init__``: the pruned
+    copy must call its own (pruned) layers, not the source's (it crashed at the first forward)."""
+    import torch.nn.functional as F
+    from pruning_env.pruning import zeroed_copy
+
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.forward = self.forward_split_cat
+
+        def forward_split_cat(self, x):
+            a, b = torch.split(x, [4, 12], dim=1)
+            return torch.cat([self.conv(a), b], 1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.mix = Partial()
+            self.fc1 = nn.Conv2d(16, 8, 1)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(F.relu(self.fc1(self.mix(self.stem(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 6, 6)
+    pruner = Pruner(model, x[:1])
+    assert "mix.conv" in pruner.group_names
+    pruner.compute_importance(criterion="l1")
+    plan = pruner.plan(sparsity=0.5)
+    new = pruner.apply(plan)
+    assert new.mix.forward.__self__ is new.mix and new.mix.conv.out_channels == 2
+    with torch.no_grad():
+        assert torch.allclose(new(x), zeroed_copy(model, pruner, plan)(x), atol=1e-5)

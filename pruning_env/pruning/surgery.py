@@ -5,6 +5,7 @@ copy fresh tensors: sliced with ``index_select`` where channels go, cloned elsew
 """
 from __future__ import annotations
 
+import types
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -227,6 +228,11 @@ def _shallow_copy(module: nn.Module, keys: Tuple[str, ...]) -> nn.Module:
     state = module.__dict__.copy()
     for key in keys:
         state[key] = state[key].copy()  # keeps the subclass (OrderedDict), much faster than copy.copy
+    for key, value in state.items():
+        # a method bound in __init__ (timm FasterNet's ``self.forward = self.forward_split_cat``) must call the
+        # copy, not the source (whose unpruned layers it would run)
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            state[key] = types.MethodType(value.__func__, new)
     object.__setattr__(new, "__dict__", state)  # nn.Module.__setattr__ would inspect the dict first
     return new
 

@@ -132,9 +132,15 @@ class FunctionalOps:
             dims = {d % len(ish) for d in ((dim,) if isinstance(dim, int) else (dim or ()))}
             if dims and c not in dims:
                 return c if keep else c - sum(1 for d in dims if d < c)
+        if name == "pad" and c == len(ish) - 1:
+            pad = args[1] if len(args) > 1 else kwargs.get("pad")
+            if len(pad) >= 2 and pad[0] == pad[1] == 0 and len(osh) == len(ish):
+                return c  # only other dims padded (timm Swin's padding to whole windows)
         if name in ("view", "reshape", "flatten", "unsqueeze", "squeeze") and c == len(ish) - 1 \
-                and len(osh) >= 2 and osh[-1] == ish[-1] and osh[0] == ish[0]:
-            return len(osh) - 1  # the last dim stays whole: every position keeps its channel vector
+                and len(osh) >= 2 and osh[-1] == ish[-1]:
+            # the last dim stays whole: every position keeps its channel vector, even where leading dims merge
+            # into the batch dim (timm Swin's window partition: [B, h, w, wh, ww, C] -> [B * h * w, wh, ww, C])
+            return len(osh) - 1
         raise self.unsupported(f"the op {name!r} (shape {list(ish)} -> {list(osh)}, channels in dim {c})", layout)
 
     def reshape_layout(self, name: str, src: torch.Tensor, layout: Layout, o: torch.Tensor) -> Layout:

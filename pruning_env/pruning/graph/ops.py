@@ -54,8 +54,9 @@ EXPAND_OPS = {"expand", "expand_as"}
 
 #: Module types traced as opaque (extension point): every channel they read is kept and their insides are not
 #: traced; their conv/linear layers and attention products still count in the costs. Any module whose class name
-#: ends in "Attention" or "AttentionV2" (timm-style ``Attention``; not a block that merely contains one, such as
-#: MaxViT's ``PartitionAttentionLayer``) is opaque too, so its heads are kept whole while the MLP hidden width
+#: ends in "Attention" or "Attn", optionally followed by "V2", "2d" or "Cl" (timm's ``Attention``, ``Attention2d``,
+#: ``AttentionCl``, CaiT's ``ClassAttn``; not a block that merely contains one, such as
+#: MaxViT's ``PartitionAttentionLayer`` or timm's ``PartitionAttentionCl``) is opaque too, so its heads are kept whole while the MLP hidden width
 #: around it is pruned. Attention modules with a handler (:mod:`pruning_env.pruning.attention`:
 #: ``nn.MultiheadAttention`` self-attention, Swin window attention, MaxViT's relative attention) are traced with
 #: their heads as a group instead, unless ignored or called in a way the handler does not support.
@@ -64,4 +65,5 @@ OPAQUE_TYPES: Set[type] = {nn.MultiheadAttention}
 
 def is_opaque(module: nn.Module) -> bool:
     """Whether the tracer treats ``module`` as opaque (see :data:`OPAQUE_TYPES`)."""
-    return isinstance(module, tuple(OPAQUE_TYPES)) or re.search(r"Attention(V\d+)?$", type(module).__name__) is not None
+    return isinstance(module, tuple(OPAQUE_TYPES)) or re.search(r"(?<!Partition)(Attention|Attn)(V\d+|2d|Cl)?$",
+                                                                 type(module).__name__) is not None
