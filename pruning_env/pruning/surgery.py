@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from torchvision.models.vision_transformer import VisionTransformer
+from pruning_env.costs.counting import CONV_TYPES, CONVT_TYPES, LINEAR_TYPES, NORM_TYPES
 
 __all__ = ["LayerHandler", "ConvHandler", "LinearHandler", "BatchNormHandler", "LayerNormHandler", "GroupNormHandler", "ConvTransposeHandler", "HANDLERS",
            "WIDTH_ATTRIBUTES", "CONV_OUT_EXTRAS", "handler_for", "unhandled_channel_tensors",
@@ -186,19 +187,13 @@ _CONV = ConvHandler()
 _LINEAR = LinearHandler()
 _NORM = BatchNormHandler()
 #: The handler table, keyed by layer type (subclasses are found through the MRO). Extend it to add a layer.
-HANDLERS: Dict[type, LayerHandler] = {
-    nn.Conv1d: _CONV,
-    nn.Conv2d: _CONV,
-    nn.Conv3d: _CONV,
-    nn.Linear: _LINEAR,
-    nn.BatchNorm1d: _NORM,
-    nn.BatchNorm2d: _NORM,
-    nn.BatchNorm3d: _NORM,
+HANDLERS: Dict[type, LayerHandler] = {  # keyed by the cost model's layer-type tables (the one list of kinds)
+    **{t: _CONV for t in CONV_TYPES},
+    **{t: ConvTransposeHandler() for t in CONVT_TYPES},
+    **{t: _LINEAR for t in LINEAR_TYPES},
+    **{t: _NORM for t in NORM_TYPES},
     nn.LayerNorm: LayerNormHandler(),
     nn.GroupNorm: GroupNormHandler(),
-    nn.ConvTranspose1d: ConvTransposeHandler(),
-    nn.ConvTranspose2d: ConvTransposeHandler(),
-    nn.ConvTranspose3d: ConvTransposeHandler(),
 }
 
 #: Plain int attributes that a module's forward pass reads as a width, set from the pruned copy (extension point):
