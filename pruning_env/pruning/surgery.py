@@ -62,6 +62,15 @@ class LayerHandler:
         return result
 
 
+def _set_widths(module: nn.Module, n_out: Optional[int], n_in: Optional[int], out_attr: str = "out_channels",
+                in_attr: str = "in_channels") -> None:
+    """Write the new output / input widths (None: unchanged) as plain attributes of a sliced copy."""
+    if n_out is not None:
+        module.__dict__[out_attr] = n_out
+    if n_in is not None:
+        module.__dict__[in_attr] = n_in
+
+
 class ConvHandler(LayerHandler):
     """Conv1d/2d/3d with ``groups == 1``, or depthwise / grouped with ``in == out`` (channels follow the input;
     whole conv groups are removed, so the channels per conv group stay the same)."""
@@ -81,10 +90,7 @@ class ConvHandler(LayerHandler):
             per_group = module.out_channels // module.groups  # still the source's shape attributes here
             module.__dict__.update(in_channels=n, out_channels=n, groups=n // per_group)
             return
-        if n_out is not None:
-            module.__dict__["out_channels"] = n_out
-        if n_in is not None:
-            module.__dict__["in_channels"] = n_in
+        _set_widths(module, n_out, n_in)
 
 
 class LinearHandler(LayerHandler):
@@ -97,10 +103,7 @@ class LinearHandler(LayerHandler):
         return [("weight", 1)]
 
     def set_shape(self, module: nn.Linear, n_out: Optional[int], n_in: Optional[int]) -> None:
-        if n_out is not None:
-            module.__dict__["out_features"] = n_out
-        if n_in is not None:
-            module.__dict__["in_features"] = n_in
+        _set_widths(module, n_out, n_in, "out_features", "in_features")
 
 
 class BatchNormHandler(LayerHandler):
@@ -136,10 +139,7 @@ class ConvTransposeHandler(LayerHandler):
         return [("weight", 0)]
 
     def set_shape(self, module: nn.ConvTranspose2d, n_out: Optional[int], n_in: Optional[int]) -> None:
-        if n_out is not None:
-            module.__dict__["out_channels"] = n_out
-        if n_in is not None:
-            module.__dict__["in_channels"] = n_in
+        _set_widths(module, n_out, n_in)
 
 
 class GroupNormHandler(LayerHandler):
