@@ -10,7 +10,7 @@ import numpy as np
 
 from pruning_env.costs import count_costs
 from pruning_env.pruning import Pruner, zeroed_copy
-from tiny import ChannelSliceNet, ConvBN, check_built, hooked_group_costs, random_batchnorm, random_plan
+from tiny import check_prunes_like_zeroed, ChannelSliceNet, ConvBN, check_built, hooked_group_costs, random_batchnorm, random_plan
 
 
 class C2f(nn.Module):
@@ -118,13 +118,7 @@ def test_partitions_prune_to_the_zeroed_original(name):
     x = torch.randn(3, 3, 16, 16)
     pruner = Pruner(model, x[:1])
     pruner.compute_importance(criterion="l1")
-    for seed in range(3):
-        plan = pruner.plan(sparsity=0.5) if seed == 0 else random_plan(pruner, seed, 0.9)
-        new = _check_built(model, pruner, x, plan)
-        with torch.no_grad():
-            ref = zeroed_copy(model, pruner, plan)(x)
-            assert torch.allclose(new(x), ref, atol=1e-5, rtol=1e-4), (new(x) - ref).abs().max()
-            assert not torch.allclose(ref, model(x), atol=1e-5)
+    check_prunes_like_zeroed(model, pruner, x, build=_check_built)
     np.testing.assert_array_equal(np.stack(pruner.group_costs()),
                                   np.stack(hooked_group_costs(model, pruner, tuple(x.shape[1:]))))
 

@@ -22,7 +22,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from pruning_env.costs import attention_macs, count_costs, layer_macs
 from pruning_env.costs.counting import FUSED_QKV_ATTENTION
-from pruning_env.pruning import Pruner
+from pruning_env.pruning import Pruner, zeroed_copy
 from pruning_env.pruning.attention import attention_handler
 
 
@@ -517,3 +517,16 @@ class Attention(nn.Module):
 
 # registered through the extension point, as a user registers their own fused-qkv module
 FUSED_QKV_ATTENTION.add(f"{Attention.__module__}.{Attention.__qualname__}")
+
+
+def check_prunes_like_zeroed(model, pruner, x, build=None):
+    """The pruner's 50 % plan and two random plans (up to 90 %) built with ``build`` (default :func:`check_built`)
+    give the zeroed original's logits, and those differ from the unpruned model's (the check has teeth)."""
+    build = check_built if build is None else build
+    for seed in range(3):
+        plan = pruner.plan(sparsity=0.5) if seed == 0 else random_plan(pruner, seed, 0.9)
+        new = build(model, pruner, x, plan)
+        with torch.no_grad():
+            ref = zeroed_copy(model, pruner, plan)(x)
+            assert torch.allclose(new(x), ref, atol=1e-5, rtol=1e-4), (new(x) - ref).abs().max()
+            assert not torch.allclose(ref, model(x), atol=1e-5)
