@@ -100,3 +100,14 @@ def test_min_keep_fraction_keeps_every_group_above_its_floor(splits):
         assert np.all(np.asarray(row["kept_channels"]) >= floor)
     with pytest.raises(ValueError, match="min_keep_fraction must be in"):
         RLPrunerAgent(env, min_keep_fraction=1.0)
+
+
+def test_monitor_history_rows_carry_the_step_budget_goal(splits):
+    env = PruneMonitor(tiny_env(splits, action_mode="sparsity", budget="flops", target=0.5, n_steps=2))
+    env.reset(seed=0)
+    env.step(np.full(3, 0.3, dtype=np.float32))
+    env.step(np.full(3, 0.3, dtype=np.float32))
+    first, last = env.record.history[-2:]
+    assert (first["budget_goal"], last["budget_goal"]) == (0.25, 0.5)
+    assert first["budget_missed"] is False and last["budget_missed"] is False
+    assert "predicted_latency" not in last  # no latency model on this env

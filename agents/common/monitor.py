@@ -16,6 +16,9 @@ from stable_baselines3.common.monitor import Monitor
 
 #: info keys copied into every per-step row (NaN when the env does not give one)
 STEP_KEYS = ("reward", "accuracy", "flops_reduction", "params_reduction", "channel_sparsity", "macs", "params")
+#: info keys a history row carries when the env reports them: recovery, the step's budget goal in the episode's
+#: metric and whether the budget mapping missed it, the latency model's prediction (``budget: latency`` envs)
+OPTIONAL_STEP_KEYS = ("accuracy_recovered", "budget_goal", "budget_missed", "predicted_latency", "latency_reduction")
 
 
 def _plain(value: Any) -> Any:
@@ -97,7 +100,9 @@ class PruneMonitor(RecordView, Monitor):
     the pruning record (:class:`PruneRecord`).
 
     Every ``step`` adds a history row: ``timestep``, ``episode``, ``step``, the :data:`STEP_KEYS` of the env's
-    info, ``accuracy_recovered`` when the env recovers between steps, ``n_evaluations`` and ``train_batches``
+    info, those of :data:`OPTIONAL_STEP_KEYS` it reports (``accuracy_recovered`` when the env recovers between
+    steps, ``budget_goal`` / ``budget_missed`` with a budget, ``predicted_latency`` / ``latency_reduction`` with a
+    latency model), ``n_evaluations`` and ``train_batches``
     (running totals: models evaluated, and SGD batches of the estimators: ``short_kd``, multi-fidelity refinements),
     ``seconds`` (wall time since the previous ``reset``/``step`` returned: the agent's choice plus the step)
     and ``kept_channels``; agents add their own numbers with :meth:`annotate`. An episode's end updates the
@@ -173,8 +178,9 @@ class PruneMonitor(RecordView, Monitor):
                                "step": int(info["step"])}
         for key in STEP_KEYS:
             row[key] = float(info[key]) if key in info else float("nan")
-        if "accuracy_recovered" in info:
-            row["accuracy_recovered"] = float(info["accuracy_recovered"])
+        for key in OPTIONAL_STEP_KEYS:
+            if key in info:
+                row[key] = bool(info[key]) if key == "budget_missed" else float(info[key])
         row["n_evaluations"], row["train_batches"] = self.n_evaluations, self.n_train_batches
         row["seconds"] = now - self._last_time
         row["kept_channels"] = [int(k) for k in np.asarray(info.get("kept_channels", []))]
