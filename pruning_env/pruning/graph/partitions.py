@@ -2,20 +2,27 @@
 
 A partition cuts a channel source (a layer's output channels) into parts, each a new source of its own; the layer's
 layouts are rewritten to the concatenation of its parts (:func:`expand`), so each part can join a different group.
-The split sizes and slice bounds are constants of the model's forward code, so only what stays correct after
-pruning is left prunable:
+The split sizes and slice bounds are constants of the model's forward code; a part may lose channels only where
+the pruned model's forward still cuts at the right place:
 
 - ``chunk(k, dim)`` into equal parts: the parts are tied channel by channel (the same indices go from each), so
   they stay equal and the ``chunk`` of the pruned model cuts where the traced one did (Ultralytics C2f / C3k2,
   CSP stages);
-- ``split`` / ``tensor_split`` with explicit sizes and unequal ``chunk`` parts: every part is kept whole;
-- a slice ``x[:, a:b]`` (step 1): the channels before ``b`` are kept (so the bounds still select the same
-  channels), those after it stay prunable (e.g. GhostNet's ``cat([x1, x2], 1)[:, :oup]``).
+- ``split`` with explicit sizes read from a module attribute (a list attribute, timm's ``MixedConv2d.splits``, or
+  one int attribute per size, ``split(x, [self.a, self.b], 1)``): the parts are pruned independently and surgery
+  rewrites the attribute to the kept widths (:mod:`.constants` ties a constant to its attribute, and rejects
+  one used in any other way);
+- a slice ``x[:, a:b]`` (step 1) whose bound is a module attribute (GhostNet's ``cat([x1, x2], 1)[:, :self.out_chs]``):
+  everything stays prunable and surgery sets the attribute to the kept width before the bound;
+- any other constant (a literal, a size computed in the forward, ``chunk`` into unequal parts, ``tensor_split``,
+  an attribute used elsewhere too): a split's parts are kept whole; a slice keeps the channels before a bound
+  counted from the start, or after one counted from the end (``x[:, :-k]``), so it still selects the same channels.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Sequence, Tuple
 
+from pruning_env.pruning.graph.constants import WatchedList, plain
 from pruning_env.pruning.graph.layouts import FIXED, Layout, Segment
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,20 +111,50 @@ def on_partition(tracer: "Tracer", name: str, args, kwargs, sourced, outs) -> No
     parts.append(rest)
     parts = [expand(tracer, p) for p in parts]  # a later cut may have partitioned a source of an earlier part
     equal = name in ("chunk", "unsafe_chunk") and len(set(sizes)) == 1
-    for i, (o, p) in enumerate(zip(outs, parts)):
-        if equal and i > 0:
+    if equal:
+        for p in parts[1:]:
             tracer.tie(parts[0], p, "partition", f"the op {name!r}")
-        elif not equal:
-            tracer.fix_layout(p)  # constant sizes in the forward code: the parts keep their widths
+    else:
+        spec = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
+        _sized_parts(tracer, name, spec, parts)
+    for o, p in zip(outs, parts):
         tracer.set_layout(o, p, c)
 
 
+def _sized_parts(tracer: "Tracer", name: str, spec, parts: List[Layout]) -> None:
+    """Unequal parts: prunable where their sizes are module attributes surgery rewrites, else kept whole."""
+    watch = tracer.watch
+    if name in ("split", "split_with_sizes"):
+        if isinstance(spec, WatchedList) and watch.take(spec, tuple(parts)):
+            return
+        if type(spec) in (list, tuple) and len(spec) == len(parts):
+            for size, part in zip(spec, parts):
+                if not watch.take(size, (part,)):
+                    tracer.fix_layout(part)
+            return
+    for part in parts:
+        tracer.fix_layout(part)  # constant sizes in the forward code: the parts keep their widths
+
+
 def channel_slice(tracer: "Tracer", item: slice, size: int, layout: Layout) -> Layout:
-    """The layout of ``x[..., a:b]`` along the channels (step 1); the channels before ``b`` are kept."""
+    """The layout of ``x[..., a:b]`` along the channels (step 1); see the module docstring for the bounds."""
     start, stop, step = item.indices(size)
     if step != 1 or stop <= start:
         raise tracer.unsupported(f"the op '__getitem__' slicing the channel dimension ({item})", layout)
-    head, _ = cut(tracer, layout, stop)
-    _, mid = cut(tracer, head, start)
-    tracer.fix_layout(expand(tracer, head))
+    before, rest = cut(tracer, layout, start)
+    mid, after = cut(tracer, rest, stop - start)
+    before, mid, after = (expand(tracer, lay) for lay in (before, mid, after))  # a later cut may cut an earlier one
+    _bound(tracer, item.start, start, size, before, mid + after)
+    _bound(tracer, item.stop, stop, size, before + mid, after)
     return expand(tracer, mid)
+
+
+def _bound(tracer: "Tracer", value, at: int, size: int, head: Layout, tail: Layout) -> None:
+    """Keep a slice bound at feature ``at`` right after pruning: rewrite its attribute to ``head``'s kept width,
+    or keep ``head`` (a bound from the start) or ``tail`` (from the end, negative) whole."""
+    if value is None or at in (0, size):  # the start or the end of the channels, also after pruning
+        return
+    if plain(value) < 0:
+        tracer.fix_layout(expand(tracer, tail))
+    elif not tracer.watch.take(value, (head,)):
+        tracer.fix_layout(expand(tracer, head))
