@@ -7,14 +7,15 @@ the tracer swaps, for the trace only, every plain ``int`` and list-of-``int`` at
 modules for a watched copy (an ``int`` / ``list`` subclass with the same value: the forward computes exactly the
 same). A watched value that reaches a partition as a size or bound *is* that attribute (no arithmetic made it, or
 the result would be a plain ``int``). The attribute is rewritable when that is its only use in the whole trace:
-any other use (arithmetic, comparison, iteration, an argument of another torch op, a second bound) is recorded,
+any other use (arithmetic, comparison, iteration, an argument of another torch op, a second partition needing
+another value) is recorded,
 and the partitions that took it keep their channels as if it were a literal (:meth:`Watch.resolve`). Uses that
 Python makes at C level without a method call (``range(n)``, indexing a list with it) cannot be seen.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch.nn as nn
 
@@ -106,8 +107,7 @@ class Watch:
         self.tracer = tracer
         self.quiet = 0
         self.originals: List[Tuple[nn.Module, str, object, object]] = []  # module, attr, original, watched
-        self.others: Set[Owner] = set()  # attributes used otherwise than as one partition constant
-        self.takes: Dict[Owner, int] = {}
+        self.others: Set[Owner] = set()  # attributes used otherwise than as a partition constant
         self.rewrites: List[Rewrite] = []
         self.pending: List[object] = []  # watched arguments of the op being handled
 
@@ -157,25 +157,30 @@ class Watch:
         at = next((i for i, v in enumerate(self.pending) if v is value), None) if isinstance(value, WATCHED) else None
         if at is None:
             return False
-        del self.pending[at]  # one occurrence: the same value twice in one op is two takes (then rejected)
+        del self.pending[at]  # one occurrence: the same value twice in one op is two takes
         module, attr = value._owner
-        self.takes[value._owner] = self.takes.get(value._owner, 0) + 1
         self.rewrites.append(Rewrite(module, attr, layouts, isinstance(value, WatchedList)))
         return True
 
-    def resolve(self) -> Tuple[List[Rewrite], List[Rewrite]]:
-        """(accepted, rejected) rewrites at the end of the trace: an attribute taken twice or used otherwise is
-        rejected, and the tracer keeps the channels of its layouts (as for a literal)."""
-        ok, bad = [], []
+    def resolve(self, expand: Callable[[Layout], Layout],
+                signature: Callable[[Layout], object]) -> Tuple[List[Rewrite], List[Rewrite]]:
+        """(accepted, rejected) rewrites at the end of the trace, one accepted per attribute. An attribute used
+        otherwise, or taken by several partitions whose widths could differ after pruning, is rejected (the tracer
+        then keeps the channels of its layouts, as for a literal); several takes whose layouts have the same
+        ``signature`` (the same pruned width for every plan: DPN's ``x[:, :self.num_1x1_c]`` and
+        ``x[:, self.num_1x1_c:]``, on two tensors tied by a residual add) are one rewrite."""
+        by_owner: Dict[Owner, List[Rewrite]] = {}
         for r in self.rewrites:
-            owner = (r.module, r.attr)
-            (bad if owner in self.others or self.takes[owner] > 1 else ok).append(r)
+            by_owner.setdefault((r.module, r.attr), []).append(
+                Rewrite(r.module, r.attr, tuple(expand(lay) for lay in r.layouts), r.as_list))
+        ok, bad = [], []
+        for owner, takes in by_owner.items():
+            first = [signature(lay) for lay in takes[0].layouts]
+            if owner in self.others or any([signature(lay) for lay in t.layouts] != first for t in takes[1:]):
+                bad.extend(takes)
+            else:
+                ok.append(takes[0])
         return ok, bad
-
-
-def watched_modules(model: nn.Module, skip) -> List[Tuple[str, nn.Module]]:
-    """The container modules whose attributes are watched (``skip(module)``: leaf layers, opaque modules)."""
-    return [(n, m) for n, m in model.named_modules() if not skip(m)]
 
 
 def plain(value: Optional[object]) -> Optional[int]:

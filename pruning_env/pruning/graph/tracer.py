@@ -157,6 +157,18 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
         return all(s.source in (None, FIXED) or self.uf.fixed[self.uf.find(s.source)] for s in layout or ())
 
 
+    def width_signature(self, layout: Layout) -> Tuple[int, Tuple[Tuple[int, int], ...]]:
+        """What the pruned width of ``layout`` depends on: (kept features, sorted (group root, features per
+        channel)); two layouts with the same signature have the same width under every plan."""
+        fixed, weights = 0, {}
+        for s in layout:
+            root = None if s.source in (None, FIXED) else self.uf.find(s.source)
+            if root is None or self.uf.fixed[root]:
+                fixed += s.features
+            else:
+                weights[root] = weights.get(root, 0) + s.block
+        return fixed, tuple(sorted(weights.items()))
+
     # ---- functional ops ------------------------------------------------------------------------------------
     def on_function(self, func, flat_in, args, kwargs, out) -> None:
         tensors = [t for t in flat_in if isinstance(t, torch.Tensor)]
@@ -293,10 +305,10 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
             for h in handles:
                 h.remove()
             self.watch.restore()
-        self.rewrites, rejected = self.watch.resolve()
+        self.rewrites, rejected = self.watch.resolve(lambda lay: partitions.expand(self, lay), self.width_signature)
         for r in rejected:  # a constant also used otherwise: its parts keep their channels, as for a literal
             for lay in r.layouts:
-                self.fix_layout(partitions.expand(self, lay))
+                self.fix_layout(lay)
         # the classifier and every other model output keep all their channels
         for o in tree_flatten(out)[0]:
             self.fix_layout(self.layout(o))
