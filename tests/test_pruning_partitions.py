@@ -144,6 +144,25 @@ class TailSlice(nn.Module):
         return self.head(self.conv2(self.conv1(x)[:, :-2]).mean((2, 3)))
 
 
+class GhostShortcut(nn.Module):
+    """GhostNet's bottleneck with a conv shortcut: ``cat([x1, cheap(x1)], 1)`` (one source twice, a full slice)
+    added to the shortcut conv's output, which is cut in two halves tied to the primary conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvBN(3, 6, 3)
+        self.primary, self.cheap = ConvBN(6, 4, 1), ConvBN(4, 4, 3, groups=4)
+        self.shortcut = ConvBN(6, 8, 1)
+        self.out_chs = 8
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x1 = self.primary(x)
+        y = torch.cat([x1, self.cheap(x1)], 1)[:, :self.out_chs]
+        return self.head((y + self.shortcut(x)).mean((2, 3)))
+
+
 class CSP(nn.Module):
     """CSP stage: one conv's output chunked; one half through a residual block, the other a shortcut; cat; fuse."""
 
@@ -192,7 +211,8 @@ def _check_built(model, pruner, x, plan):
 
 MODELS = {"c2f": C2f, "split": EqualSplit, "ghost": Ghost, "csp": CSP, "slice": ChannelSliceNet,
           "chunk_after_add": ChunkAfterAdd, "ghost_literal": GhostLiteral, "ghost_used_twice": GhostUsedTwice,
-          "mixnet": MixNetBlock, "split_attributes": SplitAttributes, "tail_slice": TailSlice}
+          "mixnet": MixNetBlock, "split_attributes": SplitAttributes, "tail_slice": TailSlice,
+          "ghost_shortcut": GhostShortcut}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -308,3 +328,13 @@ def test_split_sizes_attribute_is_rewritten_by_surgery():
     plan = split.plan(sparsity=0.5)
     new = split.apply(plan)
     assert (new.dim_conv, new.dim_untouched) == (2, 4)
+
+
+def test_an_add_of_differently_cut_layouts_cuts_both():
+    """GhostNet's conv shortcut: its 8 channels are cut in two halves, each tied to the primary conv's 4."""
+    model = random_batchnorm(GhostShortcut())
+    pruner, frac = _macs_at_half(model, torch.randn(2, 3, 16, 16))
+    assert pruner.group_names == ["stem.0", "primary residual (primary.0+shortcut.0)"]
+    assert pruner.num_channels.tolist() == [6, 4] and frac < 0.5  # 0.44
+    new = pruner.apply(pruner.plan(sparsity=0.5))
+    assert new.shortcut[0].out_channels == 4 and new.primary[0].out_channels == 2

@@ -92,6 +92,37 @@ def cut(tracer: "Tracer", layout: Layout, at: int) -> Tuple[Layout, Layout]:
     return expand(tracer, tuple(left)), expand(tracer, tuple(right))
 
 
+def _edges(layout: Layout) -> set:
+    edges, off = set(), 0
+    for s in layout:
+        off += s.features
+        edges.add(off)
+    return edges
+
+
+def align(tracer: "Tracer", a: Layout, b: Layout, rounds: int = 4) -> Tuple[Layout, Layout]:
+    """``a`` and ``b`` (as many features) cut at each other's segment boundaries, so that they can be tied segment
+    by segment: GhostNet's ``cat([x1, cheap(x1)], 1)`` (one source twice) added to a conv shortcut's output cuts
+    the shortcut conv in two. Cutting a source changes every layout showing it, so this repeats (``rounds``)."""
+    for _ in range(rounds):
+        a, b = expand(tracer, a), expand(tracer, b)
+        edges = sorted(_edges(a) | _edges(b))
+        if _edges(a) == _edges(b):
+            return a, b
+        for at in edges[:-1]:
+            a = _cut_at(tracer, a, at)
+            b = _cut_at(tracer, b, at)
+    a, b = expand(tracer, a), expand(tracer, b)
+    if _edges(a) != _edges(b):
+        raise tracer.unsupported("an elementwise op between tensors of different channel layouts", a + b)
+    return a, b
+
+
+def _cut_at(tracer: "Tracer", layout: Layout, at: int) -> Layout:
+    left, right = cut(tracer, layout, at)
+    return expand(tracer, left + right)
+
+
 def on_partition(tracer: "Tracer", name: str, args, kwargs, sourced, outs) -> None:
     """``split`` / ``chunk`` (and variants) of a channel tensor."""
     src, layout = tracer.single_source(name, args, sourced)

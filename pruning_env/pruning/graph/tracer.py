@@ -141,14 +141,26 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
                 self.uf.union(x.source, y.source, kind)
             return
         if layout_features(a) == layout_features(b):
-            # identical features but segmented differently: only safe when nothing on either side is prunable
-            self.fix_layout(a)
-            self.fix_layout(b)
+            # identical features but segmented differently: cut both at each other's boundaries, tie the pieces
+            # (only safe where a cut source is not tied elsewhere, else partitions keep the parts: see _partition)
+            try:
+                a, b = partitions.align(self, a, b)
+            except UnsupportedModelError:
+                self.fix_layout(a)
+                self.fix_layout(b)
+                return
+            for x, y in zip(a, b):
+                if x.channels != y.channels or x.block != y.block:  # e.g. a flattened block against channels
+                    self.fix_layout(a)
+                    self.fix_layout(b)
+                    return
+            for x, y in zip(a, b):
+                self.uf.union(x.source, y.source, kind)
             return
         raise self.unsupported(f"{what} between tensors of different channel layouts", a + b)
 
     def fix_layout(self, layout: Optional[Layout]) -> None:
-        for s in layout or ():
+        for s in partitions.expand(self, layout) or ():  # a partitioned source: its parts
             if s.source not in (None, FIXED):
                 self.uf.fix(s.source)
 
