@@ -163,6 +163,29 @@ class GhostShortcut(nn.Module):
         return self.head((y + self.shortcut(x)).mean((2, 3)))
 
 
+class Res2Block(nn.Module):
+    """Res2Net: ``split(x, self.width, 1)`` into equal parts, hierarchical convs (``sp = sp + part``), cat."""
+
+    def __init__(self, width: int = 3, scale: int = 3) -> None:
+        super().__init__()
+        self.stem = ConvBN(3, 6, 3)
+        self.conv1 = ConvBN(6, width * scale, 1)
+        self.convs = nn.ModuleList(ConvBN(width, width, 3) for _ in range(scale - 1))
+        self.conv3 = ConvBN(width * scale, 6, 1)
+        self.width = width
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        spx = torch.split(self.conv1(x), self.width, 1)
+        sp, out = spx[0], []
+        for i, conv in enumerate(self.convs):
+            sp = conv(sp if i == 0 else sp + spx[i])
+            out.append(sp)
+        out.append(spx[-1])
+        return self.head((x + self.conv3(torch.cat(out, 1))).mean((2, 3)))
+
+
 class CSP(nn.Module):
     """CSP stage: one conv's output chunked; one half through a residual block, the other a shortcut; cat; fuse."""
 
@@ -212,7 +235,7 @@ def _check_built(model, pruner, x, plan):
 MODELS = {"c2f": C2f, "split": EqualSplit, "ghost": Ghost, "csp": CSP, "slice": ChannelSliceNet,
           "chunk_after_add": ChunkAfterAdd, "ghost_literal": GhostLiteral, "ghost_used_twice": GhostUsedTwice,
           "mixnet": MixNetBlock, "split_attributes": SplitAttributes, "tail_slice": TailSlice,
-          "ghost_shortcut": GhostShortcut}
+          "ghost_shortcut": GhostShortcut, "res2net": Res2Block}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -328,6 +351,12 @@ def test_split_sizes_attribute_is_rewritten_by_surgery():
     plan = split.plan(sparsity=0.5)
     new = split.apply(plan)
     assert (new.dim_conv, new.dim_untouched) == (2, 4)
+    # an int attribute splitting into equal parts (Res2Net): the parts are tied, the attribute is one part's width
+    res2 = Pruner(random_batchnorm(Res2Block()), x[:1])
+    assert [(r.attr, r.as_list) for r in res2.graph.rewrites] == [("width", False)]
+    res2.compute_importance(criterion="l1")
+    new = res2.apply(res2.plan(sparsity=0.5))
+    assert new.width == new.convs[0][0].out_channels < 3 and new.conv1[0].out_channels == 3 * new.width
 
 
 def test_an_add_of_differently_cut_layouts_cuts_both():

@@ -7,7 +7,8 @@ the pruned model's forward still cuts at the right place:
 
 - ``chunk(k, dim)`` into equal parts: the parts are tied channel by channel (the same indices go from each), so
   they stay equal and the ``chunk`` of the pruned model cuts where the traced one did (Ultralytics C2f / C3k2,
-  CSP stages);
+  CSP stages); so are the equal parts of ``split(x, self.width, 1)`` with an int attribute, which surgery sets to
+  the kept width of one part (Res2Net);
 - ``split`` with explicit sizes read from a module attribute (a list attribute, timm's ``MixedConv2d.splits``, or
   one int attribute per size, ``split(x, [self.a, self.b], 1)``): the parts are pruned independently and surgery
   rewrites the attribute to the kept widths (:mod:`.constants` ties a constant to its attribute, and rejects
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Sequence, Tuple
 
-from pruning_env.pruning.graph.constants import WatchedList, plain
+from pruning_env.pruning.graph.constants import WatchedInt, WatchedList, plain
 from pruning_env.pruning.graph.layouts import FIXED, Layout, Segment
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,12 +142,13 @@ def on_partition(tracer: "Tracer", name: str, args, kwargs, sourced, outs) -> No
         parts.append(left)
     parts.append(rest)
     parts = [expand(tracer, p) for p in parts]  # a later cut may have partitioned a source of an earlier part
-    equal = name in ("chunk", "unsafe_chunk") and len(set(sizes)) == 1
+    spec = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
+    equal = len(set(sizes)) == 1 and (name in ("chunk", "unsafe_chunk") or (
+        name == "split" and isinstance(spec, WatchedInt) and tracer.watch.take(spec, (parts[0],))))
     if equal:
         for p in parts[1:]:
             tracer.tie(parts[0], p, "partition", f"the op {name!r}")
     else:
-        spec = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
         _sized_parts(tracer, name, spec, parts)
     for o, p in zip(outs, parts):
         tracer.set_layout(o, p, c)
