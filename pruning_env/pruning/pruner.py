@@ -380,7 +380,11 @@ class Pruner:
             idx = self._layout_index(spec.layout, kept)
             if idx is not None:
                 params[name] = (spec.dim, idx)
-        return build_pruned_model(self.model, slices, self._key_cache, params)
+        counts = plan.num_kept
+        attributes: Dict[str, Dict[str, object]] = {}
+        for r in self.graph.rewrites:  # split sizes / slice bounds held by module attributes
+            attributes.setdefault(r.module, {})[r.attr] = self.graph.rewrite_value(r, counts)
+        return build_pruned_model(self.model, slices, self._key_cache, params, attributes)
 
     def child(self, model: nn.Module, plan: PrunePlan) -> "Pruner":
         """A Pruner for ``model = self.apply(plan)`` without re-tracing, for iterative pruning.

@@ -235,7 +235,8 @@ def _shallow_copy(module: nn.Module, keys: Tuple[str, ...]) -> nn.Module:
 @torch.no_grad()
 def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
                        key_cache: Optional[Dict[int, Tuple[str, ...]]] = None,
-                       params: Optional[Dict[str, Tuple[int, torch.Tensor]]] = None) -> nn.Module:
+                       params: Optional[Dict[str, Tuple[int, torch.Tensor]]] = None,
+                       attributes: Optional[Dict[str, Dict[str, object]]] = None) -> nn.Module:
     """A new model with the same module classes where layer ``name`` is cut to ``slices[name] = (out, in)``.
 
     :param model: the source model; it is not modified and shares no tensor with the result.
@@ -243,6 +244,8 @@ def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
     :param key_cache: a dict kept between calls on the same model (speeds up repeated builds).
     :param params: ``(dim, kept indices)`` per qualified name of a parameter used outside any layer (ViT's class
         token, ConvNeXt's layer scale), cut along that dim.
+    :param attributes: new values of plain attributes per module name (the split sizes and slice bounds the
+        forward reads from its module, e.g. timm's ``MixedConv2d.splits``), set on the copy.
     :return: the pruned model (root attribute ``zoo_config`` becomes ``pruned_from``: it no longer rebuilds it).
     """
     keys_of = {} if key_cache is None else key_cache
@@ -292,6 +295,8 @@ def build_pruned_model(model: nn.Module, slices: Dict[str, Tuple[Index, Index]],
         widths = WIDTH_ATTRIBUTES.get(type(module))
         if widths is not None:
             new.__dict__.update(widths(new))
+        if attributes and name in attributes:
+            new.__dict__.update(attributes[name])
         return new
 
     root = rec(model, "")

@@ -6,7 +6,8 @@ Read one file at a time, bottom up:
 - :mod:`.ops`: the tables: layer types recorded, functional ops by what they do to channels, opaque modules;
 - :mod:`.unionfind`: tying channel sources;
 - :mod:`.tracer`: the forward pass under a ``TorchFunctionMode``, dispatching to :mod:`.functional` (functional
-  ops), :mod:`.partitions` (split / chunk / channel slices) and :mod:`.layers` (layer, attention and opaque calls);
+  ops), :mod:`.partitions` (split / chunk / channel slices, with :mod:`.constants`: the module attributes their
+  sizes and bounds come from, rewritten by surgery) and :mod:`.layers` (layer, attention and opaque calls);
 - :mod:`.graph`: ``DependencyGraph`` (groups, slicing specs, layer calls) and its result types.
 """
 from pruning_env.pruning.graph.graph import DependencyGraph, Group, LayerCall, ModuleSpec, ParamSpec

@@ -15,13 +15,14 @@ import torch.nn as nn
 
 from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning.graph import partitions
+from pruning_env.pruning.graph.constants import Rewrite
 from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
                                                layout_features)
 from pruning_env.pruning.graph.norms import norm_width
 from pruning_env.pruning.graph.ops import CONV_TYPES, CONVT_TYPES
 from pruning_env.pruning.graph.tracer import Tracer
 
-__all__ = ["Group", "ModuleSpec", "ParamSpec", "LayerCall", "DependencyGraph"]
+__all__ = ["Group", "ModuleSpec", "ParamSpec", "LayerCall", "DependencyGraph", "Rewrite"]
 
 
 @dataclass
@@ -144,17 +145,27 @@ class DependencyGraph:
     :ivar calls: every conv/linear/norm call of the trace in execution order (a layer called twice appears twice).
     :ivar params: parameters used outside any layer whose channels follow a group, by qualified name (only with
         ``prune_normalized``).
+    :ivar rewrites: module attributes holding a partition's split sizes or slice bounds, which surgery sets to
+        the pruned widths (layouts resolved to group indices; see :mod:`.constants`).
     """
 
     def __init__(self, model: nn.Module, groups: List[Group], specs: Dict[str, ModuleSpec],
                  calls: Tuple[LayerCall, ...], input_size: Tuple[int, ...],
-                 params: Optional[Dict[str, ParamSpec]] = None) -> None:
+                 params: Optional[Dict[str, ParamSpec]] = None, rewrites: Tuple[Rewrite, ...] = ()) -> None:
         self.model = model
         self.groups = groups
         self.specs = specs
         self.calls = calls
         self.input_size = input_size
         self.params = params or {}
+        self.rewrites = tuple(rewrites)
+
+    @staticmethod
+    def rewrite_value(rewrite: Rewrite, counts: Sequence[int]):
+        """The value of ``rewrite``'s attribute at ``counts`` channels per group (an int or a list of ints)."""
+        widths = [sum(s.features if s.source is None else int(counts[s.source]) * s.block for s in lay)
+                  for lay in rewrite.layouts]
+        return widths if rewrite.as_list else widths[0]
 
     @property
     def num_channels(self) -> np.ndarray:
@@ -238,9 +249,16 @@ class DependencyGraph:
             if c % g.granularity:
                 raise ValueError(f"group {g.name!r} removes channels in blocks of {g.granularity}, so its width "
                                  f"must be a multiple of {g.granularity}, got {c}")
+        rewrites = tuple(Rewrite(r.module, r.attr, tuple(update(lay) for lay in r.layouts), r.as_list)
+                         for r in self.rewrites)
+        for r in rewrites:
+            have, want = getattr(modules[r.module], r.attr, None), self.rewrite_value(r, counts)
+            if have != want:
+                raise ValueError(f"attribute {r.attr!r} of module {r.module!r} is {have!r} but the plan gives "
+                                 f"{want!r}: the model does not match these widths")
         groups = [Group(g.name, g.members, c, g.followers, g.consumers, g.kind, g.granularity)
                   for g, c in zip(self.groups, counts)]
-        return DependencyGraph(model, groups, specs, self.calls, self.input_size, params=params)
+        return DependencyGraph(model, groups, specs, self.calls, self.input_size, params=params, rewrites=rewrites)
 
     @staticmethod
     def _check_shapes(spec: ModuleSpec) -> None:
@@ -335,7 +353,10 @@ class DependencyGraph:
             g.consumers = tuple(consumers[gi])
         cls._name_groups(groups)
         calls = tuple(LayerCall(c.name, c.role, c.factor, c.context, c.geometry) for c in tracer.calls)
-        return cls(model, groups, specs, calls, input_size, params=params)
+        rewrites = tuple(Rewrite(r.module, r.attr, tuple(resolve(partitions.expand(tracer, lay)) for lay in r.layouts),
+                                 r.as_list) for r in tracer.rewrites)
+        rewrites = tuple(r for r in rewrites if any(s.source is not None for lay in r.layouts for s in lay))
+        return cls(model, groups, specs, calls, input_size, params=params, rewrites=rewrites)
 
     @staticmethod
     def _name_groups(groups: List[Group]) -> None:

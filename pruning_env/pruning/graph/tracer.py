@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from pruning_env.pruning.attention import attention_handler
 from pruning_env.pruning.graph import partitions
+from pruning_env.pruning.graph.constants import Rewrite, Watch
 from pruning_env.pruning.graph.functional import FunctionalOps
 from pruning_env.pruning.graph.layers import AttentionFrame, LayerOps, TracedCall
 from pruning_env.pruning.graph.layouts import (FIXED, ExampleInput, Layout, Segment, UnsupportedModelError,
@@ -39,14 +40,25 @@ class Recorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         tracer = self.tracer
-        if tracer.leaf_depth == 0 and not tracer.busy:
-            tracer.busy = True
+        tracer.watch.quiet += 1  # a watched attribute passed to a torch function is noted by scan, not its dunders
+        try:
+            out = func(*args, **kwargs)
+            if tracer.busy:
+                return out
+            flat_in, _ = tree_flatten((args, kwargs))
+            tracer.watch.scan(flat_in)
             try:
-                tracer.on_function(func, args, kwargs, out)
+                if tracer.leaf_depth == 0:
+                    tracer.busy = True
+                    try:
+                        tracer.on_function(func, flat_in, args, kwargs, out)
+                    finally:
+                        tracer.busy = False
             finally:
-                tracer.busy = False
+                tracer.watch.done()
+        finally:
+            tracer.watch.quiet -= 1
         return out
 
 
@@ -81,6 +93,8 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
         self.modes: List[str] = []  # per module call on the stack: "attention", "opaque", "leaf" or ""
         self.frames: List[AttentionFrame] = []  # attention calls being traced
         self.parts: Dict[int, List[Tuple[int, int]]] = {}  # partitioned source -> its (part source, channels)
+        self.watch = Watch(self)  # module attributes a partition's sizes / bounds may come from
+        self.rewrites: List[Rewrite] = []  # the attributes surgery rewrites (layouts of source ids)
 
     # ---- layouts -------------------------------------------------------------------------------------------
     def layout(self, t: Any) -> Optional[Layout]:
@@ -127,14 +141,26 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
                 self.uf.union(x.source, y.source, kind)
             return
         if layout_features(a) == layout_features(b):
-            # identical features but segmented differently: only safe when nothing on either side is prunable
-            self.fix_layout(a)
-            self.fix_layout(b)
+            # identical features but segmented differently: cut both at each other's boundaries, tie the pieces
+            # (only safe where a cut source is not tied elsewhere, else partitions keep the parts: see _partition)
+            try:
+                a, b = partitions.align(self, a, b)
+            except UnsupportedModelError:
+                self.fix_layout(a)
+                self.fix_layout(b)
+                return
+            for x, y in zip(a, b):
+                if x.channels != y.channels or x.block != y.block:  # e.g. a flattened block against channels
+                    self.fix_layout(a)
+                    self.fix_layout(b)
+                    return
+            for x, y in zip(a, b):
+                self.uf.union(x.source, y.source, kind)
             return
         raise self.unsupported(f"{what} between tensors of different channel layouts", a + b)
 
     def fix_layout(self, layout: Optional[Layout]) -> None:
-        for s in layout or ():
+        for s in partitions.expand(self, layout) or ():  # a partitioned source: its parts
             if s.source not in (None, FIXED):
                 self.uf.fix(s.source)
 
@@ -143,9 +169,20 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
         return all(s.source in (None, FIXED) or self.uf.fixed[self.uf.find(s.source)] for s in layout or ())
 
 
+    def width_signature(self, layout: Layout) -> Tuple[int, Tuple[Tuple[int, int], ...]]:
+        """What the pruned width of ``layout`` depends on: (kept features, sorted (group root, features per
+        channel)); two layouts with the same signature have the same width under every plan."""
+        fixed, weights = 0, {}
+        for s in layout:
+            root = None if s.source in (None, FIXED) else self.uf.find(s.source)
+            if root is None or self.uf.fixed[root]:
+                fixed += s.features
+            else:
+                weights[root] = weights.get(root, 0) + s.block
+        return fixed, tuple(sorted(weights.items()))
+
     # ---- functional ops ------------------------------------------------------------------------------------
-    def on_function(self, func, args, kwargs, out) -> None:
-        flat_in, _ = tree_flatten((args, kwargs))
+    def on_function(self, func, flat_in, args, kwargs, out) -> None:
         tensors = [t for t in flat_in if isinstance(t, torch.Tensor)]
         sourced = [(t, self.layout(t)) for t in tensors]
         sourced = [(t, lay) for t, lay in sourced if lay is not None]
@@ -260,6 +297,8 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
     # ---- driving the trace ---------------------------------------------------------------------------------
     def run(self, example_input: ExampleInput) -> Any:
         handles = []
+        self.watch.install((n, m) for n, m in self.model.named_modules()
+                           if not (isinstance(m, LEAF_TYPES) or is_opaque(m) or attention_handler(m) is not None))
         for name, module in self.model.named_modules():
             handles.append(module.register_forward_pre_hook(self._pre_hook(name, module), with_kwargs=True))
             handles.append(module.register_forward_hook(self._post_hook(name, module)))
@@ -277,6 +316,11 @@ class Tracer(FunctionalOps, LayerOps, NormOps):
             self.model.train(was_training)
             for h in handles:
                 h.remove()
+            self.watch.restore()
+        self.rewrites, rejected = self.watch.resolve(lambda lay: partitions.expand(self, lay), self.width_signature)
+        for r in rejected:  # a constant also used otherwise: its parts keep their channels, as for a literal
+            for lay in r.layouts:
+                self.fix_layout(lay)
         # the classifier and every other model output keep all their channels
         for o in tree_flatten(out)[0]:
             self.fix_layout(self.layout(o))
