@@ -335,18 +335,19 @@ def summarise(rows: Dict[str, List[Dict[str, Any]]]) -> Dict[str, Any]:
     return out
 
 
-def verdict(summary: Dict[str, Any]) -> Dict[str, Any]:
-    """Best learned allocation vs uniform and vs the knapsack on test top-1 after the fine-tune."""
-    learned = [a for a in summary if a in LEARNED]
-    rules = [a for a in RULES if a in summary]
+def verdict(summary: Dict[str, Any], key: str = "test_top1") -> Dict[str, Any]:
+    """Best learned allocation vs uniform and vs the knapsack on test top-1 after the fine-tune (``key``:
+    ``"test_top1"``, the units' fine-tune, or ``"test_top1_long"``, the longer one of ``--ft-check-epochs``)."""
+    learned = [a for a in summary if a in LEARNED and summary[a].get(key)]
+    rules = [a for a in RULES if a in summary and summary[a].get(key)]
     if not learned or not rules:
-        return {"text": "not enough agents finished for a verdict", "pairs": []}
-    best = max(learned, key=lambda a: summary[a]["test_top1"]["mean"])
-    pairs = [versus(summary, best, rule) for rule in rules]
+        return {"text": "not enough agents finished for a verdict", "pairs": [], "key": key}
+    best = max(learned, key=lambda a: summary[a][key]["mean"])
+    pairs = [versus(summary, best, rule, key) for rule in rules]
     if any(p["verdict"] == UNDECIDED for p in pairs):
         text = (f"no verdict: fewer than two seeds give no pooled std (the best learned allocation, {best}, differs by "
                 + ", ".join(f"{100 * p['diff']:+.2f} pp from {p['other']}" for p in pairs) + ")")
-        return {"best_learned": best, "pairs": pairs, "beats_all": None, "text": text}
+        return {"best_learned": best, "pairs": pairs, "beats_all": None, "text": text, "key": key}
     beats_all = all(p["verdict"] == HIGHER for p in pairs)
     text = (f"the best learned allocation, {best}, against " + "; against ".join(
         f"{p['other']}: {p['verdict']} ({100 * p['diff']:+.2f} pp, pooled std {100 * p['pooled_std']:.2f} pp)"
@@ -355,7 +356,15 @@ def verdict(summary: Dict[str, Any]) -> Dict[str, Any]:
                if beats_all else ". It does not beat " + " and ".join(p["other"] for p in pairs
                                                                      if p["verdict"] != HIGHER)
                + " by more than one pooled std."))
-    return {"best_learned": best, "pairs": pairs, "beats_all": beats_all, "text": text}
+    return {"best_learned": best, "pairs": pairs, "beats_all": beats_all, "text": text, "key": key}
+
+
+def headline(block: Dict[str, Any]) -> Dict[str, Any]:
+    """The verdict a speed-up's block states first: on the longer fine-tune when every agent has one (the ranking
+    check's length: the shorter one may not give a stable ranking), else on the units' fine-tune."""
+    long = block.get("verdict_long")
+    return long if long and long.get("pairs") and all(
+        block["summary"][a].get("test_top1_long") for a in block["summary"]) else block["verdict"]
 
 
 def latency_match(summary: Dict[str, Any], speedup: float, tolerance: float = 0.1) -> Dict[str, Any]:
@@ -427,6 +436,14 @@ def _cell(stat: Optional[Dict[str, float]], digits: int = 3, pct: bool = False, 
     return "n/a" if stat is None else fmt(stat, digits, pct) + suffix
 
 
+def _verdict_lines(block: Dict[str, Any], s: str, meta: Dict[str, Any]) -> List[str]:
+    head = headline(block)
+    if head is block["verdict"]:
+        return [f"**Verdict ({s}x, the units' fine-tune):** {head['text']}"]
+    return [f"**Verdict ({s}x, the longer fine-tune of {meta.get('ft_check_epochs')} epochs):** {head['text']}", "",
+            f"After the units' fine-tune: {block['verdict']['text']}"]
+
+
 def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Dict[str, str],
            missing: List[str]) -> str:
     lines = [f"# Latency-aware pruning at equal measured latency ({meta['task']})", "",
@@ -462,7 +479,7 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
         if block.get("ranking"):
             lines += ["", f"Fine-tune length check: {block['ranking']['text']}."]
         lines += ["", f"Equal measured latency: {block['match']['text']}", "",
-                  f"**Verdict ({s}x):** {block['verdict']['text']}", ""]
+                  *_verdict_lines(block, s, meta), ""]
     lines += ["## MACs reduction vs measured speed-up (every unit)", "",
               "| speed-up target | agent | seed | MACs reduction | measured b1 | measured b64 | predicted b1 |",
               "|---:|---|---:|---:|---:|---:|---:|"]
@@ -514,7 +531,9 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
             rows[agent].append(row)
         summary = summarise(rows)
         blocks[f"{s:g}"] = {"ratio": {k: v for k, v in ratio.items() if k != "history"}, "rows": rows,
-                            "summary": summary, "verdict": verdict(summary), "match": latency_match(summary, s),
+                            "summary": summary, "verdict": verdict(summary),
+                            "verdict_long": verdict(summary, "test_top1_long") if args.ft_check_epochs > 0 else None,
+                            "match": latency_match(summary, s),
                             "ranking": ranking_check(summary, args.ft_check_epochs),
                             "latency_target": latency_target(args, ratio)}
     if not done:
@@ -529,7 +548,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
             "finetune": ", ".join(f"{k} {v}" for k, v in asdict(cfg.finetune).items()),
             "latency_target": args.latency_target, "clock": LatencySetting(threads=threads).resolve_clock(),
             "machine": machine_info(threads), "load_average": _load(), "smoke": smoke,
-            "original_test_top1": done[0]["original"]["test_top1"],
+            "original_test_top1": done[0]["original"]["test_top1"], "ft_check_epochs": args.ft_check_epochs,
             "command": command_line("benchmarks/compare_latency.py", sys.argv[1:])}
     if meta["max_evaluations"] > budget:
         raise RuntimeError(f"a unit used {meta['max_evaluations']} evaluations, more than the budget {budget}")

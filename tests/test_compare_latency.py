@@ -128,3 +128,18 @@ def test_ranking_check_compares_the_two_fine_tunes():
     summary["ppo"]["test_top1_long"] = _stat(0.67, 0.01)
     assert cl.ranking_check(summary, 5)["stable"]
     assert cl.ranking_check(summary, 0) is None
+
+
+def test_the_headline_verdict_is_on_the_longer_fine_tune_when_every_agent_has_one():
+    summary = {"uniform": {"test_top1": _stat(0.60, 0.01), "test_top1_long": _stat(0.66, 0.01)},
+               "latency_knapsack": {"test_top1": _stat(0.58, 0.01), "test_top1_long": _stat(0.62, 0.01)},
+               "ppo": {"test_top1": _stat(0.64, 0.01), "test_top1_long": _stat(0.63, 0.01)}}
+    block = {"summary": summary, "verdict": cl.verdict(summary),
+             "verdict_long": cl.verdict(summary, "test_top1_long")}
+    assert block["verdict"]["beats_all"] is True          # after the short fine-tune ppo leads both
+    head = cl.headline(block)
+    assert head["key"] == "test_top1_long" and head["beats_all"] is False
+    assert {p["other"]: p["verdict"] for p in head["pairs"]}["uniform"].startswith("lower")
+    summary["ppo"]["test_top1_long"] = None                 # one agent without the longer fine-tune
+    block["verdict_long"] = cl.verdict(summary, "test_top1_long")
+    assert cl.headline(block) is block["verdict"]
