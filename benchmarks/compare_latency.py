@@ -436,6 +436,23 @@ def _cell(stat: Optional[Dict[str, float]], digits: int = 3, pct: bool = False, 
     return "n/a" if stat is None else fmt(stat, digits, pct) + suffix
 
 
+def _spending(blocks: Dict[str, Dict[str, Any]], budget: int) -> str:
+    """A sentence naming the searching agents that used fewer evaluations than the budget (the budget is a cap:
+    RL-Pruner's schedule is the largest ``n_steps * (lr_epoch * sample_num + 1)`` that fits, the rules evaluate once
+    per step), so an unequal spend is stated, not hidden in the table."""
+    used: Dict[str, List[int]] = {}
+    for block in blocks.values():
+        for agent, runs in block["rows"].items():
+            used.setdefault(agent, []).extend(int(r["n_evaluations"]) for r in runs)
+    short = {a: sorted(set(v)) for a, v in used.items() if v and a in LEARNED and max(v) < budget}
+    if not short:
+        return ""
+    return ("Evaluations used of the budget of " + str(budget) + ": " + ", ".join(
+        f"{a} {'/'.join(map(str, v))}" for a, v in short.items())
+        + " (fewer than the others' learned search: its budget-derived schedule is the largest that fits in the cap; "
+          "the rules use one per step by design).")
+
+
 def _verdict_lines(block: Dict[str, Any], s: str, meta: Dict[str, Any]) -> List[str]:
     head = headline(block)
     if head is block["verdict"]:
@@ -460,6 +477,9 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
               f"predicted-latency budget ({meta['latency_target']}: "
               + ("the predicted latency of the measured-matched uniform model" if meta["latency_target"] ==
                  "calibrated" else "1 - 1/S") + "), reward = accuracy.", ""]
+    spent = _spending(blocks, int(meta["budget"]))
+    if spent:
+        lines += [spent, ""]
     for s, block in blocks.items():
         ratio, summary = block["ratio"], block["summary"]
         lines += [f"## {s}x faster at batch 1", "",

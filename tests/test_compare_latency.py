@@ -143,3 +143,12 @@ def test_the_headline_verdict_is_on_the_longer_fine_tune_when_every_agent_has_on
     summary["ppo"]["test_top1_long"] = None                 # one agent without the longer fine-tune
     block["verdict_long"] = cl.verdict(summary, "test_top1_long")
     assert cl.headline(block) is block["verdict"]
+
+
+def test_a_learned_agent_spending_less_than_the_budget_is_named():
+    rows = {"uniform": [{"n_evaluations": 1}], "ppo": [{"n_evaluations": 90}, {"n_evaluations": 90}],
+            "rl_pruner_improved": [{"n_evaluations": 63}, {"n_evaluations": 63}]}
+    text = cl._spending({"2": {"rows": rows}}, 90)
+    assert "rl_pruner_improved 63" in text and "ppo" not in text and "uniform 1" not in text
+    rows["rl_pruner_improved"] = [{"n_evaluations": 90}]
+    assert cl._spending({"2": {"rows": rows}}, 90) == ""
