@@ -59,8 +59,12 @@ from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_
 DEFAULT_AGENTS = ("uniform", "global_taylor", "latency_knapsack", "rl_pruner_improved", "ppo")
 #: learned allocations (the verdict asks whether one beats the rules)
 LEARNED = ("rl_pruner", "rl_pruner_improved", "rl_pruner_bounded", "ppo", "a2c", "sac", "td3", "ddpg", "trpo")
-#: the rules a learned allocation is compared with
-RULES = ("uniform", "latency_knapsack")
+#: the rules a learned allocation is compared with (``uniform_matched``: the ``--matched`` control)
+RULES = ("uniform", "latency_knapsack", "uniform_matched")
+#: pseudo-agent of the ``--matched`` control: uniform pruning at the best learned agent's measured latency
+MATCHED = "uniform_matched"
+#: per-speed-up file of the matched control's uniform ratio
+MATCHED_RATIO_FILE = "uniform_matched_ratio.json"
 #: per-speed-up file of the measured latencies (every finished unit's pruned model and the original, together)
 MEASURED_FILE = "latency_measured.json"
 #: the uniform ratio unit of one speed-up
@@ -95,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_latency"), help="unit folders")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the report goes")
     p.add_argument("--tag", default="", help="suffix of the result files (compare_latency_TAG.*)")
+    p.add_argument("--matched", action="store_true",
+                   help="also run the control 'uniform_matched' per speed-up: uniform pruning at the mean measured "
+                        "batch-1 speed-up of the best learned agent (after the longer fine-tune when there is one), "
+                        "so a learned allocation that ends a little slower than uniform is also compared at its own "
+                        "latency; needs the speed-up's units finished and measured")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished units")
     return p
 
@@ -205,6 +214,58 @@ def ratio_unit(args: argparse.Namespace, speedup: float, budget: int) -> Dict[st
         result = bisect_uniform(args, speedup, setting, env)
     finally:
         env.close()
+    atomic_write_text(json.dumps(result, indent=2), path)
+    return result
+
+
+def matched_ratio_unit(args: argparse.Namespace, speedup: float, budget: int) -> Optional[Dict[str, Any]]:
+    """The ``--matched`` control's uniform ratio of one speed-up (from its file, or bisected now): the uniform model
+    that measures as fast as the best learned agent's models did when all units were timed together.
+
+    The bisection times against the original at another moment than the units' joint timing, so its target is put
+    on the bisection's scale: ``s_best * (uniform's bisection speed-up / uniform's joint speed-up)``.
+    None when the speed-up's units are not all finished and measured yet.
+    """
+    folder = speedup_dir(Path(args.out_dir), speedup)
+    path = folder / MATCHED_RATIO_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    measured_path, ratio_path = folder / MEASURED_FILE, folder / RATIO_FILE
+    if not (measured_path.is_file() and ratio_path.is_file()):
+        return None
+    measured = json.loads(measured_path.read_text())["batches"].get("1", {}).get("speedup", {})
+    units = {a: [measured.get(f"{a}_s{seed}") for seed in range(args.seeds)] for a in args.agents}
+    if "uniform" not in units or any(v is None for runs in units.values() for v in runs):
+        return None
+    score = {}
+    for agent in args.agents:
+        if agent not in LEARNED:
+            continue
+        tops = []
+        for seed in range(args.seeds):
+            run = folder / f"{agent}_s{seed}"
+            check = run / f"ft_check_e{args.ft_check_epochs}.json"
+            m = load_unit(run)
+            tops.append(json.loads(check.read_text())["test_top1"] if args.ft_check_epochs > 0 and check.is_file()
+                        else (m or {}).get("pruned", {}).get("test_top1", float("nan")))
+        score[agent] = float(np.mean(tops))
+    if not score:
+        return None
+    best = max(score, key=score.get)
+    s_best = float(np.mean(units[best]))
+    s_uniform = float(np.mean(units["uniform"]))
+    ratio = json.loads(ratio_path.read_text())
+    target = s_best * float(ratio["measured_speedup"]) / s_uniform
+    cfg = unit_config(args.config, "latency_knapsack", 0, budget, latency_overrides(args, 0.5))
+    env = build_env(cfg, "latency_knapsack")
+    try:
+        setting = env.latency_model.setting
+        print(f"bisecting the matched uniform ratio for x{speedup:g}: {best} measured {s_best:.3f}x together "
+              f"(uniform {s_uniform:.3f}x), bisection target {target:.3f}x", file=sys.stderr)
+        result = bisect_uniform(args, target, setting, env)
+    finally:
+        env.close()
+    result.update(matched_agent=best, matched_speedup=s_best, uniform_joint_speedup=s_uniform)
     atomic_write_text(json.dumps(result, indent=2), path)
     return result
 
@@ -527,9 +588,10 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
             missing.append(f"{folder.name}/{RATIO_FILE}")
             continue
         ratio = json.loads((folder / RATIO_FILE).read_text())
-        rows: Dict[str, List[Dict[str, Any]]] = {a: [] for a in args.agents}
+        agents = list(args.agents) + ([MATCHED] if (folder / MATCHED_RATIO_FILE).is_file() else [])
+        rows: Dict[str, List[Dict[str, Any]]] = {a: [] for a in agents}
         finished: List[Tuple[str, Path, Dict[str, Any]]] = []
-        for agent in args.agents:
+        for agent in agents:
             for seed in seeds:
                 run_dir = folder / f"{agent}_s{seed}"
                 m = load_unit(run_dir)
@@ -626,6 +688,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"{run_dir}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
             if args.ft_check_epochs > 0:
                 ft_check_unit(args, run_dir, agent, seed, over, budget)
+        if args.matched:
+            write_report(args, seeds, budget, smoke)  # measures the finished units together (the control's target)
+            for s in args.speedups:
+                matched = matched_ratio_unit(args, s, budget)
+                if matched is None:
+                    print(f"x{s:g}: no matched control yet (the speed-up's units are not all finished and measured)",
+                          file=sys.stderr)
+                    continue
+                over = uniform_overrides(args, matched)
+                for seed in seeds:
+                    run_dir = speedup_dir(Path(args.out_dir), s) / f"{MATCHED}_s{seed}"
+                    run_unit(unit_config(args.config, "uniform", seed, budget, over), "uniform", run_dir)
+                    if args.ft_check_epochs > 0:
+                        ft_check_unit(args, run_dir, "uniform", seed, over, budget)
     path = write_report(args, seeds, budget, smoke)
     if path is not None:
         print(f"wrote {path} (.json, .png)")

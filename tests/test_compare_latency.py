@@ -152,3 +152,9 @@ def test_a_learned_agent_spending_less_than_the_budget_is_named():
     assert "rl_pruner_improved 63" in text and "ppo" not in text and "uniform 1" not in text
     rows["rl_pruner_improved"] = [{"n_evaluations": 90}]
     assert cl._spending({"2": {"rows": rows}}, 90) == ""
+
+
+def test_the_matched_control_waits_for_measured_units(tmp_path):
+    args = cl.build_parser().parse_args(["--matched", "--out-dir", str(tmp_path), "--seeds", "2"])
+    assert args.matched and cl.matched_ratio_unit(args, 2.0, 90) is None  # nothing finished or measured yet
+    assert "uniform_matched" in cl.RULES and "uniform_matched" not in cl.LEARNED
