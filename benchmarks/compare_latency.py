@@ -148,7 +148,8 @@ def channel_sparsity(keep: np.ndarray, full: np.ndarray, layers: np.ndarray) -> 
     return 1.0 - float((layers * keep).sum()) / float((layers * full).sum())
 
 
-def bisect_uniform(args: argparse.Namespace, speedup: float, setting: LatencySetting, env: Any) -> Dict[str, Any]:
+def bisect_uniform(args: argparse.Namespace, speedup: float, setting: LatencySetting, env: Any,
+                   reference: Optional[Sequence[torch.nn.Module]] = None) -> Dict[str, Any]:
     """The smallest uniform per-group sparsity whose built model measures ``speedup`` times faster than the
     original (both timed together, interleaved), bisected on the measured speed-up; and what the latency model
     predicts for it.
@@ -157,12 +158,16 @@ def bisect_uniform(args: argparse.Namespace, speedup: float, setting: LatencySet
     :param speedup: the measured speed-up to reach.
     :param setting: the latency setting (batch 1).
     :param env: a latency-budget env of the task (its original model, groups and latency model).
+    :param reference: models to time against instead of the original (the ``--matched`` control: the best learned
+        agent's pruned models, their mean latency over the candidate's, ``speedup`` 1.0 = as fast as they are),
+        timed together with each candidate so the machine's drift between moments cancels.
     :raises RuntimeError: the speed-up is out of reach even at every group's floor.
     """
     pruner = _pruner(env)
     full = pruner.num_channels.astype(np.int64)
     layers = np.asarray(pruner.layer_counts, dtype=np.int64)
     original = pruner.model
+    against = [original] if reference is None else list(reference)
     cache: Dict[Tuple[int, ...], float] = {}
     history: List[Dict[str, Any]] = []
 
@@ -172,11 +177,11 @@ def bisect_uniform(args: argparse.Namespace, speedup: float, setting: LatencySet
         if key not in cache:
             # which channels go does not change the latency: the first k of each group, as the latency table
             model = pruner.apply(PrunePlan.from_indices([range(int(k)) for k in keep])).eval()
-            t = measure_latency([original, model], env.input_size, setting, rounds=args.bisect_rounds,
+            t = measure_latency(against + [model], env.input_size, setting, rounds=args.bisect_rounds,
                                 seed=len(history), progress=False)
-            cache[key] = float(t[0] / t[1])
+            cache[key] = float(np.mean(t[:-1]) / t[-1])
             history.append({"ratio": float(r), "kept": list(key), "measured_speedup": cache[key],
-                            "original_s": float(t[0]), "pruned_s": float(t[1])})
+                            "original_s": float(np.mean(t[:-1])), "pruned_s": float(t[-1])})
             print(f"  x{speedup:g}: ratio {r:.4f} -> measured {cache[key]:.3f}x", file=sys.stderr, flush=True)
         return cache[key], keep
 
@@ -220,10 +225,8 @@ def ratio_unit(args: argparse.Namespace, speedup: float, budget: int) -> Dict[st
 
 def matched_ratio_unit(args: argparse.Namespace, speedup: float, budget: int) -> Optional[Dict[str, Any]]:
     """The ``--matched`` control's uniform ratio of one speed-up (from its file, or bisected now): the uniform model
-    that measures as fast as the best learned agent's models did when all units were timed together.
-
-    The bisection times against the original at another moment than the units' joint timing, so its target is put
-    on the bisection's scale: ``s_best * (uniform's bisection speed-up / uniform's joint speed-up)``.
+    that measures as fast as the best learned agent's models (the smallest uniform ratio at least as fast as their
+    mean latency, each candidate timed together with them, so the machine's drift between moments cancels).
     None when the speed-up's units are not all finished and measured yet.
     """
     folder = speedup_dir(Path(args.out_dir), speedup)
@@ -254,18 +257,19 @@ def matched_ratio_unit(args: argparse.Namespace, speedup: float, budget: int) ->
     best = max(score, key=score.get)
     s_best = float(np.mean(units[best]))
     s_uniform = float(np.mean(units["uniform"]))
-    ratio = json.loads(ratio_path.read_text())
-    target = s_best * float(ratio["measured_speedup"]) / s_uniform
+    reference = [torch.load(RunFolder(folder / f"{best}_s{seed}").file(RunFolder.PRUNED_MODEL), map_location="cpu",
+                            weights_only=False).eval() for seed in range(args.seeds)]
     cfg = unit_config(args.config, "latency_knapsack", 0, budget, latency_overrides(args, 0.5))
     env = build_env(cfg, "latency_knapsack")
     try:
         setting = env.latency_model.setting
         print(f"bisecting the matched uniform ratio for x{speedup:g}: {best} measured {s_best:.3f}x together "
-              f"(uniform {s_uniform:.3f}x), bisection target {target:.3f}x", file=sys.stderr)
-        result = bisect_uniform(args, target, setting, env)
+              f"(uniform {s_uniform:.3f}x); each candidate timed with {best}'s models", file=sys.stderr)
+        result = bisect_uniform(args, 1.0, setting, env, reference=reference)
     finally:
         env.close()
-    result.update(matched_agent=best, matched_speedup=s_best, uniform_joint_speedup=s_uniform)
+    result.update(matched_agent=best, matched_speedup=s_best, uniform_joint_speedup=s_uniform,
+                  measured_against=f"{best}'s pruned models (mean latency), not the original")
     atomic_write_text(json.dumps(result, indent=2), path)
     return result
 

@@ -158,3 +158,17 @@ def test_the_matched_control_waits_for_measured_units(tmp_path):
     args = cl.build_parser().parse_args(["--matched", "--out-dir", str(tmp_path), "--seeds", "2"])
     assert args.matched and cl.matched_ratio_unit(args, 2.0, 90) is None  # nothing finished or measured yet
     assert "uniform_matched" in cl.RULES and "uniform_matched" not in cl.LEARNED
+
+
+def test_the_matched_bisection_times_candidates_against_the_reference_models(env, macs_clock):
+    from pruning_env.costs import LatencySetting
+
+    pruner = cl._pruner(env)
+    keep = pruner.keep_counts(np.full(env.n_groups, 0.5))
+    reference = [pruner.apply(cl.PrunePlan.from_indices([range(int(k)) for k in keep])).eval()]
+    result = cl.bisect_uniform(_args(12), 1.0, LatencySetting(), env, reference=reference)
+    assert set(macs_clock) == {2}  # each candidate timed with the one reference model
+    ref = count_costs(reference[0], env.input_size).macs
+    found = pruner.apply(cl.PrunePlan.from_indices([range(int(k)) for k in result["kept"]]))
+    assert count_costs(found, env.input_size).macs <= ref  # at least as fast as the reference
+    assert result["ratio"] <= 0.5 + 0.98 / 2 ** 12  # and the smallest such ratio: not past the reference's own
