@@ -50,7 +50,7 @@ from pruning_env.pruning import Pruner  # noqa: E402
 from pruning_env.runtime import atomic_write_text, machine_info  # noqa: E402
 from rl_prune.config import ConfigError, load_config, parse_overrides  # noqa: E402
 from rl_prune.run_folder import RunFolder  # noqa: E402
-from benchmarks.common import command_line, failures_section, fmt, mean_std  # noqa: E402
+from benchmarks.common import command_line, failures_section, fmt, mean_std, repo_relative  # noqa: E402
 from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
 
 #: default agent of each mode
@@ -332,7 +332,7 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int) -> Opt
             row[key] = mean_std(values) if values else None
         summary.append(row)
     cfg = load_config(args.config, unit_overrides(args, *cells(args)[0]))
-    meta = {"config": str(args.config), "mode": args.mode, "agent": agent_of(args), "alphas": args.alphas,
+    meta = {"config": repo_relative(args.config), "mode": args.mode, "agent": agent_of(args), "alphas": args.alphas,
             "betas": args.betas, "gammas": args.gammas, "seeds": seeds, "sparsity": args.sparsity,
             "budget": budget, "estimator": cfg.env.get("reward_estimator", "vanilla"), "env": dict(cfg.env),
             "finetune": ", ".join(f"{k} {v}" for k, v in asdict(cfg.finetune).items()),

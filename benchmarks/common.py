@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import shlex
 import sys
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -155,6 +156,16 @@ def failures_section(failures: Mapping[str, str], missing: Sequence[str], where:
 
 
 # ---------------------------------------------------------------------------------------------- provenance
+def repo_relative(path: Any) -> str:
+    """``path`` relative to the repository root when it lies inside it (the committed reports name no machine's
+    folders), else as given."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def command_line(script: str, argv: Sequence[str], drop: Sequence[str] = ("--report-only",),
                  drop_with_value: Sequence[str] = ("--note",)) -> str:
     """The command that reproduces a result: ``python SCRIPT ARGS`` without report-only flags (and flags whose value
@@ -199,4 +210,4 @@ def machine_line(machine: Mapping[str, Any]) -> str:
 
 
 __all__ = ["HIGHER", "LOWER", "LEVEL", "UNDECIDED", "mean_std", "pooled_std", "verdict", "best_vs_best", "num", "fmt",
-           "markdown_table", "failures_section", "command_line", "provenance", "machine_line"]
+           "repo_relative", "markdown_table", "failures_section", "command_line", "provenance", "machine_line"]

@@ -52,6 +52,7 @@ from rl_prune.config import ConfigError, load_config, parse_overrides  # noqa: E
 from rl_prune.pipeline import build_env, finetune_searched  # noqa: E402
 from rl_prune.run_folder import RunFolder  # noqa: E402
 from benchmarks.common import HIGHER, UNDECIDED, command_line, failures_section, fmt, mean_std, num  # noqa: E402
+from benchmarks.common import repo_relative  # noqa: E402
 from benchmarks.common import verdict as seed_verdict  # noqa: E402
 from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
 
@@ -456,6 +457,11 @@ def latency_match(summary: Dict[str, Any], speedup: float, tolerance: float = 0.
     return {"ok": not off, "off": off, "median": median, "text": text}
 
 
+def _headline_top1(row: Dict[str, Any]) -> float:
+    """A unit's test top-1 after the longer fine-tune when it has one (the headline verdict's), else the units'."""
+    return row["test_top1_long"] if row.get("test_top1_long") is not None else row["test_top1"]
+
+
 def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -470,7 +476,7 @@ def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
             pts = [r for r in runs if r["speedup_b1"] is not None]
             if not pts:
                 continue
-            axes[0].scatter([r["speedup_b1"] for r in pts], [100 * r["test_top1"] for r in pts], color=colors[agent],
+            axes[0].scatter([r["speedup_b1"] for r in pts], [100 * _headline_top1(r) for r in pts], color=colors[agent],
                             marker="o" if s == min(blocks) else "s", s=28,
                             label=f"{agent}" if s == min(blocks) else None)
             for batch, marker in ((1, "o"), (64, "^")):
@@ -480,7 +486,9 @@ def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
                                 label=f"{agent} b{batch}" if s == min(blocks) else None)
         axes[0].axvline(float(s), color="#999999", lw=0.8, ls="--")
     axes[0].set_xlabel("measured speed-up, batch 1")
-    axes[0].set_ylabel("test top-1 after KD fine-tune (%)")
+    longer = any(r.get("test_top1_long") is not None for b in blocks.values() for runs in b["rows"].values()
+                 for r in runs)
+    axes[0].set_ylabel("test top-1 after the longer KD fine-tune (%)" if longer else "test top-1 after KD fine-tune (%)")
     axes[0].set_title("accuracy at equal measured latency (dashed: the targets)")
     axes[0].legend(fontsize=7)
     axes[1].set_xlabel("MACs reduction (%)")
@@ -491,6 +499,10 @@ def plot(blocks: Dict[str, Dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _load_text(load: Optional[Sequence[float]]) -> str:
+    return "n/a" if not load else "/".join(f"{v:.2f}" for v in load)
 
 
 def _times(value: Optional[float]) -> str:
@@ -531,8 +543,9 @@ def render(meta: Dict[str, Any], blocks: Dict[str, Dict[str, Any]], failures: Di
     lines = [f"# Latency-aware pruning at equal measured latency ({meta['task']})", "",
              f"Command: `{meta['command']}`", "",
              f"Machine: {meta['machine']['cpu']}, {meta['machine']['cpu_count']} cores, torch {meta['machine']['torch']}"
-             f"; latency measured with one torch thread ({meta['clock']} clock), load average at report time "
-             f"{meta['load_average']}.", ""]
+             f"; latency measured with one torch thread ({meta['clock']} clock); load average (1, 5, 15 min) when "
+             f"each speed-up's units were timed together: "
+             + ", ".join(f"{s}x {_load_text(b.get('measured_load_average'))}" for s, b in blocks.items()) + ".", ""]
     if meta.get("smoke"):
         lines += ["**Smoke run** (tiny budget and fine-tune, noisy machine): it shows the harness end to end; its "
                   "numbers are not results.", ""]
@@ -621,7 +634,8 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
                             "verdict_long": verdict(summary, "test_top1_long") if args.ft_check_epochs > 0 else None,
                             "match": latency_match(summary, s),
                             "ranking": ranking_check(summary, args.ft_check_epochs),
-                            "latency_target": latency_target(args, ratio)}
+                            "latency_target": latency_target(args, ratio),
+                            "measured_load_average": measured.get("load_average")}
     if not done:
         print("no finished units yet: nothing to report", file=sys.stderr)
         return None
@@ -629,7 +643,8 @@ def write_report(args: argparse.Namespace, seeds: List[int], budget: int, smoke:
     env = cfg.env_kwargs(args.agents[0])
     from dataclasses import asdict
 
-    meta = {"task": f"{env.get('model')} w{env.get('width')} on {done[0]['dataset']}", "config": str(args.config),
+    meta = {"task": f"{env.get('model')} w{env.get('width')} on {done[0]['dataset']}",
+            "config": repo_relative(args.config),
             "seeds": len(seeds), "budget": budget, "max_evaluations": max(int(m["n_evaluations"]) for m in done),
             "finetune": ", ".join(f"{k} {v}" for k, v in asdict(cfg.finetune).items()),
             "latency_target": args.latency_target, "clock": LatencySetting(threads=threads).resolve_clock(),

@@ -1,6 +1,7 @@
 """benchmarks/common.py: seed statistics, the verdict rule every comparison is judged by, table rendering and the
 provenance of result files."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,11 @@ def test_the_command_leaves_out_report_flags_and_prose():
     record = provenance("benchmarks/x.py", ["--seeds", "3"], threads=1)
     assert record["command"] == "python benchmarks/x.py --seeds 3"
     assert record["machine"]["torch_threads"] == 1 and record["machine"]["cpu_count"] >= 1
+
+
+def test_repo_relative_names_no_machine_folder(tmp_path):
+    from benchmarks.common import repo_relative
+
+    root = Path(__file__).resolve().parents[1]
+    assert repo_relative(root / "configs" / "x.yaml") == "configs/x.yaml"
+    assert repo_relative(tmp_path / "y.yaml") == str(tmp_path / "y.yaml")
