@@ -320,7 +320,8 @@ class ChannelGroupSumNet(nn.Module):
 
 
 class ChannelSliceNet(nn.Module):
-    """Takes a slice of a conv's channels: also refused."""
+    """Takes a slice ``[:, :4]`` of a conv's channels with a literal bound: the channels before it are kept, those
+    after it stay prunable (``tests/test_pruning_partitions.py``)."""
 
     def __init__(self) -> None:
         super().__init__()
