@@ -34,6 +34,11 @@ from pruning_env.pruning import Pruner, PrunePlan
 from pruning_env.runtime import atomic_write_text, machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import command_line  # noqa: E402
+
 DEFAULT_MODELS = ["vgg19:0.25", "resnet56:0.5", "mobilenetv3_small:1.0"]
 
 
@@ -291,9 +296,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     json_path = out / f"bench_latency_model{suffix}.json"
     previous = json.loads(json_path.read_text()) if json_path.exists() else {"units": []}
     done = {unit_key(u["model"], LatencySetting(**u["setting_fields"])): u for u in previous["units"]}
-    command = "nice -n 10 python benchmarks/bench_latency_model.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    command = command_line("benchmarks/bench_latency_model.py", argv if argv is not None else sys.argv[1:])
+    meta = {"command": command, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(max(args.threads)), "load_average_start": [round(x, 2) for x in os.getloadavg()],
             "per_budget": args.per_budget, "notes": args.note or previous.get("meta", {}).get("notes", [])}
     if args.build_only:
