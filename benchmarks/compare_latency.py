@@ -212,16 +212,22 @@ def ratio_unit(args: argparse.Namespace, speedup: float, budget: int) -> Dict[st
     path = speedup_dir(Path(args.out_dir), speedup) / RATIO_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    cfg = unit_config(args.config, "latency_knapsack", 0, budget, latency_overrides(args, 0.5))
-    env = build_env(cfg, "latency_knapsack")  # the task and its latency table (built once, then cached)
-    try:
-        setting = env.latency_model.setting
-        print(f"bisecting the uniform ratio for x{speedup:g} (measured, {setting.tag})", file=sys.stderr)
-        result = bisect_uniform(args, speedup, setting, env)
-    finally:
-        env.close()
+    print(f"bisecting the uniform ratio for x{speedup:g} (measured)", file=sys.stderr)
+    result = bisect_on_task(args, speedup, budget)
     atomic_write_text(json.dumps(result, indent=2), path)
     return result
+
+
+def bisect_on_task(args: argparse.Namespace, speedup: float, budget: int,
+                   reference: Optional[Sequence[torch.nn.Module]] = None) -> Dict[str, Any]:
+    """:func:`bisect_uniform` on the task's latency-budget env (its groups and latency table, built once, then
+    cached), closed afterwards."""
+    cfg = unit_config(args.config, "latency_knapsack", 0, budget, latency_overrides(args, 0.5))
+    env = build_env(cfg, "latency_knapsack")
+    try:
+        return bisect_uniform(args, speedup, env.latency_model.setting, env, reference=reference)
+    finally:
+        env.close()
 
 
 def matched_ratio_unit(args: argparse.Namespace, speedup: float, budget: int) -> Optional[Dict[str, Any]]:
@@ -260,15 +266,9 @@ def matched_ratio_unit(args: argparse.Namespace, speedup: float, budget: int) ->
     s_uniform = float(np.mean(units["uniform"]))
     reference = [torch.load(RunFolder(folder / f"{best}_s{seed}").file(RunFolder.PRUNED_MODEL), map_location="cpu",
                             weights_only=False).eval() for seed in range(args.seeds)]
-    cfg = unit_config(args.config, "latency_knapsack", 0, budget, latency_overrides(args, 0.5))
-    env = build_env(cfg, "latency_knapsack")
-    try:
-        setting = env.latency_model.setting
-        print(f"bisecting the matched uniform ratio for x{speedup:g}: {best} measured {s_best:.3f}x together "
-              f"(uniform {s_uniform:.3f}x); each candidate timed with {best}'s models", file=sys.stderr)
-        result = bisect_uniform(args, 1.0, setting, env, reference=reference)
-    finally:
-        env.close()
+    print(f"bisecting the matched uniform ratio for x{speedup:g}: {best} measured {s_best:.3f}x together "
+          f"(uniform {s_uniform:.3f}x); each candidate timed with {best}'s models", file=sys.stderr)
+    result = bisect_on_task(args, 1.0, budget, reference=reference)
     result.update(matched_agent=best, matched_speedup=s_best, uniform_joint_speedup=s_uniform,
                   measured_against=f"{best}'s pruned models (mean latency), not the original")
     atomic_write_text(json.dumps(result, indent=2), path)
