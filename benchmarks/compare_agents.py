@@ -41,7 +41,7 @@ from pruning_env.runtime import atomic_write_text  # noqa: E402
 from rl_prune.config import ConfigError, PruneRunConfig, load_config, parse_overrides  # noqa: E402
 from rl_prune.pipeline import build_env, finetune_searched  # noqa: E402
 from rl_prune.run_folder import RunFolder, RunFolderLocked, RunLock  # noqa: E402
-from rl_prune.sweep import BENCH_CONFIG, run_unit, unit_config, unit_failure  # noqa: E402
+from rl_prune.sweep import BENCH_CONFIG, exact_budget, run_unit, unit_config, unit_failure  # noqa: E402
 
 SCRIPT = "benchmarks/compare_agents.py"
 #: the agents compared by default (``amc`` too once the registry has it)
@@ -55,16 +55,12 @@ SCHEDULES = ("oneshot", "iterative")
 
 
 def default_budget(n_steps: int) -> int:
-    """The smallest budget >= 150 that RL-Pruner (improved: 10 samples per RL epoch + the reset point per step),
-    random search (``budget / n_steps`` candidates per step) and the SB3 agents all spend exactly: ``n_steps`` divides
-    it and each step's share is 1 more than a multiple of 10 (151 for one step, 153 for three).
+    """The smallest budget >= 150 that every searching agent spends exactly (:func:`rl_prune.sweep.exact_budget`:
+    151 for one step, 153 for three).
 
     :param n_steps: pruning steps per episode.
     """
-    budget = MIN_BUDGET
-    while budget % n_steps or (budget // n_steps - 1) % 10:
-        budget += 1
-    return budget
+    return exact_budget(n_steps, MIN_BUDGET)
 
 #: the agent whose env the fine-tune units use (a plain PruneEnv: the task's splits, original model and device)
 FT_ENV_AGENT = "uniform"

@@ -54,7 +54,7 @@ from rl_prune.run_folder import RunFolder  # noqa: E402
 from benchmarks.common import HIGHER, UNDECIDED, command_line, failures_section, fmt, mean_std, num  # noqa: E402
 from benchmarks.common import repo_relative  # noqa: E402
 from benchmarks.common import verdict as seed_verdict  # noqa: E402
-from rl_prune.sweep import BENCH_CONFIG, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
+from rl_prune.sweep import BENCH_CONFIG, exact_budget, load_unit, run_unit, unit_config, unit_failure  # noqa: E402
 
 #: the agents of the issue's comparison
 DEFAULT_AGENTS = ("uniform", "global_taylor", "latency_knapsack", "rl_pruner_improved", "ppo")
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speedups", nargs="+", type=float, default=[2.0, 3.0],
                    help="measured speed-ups over the original at batch 1 (default 2 3)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--budget", type=int, default=None, help="evaluations per agent (default: the config's)")
+    p.add_argument("--budget", type=int, default=None, help="evaluations per agent (default: the smallest budget >= the config's that every agent "
+                        "spends exactly, rl_prune.sweep.exact_budget: 93 for the benchmark task's 3 steps and 90)")
     p.add_argument("--finetune-epochs", type=int, default=5, help="KD fine-tune epochs of every unit (default 5)")
     p.add_argument("--latency-target", choices=("calibrated", "nominal"), default="calibrated",
                    help="predicted-latency budget of the latency agents: the predicted latency of the uniform model "
@@ -681,8 +682,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: --{key.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
-        parse_overrides(args.set)
-        budget = int(args.budget or load_config(args.config).budget or 90)
+        cfg = load_config(args.config, parse_overrides(args.set))
+        budget = int(args.budget or exact_budget(int(cfg.env.get("n_steps", 1) or 1), int(cfg.budget or 90)))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,23 @@ ERROR_FILE = "error.txt"
 LOCK_FILE = RunFolder.LOCK
 
 
+def exact_budget(n_steps: int, minimum: int) -> int:
+    """The smallest evaluation budget ``>= minimum`` that every searching agent spends exactly: RL-Pruner (improved:
+    10 samples per RL epoch + the reset point per step), random search (``budget / n_steps`` candidates per step) and
+    the SB3 agents; ``n_steps`` divides it and each step's share is 1 more than a multiple of 10 (151 for one step
+    and a minimum of 150, 93 for three steps and a minimum of 90).
+
+    :param n_steps: pruning steps per episode (>= 1).
+    :param minimum: the fewest evaluations the budget may have.
+    """
+    if n_steps < 1 or minimum < 1:
+        raise ValueError(f"exact_budget needs n_steps >= 1 and minimum >= 1, got {n_steps} and {minimum}")
+    budget = int(minimum)
+    while budget % n_steps or (budget // n_steps - 1) % 10:
+        budget += 1
+    return budget
+
+
 def unit_config(config: Union[str, Path], agent: str, seed: int, budget: int,
                 overrides: Optional[Mapping[str, Any]] = None) -> PruneRunConfig:
     """The checked config of one (agent, seed) unit.

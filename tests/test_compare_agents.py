@@ -112,6 +112,15 @@ def test_default_budgets_are_spent_exactly_by_every_searching_agent():
         assert b >= 150 and b % steps == 0 and (b // steps - 1) % 10 == 0
 
 
+def test_exact_budget_is_the_smallest_spendable_budget_above_the_minimum():
+    from rl_prune.sweep import exact_budget
+
+    assert exact_budget(3, 90) == 93 and exact_budget(1, 90) == 91 and exact_budget(1, 91) == 91
+    assert exact_budget(2, 150) == 162  # 81 per step: 8 RL epochs x 10 samples + the reset point
+    with pytest.raises(ValueError, match="n_steps >= 1"):
+        exact_budget(0, 90)
+
+
 def parsed(argv):
     args = ca.build_parser().parse_args(argv)
     ca.resolve_args(args)
