@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speedups", nargs="+", type=float, default=[2.0, 3.0],
                    help="measured speed-ups over the original at batch 1 (default 2 3)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--budget", type=int, default=None, help="evaluations per agent (default: the smallest budget >= the config's that every agent "
-                        "spends exactly, rl_prune.sweep.exact_budget: 93 for the benchmark task's 3 steps and 90)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="evaluations per agent (default: the smallest budget >= the config's that every agent spends "
+                        "exactly, rl_prune.sweep.exact_budget; 93 for the benchmark task: 3 steps, config budget 90)")
     p.add_argument("--finetune-epochs", type=int, default=5, help="KD fine-tune epochs of every unit (default 5)")
     p.add_argument("--latency-target", choices=("calibrated", "nominal"), default="calibrated",
                    help="predicted-latency budget of the latency agents: the predicted latency of the uniform model "
