@@ -10,7 +10,7 @@ import copy
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -111,6 +111,20 @@ def build_agent(cfg: PruneRunConfig, name: str, env: Any,
     return agent, learn
 
 
+def rl_pruner_costs(kwargs: Mapping[str, Any]) -> Tuple[int, int, int]:
+    """RL-Pruner's evaluation costs from its constructor arguments: ``(sample_num, evaluations per Q value
+    (1 + K + ... + K^(sample_step-1)), evaluations reserved per step for the improved guard's reset point)``; an RL
+    epoch costs ``sample_num`` Q values.
+
+    :param kwargs: ``sample_num`` (default 10), ``sample_step`` (1), ``collapse_reference`` ("previous").
+    """
+    sample_num = int(kwargs.get("sample_num", 10))
+    sample_step = int(kwargs.get("sample_step", 1))
+    q_cost = sum(sample_num ** d for d in range(sample_step))
+    reserve = q_cost if kwargs.get("collapse_reference", "previous") == "reset_candidate" else 0
+    return sample_num, q_cost, reserve
+
+
 def rl_pruner_schedule(name: str, budget: int, n_steps: int, kwargs: Dict[str, Any]) -> Tuple[int, str]:
     """RL epochs per pruning step that spend ``budget`` evaluations: ``budget // n_steps`` per step, each RL epoch
     scoring ``sample_num`` Q values of ``1 + K + ... + K^(sample_step-1)`` evaluations, less the improved guard's
@@ -122,10 +136,7 @@ def rl_pruner_schedule(name: str, budget: int, n_steps: int, kwargs: Dict[str, A
     :param kwargs: the agent's constructor arguments (``sample_num``, ``sample_step``, ``collapse_reference``).
     :raises ConfigError: the budget does not pay for one RL epoch per step, naming the numbers.
     """
-    sample_num = int(kwargs.get("sample_num", 10))
-    sample_step = int(kwargs.get("sample_step", 1))
-    q_cost = sum(sample_num ** d for d in range(sample_step))
-    reserve = q_cost if kwargs.get("collapse_reference", "previous") == "reset_candidate" else 0
+    sample_num, q_cost, reserve = rl_pruner_costs(kwargs)
     per_step = budget // max(1, n_steps)
     epoch_cost = sample_num * q_cost
     lr_epoch = (per_step - reserve) // epoch_cost

@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from pruning_env.runtime import atomic_write_text
 from rl_prune.config import CONFIG_DIR, PruneRunConfig, load_config
-from rl_prune.pipeline import ResumeMismatch, run
+from rl_prune.pipeline import ResumeMismatch, rl_pruner_costs, run
 from rl_prune.run_folder import RunFolder, RunFolderLocked
 
 #: the CPU benchmark task (VGG-19 width 0.25 on the 5k-image CIFAR-10 npz)
@@ -24,19 +24,27 @@ ERROR_FILE = "error.txt"
 LOCK_FILE = RunFolder.LOCK
 
 
-def exact_budget(n_steps: int, minimum: int) -> int:
-    """The smallest evaluation budget ``>= minimum`` that every searching agent spends exactly: RL-Pruner (improved:
-    10 samples per RL epoch + the reset point per step), random search (``budget / n_steps`` candidates per step) and
-    the SB3 agents; ``n_steps`` divides it and each step's share is 1 more than a multiple of 10 (151 for one step
-    and a minimum of 150, 93 for three steps and a minimum of 90).
+def exact_budget(n_steps: int, minimum: int, rl_pruner: Optional[Mapping[str, Any]] = None) -> int:
+    """The smallest evaluation budget ``>= minimum`` that every searching agent spends exactly: ``n_steps`` divides it
+    (random search: ``budget / n_steps`` candidates per step; SB3 agents spend any budget) and RL-Pruner's
+    budget-derived schedule (:func:`rl_prune.pipeline.rl_pruner_schedule`, its costs from
+    :func:`rl_prune.pipeline.rl_pruner_costs`) spends all of it. With the improved
+    agent's defaults (10 samples per RL epoch + the reset point per step): 151 for one step and a minimum of 150, 93
+    for three steps and a minimum of 90.
 
     :param n_steps: pruning steps per episode (>= 1).
     :param minimum: the fewest evaluations the budget may have.
+    :param rl_pruner: RL-Pruner's constructor arguments (``sample_num``, ``sample_step``, ``collapse_reference``;
+        default: the improved agent's reset point and 10 samples).
     """
     if n_steps < 1 or minimum < 1:
         raise ValueError(f"exact_budget needs n_steps >= 1 and minimum >= 1, got {n_steps} and {minimum}")
+    sample_num, q_cost, reserve = rl_pruner_costs(rl_pruner if rl_pruner is not None
+                                                  else {"collapse_reference": "reset_candidate"})
     budget = int(minimum)
-    while budget % n_steps or (budget // n_steps - 1) % 10:
+    # n_steps divides it, and each step's share is the reset point plus a whole number (>= 1) of RL epochs
+    while budget % n_steps or (budget // n_steps - reserve) % (sample_num * q_cost) \
+            or budget // n_steps - reserve < sample_num * q_cost:
         budget += 1
     return budget
 

@@ -117,6 +117,8 @@ def test_exact_budget_is_the_smallest_spendable_budget_above_the_minimum():
 
     assert exact_budget(3, 90) == 93 and exact_budget(1, 90) == 91 and exact_budget(1, 91) == 91
     assert exact_budget(2, 150) == 162  # 81 per step: 8 RL epochs x 10 samples + the reset point
+    # another RL-Pruner: 4 samples, no reset point -> a multiple of 4 per step; 2-step look-ahead -> 5 per Q value
+    assert exact_budget(1, 5, {"sample_num": 4}) == 8 and exact_budget(1, 1, {"sample_num": 2, "sample_step": 2}) == 6
     with pytest.raises(ValueError, match="n_steps >= 1"):
         exact_budget(0, 90)
 
