@@ -404,6 +404,9 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
                 refused[unit] = problem
                 continue
             searches[seed] = search_numbers(metrics)
+            if folder.has_searched_model:
+                record = folder.read_searched_record()
+                searches[seed].update(source_hash=record.source_hash, source=record.source)
             for index in range(args.ft_seeds):
                 ft_seed = ft_seed_value(seed, index, args.search_seeds)
                 path = layout.finetune(target, agent, seed, ft_seed)
@@ -547,6 +550,30 @@ def leaderboard_lines(t: str, summary: Dict[str, Dict[str, Any]]) -> List[str]:
          "search s", "fine-tune s"], rows), ""]
 
 
+def base_weights(per_target: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    """The weights hash of the base model the finished search units started from, per base: the config's checkpoint
+    (one for every unit), or for a seeded untrained model (no checkpoint) its search seed. Units of one checkpoint
+    with two hashes (a retrained or replaced checkpoint at the config's path) are refused, naming them: their numbers
+    do not belong in one leaderboard. Units made before searched models were kept carry no hash and are skipped.
+
+    :param per_target: the report's blocks (``collect`` under ``units``).
+    """
+    seen: Dict[str, Dict[str, List[str]]] = {}
+    for t, b in per_target.items():
+        for agent, data in b["units"]["agents"].items():
+            for seed, s in data["searches"].items():
+                if s.get("source_hash"):
+                    base = s.get("source") or f"untrained model of search seed {seed}"
+                    seen.setdefault(base, {}).setdefault(s["source_hash"], []).append(f"t{t}/{agent}_s{seed}")
+    for base, hashes in seen.items():
+        if len(hashes) > 1:
+            listing = "; ".join(f"{h[:12]}: {', '.join(units[:4])}{' ...' if len(units) > 4 else ''}"
+                                for h, units in hashes.items())
+            raise SystemExit(f"error: the finished units started from {len(hashes)} different versions of {base} "
+                             f"({listing}); move one set to another --out-dir")
+    return {base: next(iter(hashes)) for base, hashes in seen.items()}
+
+
 def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     """Leaderboard (md + json) and curve plot of every finished unit: ``compare_curves_<model>.*``."""
     per_target: Dict[str, Dict[str, Any]] = {}
@@ -561,6 +588,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     if original is None:
         print("no finished search unit yet: nothing to report", file=sys.stderr)
         return None
+    base = base_weights(per_target)
     cfg = load_config(args.config)
     model = layout.root.parent.name
     stem = f"compare_curves_{model}" + ("" if layout.root.name == "oneshot" else f"_{layout.root.name}")
@@ -575,7 +603,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
             else 0, "final_epochs": final_epochs(args),
             "set": list(args.set), "note": args.note, "reward_estimator": cfg.env.get("reward_estimator", "vanilla"),
             "reward_samples": cfg.env.get("reward_samples"), "reward_train_images": cfg.env.get("reward_train_images"),
-            "val_size": cfg.env.get("val_size"), "original": original, **prov}
+            "val_size": cfg.env.get("val_size"), "original": original, "base_weights": base, **prov}
     payload = {"meta": meta, "search_cost": search_cost(per_target, meta), "targets": {
         t: {"summary": b["summary"], "verdict": b["verdict"], "refused": b["units"]["refused"],
             "failures": {k: v.strip().splitlines()[-1] for k, v in b["units"]["failures"].items()},
@@ -687,6 +715,13 @@ def schedule_text(meta: Dict[str, Any]) -> str:
             f"fine-tune")
 
 
+def base_text(bases: Optional[Dict[str, str]]) -> str:
+    """``; base checkpoints/x.pt, weights sha256 0123456789ab`` for the protocol line (empty without a hash)."""
+    if not bases:
+        return ""
+    return "; " + ", ".join(f"base `{b}` (weights sha256 `{h[:12]}`)" for b, h in bases.items())
+
+
 def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]], stem: str) -> str:
     orig = meta["original"]
     lines = [f"# Agent comparison as curves: {meta['model']}, 2x to 8x fewer MACs", "",
@@ -698,7 +733,8 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
     lines += [verdict_sentence(t, b["verdict"]) for t, b in per_target.items()]
     lines += ["", "## Protocol", "",
               f"Task `{meta['config']}`: original test top-1 **{orig['test_top1']:.4f}** (validation "
-              f"{orig['val_top1']:.4f}), {orig['macs'] / 1e6:.2f} M MACs, {orig['params'] / 1e6:.3f} M params. "
+              f"{orig['val_top1']:.4f}), {orig['macs'] / 1e6:.2f} M MACs, {orig['params'] / 1e6:.3f} M params"
+              f"{base_text(meta.get('base_weights'))}. "
               f"Schedule `{meta['schedule']}`: {schedule_text(meta)}. "
               f"Budget **{meta['budget']} evaluations** per searching agent, spent exactly (a unit that used another "
               f"count is refused below); uniform and global Taylor evaluate once per step. Reward estimator "

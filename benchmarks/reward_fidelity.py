@@ -36,6 +36,7 @@ from pruning_env.envs.reward import REWARD_ESTIMATORS, logits_on, make_estimator
 from pruning_env.pruning import Pruner
 from pruning_env.runtime import atomic_write_text, seed_everything
 from pruning_env.training import evaluate, finetune
+from rl_prune.run_folder import weights_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="logs/reward_fidelity",
                    help="folder of finished units (resume): settings.json, then TARGET/cNNN/{est_LABEL,ftS}.json")
+    p.add_argument("--restore", default=None, metavar="JSON",
+                   help="first fill the cache with the finished candidates of a results JSON this script wrote with "
+                        "the same settings and base checkpoint (its weights hash): the committed results carry "
+                        "the work when the cache folder is lost")
     p.add_argument("--summary-only", action="store_true",
                    help="summarize the cached units without computing missing ones")
     p.add_argument("--note", default="", help="a paragraph for the markdown (e.g. how the cache was filled)")
@@ -145,7 +150,8 @@ def estimate_counts(name: str, options: Dict[str, Any], n_reward: int) -> Dict[s
 class Units:
     """The resumable cache: one atomic JSON file per unit of work under ``root``.
 
-    ``root/settings.json`` holds the settings every unit depends on (a run with other settings is refused);
+    ``root/settings.json`` holds the settings every unit depends on, the base checkpoint's weights hash among them (a
+    run with other settings, or with another checkpoint at the same path, is refused);
     ``root/t{target}/c{i:03d}/est_{label}.json`` one estimate (with its estimator's name, options and image count,
     recomputed when they differ) and ``root/t{target}/c{i:03d}/ft{s}.json`` one fine-tune.
     """
@@ -176,6 +182,36 @@ class Units:
 
     def write(self, target: float, i: int, unit: str, row: Dict[str, Any]) -> None:
         atomic_write_text(json.dumps(row), self.cell(target, i, unit))
+
+
+def restore_units(units: Units, path: Path, settings: Dict[str, Any]) -> int:
+    """Write the finished candidates of results JSON ``path`` into ``units`` (existing units are kept) and return
+    how many unit files were written; refused unless every cache setting, the base checkpoint's weights hash among
+    them, equals the JSON's.
+
+    :param units: the cache.
+    :param path: a ``reward_fidelity*.json`` this script wrote.
+    :param settings: the cache settings of the present run.
+    """
+    if not path.is_file():
+        raise SystemExit(f"error: --restore {path}: no such file")
+    saved = json.loads(path.read_text())
+    theirs = saved.get("settings", {})
+    differ = {k: (theirs.get(k), v) for k, v in json.loads(json.dumps(settings)).items() if theirs.get(k) != v}
+    if differ:
+        raise SystemExit(f"error: --restore {path} was made with other settings or another base checkpoint "
+                         f"(setting: (theirs, now)): {differ}")
+    written = 0
+    for target, rows in saved.get("candidates", {}).items():
+        for row in rows:
+            i = int(row["i"])
+            cells = [(f"ft{s}", ft) for s, ft in enumerate(row["ft"])]
+            cells += [(f"est_{label}", est) for label, est in row["est"].items()]
+            for unit, value in cells:
+                if not units.cell(float(target), i, unit).is_file():
+                    units.write(float(target), i, unit, value)
+                    written += 1
+    return written
 
 
 def _spec(label: str) -> Dict[str, Any]:
@@ -528,7 +564,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = {k: getattr(args, k) for k in ("checkpoint", "max_sparsity", "calibration", "finetune_epochs",
                                               "finetune_lr", "seed")}
     settings["bn_train_images"] = BN_TRAIN_IMAGES
+    # the base model's bytes, not only its path: a retrained checkpoint at the same path refuses the old cache
+    settings["checkpoint_weights"] = weights_hash(teacher)
     units = Units(Path(args.cache), settings)
+    if args.restore:
+        print(f"restored {restore_units(units, Path(args.restore), settings)} units from {args.restore}",
+              file=sys.stderr)
     shard, n_shards = _parse_shard(args.shard)
     ft_teacher = copy.deepcopy(teacher).to(args.finetune_device)
     todo = [(t, i) for t in args.targets for i in range(args.candidates) if i % n_shards == shard

@@ -85,12 +85,29 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     assert block["summary"]["random_search"]["ft_per_model"] == [2, 2]
     assert block["summary"]["uniform"]["n_evaluations"]["mean"] == 1
     assert block["verdict"] is None  # no RL agent in this comparison
+    # the base model of every unit, by its bytes (here seeded untrained models: one per search seed)
+    assert sorted(report["meta"]["base_weights"]) == ["untrained model of search seed 0",
+                                                      "untrained model of search seed 1"]
     assert (tmp_path / "results" / "compare_curves_vgg11w006.png").is_file()
     md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
     assert "| `random_search` | 2 | 2/2 |" in md and "Command: `python benchmarks/compare_agents.py" in md
     # a rerun finds every unit finished: nothing is searched or fine-tuned again
     forbid("benchmarks.compare_agents.run_unit", "benchmarks.compare_agents.finetune_searched")
     assert ca.main(argv) == 0
+
+
+def test_units_from_two_versions_of_one_checkpoint_are_refused_in_one_report():
+    def block(**hashes):
+        return {"units": {"agents": {a: {"searches": {seed: {"source_hash": h, "source": src}}}
+                                     for a, (seed, src, h) in hashes.items()}}}
+    ck = "checkpoints/base.pt"
+    assert ca.base_weights({"0.5": block(uniform=(0, ck, "a"), ppo=(1, ck, "a"))}) == {ck: "a"}
+    # seeded untrained models (no checkpoint) differ by search seed, legitimately
+    assert ca.base_weights({"0.5": block(uniform=(0, None, "a"), ppo=(1, None, "b"))}) == {
+        "untrained model of search seed 0": "a", "untrained model of search seed 1": "b"}
+    assert ca.base_weights({"0.5": block(uniform=(0, ck, None))}) == {}  # units made before models were kept
+    with pytest.raises(SystemExit, match="2 different versions of checkpoints/base.pt"):
+        ca.base_weights({"0.5": block(uniform=(0, ck, "a")), "0.875": block(ppo=(0, ck, "b"))})
 
 
 def test_a_verdict_is_undecided_and_provisional_with_one_search_seed():

@@ -141,3 +141,26 @@ def test_summary_reads_the_units_and_reports_share_of_ceiling_and_cost(tmp_path)
     assert est["adaptive_bn"]["cost_ratio"] == pytest.approx(2.0)
     mf = est["multi_fidelity10"]  # cheap adaptive_bn for all, 2 of 10 refined: 2 + 0.2 * 20 vanilla evaluations
     assert mf["cost_ratio"] == pytest.approx(6.0) and mf["sgd_batches"] == pytest.approx(2.0)
+
+
+def test_restore_fills_a_lost_cache_and_refuses_another_checkpoint(tmp_path):
+    import json
+    settings = {"checkpoint": "c.pt", "seed": 0, "checkpoint_weights": "abc"}
+    est = {"spec": rf._spec("vanilla"), "value": 0.5, "seconds": 0.1, "val_images": 250, "bn_images": 0,
+           "sgd_batches": 0}
+    rows = [{"i": 3, "ft": [{"seed": 1, "test_top1": 0.4}, {"seed": 2, "test_top1": 0.45}], "est": {"vanilla": est}}]
+    saved = tmp_path / "reward_fidelity_x.json"
+    saved.write_text(json.dumps({"settings": {**settings, "bootstrap": 10}, "candidates": {"0.5": rows}}))
+
+    units = rf.Units(tmp_path / "cache", settings)
+    assert rf.restore_units(units, saved, settings) == 3
+    assert units.read(0.5, 3, "ft1")["test_top1"] == 0.45
+    assert units.read(0.5, 3, "est_vanilla", rf._spec("vanilla"))["value"] == 0.5
+    assert [r["i"] for r in rf._collect(units, 0.5, 5, 2, ["vanilla"])] == [3]
+    assert rf.restore_units(units, saved, settings) == 0  # existing units are kept, nothing rewritten
+
+    other = {**settings, "checkpoint_weights": "def"}
+    with pytest.raises(SystemExit, match="checkpoint_weights"):
+        rf.restore_units(rf.Units(tmp_path / "other", other), saved, other)
+    with pytest.raises(SystemExit, match="no such file"):
+        rf.restore_units(units, tmp_path / "missing.json", settings)
