@@ -444,7 +444,8 @@ def write_markdown(path: Path, summary: Dict[str, Any], settings: Dict[str, Any]
     lines = ["# Reward fidelity against its ceiling: which estimate ranks candidates by fine-tuned accuracy?", "",
              f"Command: `{command}`", "",
              f"Base model: `{settings['checkpoint']}` (val top-1 {base['val_top1']:.3f}, test top-1 "
-             f"{base['test_top1']:.3f}; weights sha256 `{str(settings.get('checkpoint_weights'))[:12]}`). Candidates: random budgeted per-group sparsities (cap "
+             f"{base['test_top1']:.3f}; weights sha256 `{str(settings.get('checkpoint_weights'))[:12]}`). "
+             f"Candidates: random budgeted per-group sparsities (cap "
              f"{settings['max_sparsity']}), Taylor order from {settings['calibration']} training images. "
              f"Ground truth: test top-1 (all {base['n_test']} test images) after {settings['finetune_epochs']} "
              f"epochs of KD fine-tune (lr {settings['finetune_lr']}, batch 128, teacher = base model), each "
