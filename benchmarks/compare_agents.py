@@ -89,14 +89,19 @@ def spends_budget(agent: str, metrics: Dict[str, Any]) -> bool:
     return spec.sb3_algo is not None or spec.budget_arg is not None or metrics.get("budget_schedule") is not None
 
 
-def budget_problem(agent: str, metrics: Dict[str, Any], budget: int) -> Optional[str]:
-    """Why a finished search unit cannot enter the comparison (None when it can): a run made with another budget,
-    or a searching agent that used another number of evaluations than the budget.
+def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
+                   estimator: Optional[str] = None) -> Optional[str]:
+    """Why a finished search unit cannot enter the comparison (None when it can): a run made with another budget
+    or another reward estimator, or a searching agent that used another number of evaluations than the budget.
 
     :param agent: agent name.
     :param metrics: the unit's ``metrics.json`` (``RunFolder.read_metrics``).
     :param budget: the comparison's budget.
+    :param estimator: the comparison's reward estimator (None: not checked).
     """
+    if estimator is not None and metrics.get("reward_estimator", estimator) != estimator:
+        return (f"searched with the reward estimator {metrics.get('reward_estimator')!r}, not {estimator!r} (give a "
+                f"variant its own --out-dir)")
     if metrics.get("budget") != budget:
         return f"made with budget {metrics.get('budget')}, not {budget}"
     used = int(metrics["n_evaluations"])
@@ -193,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no unit after this many minutes (the report is written either way)")
     p.add_argument("--note", default="", help="a paragraph for the top of the markdown")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished units")
+    p.add_argument("--restore", default=None, metavar="JSON",
+                   help="first rebuild the finished units of a compare_curves JSON this script wrote (its searched "
+                        "models from kept-channel masks, hash-checked against the base checkpoint; its fine-tune "
+                        "records) where they are missing: the committed results carry the work to another machine")
     return p
 
 
@@ -247,6 +256,16 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
     except ConfigError as err:
         return f"--set: {err}"
     return None
+
+
+def task_config(args: argparse.Namespace) -> PruneRunConfig:
+    """The task's config with ``--set`` applied (what every unit shares: the reward estimator among it)."""
+    return load_config(args.config, parse_overrides(args.set))
+
+
+def comparison_estimator(args: argparse.Namespace) -> str:
+    """The reward estimator of every unit of the comparison (the config's, or ``--set env.reward_estimator=``)."""
+    return task_config(args).env.get("reward_estimator", "vanilla")
 
 
 def search_config(args: argparse.Namespace, agent: str, seed: int, target: float) -> PruneRunConfig:
@@ -313,6 +332,7 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
 
     started = time.monotonic()
     done = 0
+    estimator = comparison_estimator(args)
     # the env of the fine-tunes (splits, the original model as teacher and source): one at a time, for the
     # (target, search seed) of the unit; the queue runs a seed's agents together
     env_key: Optional[Tuple[float, int]] = None
@@ -336,7 +356,7 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
                 if not folder.is_finished:
                     continue  # failed (error.txt) or busy in another worker
                 write_report(args, layout)
-            problem = budget_problem(agent, folder.read_metrics(), args.budget)
+            problem = budget_problem(agent, folder.read_metrics(), args.budget, estimator)
             if problem is not None:
                 print(f"{run_dir}: {problem}; not fine-tuned", file=sys.stderr)
                 continue
@@ -377,6 +397,56 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
             env.close()
 
 
+def restore_units(args: argparse.Namespace, layout: Layout, path: Path) -> int:
+    """Rebuild the missing units of this comparison from a results JSON :func:`write_report` wrote (its ``carry``):
+    each search folder through ``RunFolder.restore_search`` (the searched model rebuilt from its kept-channel masks
+    on the task's base model and checked against the carried hashes), each fine-tune record as written. Units of
+    other agents, targets or seeds are left out; finished units here are kept. Returns the units written.
+
+    :raises SystemExit: the JSON is of another comparison (model, schedule, budget, training epochs or reward
+        estimator), or a carried search does not rebuild on this base model; the message names it.
+    """
+    data = json.loads(Path(path).read_text())
+    meta = data["meta"]
+    ours = {"model": layout.root.parent.name, "schedule": layout.root.name, "budget": args.budget,
+            "finetune_epochs": args.finetune_epochs, "reward_estimator": comparison_estimator(args)}
+    differ = [f"{k} {meta.get(k)!r} (here {v!r})" for k, v in ours.items() if meta.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: --restore {path} is of another comparison: {'; '.join(differ)}")
+    sources: Dict[int, Any] = {}
+
+    def source(seed: int, target: float) -> Any:
+        if seed not in sources:  # the task's base model (a seeded untrained one differs by seed)
+            env = build_env(finetune_config(args, FT_ENV_AGENT, seed, target), FT_ENV_AGENT)
+            sources[seed] = env.original_model
+            env.close()
+        return sources[seed]
+
+    written = 0
+    wanted = {f"{t:g}": t for t in args.targets}
+    for t, block in data["targets"].items():
+        if t not in wanted or not block.get("carry"):
+            continue
+        target = wanted[t]
+        for key, exported in block["carry"]["searches"].items():
+            agent, seed = key.rsplit("_s", 1)[0], int(key.rsplit("_s", 1)[1])
+            folder = RunFolder(layout.search(target, agent, seed))
+            if agent not in args.agents or seed >= args.search_seeds or folder.is_finished:
+                continue
+            try:
+                folder.restore_search(exported, source(seed, target))
+            except ValueError as err:
+                raise SystemExit(f"error: --restore {path}: {err}") from None
+            written += 1
+        for rec in block["carry"]["finetunes"]:
+            out = layout.finetune(target, rec["agent"], int(rec["search_seed"]), int(rec["ft_seed"]))
+            if rec["agent"] in args.agents and int(rec["search_seed"]) < args.search_seeds and not out.is_file():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(json.dumps(rec, indent=2, default=float), out)
+                written += 1
+    return written
+
+
 # ---------------------------------------------------------------------------------------------- report
 def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str, Any]:
     """The finished units of one target: per agent its fine-tune records and search metrics, the refused search
@@ -385,6 +455,8 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
     refused: Dict[str, str] = {}
     failures: Dict[str, str] = {}
     missing: List[str] = []
+    carried: Dict[str, Any] = {}
+    estimator = comparison_estimator(args)
     for agent in args.agents:
         searches, fts = {}, []
         for seed in range(args.search_seeds):
@@ -399,11 +471,12 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
                     missing.append(unit)
                 continue
             metrics = folder.read_metrics()
-            problem = budget_problem(agent, metrics, args.budget)
+            problem = budget_problem(agent, metrics, args.budget, estimator)
             if problem is not None:
                 refused[unit] = problem
                 continue
             searches[seed] = search_numbers(metrics)
+            carried[f"{agent}_s{seed}"] = folder.export_search()
             if folder.has_searched_model:
                 record = folder.read_searched_record()
                 searches[seed].update(source_hash=record.source_hash, source=record.source)
@@ -421,7 +494,7 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
                 else:
                     missing.append(f"{unit}_f{ft_seed}")
         agents[agent] = {"searches": searches, "finetunes": fts}
-    return {"agents": agents, "refused": refused, "failures": failures, "missing": missing}
+    return {"agents": agents, "refused": refused, "failures": failures, "missing": missing, "carried": carried}
 
 
 def summarise(block: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
@@ -589,7 +662,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
         print("no finished search unit yet: nothing to report", file=sys.stderr)
         return None
     base = base_weights(per_target)
-    cfg = load_config(args.config)
+    cfg = task_config(args)
     model = layout.root.parent.name
     stem = f"compare_curves_{model}" + ("" if layout.root.name == "oneshot" else f"_{layout.root.name}")
     results = Path(args.results)
@@ -603,6 +676,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
             else 0, "final_epochs": final_epochs(args),
             "set": list(args.set), "note": args.note, "reward_estimator": cfg.env.get("reward_estimator", "vanilla"),
             "reward_samples": cfg.env.get("reward_samples"), "reward_train_images": cfg.env.get("reward_train_images"),
+            "reward_kd_batches": cfg.env.get("reward_kd_batches", 10),
             "val_size": cfg.env.get("val_size"), "original": original, "base_weights": base, **prov}
     payload = {"meta": meta, "search_cost": search_cost(per_target, meta), "targets": {
         t: {"summary": b["summary"], "verdict": b["verdict"], "refused": b["units"]["refused"],
@@ -611,7 +685,11 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
             "units": [{k: r[k] for k in ("agent", "search_seed", "ft_seed", "search")}
                       | {"test_top1": r["finetune"]["report"]["test_top1"], "ft_s": r["finetune"]["seconds"],
                          "machine": r["machine"]}
-                      for a in b["units"]["agents"].values() for r in a["finetunes"]]}
+                      for a in b["units"]["agents"].values() for r in a["finetunes"]],
+            # what --restore needs to rebuild the units on another machine: each search's metrics and searched
+            # model as kept-channel masks (hash-checked), each fine-tune's record
+            "carry": {"searches": b["units"]["carried"],
+                      "finetunes": [r for a in b["units"]["agents"].values() for r in a["finetunes"]]}}
         for t, b in per_target.items()}}
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
@@ -641,6 +719,30 @@ def bn_images(meta: Dict[str, Any]) -> int:
     return int(meta.get("reward_train_images") or 256) if meta.get("reward_estimator") == "adaptive_bn" else 0
 
 
+#: the measured cost of each estimator per estimate as a multiple of a vanilla one (``cost_ratio``)
+FIDELITY_RESULTS = ROOT / "benchmarks" / "results" / "reward_fidelity_ceiling.json"
+
+
+def vanilla_share(meta: Dict[str, Any]) -> Tuple[Optional[float], str]:
+    """The cost of a vanilla evaluation of our reward images as a share of one of our evaluations, and how it was
+    found: by image count for ``vanilla`` and ``adaptive_bn`` (reward images / reward + BN images); for an
+    estimator that trains (``kd_refined``) the measured ``cost_ratio`` of :data:`FIDELITY_RESULTS` (label
+    ``kd_refined{reward_kd_batches}``); None when neither applies."""
+    estimator, reward = meta.get("reward_estimator"), int(meta.get("reward_samples") or meta["val_size"])
+    if estimator in ("vanilla", "adaptive_bn"):
+        return reward / (reward + bn_images(meta)), (f"{reward} reward images + {bn_images(meta)} BN images per "
+                                                     f"evaluation")
+    label = f"{estimator}{meta.get('reward_kd_batches', 10)}"
+    if estimator == "kd_refined" and FIDELITY_RESULTS.is_file():
+        summary = json.loads(FIDELITY_RESULTS.read_text())["summary"]
+        ratios = [b["estimators"][label]["cost_ratio"] for b in summary.values() if label in b["estimators"]]
+        if ratios:
+            ratio = float(np.mean(ratios))
+            return 1.0 / ratio, (f"`{estimator}` costs {ratio:.1f} vanilla evaluations of the reward images, as "
+                                 f"{FIDELITY_RESULTS.name} measured `{label}`")
+    return None, f"no measured cost of `{estimator}` relative to a vanilla evaluation"
+
+
 def search_cost(per_target: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, Any]:
     """Search cost per target against the authors' protocol, from the measured cost of one evaluation (search
     seconds / evaluations of the searching agents' units, agent overhead included) scaled to the authors' images
@@ -650,8 +752,10 @@ def search_cost(per_target: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> 
     out: Dict[str, Any] = {}
     if not isinstance(meta.get("val_size"), int):  # a fraction or unset: the image count is not known here
         return out
-    ours_images = int(meta.get("reward_samples") or meta["val_size"]) + bn_images(meta)
-    scale = int(meta["val_size"]) / ours_images
+    share, _ = vanilla_share(meta)
+    if share is None:
+        return out
+    scale = int(meta["val_size"]) / int(meta.get("reward_samples") or meta["val_size"]) * share
     for t, block in per_target.items():
         units = [s for data in block["units"]["agents"].values() for s in data["searches"].values()]
         searching = [s for s in units if s["n_evaluations"] == meta["budget"]]
@@ -686,8 +790,7 @@ def search_cost_lines(cost: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
                      f"{c['wall_ratio']:.3f}"])
     return ["## Search cost vs the authors' protocol", "",
             "Ours: the budget's evaluations, each timed on this machine (search seconds / evaluations of the "
-            f"searching agents' units: {int(meta.get('reward_samples') or meta['val_size'])} reward images + "
-            f"{bn_images(meta)} BN images per evaluation, agent overhead included). "
+            f"searching agents' units: {vanilla_share(meta)[1]}; agent overhead included). "
             f"Authors: 10 samples x 10 RL epochs per step, 1 % of the filters per step (steps to the target's "
             f"channel sparsity when every layer is cut alike), every evaluation on the full validation split "
             f"({meta['val_size']} images, vanilla accuracy: our per-evaluation cost x "
@@ -776,6 +879,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     layout = Layout(Path(args.out_dir), model_tag(cfg), schedule_name(args))
+    if args.restore:
+        print(f"restored {restore_units(args, layout, Path(args.restore))} unit(s) from {args.restore}")
     if not args.report_only:
         run_all(args, layout)
     path = write_report(args, layout)

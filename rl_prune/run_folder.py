@@ -427,6 +427,60 @@ class RunFolder:
                              f"{found[:12]} != {record.weights_hash[:12]})")
         return model.eval()
 
+    # ------------------------------------------------------------------------------------ carrying a search
+    def export_search(self) -> Dict[str, Any]:
+        """A finished search as plain JSON data (:meth:`restore_search` writes it back, on any machine): its
+        ``metrics.json`` and its searched model as kept-channel masks (:func:`indices_to_mask`) with the hashes
+        that check the rebuild, no weights (a few kB: a committed results file can carry it). ``searched_model``
+        is None when there is none to carry: a run from before searched models were kept, or one whose search
+        trained the model (recovery between steps: its weights are not a slice of the source's).
+
+        :raises FileNotFoundError: the run did not finish.
+        """
+        out: Dict[str, Any] = {"metrics": self.read_metrics(), "searched_model": None}
+        if self.has_searched_model:
+            record = self.read_searched_record()
+            if record.state_dict is None:
+                out["searched_model"] = {
+                    "group_names": list(record.group_names), "kept_masks": [indices_to_mask(k) for k in
+                                                                            record.kept_indices],
+                    "input_size": list(record.input_size), "pruner": dict(record.pruner),
+                    "structure_hash": record.structure_hash, "weights_hash": record.weights_hash,
+                    "source_hash": record.source_hash, "source": record.source}
+        return out
+
+    def restore_search(self, data: Mapping[str, Any], source: nn.Module) -> None:
+        """Write a finished search folder from :meth:`export_search`'s ``data``: ``searched_model.zip`` rebuilt by
+        cutting ``source`` to the carried masks and checked against the carried hashes, then ``metrics.json`` (the
+        last file: it marks the run finished). A carried search without a searched model restores the metrics
+        only (what a report reads; a fine-tune of it is refused by the missing file).
+
+        :param data: one :meth:`export_search` result.
+        :param source: the unpruned model the search started from (e.g. the env's original model); unchanged.
+        :raises RunFolderError: the folder already holds a finished run.
+        :raises ValueError: ``source`` is not the model the search started from, or the rebuild does not give the
+            searched model (structure or weights hash); the message names the folder.
+        """
+        if self.is_finished:
+            raise RunFolderError(f"{self.path} already holds a finished run; restore into an empty folder")
+        carried = data.get("searched_model")
+        if carried is not None:
+            if weights_hash(source) != carried["source_hash"]:
+                raise ValueError(f"{self.path}: the source model given is not the one the carried search started "
+                                 f"from (weights sha256 {weights_hash(source)[:12]} != "
+                                 f"{carried['source_hash'][:12]} of {carried.get('source') or 'its source'})")
+            kept = [mask_to_indices(m) for m in carried["kept_masks"]]
+            model, names = rebuild_pruned(source, kept, carried["input_size"], carried["pruner"])
+            if names != list(carried["group_names"]) or structure_hash(model) != carried["structure_hash"] or \
+                    weights_hash(model) != carried["weights_hash"]:
+                raise ValueError(f"{self.path}: the model rebuilt from the carried kept channels is not the searched "
+                                 f"model (groups, structure or weights hash differ): the pruning engine changed "
+                                 f"since the search")
+            self.write_searched_model(model, source, kept, carried["input_size"], carried["pruner"],
+                                      source_name=carried.get("source"))
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.write_metrics(data["metrics"])
+
     # --------------------------------------------------------------------------------------------- checkpoint
     def write_checkpoint(self, checkpoint: RunCheckpoint) -> None:
         """``checkpoint.pt`` (atomically, in :mod:`pruning_env.persistence`'s versioned format).
@@ -757,6 +811,25 @@ def latest_run_folder(out_dir: PathLike, name: str) -> Optional[RunFolder]:
     return RunFolder(existing[-1][1]) if existing else None
 
 
+def indices_to_mask(indices: Sequence[int]) -> str:
+    """Kept channel indices as a hexadecimal bit mask (bit ``i`` set: channel ``i`` kept): a compact JSON form.
+
+    :param indices: distinct non-negative channel indices.
+    """
+    mask = 0
+    for i in indices:
+        if int(i) < 0:
+            raise ValueError(f"channel indices must be >= 0, got {i}")
+        mask |= 1 << int(i)
+    return format(mask, "x")
+
+
+def mask_to_indices(mask: str) -> List[int]:
+    """The sorted channel indices of an :func:`indices_to_mask` mask."""
+    value = int(mask, 16)
+    return [i for i in range(value.bit_length()) if value >> i & 1]
+
+
 def _format_cell(value: Any) -> Any:
     if isinstance(value, (list, tuple, np.ndarray)):
         return ";".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)
@@ -766,4 +839,4 @@ def _format_cell(value: Any) -> Any:
 __all__ = ["RunFolder", "RunCheckpoint", "SearchedModel", "structure_hash", "weights_hash", "rebuild_pruned",
            "SEARCHED_KIND", "SEARCHED_VERSION", "METRICS_SCHEMA", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "DATA_SETTINGS",
            "RunLock", "RunFolderError", "RunFolderLocked", "numbered_run_dirs", "claim_new_run_folder",
-           "latest_run_folder", "describe_owner"]
+           "latest_run_folder", "describe_owner", "indices_to_mask", "mask_to_indices"]

@@ -33,6 +33,12 @@ def test_unequal_budgets_are_refused(agent, m, problem):
     assert (found is None) if problem is None else (problem in found)
 
 
+def test_a_unit_searched_with_another_reward_estimator_is_refused():
+    m = {**metrics("ppo", 151), "reward_estimator": "adaptive_bn"}
+    assert "reward estimator 'adaptive_bn', not 'kd_refined'" in ca.budget_problem("ppo", m, 151, "kd_refined")
+    assert ca.budget_problem("ppo", m, 151, "adaptive_bn") is None
+
+
 def test_rl_agents_and_allocations():
     assert ca.is_rl("rl_pruner_improved") and ca.is_rl("ppo") and ca.is_rl("rl_pruner")
     assert not any(ca.is_rl(a) for a in ("uniform", "global_taylor", "random_search"))
@@ -94,6 +100,26 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     # a rerun finds every unit finished: nothing is searched or fine-tuned again
     forbid("benchmarks.compare_agents.run_unit", "benchmarks.compare_agents.finetune_searched")
     assert ca.main(argv) == 0
+    # the committed JSON carries the units to another machine: the run folders lost, --restore rebuilds every unit
+    # (searched models from kept-channel masks, hash-checked) and the report is the same, nothing run again
+    import shutil
+
+    saved = tmp_path / "committed.json"
+    shutil.copy(tmp_path / "results" / "compare_curves_vgg11w006.json", saved)
+    shutil.rmtree(tmp_path / "runs")
+    capsys.readouterr()
+    assert ca.main(argv + ["--restore", str(saved), "--report-only"]) == 0
+    assert "restored 12 unit(s)" in capsys.readouterr().out  # 4 searches, 8 fine-tunes
+    assert sorted(p.name for p in (root / "finetune").glob("*.json")) == units
+    again = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
+    assert again["targets"]["0.5"]["summary"] == block["summary"]
+    from rl_prune.run_folder import RunFolder
+
+    searched = RunFolder(root / "random_search_s1")
+    assert searched.has_searched_model and searched.read_metrics()["n_evaluations"] == 151
+    # another comparison's JSON is refused by name
+    with pytest.raises(SystemExit, match="is of another comparison: budget 151"):
+        ca.main(argv + ["--restore", str(saved), "--budget", "161", "--report-only"])
 
 
 def test_units_from_two_versions_of_one_checkpoint_are_refused_in_one_report():

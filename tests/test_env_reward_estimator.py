@@ -39,6 +39,7 @@ def test_every_registry_option_is_an_estimator_keyword_read_from_an_env_setting(
     ("reward_bn_batch_size", 1, "reward_bn_batch_size must be an integer >= 2"),
     ("reward_kd_lr", 0.0, "reward_kd_lr must be"),
     ("reward_refine_base", "multi_fidelity", "reward_refine_base must be one of"),
+    ("reward_refine_base", "kd_refined", "reward_refine_base must be one of"),
     ("reward_refine_top", 0, "reward_refine_top must be an integer >= 1"),
 ])
 def test_bad_estimator_settings_are_refused_by_name(field, value, match):
@@ -70,7 +71,7 @@ def test_each_estimator_scores_lookahead_and_step_and_leaves_the_source_model_un
     env.close()
 
 
-@pytest.mark.parametrize("name", ["short_kd", "bn_kd_loss", "multi_fidelity"])
+@pytest.mark.parametrize("name", ["short_kd", "bn_kd_loss", "multi_fidelity", "kd_refined"])
 def test_estimators_are_repeatable(splits, name):
     values = []
     for _ in range(2):
@@ -106,6 +107,7 @@ def test_adaptive_bn_is_top1_after_recalibration_on_training_images(splits):
     ("adaptive_bn", {"reward_samples": None, "reward_train_images": 64, "reward_bn_batch_size": 8}),
     ("bn_kd_loss", {"reward_samples": None, "reward_train_images": 64, "reward_bn_batch_size": 8}),
     ("multi_fidelity", {"reward_refine_base": "bn_kd_loss", "reward_samples": None}),
+    ("kd_refined", {}),
 ])
 def test_train_mode_passes_see_training_images_only(splits, name, extra):
     """Every forward pass with a BatchNorm layer in train mode (statistics or KD updates) gets training images:

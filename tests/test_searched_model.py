@@ -139,3 +139,42 @@ def test_every_agent_keeps_its_searched_model_and_its_fine_tune_repeats(agent, t
     other = finetune_searched(cfg, folder, seed=cfg.seed + 1)
     assert other["seed"] == cfg.seed + 1
     assert other["report"]["macs"] == metrics["pruned"]["macs"]
+
+
+def _finished(folder, env, model, kept, trained=False):
+    if trained:
+        model = copy.deepcopy(model)
+        with torch.no_grad():
+            next(model.parameters()).add_(0.5)
+    folder.write_searched_model(model, env.original_model, kept, env.input_size, SETTINGS, "tiny.pt")
+    folder.file(RunFolder.METRICS).write_text('{"name": "run", "n_evaluations": 7}')  # what export reads back
+
+
+def test_a_search_carried_as_json_restores_bit_exactly_and_checks_its_source(searched, tmp_path, monkeypatch):
+    import json
+
+    from rl_prune.run_folder import RunFolderError, indices_to_mask, mask_to_indices
+
+    assert mask_to_indices(indices_to_mask([0, 3, 9])) == [0, 3, 9] and indices_to_mask([0, 3]) == "9"
+    env, model, kept = searched
+    _finished(RunFolder(tmp_path / "a"), env, model, kept)
+    carried = json.loads(json.dumps(RunFolder(tmp_path / "a").export_search()))  # plain JSON, no tensors
+    assert carried["metrics"]["n_evaluations"] == 7
+    assert [len(mask_to_indices(m)) for m in carried["searched_model"]["kept_masks"]] == [len(k) for k in kept]
+    restored = RunFolder(tmp_path / "b")
+    # these metrics are a stub (the full schema is the pipeline's: test_compare_agents restores real runs)
+    monkeypatch.setattr(RunFolder, "write_metrics", lambda self, m: self.file(self.METRICS).write_text(json.dumps(m)))
+    restored.restore_search(carried, env.original_model)
+    with pytest.raises(RunFolderError, match="already holds a finished run"):
+        restored.restore_search(carried, env.original_model)
+    other = copy.deepcopy(env.original_model)
+    with torch.no_grad():
+        next(other.parameters()).mul_(2.0)
+    with pytest.raises(ValueError, match="not the one the carried search started from"):
+        RunFolder(tmp_path / "c").restore_search(carried, other)
+    assert not RunFolder(tmp_path / "c").is_finished
+    assert weights_hash(restored.read_searched_model(env.original_model)) == weights_hash(model)
+    assert restored.read_metrics()["n_evaluations"] == 7
+    # a search that trained its model cannot be carried as indices: its metrics only
+    _finished(RunFolder(tmp_path / "d"), env, model, kept, trained=True)
+    assert RunFolder(tmp_path / "d").export_search()["searched_model"] is None

@@ -215,20 +215,21 @@ class PruneEnvConfig(Settings):
     reads); ``"vanilla"`` is the authors' top-1 right after pruning."""
     reward_train_images: int = setting(256, low=2)
     """training images (never validation or test) for the estimators' BN statistics (``adaptive_bn``,
-    ``bn_kd_loss``: all of them) and KD batches (``short_kd``, ``multi_fidelity``: the first ones, cycled) (>= 2)."""
+    ``bn_kd_loss``: all of them) and KD batches (``short_kd``, ``multi_fidelity``, ``kd_refined``: the first ones,
+    cycled) (>= 2)."""
     reward_bn_batch_size: int = setting(64, low=2)
     """batch size of the BN statistics passes: the statistics average ``reward_train_images / reward_bn_batch_size``
     training batches (>= 2)."""
     reward_kd_batches: int = setting(10, low=1)
-    """SGD steps of batch 64 of the estimators' short KD fine-tune (``short_kd``; ``multi_fidelity``'s refinement)
-    (>= 1)."""
+    """SGD steps of batch 64 of the estimators' short KD fine-tune (``short_kd``, ``kd_refined``;
+    ``multi_fidelity``'s refinement) (>= 1)."""
     reward_kd_lr: float = setting(0.01, low=0, low_open=True)
     """constant SGD learning rate of that fine-tune (finite, > 0)."""
     reward_agreement: str = setting("top1", choices=AGREEMENT_METRICS)
     """``teacher_agreement``'s measure: ``"top1"`` (same prediction as the teacher) or ``"kl"``."""
     reward_refine_base: str = setting("adaptive_bn", choices=CHEAP_ESTIMATORS)
     """``multi_fidelity``'s cheap estimator: every candidate of a batched look-ahead gets it, and the refined ones
-    are measured with it again after the fine-tune."""
+    are measured with it again after the fine-tune; ``kd_refined``'s: what it measures after the fine-tune."""
     reward_refine_top: int = setting(2, low=1)
     """``multi_fidelity``: new candidates of each batched look-ahead that are refined, the best by cheap reward
     (>= 1)."""

@@ -244,9 +244,10 @@ def bn_kd_loss(model: nn.Module, teacher: nn.Module, reward_data: EvalData, trai
 def kd_refined(model: nn.Module, teacher: nn.Module, reward_data: EvalData, train_data: EvalData, *,
                base: Union[str, RewardEstimator] = "adaptive_bn", n_batches: int = 10, lr: float = 0.01,
                T: float = 2.0, soft_weight: float = 0.75, train_batch_size: int = 64) -> float:
-    """The refined score of the ``multi_fidelity`` estimator: the cheap estimator ``base`` measured on a copy after
-    :func:`kd_finetune` (``n_batches`` KD steps on training images). The env refines only a batch's best
-    candidates with it (``CandidateScorer.candidates``) and keeps the better of this and the cheap score.
+    """The cheap estimator ``base`` measured on a copy after :func:`kd_finetune` (``n_batches`` KD steps on training
+    images): the ``kd_refined`` estimator (every candidate) and the refined score of ``multi_fidelity`` (the env
+    refines only a batch's best candidates with it, ``CandidateScorer.candidates``, and keeps the better of this
+    and the cheap score).
 
     :param model: the pruned candidate (left unchanged).
     :param teacher: the unpruned source model (left unchanged).
@@ -260,7 +261,7 @@ def kd_refined(model: nn.Module, teacher: nn.Module, reward_data: EvalData, trai
     :param soft_weight: its weight of the distillation term.
     :param train_batch_size: its batch size.
     """
-    if isinstance(base, str) and base in REWARD_ESTIMATORS and REWARD_ESTIMATORS[base].refine_top is not None:
+    if isinstance(base, str) and base in REWARD_ESTIMATORS and base not in CHEAP_ESTIMATORS:
         raise ValueError(f"base must score one candidate on its own, one of {CHEAP_ESTIMATORS}; got {base!r}")
     fn = make_estimator(base) if isinstance(base, str) else base
     net = kd_finetune(model, teacher, train_data, n_batches=n_batches, lr=lr, T=T, soft_weight=soft_weight,
@@ -349,9 +350,16 @@ REWARD_ESTIMATORS: Dict[str, EstimatorSpec] = {
                                     "re-measured after a short KD fine-tune for its reward_refine_top best",
                                     teacher=True, train_images=True, train_batches="n_batches",
                                     refine_top="reward_refine_top"),
+    "kd_refined": EstimatorSpec(kd_refined, {"base": "reward_refine_base", "n_batches": "reward_kd_batches",
+                                             "lr": "reward_kd_lr", "T": "kd_T", "soft_weight": "kd_soft_weight"},
+                                "reward_refine_base after a short KD fine-tune (reward_kd_batches steps), for every "
+                                "candidate: the estimate that ranks candidates at 8x (reward_fidelity_ceiling.md)",
+                                teacher=True, train_images=True, train_batches="n_batches"),
 }
-#: the estimators that score one candidate on their own: the cheap estimates a multi-fidelity entry can build on
-CHEAP_ESTIMATORS = tuple(name for name, spec in REWARD_ESTIMATORS.items() if spec.refine_top is None)
+#: the estimators that score one candidate on their own, built on no other: the cheap estimates that a
+#: multi-fidelity entry and ``kd_refined`` can build on
+CHEAP_ESTIMATORS = tuple(name for name, spec in REWARD_ESTIMATORS.items()
+                         if spec.refine_top is None and "base" not in spec.options)
 
 
 def make_estimator(name: str, **options: Union[int, float, str]) -> RewardEstimator:

@@ -110,7 +110,8 @@ class CandidateScorer:
 
     A multi-fidelity estimator (an entry with ``refine_top``, e.g. ``multi_fidelity``) scores every candidate with
     its cheap ``base`` estimator (:meth:`accuracy`, :meth:`score`); :meth:`candidates` then refines the
-    ``refine_top`` best of a batch (:meth:`refine`).
+    ``refine_top`` best of a batch (:meth:`refine`). ``kd_refined`` (built on a ``base`` with no ``refine_top``)
+    gives every estimate that refined score.
 
     :param estimator: a name in :data:`~pruning_env.envs.reward.REWARD_ESTIMATORS`.
     :param options: its keyword options.
@@ -136,11 +137,18 @@ class CandidateScorer:
         make_estimator(estimator, **self.options)  # an unknown name or option is refused here
         self.refine_spec: Optional[EstimatorSpec] = None
         self.refine_top = 0
+        #: every estimate is the refined one (``kd_refined``: an entry built on a ``base`` with no ``refine_top``)
+        self.refine_all = False
         cheap, cheap_options = estimator, self.options
-        if REWARD_ESTIMATORS[estimator].refine_top is not None:
-            if int(refine_top) < 1:
-                raise ValueError(f"refine_top must be an integer >= 1, got {refine_top!r}")
-            self.refine_spec, self.refine_top = REWARD_ESTIMATORS[estimator], int(refine_top)
+        entry = REWARD_ESTIMATORS[estimator]
+        if "base" in entry.options:  # built on a cheap estimator: multi-fidelity, or refined for every candidate
+            if entry.refine_top is not None:
+                if int(refine_top) < 1:
+                    raise ValueError(f"refine_top must be an integer >= 1, got {refine_top!r}")
+                self.refine_top = int(refine_top)
+            else:
+                self.refine_all = True
+            self.refine_spec = entry
             cheap = self.options.pop("base", self.refine_spec.default("base"))
             if cheap not in CHEAP_ESTIMATORS:
                 raise ValueError(f"{estimator}'s base must score one candidate on its own, one of "
@@ -154,6 +162,8 @@ class CandidateScorer:
         self.cheap_batches = self.spec.batches_per_call(cheap_options)
         self.refine_batches = (self.refine_spec.batches_per_call(self.options) + self.cheap_batches
                                if self.refine_spec is not None else 0)
+        #: SGD batches of one estimate of :meth:`accuracy` / :meth:`score`
+        self.score_batches = self.refine_batches if self.refine_all else self.cheap_batches
         self.x, self.y = reward_images
         self.train_images = train_images
         self.original = original
@@ -177,10 +187,11 @@ class CandidateScorer:
         """
         cuda = torch.device(device).type == "cuda"
         spec = REWARD_ESTIMATORS[cfg.reward_estimator]
-        refine = {}
-        if spec.refine_top is not None:  # multi-fidelity: the base's own options, and how many are refined
-            refine = dict(base_options=REWARD_ESTIMATORS[cfg.reward_refine_base].options_from(cfg),
-                          refine_top=getattr(cfg, spec.refine_top))
+        refine: Dict[str, Any] = {}
+        if "base" in spec.options:  # built on a cheap estimator: the base's own options (and how many are refined)
+            refine = dict(base_options=REWARD_ESTIMATORS[cfg.reward_refine_base].options_from(cfg))
+            if spec.refine_top is not None:
+                refine["refine_top"] = getattr(cfg, spec.refine_top)
         return cls(cfg.reward_estimator, spec.options_from(cfg), task.reward_data, task.estimator_data, original,
                    cfg.alpha, cfg.beta, cfg.eval_batch_size, amp=cuda and cfg.amp,
                    channels_last=cuda and cfg.channels_last, seed=int(cfg.seed or 0), **refine)
@@ -199,12 +210,12 @@ class CandidateScorer:
     @property
     def refines(self) -> bool:
         """Whether the estimator is multi-fidelity: :meth:`candidates` refines a batch's best candidates."""
-        return self.refine_spec is not None
+        return self.refine_top > 0
 
     @property
     def queues_top1(self) -> bool:
         """Whether the accuracy is the plain top-1 that :meth:`top1_hits` queues without a sync (``vanilla``)."""
-        return self.spec.plain_top1
+        return self.spec.plain_top1 and not self.refine_all
 
     @property
     def n_images(self) -> int:
@@ -253,6 +264,8 @@ class CandidateScorer:
         :param model: a built candidate, or any model of the task (the original, a recovered one).
         :param teacher: the KD / agreement teacher of the state.
         """
+        if self.refine_all:
+            return self._refined(model, teacher)
         if self.queues_top1:
             return self._top1(model)
         with TorchRNG(self.seed, model_device(model)):
@@ -303,16 +316,21 @@ class CandidateScorer:
         :param plan: a plan of that pruner.
         :param teacher: the state's teacher (the fine-tune's).
         """
-        if self.refine_spec is None:
+        if not self.refines:
             raise RuntimeError(f"the {self.estimator!r} estimator does not refine candidates (no refine_top entry)")
         t0 = time.perf_counter()
         model = self.build(pruner, plan)
         sync(self.device)
         t1 = time.perf_counter()
-        with TorchRNG(self.seed, model_device(model)):
-            accuracy = float(self._refine_fn(model, teacher, (self.x, self.y), self.train_images,
-                                             base=lambda net, *_: self._estimate(net, teacher)))
+        accuracy = self._refined(model, teacher)
         return Scored(None, accuracy, t1 - t0, time.perf_counter() - t1)
+
+    def _refined(self, model: nn.Module, teacher: Optional[nn.Module]) -> float:
+        """The cheap estimate of a copy of ``model`` after the estimator's short KD fine-tune (its own RNG stream)."""
+        with TorchRNG(self.seed, model_device(model)):
+            base = self._top1 if self.spec.plain_top1 else (lambda net: self._estimate(net, teacher))
+            return float(self._refine_fn(model, teacher, (self.x, self.y), self.train_images,
+                                         base=lambda net, *_: base(net)))
 
     def reductions(self, cost: Cost) -> Reductions:
         """Fractions of the original cost that ``cost`` removes."""
@@ -373,7 +391,7 @@ class CandidateScorer:
         for (step, plan, cost, t_plan), s in zip(planned, scored):
             r = self.reductions(cost)
             out.append(Candidate(s.model, plan, step, cost, r, s.accuracy, self.reward(s.accuracy, r, step.keep),
-                                 t_plan + s.time_prune, s.time_eval, s.accuracy, train_batches=self.cheap_batches))
+                                 t_plan + s.time_prune, s.time_eval, s.accuracy, train_batches=self.score_batches))
         n = min(self.refine_top if refine else 0, len(out))
         if max_evaluations is not None:
             n = max(0, min(n, int(max_evaluations) - len(out)))
