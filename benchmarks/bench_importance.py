@@ -19,10 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pruning_env.pruning import Pruner
-from pruning_env.runtime import atomic_write_text, machine_info, seed_everything
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.common is imported from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import spearman  # noqa: E402
+from pruning_env.pruning import Pruner  # noqa: E402
+from pruning_env.runtime import atomic_write_text, machine_info, seed_everything  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,11 +78,6 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
     return correct / len(x)
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def agreement(model: nn.Module, batches: List[tuple]) -> List[Dict[str, Any]]:
     """Per group: bottom-half overlap and rank correlation of ``taylor`` vs ``taylor_filter``, per batch."""
     pruner = Pruner(model, batches[0][0][:1])
@@ -93,7 +91,7 @@ def agreement(model: nn.Module, batches: List[tuple]) -> List[Dict[str, Any]]:
             low_a = set(np.argsort(a, kind="stable")[:half].tolist())
             low_b = set(np.argsort(b, kind="stable")[:half].tolist())
             row["overlap"].append(len(low_a & low_b))
-            row["spearman"].append(_spearman(a, b))
+            row["spearman"].append(spearman(a, b))
     return rows
 
 

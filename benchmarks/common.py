@@ -38,6 +38,20 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else float("nan"), "n": int(a.size)}
 
 
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson correlation of the tie-averaged ranks); nan if one side is constant."""
+    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
+    if np.ptp(rx) == 0 or np.ptp(ry) == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 def pooled_std(*stats: Mapping[str, float]) -> float:
     """Pooled standard deviation of groups summarised by :func:`mean_std`:
     ``sqrt(sum((n_i - 1) s_i^2) / sum(n_i - 1))``; NaN when a group has fewer than two values.

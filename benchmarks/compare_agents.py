@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from agents.registry import AGENTS  # noqa: E402
 from benchmarks.common import (best_vs_best, failures_section, fmt, machine_line, markdown_table, mean_std,  # noqa: E402
-                               num, pooled_std, provenance)
+                               num, pooled_std, provenance, spearman)
 from pruning_env.runtime import atomic_write_text  # noqa: E402
 from rl_prune.config import ConfigError, PruneRunConfig, load_config, parse_overrides  # noqa: E402
 from rl_prune.pipeline import build_env, finetune_searched  # noqa: E402
@@ -142,16 +142,41 @@ def ft_seed_value(search_seed: int, index: int, n_search_seeds: int) -> int:
     return int(search_seed) + int(index) * int(n_search_seeds)
 
 
+#: the default length of the training after pruning: its fine-tune units live in ``finetune/``, others' in
+#: ``finetune_e{epochs}/`` beside them (the same search units fine-tuned for another length: the length check)
+DEFAULT_FT_EPOCHS = 15
+
+
+def finetune_folder(epochs: int) -> str:
+    """``finetune`` for :data:`DEFAULT_FT_EPOCHS` training epochs, ``finetune_e{epochs}`` for another length."""
+    return "finetune" if int(epochs) == DEFAULT_FT_EPOCHS else f"finetune_e{int(epochs)}"
+
+
 class Layout:
-    """Where the units of one comparison live: ``{out}/{model}/{schedule}/t{target}/``.
+    """Where the units of one comparison live: ``{out}/{model}/{schedule}/t{target}/``, the fine-tunes of
+    ``finetune_epochs`` training epochs in its :func:`finetune_folder`.
 
     :param out_dir: the benchmark's ``--out-dir``.
     :param model: :func:`model_tag`.
     :param schedule: ``oneshot`` (or the schedule's name).
+    :param finetune_epochs: training epochs after pruning (``--finetune-epochs``).
     """
 
-    def __init__(self, out_dir: Path, model: str, schedule: str) -> None:
+    def __init__(self, out_dir: Path, model: str, schedule: str, finetune_epochs: int = DEFAULT_FT_EPOCHS) -> None:
         self.root = Path(out_dir) / model / schedule
+        self.out_dir, self.finetune_epochs = Path(out_dir), int(finetune_epochs)
+
+    def with_epochs(self, epochs: int) -> "Layout":
+        """The same comparison's layout for fine-tunes of another length."""
+        return Layout(self.out_dir, self.root.parent.name, self.root.name, epochs)
+
+    def lengths(self, target: float) -> List[int]:
+        """The fine-tune lengths (training epochs) that have a folder of units at ``target``."""
+        found = []
+        for d in (self.root / target_name(target)).glob("finetune*"):
+            if d.is_dir() and (d.name == "finetune" or d.name.startswith("finetune_e")):
+                found.append(DEFAULT_FT_EPOCHS if d.name == "finetune" else int(d.name[len("finetune_e"):]))
+        return sorted(found)
 
     def search(self, target: float, agent: str, seed: int) -> Path:
         """The search unit's run folder."""
@@ -159,7 +184,8 @@ class Layout:
 
     def finetune(self, target: float, agent: str, seed: int, ft_seed: int) -> Path:
         """The fine-tune unit's result file."""
-        return self.root / target_name(target) / "finetune" / f"{agent}_s{seed}_f{ft_seed}.json"
+        return (self.root / target_name(target) / finetune_folder(self.finetune_epochs)
+                / f"{agent}_s{seed}_f{ft_seed}.json")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -438,8 +464,11 @@ def restore_units(args: argparse.Namespace, layout: Layout, path: Path) -> int:
             except ValueError as err:
                 raise SystemExit(f"error: --restore {path}: {err}") from None
             written += 1
-        for rec in block["carry"]["finetunes"]:
-            out = layout.finetune(target, rec["agent"], int(rec["search_seed"]), int(rec["ft_seed"]))
+        records = [(layout, r) for r in block["carry"]["finetunes"]]
+        records += [(layout.with_epochs(int(k)), r) for k, rs in block["carry"].get("finetunes_other_lengths",
+                                                                                     {}).items() for r in rs]
+        for where, rec in records:
+            out = where.finetune(target, rec["agent"], int(rec["search_seed"]), int(rec["ft_seed"]))
             if rec["agent"] in args.agents and int(rec["search_seed"]) < args.search_seeds and not out.is_file():
                 out.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(json.dumps(rec, indent=2, default=float), out)
@@ -623,6 +652,54 @@ def leaderboard_lines(t: str, summary: Dict[str, Dict[str, Any]]) -> List[str]:
          "search s", "fine-tune s"], rows), ""]
 
 
+def length_check(args: argparse.Namespace, layout: Layout, target: float,
+                 main: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The same search units fine-tuned for other lengths (their ``finetune_e{epochs}`` folders): per length the
+    summary, the verdict and Spearman's rho of the agents' means against ``main``'s (the verdict's length), so a
+    reader sees whether the ranking is stable in the fine-tune length.
+
+    :param args: the comparison (its ``--finetune-epochs`` is the verdict's length).
+    :param layout: its layout.
+    :param target: the FLOPs reduction.
+    :param main: :func:`summarise` of the verdict's length.
+    """
+    import copy
+
+    out: Dict[str, Any] = {}
+    for epochs in layout.lengths(target):
+        if epochs == args.finetune_epochs:
+            continue
+        other = copy.copy(args)
+        other.finetune_epochs = epochs
+        block = collect(other, layout.with_epochs(epochs), target)
+        summary = summarise(block)
+        common = [a for a in summary if a in main]
+        rho = spearman([main[a]["test"]["mean"] for a in common],
+                       [summary[a]["test"]["mean"] for a in common]) if len(common) >= 3 else float("nan")
+        out[str(epochs)] = {"summary": summary, "verdict": target_verdict(summary, other), "agents": common,
+                            "rho_vs_main": rho,
+                            "finetunes": [r for a in block["agents"].values() for r in a["finetunes"]]}
+    return out
+
+
+def length_lines(t: str, main_epochs: int, main: Dict[str, Dict[str, Any]], lengths: Dict[str, Any]) -> List[str]:
+    """The markdown of :func:`length_check` for one target (nothing when no other length was run)."""
+    if not lengths:
+        return []
+    cols = [str(main_epochs), *lengths]
+    summaries = {str(main_epochs): main, **{k: v["summary"] for k, v in lengths.items()}}
+    agents = sorted(main, key=lambda a: -main[a]["test"]["mean"])
+    rows = [[f"`{a}`", *[fmt(summaries[c][a]["test"]) if a in summaries[c] else "–" for c in cols]] for a in agents]
+    lines = [f"### Fine-tune length at {t}", "",
+             *markdown_table(["agent", *[f"{c} epochs" + (" (verdict)" if c == str(main_epochs) else "")
+                                         for c in cols]], rows), ""]
+    for k, v in lengths.items():
+        lines.append(f"- {k} epochs: agents' ranking vs {main_epochs} epochs Spearman rho "
+                     f"{num(v['rho_vs_main'], '+.2f')} over {len(v['agents'])} agents; "
+                     + verdict_sentence(f"{t} at {k} epochs", v["verdict"]).replace("**", ""))
+    return [*lines, ""]
+
+
 def base_weights(per_target: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
     """The weights hash of the base model the finished search units started from, per base: the config's checkpoint
     (one for every unit), or for a seeded untrained model (no checkpoint) its search seed. Units of one checkpoint
@@ -654,7 +731,8 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     for target in args.targets:
         block = collect(args, layout, target)
         summary = summarise(block)
-        per_target[f"{target:g}"] = {"units": block, "summary": summary, "verdict": target_verdict(summary, args)}
+        per_target[f"{target:g}"] = {"units": block, "summary": summary, "verdict": target_verdict(summary, args),
+                                     "lengths": length_check(args, layout, target, summary)}
         for data in block["agents"].values():
             for s in data["searches"].values():
                 original = original or s["original"]
@@ -688,15 +766,43 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
                       for a in b["units"]["agents"].values() for r in a["finetunes"]],
             # what --restore needs to rebuild the units on another machine: each search's metrics and searched
             # model as kept-channel masks (hash-checked), each fine-tune's record
+            "lengths": {k: {"summary": v["summary"], "verdict": v["verdict"], "rho_vs_main": v["rho_vs_main"]}
+                        for k, v in b["lengths"].items()},
             "carry": {"searches": b["units"]["carried"],
-                      "finetunes": [r for a in b["units"]["agents"].values() for r in a["finetunes"]]}}
+                      "finetunes": [r for a in b["units"]["agents"].values() for r in a["finetunes"]],
+                      "finetunes_other_lengths": {k: v["finetunes"] for k, v in b["lengths"].items()}}}
         for t, b in per_target.items()}}
     results.mkdir(parents=True, exist_ok=True)
+    kept = keep_other_targets(payload, results / f"{stem}.json")
+    if kept:
+        meta["note"] = (meta["note"] + " " if meta["note"] else "") + (
+            f"The JSON also keeps the earlier report's target(s) {', '.join(kept)} (not in this command's --targets; "
+            f"rerun with them to see them here).")
     atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
     plot(per_target, args.agents, original["test_top1"], results / f"{stem}.png",
          f"{model} ({meta['schedule']}, budget {args.budget}, {args.finetune_epochs} training epochs after pruning)")
     atomic_write_text(render_markdown(meta, per_target, stem), results / f"{stem}.md")
     return results / f"{stem}.md"
+
+
+def keep_other_targets(payload: Dict[str, Any], path: Path) -> List[str]:
+    """Copy into ``payload`` the targets of the results JSON at ``path`` that ``payload`` lacks, when that JSON is of
+    the same comparison (model, schedule, budget, fine-tune length, reward estimator): a command run for one target
+    does not drop another's results and carried units. Returns the targets kept."""
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    keys = ("model", "schedule", "budget", "finetune_epochs", "reward_estimator")
+    if any(old.get("meta", {}).get(k) != payload["meta"].get(k) for k in keys):
+        return []
+    kept = [t for t in old.get("targets", {}) if t not in payload["targets"]]
+    for t in kept:
+        payload["targets"][t] = old["targets"][t]
+    payload["meta"]["targets_kept_from_earlier_report"] = kept
+    return kept
 
 
 #: the authors' protocol (spec: 10 samples x 10 RL epochs per step, every step scored on the full validation set,
@@ -857,6 +963,8 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
             lines.append(f"- refused: `{unit}` {why}")
         if b["units"]["refused"]:
             lines.append("")
+    for t, b in per_target.items():
+        lines += length_lines(t, meta["finetune_epochs"], b["summary"], b["lengths"])
     failures = {k: v for b in per_target.values() for k, v in b["units"]["failures"].items()}
     missing = [m for b in per_target.values() for m in b["units"]["missing"]]
     lines += search_cost_lines(search_cost(per_target, meta), meta)
@@ -878,7 +986,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    layout = Layout(Path(args.out_dir), model_tag(cfg), schedule_name(args))
+    layout = Layout(Path(args.out_dir), model_tag(cfg), schedule_name(args), args.finetune_epochs)
     if args.restore:
         print(f"restored {restore_units(args, layout, Path(args.restore))} unit(s) from {args.restore}")
     if not args.report_only:

@@ -39,6 +39,10 @@ from pruning_env.training import evaluate, finetune
 from rl_prune.run_folder import weights_hash
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: benchmarks.common is imported from the repository root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import spearman  # noqa: E402
 
 #: estimator label -> (registered name, options, validation images per estimate: None = every one); vanilla is
 #: first: every cost is a ratio to it. ``*_all``: variant (a), more images per estimate (every validation image,
@@ -251,20 +255,6 @@ def run_finetune(student: nn.Module, ft_teacher: nn.Module, splits, test_data, a
     correct = (logits_on(net, test_data).argmax(1).cpu() == test_data[1]).numpy().astype(int)
     return {"seed": seed, "seconds": seconds, "test_top1": float(correct.mean()),
             "val_top1": evaluate(net, splits.val)["top1"], "test_correct": "".join(map(str, correct))}
-
-
-def _ranks(a: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
-    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson correlation of the tie-averaged ranks); nan if one side is constant."""
-    rx, ry = _ranks(np.asarray(x, float)), _ranks(np.asarray(y, float))
-    if np.ptp(rx) == 0 or np.ptp(ry) == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def bootstrap_rho(x: Sequence[float], y: Sequence[float], n: int, seed: int) -> Dict[str, float]:

@@ -33,6 +33,17 @@ def test_unequal_budgets_are_refused(agent, m, problem):
     assert (found is None) if problem is None else (problem in found)
 
 
+def test_a_report_for_one_target_keeps_the_other_targets_of_the_same_comparison(tmp_path):
+    meta = {"model": "m", "schedule": "oneshot", "budget": 151, "finetune_epochs": 15, "reward_estimator": "x"}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": meta, "targets": {"0.875": {"carry": 1}, "0.5": {"carry": 2}}}))
+    payload = {"meta": dict(meta), "targets": {"0.5": {"carry": 3}}}
+    assert ca.keep_other_targets(payload, path) == ["0.875"]
+    assert payload["targets"] == {"0.5": {"carry": 3}, "0.875": {"carry": 1}}
+    other = {"meta": {**meta, "budget": 161}, "targets": {}}  # another comparison's file is not merged
+    assert ca.keep_other_targets(other, path) == [] and other["targets"] == {}
+
+
 def test_a_unit_searched_with_another_reward_estimator_is_refused():
     m = {**metrics("ppo", 151), "reward_estimator": "adaptive_bn"}
     assert "reward estimator 'adaptive_bn', not 'kd_refined'" in ca.budget_problem("ppo", m, 151, "kd_refined")
@@ -79,11 +90,11 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
             str(tmp_path / "results")]
     assert ca.main(argv) == 0
     root = tmp_path / "runs" / "vgg11w006" / "oneshot" / "t0500"
-    units = sorted(p.name for p in (root / "finetune").glob("*.json"))
+    units = sorted(p.name for p in (root / "finetune_e1").glob("*.json"))
     assert units == ["random_search_s0_f0.json", "random_search_s0_f2.json", "random_search_s1_f1.json",
                      "random_search_s1_f3.json", "uniform_s0_f0.json", "uniform_s0_f2.json", "uniform_s1_f1.json",
                      "uniform_s1_f3.json"]
-    record = json.loads((root / "finetune" / "random_search_s1_f3.json").read_text())
+    record = json.loads((root / "finetune_e1" / "random_search_s1_f3.json").read_text())
     assert record["search"]["n_evaluations"] == 151 and record["finetune"]["seed"] == 3
     assert record["command"].startswith("python benchmarks/compare_agents.py") and record["machine"]["cpu_count"]
     report = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
@@ -97,6 +108,23 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     assert (tmp_path / "results" / "compare_curves_vgg11w006.png").is_file()
     md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
     assert "| `random_search` | 2 | 2/2 |" in md and "Command: `python benchmarks/compare_agents.py" in md
+    # the length check: the same search units fine-tuned for another length, in their own folder, reported beside
+    forbid_search = pytest.MonkeyPatch()
+    forbid_search.setattr("benchmarks.compare_agents.run_unit", lambda *a, **k: pytest.fail("searched again"))
+    try:
+        two = list(argv)
+        two[two.index("--finetune-epochs") + 1] = "2"
+        two[two.index("--ft-seeds") + 1] = "1"
+        assert ca.main(two) == 0
+    finally:
+        forbid_search.undo()
+    assert sorted(p.name for p in (root / "finetune_e2").glob("*.json")) == [
+        "random_search_s0_f0.json", "random_search_s1_f1.json", "uniform_s0_f0.json", "uniform_s1_f1.json"]
+    assert ca.main(argv + ["--report-only"]) == 0
+    report = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
+    assert sorted(report["targets"]["0.5"]["lengths"]["2"]["summary"]) == ["random_search", "uniform"]
+    md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
+    assert "### Fine-tune length at 0.5" in md and "| 1 epochs (verdict) | 2 epochs |" in md
     # a rerun finds every unit finished: nothing is searched or fine-tuned again
     forbid("benchmarks.compare_agents.run_unit", "benchmarks.compare_agents.finetune_searched")
     assert ca.main(argv) == 0
@@ -109,8 +137,9 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     shutil.rmtree(tmp_path / "runs")
     capsys.readouterr()
     assert ca.main(argv + ["--restore", str(saved), "--report-only"]) == 0
-    assert "restored 12 unit(s)" in capsys.readouterr().out  # 4 searches, 8 fine-tunes
-    assert sorted(p.name for p in (root / "finetune").glob("*.json")) == units
+    assert "restored 16 unit(s)" in capsys.readouterr().out  # 4 searches, 8 + 4 fine-tunes
+    assert sorted(p.name for p in (root / "finetune_e1").glob("*.json")) == units
+    assert len(list((root / "finetune_e2").glob("*.json"))) == 4
     again = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
     assert again["targets"]["0.5"]["summary"] == block["summary"]
     from rl_prune.run_folder import RunFolder
