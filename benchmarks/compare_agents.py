@@ -829,11 +829,12 @@ def bn_images(meta: Dict[str, Any]) -> int:
 FIDELITY_RESULTS = ROOT / "benchmarks" / "results" / "reward_fidelity_ceiling.json"
 
 
-def vanilla_share(meta: Dict[str, Any]) -> Tuple[Optional[float], str]:
+def vanilla_share(meta: Dict[str, Any], target: Optional[str] = None) -> Tuple[Optional[float], str]:
     """The cost of a vanilla evaluation of our reward images as a share of one of our evaluations, and how it was
     found: by image count for ``vanilla`` and ``adaptive_bn`` (reward images / reward + BN images); for an
     estimator that trains (``kd_refined``) the measured ``cost_ratio`` of :data:`FIDELITY_RESULTS` (label
-    ``kd_refined{reward_kd_batches}``); None when neither applies."""
+    ``kd_refined{reward_kd_batches}``, at ``target`` when it was measured there, else the mean over its targets);
+    None when neither applies."""
     estimator, reward = meta.get("reward_estimator"), int(meta.get("reward_samples") or meta["val_size"])
     if estimator in ("vanilla", "adaptive_bn"):
         return reward / (reward + bn_images(meta)), (f"{reward} reward images + {bn_images(meta)} BN images per "
@@ -841,6 +842,8 @@ def vanilla_share(meta: Dict[str, Any]) -> Tuple[Optional[float], str]:
     label = f"{estimator}{meta.get('reward_kd_batches', 10)}"
     if estimator == "kd_refined" and FIDELITY_RESULTS.is_file():
         summary = json.loads(FIDELITY_RESULTS.read_text())["summary"]
+        if target in summary:
+            summary = {target: summary[target]}
         ratios = [b["estimators"][label]["cost_ratio"] for b in summary.values() if label in b["estimators"]]
         if ratios:
             ratio = float(np.mean(ratios))
@@ -858,11 +861,11 @@ def search_cost(per_target: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> 
     out: Dict[str, Any] = {}
     if not isinstance(meta.get("val_size"), int):  # a fraction or unset: the image count is not known here
         return out
-    share, _ = vanilla_share(meta)
-    if share is None:
-        return out
-    scale = int(meta["val_size"]) / int(meta.get("reward_samples") or meta["val_size"]) * share
     for t, block in per_target.items():
+        share, _ = vanilla_share(meta, t)
+        if share is None:
+            continue
+        scale = int(meta["val_size"]) / int(meta.get("reward_samples") or meta["val_size"]) * share
         units = [s for data in block["units"]["agents"].values() for s in data["searches"].values()]
         searching = [s for s in units if s["n_evaluations"] == meta["budget"]]
         if not searching:
@@ -896,7 +899,7 @@ def search_cost_lines(cost: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
                      f"{c['wall_ratio']:.3f}"])
     return ["## Search cost vs the authors' protocol", "",
             "Ours: the budget's evaluations, each timed on this machine (search seconds / evaluations of the "
-            f"searching agents' units: {vanilla_share(meta)[1]}; agent overhead included). "
+            f"searching agents' units: {vanilla_share(meta, next(iter(cost)))[1]}; agent overhead included). "
             f"Authors: 10 samples x 10 RL epochs per step, 1 % of the filters per step (steps to the target's "
             f"channel sparsity when every layer is cut alike), every evaluation on the full validation split "
             f"({meta['val_size']} images, vanilla accuracy: our per-evaluation cost x "

@@ -240,3 +240,15 @@ def test_the_authors_search_cost_is_scaled_from_the_measured_one():
     assert cost["wall_ratio"] == pytest.approx(151 * 2.0 / cost["authors_search_s"])
     text = "\n".join(ca.search_cost_lines({"0.75": cost}, meta))
     assert f"0.75 **{'yes' if cost['wall_ratio'] <= 0.1 else 'no'}**" in text
+
+
+def test_the_authors_cost_under_a_training_estimator_comes_from_its_measured_cost_ratio(tmp_path, monkeypatch):
+    fidelity = tmp_path / "fidelity.json"
+    fidelity.write_text(json.dumps({"summary": {"0.875": {"estimators": {"kd_refined10": {"cost_ratio": 16.0}}},
+                                                "0.5": {"estimators": {"kd_refined10": {"cost_ratio": 8.0}}}}}))
+    monkeypatch.setattr(ca, "FIDELITY_RESULTS", fidelity)
+    meta = {"val_size": 1000, "reward_samples": 250, "reward_estimator": "kd_refined", "reward_kd_batches": 10}
+    assert ca.vanilla_share(meta, "0.875")[0] == 1 / 16 and ca.vanilla_share(meta, "0.5")[0] == 1 / 8
+    assert ca.vanilla_share(meta, "0.75")[0] == pytest.approx(1 / 12)  # not measured there: the mean ratio
+    assert ca.vanilla_share({**meta, "reward_kd_batches": 3}, "0.875")[0] is None  # never measured: no estimate
+    assert "16.0 vanilla evaluations" in ca.vanilla_share(meta, "0.875")[1]
