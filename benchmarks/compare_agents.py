@@ -225,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="a paragraph for the top of the markdown")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished units")
     p.add_argument("--restore", default=None, metavar="JSON",
-                   help="first rebuild the finished units of a compare_curves JSON this script wrote (its searched "
-                        "models from kept-channel masks, hash-checked against the base checkpoint; its fine-tune "
-                        "records) where they are missing: the committed results carry the work to another machine")
+                   help="first rebuild the finished units of a compare_curves_<model>_units.json this script wrote "
+                        "(its searched models from kept-channel masks, hash-checked against the base checkpoint; its "
+                        "fine-tune records) where they are missing: the committed results carry the work to another "
+                        "machine")
     return p
 
 
@@ -424,7 +425,8 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
 
 
 def restore_units(args: argparse.Namespace, layout: Layout, path: Path) -> int:
-    """Rebuild the missing units of this comparison from a results JSON :func:`write_report` wrote (its ``carry``):
+    """Rebuild the missing units of this comparison from the ``{stem}_units.json`` :func:`write_report` wrote beside
+    the report (each target's ``carry``):
     each search folder through ``RunFolder.restore_search`` (the searched model rebuilt from its kept-channel masks
     on the task's base model and checked against the carried hashes), each fine-tune record as written. Units of
     other agents, targets or seeds are left out; finished units here are kept. Returns the units written.
@@ -764,21 +766,25 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
                       | {"test_top1": r["finetune"]["report"]["test_top1"], "ft_s": r["finetune"]["seconds"],
                          "machine": r["machine"]}
                       for a in b["units"]["agents"].values() for r in a["finetunes"]],
-            # what --restore needs to rebuild the units on another machine: each search's metrics and searched
-            # model as kept-channel masks (hash-checked), each fine-tune's record
             "lengths": {k: {"summary": v["summary"], "verdict": v["verdict"], "rho_vs_main": v["rho_vs_main"]}
-                        for k, v in b["lengths"].items()},
-            "carry": {"searches": b["units"]["carried"],
-                      "finetunes": [r for a in b["units"]["agents"].values() for r in a["finetunes"]],
-                      "finetunes_other_lengths": {k: v["finetunes"] for k, v in b["lengths"].items()}}}
+                        for k, v in b["lengths"].items()}}
+        for t, b in per_target.items()}}
+    # what --restore needs to rebuild the units on another machine (a compact file beside the report): each
+    # search's metrics and searched model as kept-channel masks (hash-checked), each fine-tune's record
+    carry = {"meta": meta, "targets": {t: {"carry": {
+        "searches": b["units"]["carried"],
+        "finetunes": [r for a in b["units"]["agents"].values() for r in a["finetunes"]],
+        "finetunes_other_lengths": {k: v["finetunes"] for k, v in b["lengths"].items()}}}
         for t, b in per_target.items()}}
     results.mkdir(parents=True, exist_ok=True)
+    keep_other_targets(carry, results / f"{stem}_units.json")
     kept = keep_other_targets(payload, results / f"{stem}.json")
     if kept:
         meta["note"] = (meta["note"] + " " if meta["note"] else "") + (
             f"The JSON also keeps the earlier report's target(s) {', '.join(kept)} (not in this command's --targets; "
             f"rerun with them to see them here).")
     atomic_write_text(json.dumps(payload, indent=2, default=float), results / f"{stem}.json")
+    atomic_write_text(json.dumps(carry, separators=(",", ":"), default=float), results / f"{stem}_units.json")
     plot(per_target, args.agents, original["test_top1"], results / f"{stem}.png",
          f"{model} ({meta['schedule']}, budget {args.budget}, {args.finetune_epochs} training epochs after pruning)")
     atomic_write_text(render_markdown(meta, per_target, stem), results / f"{stem}.md")

@@ -133,7 +133,7 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     import shutil
 
     saved = tmp_path / "committed.json"
-    shutil.copy(tmp_path / "results" / "compare_curves_vgg11w006.json", saved)
+    shutil.copy(tmp_path / "results" / "compare_curves_vgg11w006_units.json", saved)
     shutil.rmtree(tmp_path / "runs")
     capsys.readouterr()
     assert ca.main(argv + ["--restore", str(saved), "--report-only"]) == 0
