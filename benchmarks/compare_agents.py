@@ -89,6 +89,11 @@ def spends_budget(agent: str, metrics: Dict[str, Any]) -> bool:
     return spec.sb3_algo is not None or spec.budget_arg is not None or metrics.get("budget_schedule") is not None
 
 
+#: agents whose search is a fixed grid sized from the budget (Li et al.'s sensitivity analysis: ratios per group):
+#: they may end under it (a probe whose kept channels equal an earlier one's is a free cache hit), never over
+GRID_AGENTS = ("sensitivity",)
+
+
 def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
                    estimator: Optional[str] = None) -> Optional[str]:
     """Why a finished search unit cannot enter the comparison (None when it can): a run made with another budget
@@ -105,6 +110,8 @@ def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
     if metrics.get("budget") != budget:
         return f"made with budget {metrics.get('budget')}, not {budget}"
     used = int(metrics["n_evaluations"])
+    if agent in GRID_AGENTS and used <= budget:
+        return None  # its own handicap, shown in the leaderboard's evaluations column
     if spends_budget(agent, metrics) and used != budget:
         return f"used {used} of its {budget} evaluations (unequal budgets are not compared)"
     return None
@@ -557,8 +564,42 @@ def summarise(block: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             "search_s": mean_std([s["search_s"] for s in searches]),
             "ft_s": mean_std([rec["finetune"]["seconds"] for rec in data["finetunes"]]),
             "per_model": {str(s): by_seed[s] for s in seeds},
+            "per_model_reward": {str(s): data["searches"][s]["reward_accuracy"] for s in seeds},
         }
     return out
+
+
+def reward_vs_outcome(summary: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Does the search's reward rank the searched models? Over every searched model (agent, search seed) of one
+    target: Spearman's rho between the reward's accuracy term at the end of the search and the test top-1 after
+    the fine-tune (the model's mean over its fine-tune seeds), and where the best-rewarded model ended. The
+    fidelity benchmark measures the estimator on random candidates; this is the same question on the candidates
+    the agents chose, which a search pushes towards the estimator's errors.
+
+    :param summary: :func:`summarise` of one target.
+    """
+    pairs = [(a, s, float(d["per_model_reward"][s]), float(np.mean(v)))
+             for a, d in summary.items() for s, v in d["per_model"].items() if s in d.get("per_model_reward", {})]
+    if len(pairs) < 3:
+        return None
+    best_reward = max(pairs, key=lambda p: p[2])
+    best_test = max(pairs, key=lambda p: p[3])
+    return {"n": len(pairs), "rho": spearman([p[2] for p in pairs], [p[3] for p in pairs]),
+            "best_rewarded": {"model": f"{best_reward[0]}_s{best_reward[1]}", "reward": best_reward[2],
+                              "test": best_reward[3]},
+            "best_tested": {"model": f"{best_test[0]}_s{best_test[1]}", "reward": best_test[2],
+                            "test": best_test[3]}}
+
+
+def reward_vs_outcome_line(t: str, r: Optional[Dict[str, Any]]) -> str:
+    """The markdown line of :func:`reward_vs_outcome`."""
+    if r is None:
+        return f"- {t}: fewer than 3 searched models with a fine-tune."
+    br, bt = r["best_rewarded"], r["best_tested"]
+    return (f"- {t}: Spearman rho(reward accuracy, test top-1 after FT) = {num(r['rho'], '+.2f')} over {r['n']} "
+            f"searched models; the best-rewarded, `{br['model']}` (reward {br['reward']:.3f}), ends at "
+            f"{br['test']:.4f}; the best after the fine-tune, `{bt['model']}` (reward {bt['reward']:.3f}), at "
+            f"{bt['test']:.4f}.")
 
 
 def target_verdict(summary: Dict[str, Dict[str, Any]], args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -734,7 +775,8 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
         block = collect(args, layout, target)
         summary = summarise(block)
         per_target[f"{target:g}"] = {"units": block, "summary": summary, "verdict": target_verdict(summary, args),
-                                     "lengths": length_check(args, layout, target, summary)}
+                                     "lengths": length_check(args, layout, target, summary),
+                                     "reward_vs_outcome": reward_vs_outcome(summary)}
         for data in block["agents"].values():
             for s in data["searches"].values():
                 original = original or s["original"]
@@ -759,7 +801,8 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
             "reward_kd_batches": cfg.env.get("reward_kd_batches", 10),
             "val_size": cfg.env.get("val_size"), "original": original, "base_weights": base, **prov}
     payload = {"meta": meta, "search_cost": search_cost(per_target, meta), "targets": {
-        t: {"summary": b["summary"], "verdict": b["verdict"], "refused": b["units"]["refused"],
+        t: {"summary": b["summary"], "verdict": b["verdict"], "reward_vs_outcome": b["reward_vs_outcome"],
+            "refused": b["units"]["refused"],
             "failures": {k: v.strip().splitlines()[-1] for k, v in b["units"]["failures"].items()},
             "missing": b["units"]["missing"],
             "units": [{k: r[k] for k in ("agent", "search_seed", "ft_seed", "search")}
@@ -949,6 +992,8 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
              "over its fine-tune seeds, then mean ± std over search seeds; the pooled std is of those per-seed "
              "means). More than one pooled std apart is a difference; anything within is level.", ""]
     lines += [verdict_sentence(t, b["verdict"]) for t, b in per_target.items()]
+    lines += ["", "**Does the reward rank what the agents found?**", "",
+              *[reward_vs_outcome_line(t, b["reward_vs_outcome"]) for t, b in per_target.items()]]
     lines += ["", "## Protocol", "",
               f"Task `{meta['config']}`: original test top-1 **{orig['test_top1']:.4f}** (validation "
               f"{orig['val_top1']:.4f}), {orig['macs'] / 1e6:.2f} M MACs, {orig['params'] / 1e6:.3f} M params"

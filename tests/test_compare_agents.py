@@ -27,6 +27,9 @@ def metrics(agent, used, budget=151, schedule=None):
     ("rl_pruner_improved", metrics("rl_pruner_improved", 141, schedule="1 steps x 14 RL epochs"),
      "used 141 of its 151 evaluations"),
     ("uniform", metrics("uniform", 1, budget=90), "made with budget 90, not 151"),
+    # a grid sized from the budget may end under it (cached duplicate probes are free), never over
+    ("sensitivity", metrics("sensitivity", 143, schedule="9 ratios x 16 groups"), None),
+    ("sensitivity", metrics("sensitivity", 152, schedule="9 ratios x 16 groups"), "used 152 of its 151"),
 ])
 def test_unequal_budgets_are_refused(agent, m, problem):
     found = ca.budget_problem(agent, m, 151)
@@ -252,3 +255,14 @@ def test_the_authors_cost_under_a_training_estimator_comes_from_its_measured_cos
     assert ca.vanilla_share(meta, "0.75")[0] == pytest.approx(1 / 12)  # not measured there: the mean ratio
     assert ca.vanilla_share({**meta, "reward_kd_batches": 3}, "0.875")[0] is None  # never measured: no estimate
     assert "16.0 vanilla evaluations" in ca.vanilla_share(meta, "0.875")[1]
+
+
+def test_reward_vs_outcome_ranks_the_searched_models():
+    summary = {"ppo": {"per_model": {"0": [0.40, 0.42], "1": [0.45]}, "per_model_reward": {"0": 0.30, "1": 0.25}},
+               "uniform": {"per_model": {"0": [0.50, 0.52]}, "per_model_reward": {"0": 0.20}}}
+    r = ca.reward_vs_outcome(summary)
+    assert r["n"] == 3 and r["rho"] == pytest.approx(-1.0)  # the higher the reward, the worse it ended
+    assert r["best_rewarded"] == {"model": "ppo_s0", "reward": 0.30, "test": pytest.approx(0.41)}
+    assert r["best_tested"]["model"] == "uniform_s0"
+    assert "rho(reward accuracy, test top-1 after FT) = -1.00 over 3" in ca.reward_vs_outcome_line("0.875", r)
+    assert ca.reward_vs_outcome({"ppo": {"per_model": {"0": [0.4]}, "per_model_reward": {"0": 0.3}}}) is None
