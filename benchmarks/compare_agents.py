@@ -646,16 +646,17 @@ def plot(per_target: Dict[str, Dict[str, Any]], agents: Sequence[str], original:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     colors = plt.get_cmap("tab10")
     for i, agent in enumerate(agents):
+        dodge = 2.0 ** (0.025 * (i - (len(agents) - 1) / 2))  # agents side by side at one target (log x)
         pts = []
         for t, block in per_target.items():
             s = block["summary"].get(agent)
             if s is None:
                 continue
-            pts.append((s["macs_kept"]["mean"], s["test"]["mean"], 0.0 if math.isnan(s["test"]["std"])
+            pts.append((s["macs_kept"]["mean"] * dodge, s["test"]["mean"], 0.0 if math.isnan(s["test"]["std"])
                         else s["test"]["std"]))
             for rec in block["units"]["agents"][agent]["finetunes"]:
-                ax.scatter(rec["search"]["macs_kept"], rec["finetune"]["report"]["test_top1"], color=colors(i % 10),
-                           s=10, alpha=0.35)
+                ax.scatter(rec["search"]["macs_kept"] * dodge, rec["finetune"]["report"]["test_top1"],
+                           color=colors(i % 10), s=10, alpha=0.35)
         if not pts:
             continue
         pts.sort()
@@ -670,7 +671,7 @@ def plot(per_target: Dict[str, Dict[str, Any]], agents: Sequence[str], original:
     ax.set_xticklabels([f"{k:g} ({1 / k:.0f}x fewer)" for k in ticks])
     ax.minorticks_off()
     ax.set_xlim(min(ticks) / 1.3, max(ticks) * 1.3)  # the spread of MACs kept at one target stays readable
-    ax.set_xlabel("MACs kept (fraction of the original, log scale)")
+    ax.set_xlabel("MACs kept (fraction of the original, log scale; agents dodged side by side)")
     ax.set_ylabel("test top-1 after fine-tune (mean over search seeds ± std)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
