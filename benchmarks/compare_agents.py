@@ -470,6 +470,8 @@ def restore_units(args: argparse.Namespace, layout: Layout, path: Path) -> int:
                 continue
             try:
                 folder.restore_search(exported, source(seed, target))
+                for rec in exported.get("scratch", []):  # what the report reads of its Scratch-E runs
+                    atomic_write_text(json.dumps(rec, indent=2), folder.path / f"scratch_e_seed{rec['seed']}.json")
             except ValueError as err:
                 raise SystemExit(f"error: --restore {path}: {err}") from None
             written += 1
@@ -515,6 +517,9 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
                 continue
             searches[seed] = search_numbers(metrics)
             carried[f"{agent}_s{seed}"] = folder.export_search()
+            scratch = scratch_records(run_dir)
+            searches[seed]["scratch"] = scratch
+            carried[f"{agent}_s{seed}"]["scratch"] = scratch
             if folder.has_searched_model:
                 record = folder.read_searched_record()
                 searches[seed].update(source_hash=record.source_hash, source=record.source)
@@ -533,6 +538,34 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
                     missing.append(f"{unit}_f{ft_seed}")
         agents[agent] = {"searches": searches, "finetunes": fts}
     return {"agents": agents, "refused": refused, "failures": failures, "missing": missing, "carried": carried}
+
+
+def scratch_records(run_dir: Path) -> List[Dict[str, Any]]:
+    """The Scratch-E runs of one search unit (``python -m rl_prune.scratch RUN_DIR --seed N --epochs E`` writes
+    ``scratch_e_seed{N}.json`` into the unit's folder): seed, epochs, test and best validation top-1 of each."""
+    out = []
+    for path in sorted(Path(run_dir).glob("scratch_e_seed*.json")):
+        rec = json.loads(path.read_text())
+        out.append({"seed": int(rec["seed"]), "epochs": int(rec["epochs"]), "test_top1": float(rec["test_top1"]),
+                    "best_val_top1": float(rec["best_val_top1"])})
+    return out
+
+
+def scratch_lines(t: str, summary: Dict[str, Dict[str, Any]], final_epochs: int) -> List[str]:
+    """Scratch-E at one target: per agent with Scratch-E runs, the pruned model after its fine-tune against its
+    architecture trained from scratch (nothing when none was run)."""
+    rows = [[f"`{a}`" + (" (RL)" if d["rl"] else ""), fmt(d["test"]), fmt(d["scratch"]), d["scratch"]["n"],
+             "/".join(str(e) for e in d["scratch_epochs"])]
+            for a, d in sorted(summary.items(), key=lambda kv: -kv[1]["test"]["mean"]) if d["scratch"]["n"]]
+    if not rows:
+        return []
+    return [f"### Scratch-E at {t}", "",
+            f"Each searched architecture trained from a fresh initialisation with the base model's pretraining recipe "
+            f"for pretraining + fine-tune epochs (Liu et al. 2019), against the pruned model after its "
+            f"{final_epochs}-epoch fine-tune: a better allocation as an architecture, or only a better starting "
+            f"point.", "",
+            *markdown_table(["agent", "pruned + fine-tune (test top-1)", "Scratch-E (test top-1)", "Scratch-E runs",
+                             "epochs"], rows), ""]
 
 
 def summarise(block: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
@@ -563,6 +596,10 @@ def summarise(block: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             "n_evaluations": mean_std([s["n_evaluations"] for s in searches]),
             "search_s": mean_std([s["search_s"] for s in searches]),
             "ft_s": mean_std([rec["finetune"]["seconds"] for rec in data["finetunes"]]),
+            "scratch": (mean_std(scratch) if (scratch := [r["test_top1"] for s in seeds
+                                                        for r in data["searches"][s].get("scratch", [])])
+                        else {"mean": float("nan"), "std": float("nan"), "n": 0}),
+            "scratch_epochs": sorted({r["epochs"] for s in seeds for r in data["searches"][s].get("scratch", [])}),
             "per_model": {str(s): by_seed[s] for s in seeds},
             "per_model_reward": {str(s): data["searches"][s]["reward_accuracy"] for s in seeds},
         }
@@ -1020,6 +1057,7 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
             lines.append("")
     for t, b in per_target.items():
         lines += length_lines(t, meta["finetune_epochs"], b["summary"], b["lengths"])
+        lines += scratch_lines(t, b["summary"], meta["final_epochs"])
     failures = {k: v for b in per_target.values() for k, v in b["units"]["failures"].items()}
     missing = [m for b in per_target.values() for m in b["units"]["missing"]]
     lines += search_cost_lines(search_cost(per_target, meta), meta)

@@ -135,6 +135,14 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     # (searched models from kept-channel masks, hash-checked) and the report is the same, nothing run again
     import shutil
 
+    # a Scratch-E run of a unit (rl_prune.scratch writes scratch_e_seed{N}.json into its folder) enters the report
+    (root / "uniform_s0" / "scratch_e_seed0.json").write_text(json.dumps(
+        {"seed": 0, "epochs": 3, "test_top1": 0.25, "best_val_top1": 0.3, "log": []}))
+    assert ca.main(argv + ["--report-only"]) == 0
+    md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
+    assert "### Scratch-E at 0.5" in md and "| 0.2500 | 1 | 3 |" in md
+    block = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())["targets"]["0.5"]
+    assert block["summary"]["uniform"]["scratch"]["n"] == 1
     saved = tmp_path / "committed.json"
     shutil.copy(tmp_path / "results" / "compare_curves_vgg11w006_units.json", saved)
     shutil.rmtree(tmp_path / "runs")
@@ -143,6 +151,7 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     assert "restored 16 unit(s)" in capsys.readouterr().out  # 4 searches, 8 + 4 fine-tunes
     assert sorted(p.name for p in (root / "finetune_e1").glob("*.json")) == units
     assert len(list((root / "finetune_e2").glob("*.json"))) == 4
+    assert json.loads((root / "uniform_s0" / "scratch_e_seed0.json").read_text())["test_top1"] == 0.25
     again = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
     assert again["targets"]["0.5"]["summary"] == block["summary"]
     from rl_prune.run_folder import RunFolder
