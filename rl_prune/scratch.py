@@ -239,9 +239,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sc = s["scratch"]
+    # a run without a fine-tune (a comparison's search unit) reports the model as cut: say which it is
+    which = "after its fine-tune" if " + fine-tune 0 " not in sc["epoch_rule"] else "as cut (the run had no fine-tune)"
     print(f"Scratch-E of {sc['run']} ({sc['agent']}), seed {sc['seed']}, {sc['epochs']} epochs "
           f"({sc['epoch_rule']}): test top-1 {s['test_top1']:.4f} (val {s['best_val_top1']:.4f}); the pruned model "
-          f"after its fine-tune: {sc['pruned_finetuned_test_top1']:.4f}")
+          f"{which}: {sc['pruned_finetuned_test_top1']:.4f}")
     return 0
 
 
