@@ -207,7 +207,7 @@ def train_scratch(run_dir: Union[str, Path], seed: int = 0, epochs: Optional[int
                              f"{setting['finetune_epochs']} = {rule}" + ("" if epochs is None else
                                                                         f"; overridden: {n_epochs}"),
                "kept_channels": metrics["kept_channels"], "macs": int(macs.macs), "params": int(macs.params),
-               "flops_reduction": metrics["flops_reduction"],
+               "flops_reduction": metrics["flops_reduction"], "run_finetune_epochs": int(setting["finetune_epochs"]),
                "pruned_finetuned_test_top1": metrics["pruned"]["test_top1"]}
     summary = train_recipe(net, splits, rc, recipe["name"], out, dev, int(seed), amp=dev.type == "cuda",
                            resume=not overwrite, progress=progress,
@@ -240,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     sc = s["scratch"]
     # a run without a fine-tune (a comparison's search unit) reports the model as cut: say which it is
-    which = "after its fine-tune" if " + fine-tune 0 " not in sc["epoch_rule"] else "as cut (the run had no fine-tune)"
+    which = "as cut (the run had no fine-tune)" if sc.get("run_finetune_epochs") == 0 else "after its fine-tune"
     print(f"Scratch-E of {sc['run']} ({sc['agent']}), seed {sc['seed']}, {sc['epochs']} epochs "
           f"({sc['epoch_rule']}): test top-1 {s['test_top1']:.4f} (val {s['best_val_top1']:.4f}); the pruned model "
           f"{which}: {sc['pruned_finetuned_test_top1']:.4f}")
