@@ -29,6 +29,8 @@ class AgentSpec:
     :param description: one line for ``--help`` and docs.
     :param env_class: ``"module:Class"`` of the env built with those arguments (default: PruneEnv).
     :param sb3_config: stem of the zoo file in ``configs/sb3/`` when it is not ``sb3_algo``'s.
+    :param budget_exact: a search agent spends its budget exactly; False for a grid sized from the budget that may
+        end under it (a probe whose kept channels equal an earlier one's is a free cache hit), never over.
     """
 
     target: str
@@ -39,6 +41,7 @@ class AgentSpec:
     kwargs: Dict[str, Any] = field(default_factory=dict)
     env_class: str = "pruning_env.envs.prune_env:PruneEnv"
     sb3_config: Optional[str] = None
+    budget_exact: bool = True
 
 
 def _sb3(algo: str, description: str) -> AgentSpec:
@@ -65,7 +68,8 @@ AGENTS: Dict[str, AgentSpec] = {
                                               "metric saved (latency or MACs)"),
     "sensitivity": AgentSpec("agents.sensitivity:SensitivityPruner",
                              description="Li et al. 2017 sensitivity analysis: each group pruned alone at a grid of "
-                                         "ratios (budget-derived), greedy allocation to the target (docs/agents.md)"),
+                                         "ratios (budget-derived), greedy allocation to the target (docs/agents.md)",
+                             budget_exact=False),
     "random_search": AgentSpec("agents.heuristics:RandomSearch", budget_arg="n_candidates",
                                description="best of N random actions per step (look-ahead)"),
     "ppo": _sb3("ppo", "Stable-Baselines3 PPO"),

@@ -89,11 +89,6 @@ def spends_budget(agent: str, metrics: Dict[str, Any]) -> bool:
     return spec.sb3_algo is not None or spec.budget_arg is not None or metrics.get("budget_schedule") is not None
 
 
-#: agents whose search is a fixed grid sized from the budget (Li et al.'s sensitivity analysis: ratios per group):
-#: they may end under it (a probe whose kept channels equal an earlier one's is a free cache hit), never over
-GRID_AGENTS = ("sensitivity",)
-
-
 def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
                    estimator: Optional[str] = None) -> Optional[str]:
     """Why a finished search unit cannot enter the comparison (None when it can): a run made with another budget
@@ -110,8 +105,8 @@ def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
     if metrics.get("budget") != budget:
         return f"made with budget {metrics.get('budget')}, not {budget}"
     used = int(metrics["n_evaluations"])
-    if agent in GRID_AGENTS and used <= budget:
-        return None  # its own handicap, shown in the leaderboard's evaluations column
+    if not AGENTS[agent].budget_exact and used <= budget:
+        return None  # a grid sized from the budget (AgentSpec.budget_exact): its own handicap, shown in the table
     if spends_budget(agent, metrics) and used != budget:
         return f"used {used} of its {budget} evaluations (unequal budgets are not compared)"
     return None
@@ -510,19 +505,20 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
                 else:
                     missing.append(unit)
                 continue
-            metrics = folder.read_metrics()
-            problem = budget_problem(agent, metrics, args.budget, estimator)
+            exported = folder.export_search()  # metrics and searched model, read once: the report and the carry
+            problem = budget_problem(agent, exported["metrics"], args.budget, estimator)
             if problem is not None:
                 refused[unit] = problem
                 continue
-            searches[seed] = search_numbers(metrics)
-            carried[f"{agent}_s{seed}"] = folder.export_search()
-            scratch = scratch_records(run_dir)
-            searches[seed]["scratch"] = scratch
-            carried[f"{agent}_s{seed}"]["scratch"] = scratch
-            if folder.has_searched_model:
+            searches[seed] = search_numbers(exported["metrics"])
+            exported["scratch"] = searches[seed]["scratch"] = scratch_records(run_dir)
+            carried[f"{agent}_s{seed}"] = exported
+            searched = exported["searched_model"]
+            if searched is None and folder.has_searched_model:  # trained weights: not carried, its hash still read
                 record = folder.read_searched_record()
-                searches[seed].update(source_hash=record.source_hash, source=record.source)
+                searched = {"source_hash": record.source_hash, "source": record.source}
+            if searched is not None:
+                searches[seed].update(source_hash=searched["source_hash"], source=searched["source"])
             for index in range(args.ft_seeds):
                 ft_seed = ft_seed_value(seed, index, args.search_seeds)
                 path = layout.finetune(target, agent, seed, ft_seed)
@@ -583,6 +579,7 @@ def summarise(block: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         per_model = [mean_std(by_seed[s]) for s in seeds]
         with_spread = [s for s in per_model if s["n"] >= 2]
         searches = [data["searches"][s] for s in seeds]
+        scratch = [r for s in searches for r in s.get("scratch", [])]
         out[agent] = {
             "rl": is_rl(agent), "search_seeds": seeds, "ft_per_model": [len(by_seed[s]) for s in seeds],
             "test": mean_std([s["mean"] for s in per_model]),
@@ -596,10 +593,9 @@ def summarise(block: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
             "n_evaluations": mean_std([s["n_evaluations"] for s in searches]),
             "search_s": mean_std([s["search_s"] for s in searches]),
             "ft_s": mean_std([rec["finetune"]["seconds"] for rec in data["finetunes"]]),
-            "scratch": (mean_std(scratch) if (scratch := [r["test_top1"] for s in seeds
-                                                        for r in data["searches"][s].get("scratch", [])])
-                        else {"mean": float("nan"), "std": float("nan"), "n": 0}),
-            "scratch_epochs": sorted({r["epochs"] for s in seeds for r in data["searches"][s].get("scratch", [])}),
+            "scratch": mean_std([r["test_top1"] for r in scratch]) if scratch else
+            {"mean": float("nan"), "std": float("nan"), "n": 0},
+            "scratch_epochs": sorted({r["epochs"] for r in scratch}),
             "per_model": {str(s): by_seed[s] for s in seeds},
             "per_model_reward": {str(s): data["searches"][s]["reward_accuracy"] for s in seeds},
         }
@@ -852,7 +848,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
         for t, b in per_target.items()}}
     # what --restore needs to rebuild the units on another machine (a compact file beside the report): each
     # search's metrics and searched model as kept-channel masks (hash-checked), each fine-tune's record
-    carry = {"meta": meta, "targets": {t: {"carry": {
+    carry = {"meta": dict(meta), "targets": {t: {"carry": {
         "searches": b["units"]["carried"],
         "finetunes": [r for a in b["units"]["agents"].values() for r in a["finetunes"]],
         "finetunes_other_lengths": {k: v["finetunes"] for k, v in b["lengths"].items()}}}

@@ -112,15 +112,12 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
     assert "| `random_search` | 2 | 2/2 |" in md and "Command: `python benchmarks/compare_agents.py" in md
     # the length check: the same search units fine-tuned for another length, in their own folder, reported beside
-    forbid_search = pytest.MonkeyPatch()
-    forbid_search.setattr("benchmarks.compare_agents.run_unit", lambda *a, **k: pytest.fail("searched again"))
-    try:
-        two = list(argv)
-        two[two.index("--finetune-epochs") + 1] = "2"
-        two[two.index("--ft-seeds") + 1] = "1"
+    two = list(argv)
+    two[two.index("--finetune-epochs") + 1] = "2"
+    two[two.index("--ft-seeds") + 1] = "1"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("benchmarks.compare_agents.run_unit", lambda *a, **k: pytest.fail("searched again"))
         assert ca.main(two) == 0
-    finally:
-        forbid_search.undo()
     assert sorted(p.name for p in (root / "finetune_e2").glob("*.json")) == [
         "random_search_s0_f0.json", "random_search_s1_f1.json", "uniform_s0_f0.json", "uniform_s1_f1.json"]
     assert ca.main(argv + ["--report-only"]) == 0

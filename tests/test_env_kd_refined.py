@@ -9,7 +9,7 @@ import torch
 
 from agents.common.monitor import PruneMonitor
 from pruning_env.envs.reward import CHEAP_ESTIMATORS, kd_refined, make_estimator
-from tiny import random_actions, tiny_env
+from tiny import assert_stepped_model_is_the_candidate, random_actions, tiny_env
 
 KD_BATCHES = 2
 
@@ -69,13 +69,7 @@ def test_costs_are_counted_for_every_estimate_and_the_stepped_model_is_the_candi
     _, reward, _, _, info = env.step(chosen)  # cached: free
     assert info["cached"] and reward == max(rewards)
     assert env.n_evaluations == 3 and env.n_train_batches == 3 * KD_BATCHES
-    fresh = _env(splits)
-    fresh.reset(seed=0)
-    built = fresh.pruner.apply(fresh.pruner.plan(keep=fresh.keep_for_action(chosen)))
-    x = env.task.reward_data[0][:8]
-    with torch.no_grad():
-        torch.testing.assert_close(env.model(x), built.eval()(x), rtol=0, atol=0)
-    assert all(torch.equal(v, env.original_model.state_dict()[k]) for k, v in source.items())
+    assert_stepped_model_is_the_candidate(env, _env(splits), chosen, source)
 
 
 def test_the_monitor_counts_its_batches(splits):

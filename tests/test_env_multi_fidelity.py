@@ -10,7 +10,7 @@ import torch
 
 from agents.common.monitor import PruneMonitor
 from pruning_env.envs.reward import kd_refined, make_estimator
-from tiny import random_actions, tiny_env
+from tiny import assert_stepped_model_is_the_candidate, random_actions, tiny_env
 
 KD_BATCHES = 2
 
@@ -99,13 +99,7 @@ def test_costs_are_counted_exactly_and_a_refined_candidate_is_stepped_as_is(spli
     _, reward, _, _, info = env.step(chosen)
     assert reward == max(rewards) and info["cached"] and info["refined"] and env.n_evaluations == 9
     # the refinement trained a copy: the stepped model is the pruned candidate itself, the source is unchanged
-    fresh = _env(splits)
-    fresh.reset(seed=0)
-    built = fresh.pruner.apply(fresh.pruner.plan(keep=fresh.keep_for_action(chosen)))
-    x = env.task.reward_data[0][:8]
-    with torch.no_grad():
-        torch.testing.assert_close(env.model(x), built.eval()(x), rtol=0, atol=0)
-    assert all(torch.equal(v, env.original_model.state_dict()[k]) for k, v in source.items())
+    assert_stepped_model_is_the_candidate(env, _env(splits), chosen, source)
     env.reset(seed=0)
     assert env.n_evaluations == 0 and env.n_train_batches == 0 and env.total_evaluations == 9
 

@@ -97,6 +97,18 @@ def random_actions(n_groups: int, count: int, seed: int = 0):
     return [rng.uniform(0.05, 1.0, n_groups).astype(np.float32) for _ in range(count)]
 
 
+def assert_stepped_model_is_the_candidate(env, fresh_env, action, source_state: dict) -> None:
+    """After ``env`` stepped ``action``: its model is the pruned candidate itself, bit for bit what a fresh env's
+    pruner cuts for that action (an estimator's fine-tune trained a copy), and its source model still holds
+    ``source_state``."""
+    fresh_env.reset(seed=0)
+    built = fresh_env.pruner.apply(fresh_env.pruner.plan(keep=fresh_env.keep_for_action(action)))
+    x = env.task.reward_data[0][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(env.model(x), built.eval()(x), rtol=0, atol=0)
+    assert all(torch.equal(v, env.original_model.state_dict()[k]) for k, v in source_state.items())
+
+
 def state_copy(model: nn.Module) -> dict:
     """A detached copy of ``model``'s state dict (to check later that nothing changed it)."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
