@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np  # noqa: E402
 
@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides of every unit (give a variant its own --out-dir)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_curves"), help="where the units live")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
-                   help="where compare_curves_<model>.md|json|png go")
+                   help="where compare_curves_<model>.md|json|png go (report_stem: _<schedule> unless one-shot, "
+                        "_e<epochs> unless --finetune-epochs is the default)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--max-units", type=int, default=None, help="stop after running this many units (sizing)")
     p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
@@ -820,7 +821,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     base = base_weights(per_target)
     cfg = task_config(args)
     model = layout.root.parent.name
-    stem = f"compare_curves_{model}" + ("" if layout.root.name == "oneshot" else f"_{layout.root.name}")
+    stem = report_stem(model, layout.root.name, args.finetune_epochs)
     results = Path(args.results)
     prov = provenance(SCRIPT, threads=args.threads)
     config = Path(args.config).resolve()
@@ -868,6 +869,14 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
     return results / f"{stem}.md"
 
 
+def report_stem(model: str, schedule: str, finetune_epochs: int) -> str:
+    """``compare_curves_<model>[_<schedule>][_e<epochs>]``: the schedule's name unless one-shot, the training epochs
+    unless the default; a comparison of another schedule or length (a length check) never writes over another's
+    report or units file."""
+    return (f"compare_curves_{model}" + ("" if schedule == "oneshot" else f"_{schedule}")
+            + ("" if int(finetune_epochs) == DEFAULT_FT_EPOCHS else f"_e{int(finetune_epochs)}"))
+
+
 def keep_other_targets(payload: Dict[str, Any], path: Path) -> List[str]:
     """Copy into ``payload`` the targets of the results JSON at ``path`` that ``payload`` lacks, when that JSON is of
     the same comparison (model, schedule, budget, fine-tune length, reward estimator): a command run for one target
@@ -881,11 +890,19 @@ def keep_other_targets(payload: Dict[str, Any], path: Path) -> List[str]:
     keys = ("model", "schedule", "budget", "finetune_epochs", "reward_estimator")
     if any(old.get("meta", {}).get(k) != payload["meta"].get(k) for k in keys):
         return []
-    kept = [t for t in old.get("targets", {}) if t not in payload["targets"]]
+    kept = [t for t, block in old.get("targets", {}).items() if t not in payload["targets"] and _has_units(block)]
     for t in kept:
         payload["targets"][t] = old["targets"][t]
     payload["meta"]["targets_kept_from_earlier_report"] = kept
     return kept
+
+
+def _has_units(block: Mapping[str, Any]) -> bool:
+    """Whether a target's block of a results or units JSON holds any finished unit (an empty one is not kept)."""
+    carry = block.get("carry")
+    if carry is not None:
+        return bool(carry.get("searches") or carry.get("finetunes"))
+    return bool(block.get("summary") or block.get("units"))
 
 
 #: the authors' protocol (spec: 10 samples x 10 RL epochs per step, every step scored on the full validation set,

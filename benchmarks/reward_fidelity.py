@@ -22,7 +22,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -63,7 +63,13 @@ ESTIMATORS: Dict[str, Tuple[str, Dict[str, Any], Optional[int]]] = {
                                         "train_batch_size": 64}, 250),
     "kd_refined50": ("multi_fidelity", {"base": "adaptive_bn", "n_batches": 50, "lr": 0.01,
                                         "train_batch_size": 64}, 250),
+    "kd_refined200": ("multi_fidelity", {"base": "adaptive_bn", "n_batches": 200, "lr": 0.01,
+                                         "train_batch_size": 64}, 250),
 }
+#: the estimators of a random-candidate run unless ``--estimators`` names others (the committed tables' set;
+#: ``kd_refined200``, about 3 epochs of the 4k training images, is measured on the searched models:
+#: ``reward_fidelity_searched.py``)
+DEFAULT_ESTIMATORS = [k for k in ESTIMATORS if k != "kd_refined200"]
 #: simulated multi-fidelity searches: label -> (cheap estimator label, refined label, batch size, refined per batch)
 MULTI_FIDELITY = {
     "multi_fidelity10": ("adaptive_bn", "kd_refined10", 10, 2),
@@ -85,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=30, help="random candidates per target")
     p.add_argument("--ft-seeds", type=int, default=2,
                    help="fine-tunes per candidate, each with its own seed (2: the truth's test-retest rho)")
-    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS),
+    p.add_argument("--estimators", nargs="+", default=DEFAULT_ESTIMATORS, choices=list(ESTIMATORS),
                    help="which estimators to compute (labels of ESTIMATORS)")
     p.add_argument("--max-sparsity", type=float, default=0.9, help="per-group cap on the removed fraction")
     p.add_argument("--calibration", type=int, default=100, help="training images of the Taylor importance")
@@ -173,10 +179,11 @@ class Units:
         else:
             atomic_write_text(json.dumps(settings, indent=1), path)
 
-    def cell(self, target: float, i: int, unit: str) -> Path:
-        return self.root / f"t{target:g}" / f"c{i:03d}" / f"{unit}.json"
+    def cell(self, target: float, i: Union[int, str], unit: str) -> Path:
+        """The file of one unit; ``i`` is a candidate's number, or a name (a searched model's unit name)."""
+        return self.root / f"t{target:g}" / (i if isinstance(i, str) else f"c{i:03d}") / f"{unit}.json"
 
-    def read(self, target: float, i: int, unit: str, spec: Optional[Dict[str, Any]] = None) -> Optional[Dict]:
+    def read(self, target: float, i: Union[int, str], unit: str, spec: Optional[Dict[str, Any]] = None) -> Optional[Dict]:
         path = self.cell(target, i, unit)
         if not path.is_file():
             return None
@@ -185,8 +192,36 @@ class Units:
             return None
         return row
 
-    def write(self, target: float, i: int, unit: str, row: Dict[str, Any]) -> None:
+    def write(self, target: float, i: Union[int, str], unit: str, row: Dict[str, Any]) -> None:
         atomic_write_text(json.dumps(row), self.cell(target, i, unit))
+
+
+class EstimationContext(NamedTuple):
+    """What every estimate reads, the same for a random candidate and for a searched model."""
+    #: the base checkpoint's model (eval mode): the teacher and the source every candidate is cut from
+    teacher: nn.Module
+    #: train / val / test splits with the training augmentation, and without it
+    splits: Any
+    plain: Any
+    #: preloaded validation images per estimator image count (None: every one), and the teacher's logits on them
+    rewards: Dict[Optional[int], Any]
+    teacher_logits: Dict[Optional[int], torch.Tensor]
+    #: the training images of BN re-estimation and KD batches (never a validation or test image)
+    bn_train: Any
+
+
+def estimation_context(checkpoint: str, seed: int) -> EstimationContext:
+    """The base model and the data of the estimators, drawn with ``seed`` from the checkpoint's own split."""
+    seed_everything(seed)
+    meta = read_meta(checkpoint)
+    teacher = load_model(checkpoint).eval()
+    splits = make_datasets(meta["dataset"], val_size=meta["val_size"], seed=meta["seed"])
+    plain = make_datasets(meta["dataset"], val_size=meta["val_size"], seed=meta["seed"], augment=False)
+    sizes = sorted({r for _, _, r in ESTIMATORS.values()}, key=lambda r: -1 if r is None else r)
+    rewards = {r: preload(splits.val, n=r, seed=seed) for r in sizes}
+    teacher_logits = {r: logits_on(teacher, data) for r, data in rewards.items()}
+    bn_train = preload(plain.train, n=BN_TRAIN_IMAGES, seed=seed + 1)  # training images only
+    return EstimationContext(teacher, splits, plain, rewards, teacher_logits, bn_train)
 
 
 def restore_units(units: Units, path: Path, settings: Dict[str, Any]) -> int:
@@ -226,7 +261,7 @@ def _spec(label: str) -> Dict[str, Any]:
 
 def run_estimates(student: nn.Module, teacher: nn.Module, labels: Sequence[str], rewards: Dict[Optional[int], Any],
                   teacher_logits: Dict[Optional[int], torch.Tensor], bn_train, seed: int, units: Units,
-                  target: float, i: int) -> None:
+                  target: float, i: Union[int, str]) -> None:
     """Every missing estimate of one candidate (CPU, one unit file each)."""
     for label in labels:
         spec = _spec(label)
@@ -537,15 +572,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ft_seeds < 1 or args.candidates < 1:
         raise SystemExit(f"error: --ft-seeds and --candidates must be >= 1, got {args.ft_seeds}, {args.candidates}")
     torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    meta = read_meta(args.checkpoint)
-    teacher = load_model(args.checkpoint).eval()
-    splits = make_datasets(meta["dataset"], val_size=meta["val_size"], seed=meta["seed"])
-    plain = make_datasets(meta["dataset"], val_size=meta["val_size"], seed=meta["seed"], augment=False)
-    sizes = sorted({r for _, _, r in ESTIMATORS.values()}, key=lambda r: -1 if r is None else r)
-    rewards = {r: preload(splits.val, n=r, seed=args.seed) for r in sizes}
-    teacher_logits = {r: logits_on(teacher, data) for r, data in rewards.items()}
-    bn_train = preload(plain.train, n=BN_TRAIN_IMAGES, seed=args.seed + 1)  # training images only
+    ctx = estimation_context(args.checkpoint, args.seed)
+    teacher, splits, plain, rewards, teacher_logits, bn_train = (ctx.teacher, ctx.splits, ctx.plain, ctx.rewards,
+                                                                 ctx.teacher_logits, ctx.bn_train)
     calib = preload(plain.train, n=args.calibration, seed=args.seed + 2)
     test_data = preload(splits.test)
     pruner = Pruner(teacher, torch.zeros(1, *splits.input_size))

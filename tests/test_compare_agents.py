@@ -39,10 +39,18 @@ def test_unequal_budgets_are_refused(agent, m, problem):
 def test_a_report_for_one_target_keeps_the_other_targets_of_the_same_comparison(tmp_path):
     meta = {"model": "m", "schedule": "oneshot", "budget": 151, "finetune_epochs": 15, "reward_estimator": "x"}
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"meta": meta, "targets": {"0.875": {"carry": 1}, "0.5": {"carry": 2}}}))
+    one = {"searches": {"uniform_s0": {}}, "finetunes": []}
+    empty = {"searches": {}, "finetunes": [], "finetunes_other_lengths": {}}  # a target queued, nothing finished
+    path.write_text(json.dumps({"meta": meta, "targets": {"0.875": {"carry": one}, "0.5": {"carry": one},
+                                                          "0.75": {"carry": empty}}}))
     payload = {"meta": dict(meta), "targets": {"0.5": {"carry": 3}}}
     assert ca.keep_other_targets(payload, path) == ["0.875"]
-    assert payload["targets"] == {"0.5": {"carry": 3}, "0.875": {"carry": 1}}
+    assert payload["targets"] == {"0.5": {"carry": 3}, "0.875": {"carry": one}}
+    report = tmp_path / "report.json"  # a report's block: kept when it summarizes a finished unit
+    report.write_text(json.dumps({"meta": meta, "targets": {"0.875": {"summary": {"uniform": {}}, "units": []},
+                                                            "0.75": {"summary": {}, "units": []}}}))
+    payload = {"meta": dict(meta), "targets": {}}
+    assert ca.keep_other_targets(payload, report) == ["0.875"]
     other = {"meta": {**meta, "budget": 161}, "targets": {}}  # another comparison's file is not merged
     assert ca.keep_other_targets(other, path) == [] and other["targets"] == {}
 
@@ -92,6 +100,7 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
             "--ft-seeds", "2", "--finetune-epochs", "1", "--out-dir", str(tmp_path / "runs"), "--results",
             str(tmp_path / "results")]
     assert ca.main(argv) == 0
+    STEM = "compare_curves_vgg11w006_e1"  # 1 training epoch, not the default 15: its own report files
     root = tmp_path / "runs" / "vgg11w006" / "oneshot" / "t0500"
     units = sorted(p.name for p in (root / "finetune_e1").glob("*.json"))
     assert units == ["random_search_s0_f0.json", "random_search_s0_f2.json", "random_search_s1_f1.json",
@@ -100,7 +109,7 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     record = json.loads((root / "finetune_e1" / "random_search_s1_f3.json").read_text())
     assert record["search"]["n_evaluations"] == 151 and record["finetune"]["seed"] == 3
     assert record["command"].startswith("python benchmarks/compare_agents.py") and record["machine"]["cpu_count"]
-    report = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
+    report = json.loads((tmp_path / "results" / f"{STEM}.json").read_text())
     block = report["targets"]["0.5"]
     assert block["summary"]["random_search"]["ft_per_model"] == [2, 2]
     assert block["summary"]["uniform"]["n_evaluations"]["mean"] == 1
@@ -108,8 +117,8 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     # the base model of every unit, by its bytes (here seeded untrained models: one per search seed)
     assert sorted(report["meta"]["base_weights"]) == ["untrained model of search seed 0",
                                                       "untrained model of search seed 1"]
-    assert (tmp_path / "results" / "compare_curves_vgg11w006.png").is_file()
-    md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
+    assert (tmp_path / "results" / f"{STEM}.png").is_file()
+    md = (tmp_path / "results" / f"{STEM}.md").read_text()
     assert "| `random_search` | 2 | 2/2 |" in md and "Command: `python benchmarks/compare_agents.py" in md
     # the length check: the same search units fine-tuned for another length, in their own folder, reported beside
     two = list(argv)
@@ -118,12 +127,13 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("benchmarks.compare_agents.run_unit", lambda *a, **k: pytest.fail("searched again"))
         assert ca.main(two) == 0
+    assert (tmp_path / "results" / "compare_curves_vgg11w006_e2.md").is_file()  # the check's own report
     assert sorted(p.name for p in (root / "finetune_e2").glob("*.json")) == [
         "random_search_s0_f0.json", "random_search_s1_f1.json", "uniform_s0_f0.json", "uniform_s1_f1.json"]
     assert ca.main(argv + ["--report-only"]) == 0
-    report = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
+    report = json.loads((tmp_path / "results" / f"{STEM}.json").read_text())
     assert sorted(report["targets"]["0.5"]["lengths"]["2"]["summary"]) == ["random_search", "uniform"]
-    md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
+    md = (tmp_path / "results" / f"{STEM}.md").read_text()
     assert "### Fine-tune length at 0.5" in md and "| 1 epochs (verdict) | 2 epochs |" in md
     # a rerun finds every unit finished: nothing is searched or fine-tuned again
     forbid("benchmarks.compare_agents.run_unit", "benchmarks.compare_agents.finetune_searched")
@@ -136,12 +146,12 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     (root / "uniform_s0" / "scratch_e_seed0.json").write_text(json.dumps(
         {"seed": 0, "epochs": 3, "test_top1": 0.25, "best_val_top1": 0.3, "log": []}))
     assert ca.main(argv + ["--report-only"]) == 0
-    md = (tmp_path / "results" / "compare_curves_vgg11w006.md").read_text()
+    md = (tmp_path / "results" / f"{STEM}.md").read_text()
     assert "### Scratch-E at 0.5" in md and "| 0.2500 | 1 | 3 |" in md
-    block = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())["targets"]["0.5"]
+    block = json.loads((tmp_path / "results" / f"{STEM}.json").read_text())["targets"]["0.5"]
     assert block["summary"]["uniform"]["scratch"]["n"] == 1
     saved = tmp_path / "committed.json"
-    shutil.copy(tmp_path / "results" / "compare_curves_vgg11w006_units.json", saved)
+    shutil.copy(tmp_path / "results" / f"{STEM}_units.json", saved)
     shutil.rmtree(tmp_path / "runs")
     capsys.readouterr()
     assert ca.main(argv + ["--restore", str(saved), "--report-only"]) == 0
@@ -149,7 +159,7 @@ def test_a_tiny_comparison_runs_resumes_and_reports(tmp_path, forbid, capsys):
     assert sorted(p.name for p in (root / "finetune_e1").glob("*.json")) == units
     assert len(list((root / "finetune_e2").glob("*.json"))) == 4
     assert json.loads((root / "uniform_s0" / "scratch_e_seed0.json").read_text())["test_top1"] == 0.25
-    again = json.loads((tmp_path / "results" / "compare_curves_vgg11w006.json").read_text())
+    again = json.loads((tmp_path / "results" / f"{STEM}.json").read_text())
     assert again["targets"]["0.5"]["summary"] == block["summary"]
     from rl_prune.run_folder import RunFolder
 
@@ -272,3 +282,10 @@ def test_reward_vs_outcome_ranks_the_searched_models():
     assert r["best_tested"]["model"] == "uniform_s0"
     assert "rho(reward accuracy, test top-1 after FT) = -1.00 over 3" in ca.reward_vs_outcome_line("0.875", r)
     assert ca.reward_vs_outcome({"ppo": {"per_model": {"0": [0.4]}, "per_model_reward": {"0": 0.3}}}) is None
+
+
+def test_another_schedule_or_fine_tune_length_writes_its_own_report():
+    assert ca.report_stem("vgg19w025", "oneshot", ca.DEFAULT_FT_EPOCHS) == "compare_curves_vgg19w025"
+    assert ca.report_stem("vgg19w025", "oneshot", 30) == "compare_curves_vgg19w025_e30"
+    assert ca.report_stem("vgg19w025", "iterative3_r2", 15) == "compare_curves_vgg19w025_iterative3_r2"
+    assert len({ca.report_stem("m", s, e) for s in ("oneshot", "3step") for e in (15, 30)}) == 4
