@@ -39,6 +39,11 @@ from rl_prune.run_folder import mask_to_indices, rebuild_pruned, weights_hash  #
 
 #: the pseudo-estimator of the reward each search recorded for its own choice (the env's estimator, its data)
 SEARCH_REWARD = "search_reward"
+#: the env's reward estimator (the units file's ``reward_estimator`` at the env's default options) -> the label of
+#: the same estimator here: re-measured on other images and batches, it shows how much each search's choice owes to
+#: the particular images it was scored on (the optimism of a maximum over noisy scores)
+SAME_ESTIMATOR = {"kd_refined": "kd_refined10", "adaptive_bn": "adaptive_bn", "vanilla": "vanilla",
+                  "bn_kd_loss": "bn_kd_loss", "short_kd": "short_kd"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="checkpoints/vgg19_w0.25_cifar10_5k.pt",
                    help="the comparison's base checkpoint (checked by weights hash against the carried models)")
     p.add_argument("--targets", type=float, nargs="+", default=None,
-                   help="FLOPs reductions of the units file to measure (default: every one with fine-tuned models)")
+                   help="FLOPs reductions of the units file to measure (default: every one); the summary covers every "
+                        "target whose estimates are all done")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     p.add_argument("--min-models", type=int, default=8,
                    help="fewest searched models with two fine-tunes for a target to be summarized")
@@ -79,6 +85,7 @@ def searched_models(units_file: Dict[str, Any], target: str) -> List[Dict[str, A
         m = data["metrics"]
         out.append({"name": name, "agent": m["agent"], "search_seed": int(m["seed"]), "carried": data["searched_model"],
                     "search_reward": float(m["reward_accuracy"]), "kept_channels": list(m["kept_channels"]),
+                    "n_evaluations": int(m.get("n_evaluations", 0)),
                     "truth": [float(r["finetune"]["report"]["test_top1"]) for r in recs[:2]],
                     "ft_seeds": [int(r["ft_seed"]) for r in recs[:2]]})
     return out
@@ -111,8 +118,31 @@ def pick_regret_by_seed(values: np.ndarray, truth: np.ndarray, seeds: np.ndarray
     return {"regret": float(np.mean(regret)) * 100, "random_regret": float(np.mean(rand)) * 100}
 
 
-def summarize_target(rows: List[Dict[str, Any]], labels: Sequence[str], n_boot: int, seed: int) -> Dict[str, Any]:
-    """Fidelity against the ceiling for every estimator with a value on every model (and the searches' own reward)."""
+def optimism_by_agent(rows: List[Dict[str, Any]], label: str) -> Dict[str, Dict[str, float]]:
+    """Per agent, the mean over its searched models of the reward its search recorded, of the same estimator
+    (``label``) re-measured here, of their difference (the optimism: positive when a search's choice scored higher on
+    its own images than on fresh ones) and of the truth."""
+    out: Dict[str, Any] = {}
+    for agent in dict.fromkeys(r["agent"] for r in rows):
+        mine = [r for r in rows if r["agent"] == agent]
+        rec = np.array([r["search_reward"] for r in mine])
+        fresh = np.array([r["est"][label]["value"] for r in mine])
+        out[agent] = {"n": len(mine), "search_reward": float(rec.mean()), "remeasured": float(fresh.mean()),
+                      "optimism": float((rec - fresh).mean()),
+                      "truth": float(np.mean([np.mean(r["truth"]) for r in mine]))}
+    # the offset between the two measurements (other images, other training images for BN and KD) is what a model
+    # chosen without a maximum shows: the mean difference over the searches that evaluated one model
+    single = [r for r in rows if r.get("n_evaluations") == 1]
+    offset = float(np.mean([r["search_reward"] - r["est"][label]["value"] for r in single])) if single else 0.0
+    for o in out.values():
+        o["beyond_offset"] = o["optimism"] - offset
+    return {"agents": out, "offset": offset, "offset_models": len(single)}
+
+
+def summarize_target(rows: List[Dict[str, Any]], labels: Sequence[str], n_boot: int, seed: int,
+                     same: Optional[str] = None) -> Dict[str, Any]:
+    """Fidelity against the ceiling for every estimator with a value on every model (and the searches' own reward);
+    with ``same`` (the label of the searches' own estimator), each agent's optimism (:func:`optimism_by_agent`)."""
     a = np.array([r["truth"][0] for r in rows])
     b = np.array([r["truth"][1] for r in rows])
     truth = (a + b) / 2
@@ -132,6 +162,9 @@ def summarize_target(rows: List[Dict[str, Any]], labels: Sequence[str], n_boot: 
             stats["cost_ratio"] = float(np.median([r["est"][k]["seconds"] for r in rows])) / vanilla_s
             stats["sgd_batches"] = rows[0]["est"][k]["sgd_batches"]
         s["estimators"][k] = stats
+    if same is not None and same in labels:
+        s["same_estimator"] = same
+        s["optimism"] = optimism_by_agent(rows, same)
     first = s["estimators"][SEARCH_REWARD]
     s.update({k: first[k] for k in ("retest", "retest_std", "retest_ci95", "reliability", "ceiling", "ceiling_std",
                                     "ceiling_ci95")})
@@ -172,6 +205,22 @@ def write_markdown(path: Path, summary: Dict[str, Any], meta: Dict[str, Any], co
                          e.get("sgd_batches", "–")])
         lines += markdown_table(["estimator", "rho (mean truth)", "± std", "95 % interval", "rho / ceiling", "± std",
                                  "pick regret (pts)", "cost (× vanilla)", "SGD batches"], rows) + [""]
+        if "optimism" in s:
+            lines += [f"**Optimism of each search's choice**: the reward the search recorded against `{s['same_estimator']}`, "
+                      "the same estimator, re-measured here on other validation images and KD batches (means over "
+                      "the agent's searched models). An agent that evaluates one model (uniform, global Taylor) or "
+                      "allocates from a grid of single-layer probes (sensitivity) picks no maximum; a search that "
+                      "picks the best of many noisy scores is optimistic by about the noise it selected.", ""]
+            opt = s["optimism"]
+            lines[-2] += (f" The offset between the two measurements is what the {opt['offset_models']} searches "
+                          f"that evaluated one model show ({100 * opt['offset']:+.1f} points); the last column is "
+                          "each agent's optimism beyond it.")
+            lines += markdown_table(["agent", "models", "search's reward", "re-measured", "difference (pts)",
+                                     "beyond the offset (pts)", "test top-1 after FT"],
+                                    [[f"`{a}`", o["n"], f"{o['search_reward']:.3f}", f"{o['remeasured']:.3f}",
+                                      f"{100 * o['optimism']:+.1f}", f"{100 * o['beyond_offset']:+.1f}",
+                                      f"{o['truth']:.3f}"]
+                                     for a, o in opt["agents"].items()]) + [""]
     lines += [machine_line(machine), ""]
     atomic_write_text("\n".join(lines), path)
 
@@ -194,7 +243,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "bn_train_images": BN_TRAIN_IMAGES, "units_model": units_file["meta"]["model"],
                 "units_schedule": units_file["meta"]["schedule"]}
     cache = Units(Path(args.cache), settings)
-    models = {t: searched_models(units_file, t) for t in targets}
+    # --targets limits what is computed; the summary covers every target of the units file whose estimates are done,
+    # so a run for one target does not drop another's table
+    models = {t: searched_models(units_file, t) for t in available}
     todo = [(t, m) for t in targets for m in models[t] if not args.summary_only]
     for t, m in tqdm(todo, desc="searched models", dynamic_ncols=True):
         missing = [k for k in args.estimators if cache.read(float(t), m["name"], f"est_{k}", _spec(k)) is None]
@@ -205,15 +256,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_estimates(student, ctx.teacher, missing, ctx.rewards, ctx.teacher_logits, ctx.bn_train, seed, cache,
                       float(t), m["name"])
     summary = {}
-    for t in targets:
+    for t in available:
         rows = []
         for m in models[t]:
             est = {k: cache.read(float(t), m["name"], f"est_{k}", _spec(k)) for k in args.estimators}
             if all(v is not None for v in est.values()):
                 rows.append({**m, "est": est})
         if len(rows) >= args.min_models:
-            summary[t] = summarize_target(rows, args.estimators, args.bootstrap, args.seed)
-        else:
+            summary[t] = summarize_target(rows, args.estimators, args.bootstrap, args.seed,
+                                          SAME_ESTIMATOR.get(units_file["meta"].get("reward_estimator")))
+        elif t in targets:
             print(f"note: {t}: {len(rows)} searched models with every estimate and two fine-tunes (fewer than "
                   f"--min-models {args.min_models}); not summarized", file=sys.stderr)
     m = units_file["meta"]

@@ -75,3 +75,19 @@ def test_an_unknown_target_and_a_missing_units_file_are_refused(tmp_path):
     path.write_text('{"meta": {}, "targets": {"0.875": {"carry": {"searches": {}}}}}')
     with pytest.raises(SystemExit, match=r"no units at targets \['0.5'\]"):
         rfs.main(["--units", str(path), "--targets", "0.5"])
+
+
+def test_optimism_is_the_recorded_reward_less_the_remeasured_one_per_agent():
+    def row(agent, rec, fresh, truth, evals):
+        return {"agent": agent, "search_reward": rec, "est": {"kd_refined10": {"value": fresh}}, "truth": truth,
+                "n_evaluations": evals}
+    rows = [row("ppo", 0.30, 0.20, [0.4, 0.5], 151), row("ppo", 0.26, 0.22, [0.5, 0.5], 151),
+            row("uniform", 0.18, 0.20, [0.52, 0.50], 1)]
+    res = rfs.optimism_by_agent(rows, "kd_refined10")
+    out = res["agents"]
+    assert list(out) == ["ppo", "uniform"] and out["ppo"]["n"] == 2
+    assert out["ppo"]["optimism"] == pytest.approx(0.07) and out["uniform"]["optimism"] == pytest.approx(-0.02)
+    assert out["ppo"]["truth"] == pytest.approx(0.475)
+    # the offset of the two measurements is uniform's (one model evaluated): ppo's optimism beyond it is 0.09
+    assert res["offset"] == pytest.approx(-0.02) and res["offset_models"] == 1
+    assert out["ppo"]["beyond_offset"] == pytest.approx(0.09) and out["uniform"]["beyond_offset"] == pytest.approx(0)
