@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
     """
     if estimator is not None and metrics.get("reward_estimator", estimator) != estimator:
         return (f"searched with the reward estimator {metrics.get('reward_estimator')!r}, not {estimator!r} (give a "
-                f"variant its own --out-dir)")
+                f"variant its own --tag)")
     if metrics.get("budget") != budget:
         return f"made with budget {metrics.get('budget')}, not {budget}"
     used = int(metrics["n_evaluations"])
@@ -216,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "iterative schedule (default 15: the length at which compare_agents.md found the ranking "
                         "stable at 70 %%)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides of every unit (give a variant its own --out-dir)")
+                   help="config overrides of every unit (give a variant its own --tag)")
+    p.add_argument("--tag", default="", metavar="NAME",
+                   help="a variant of the comparison (e.g. other --set reward settings): its units, report and units "
+                        "file are named <schedule>_<NAME>, so they never mix with the untagged comparison's")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "compare_curves"), help="where the units live")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"),
                    help="where compare_curves_<model>.md|json|png go (report_stem: _<schedule> unless one-shot, "
@@ -251,14 +255,19 @@ def final_epochs(args: argparse.Namespace) -> int:
 
 def schedule_name(args: argparse.Namespace) -> str:
     """``oneshot``, ``3step`` (several steps, no training between) or ``iterative3_r2`` (3 steps, 2 recovery epochs
-    after each non-final one): the schedule's folder."""
+    after each non-final one), then ``_<tag>`` for a ``--tag``ged variant: the schedule's folder, and so the
+    report's name (:func:`report_stem`) and what a restore and a kept target must match."""
     if args.schedule == "iterative":
-        return f"iterative{args.n_steps}_r{args.recovery_epochs}"
-    return "oneshot" if args.n_steps == 1 else f"{args.n_steps}step"
+        name = f"iterative{args.n_steps}_r{args.recovery_epochs}"
+    else:
+        name = "oneshot" if args.n_steps == 1 else f"{args.n_steps}step"
+    return f"{name}_{args.tag}" if args.tag else name
 
 
 def check_args(args: argparse.Namespace) -> Optional[str]:
     """The first problem with the command line, or None (after :func:`resolve_args`)."""
+    if args.tag and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.tag):
+        return f"--tag must be lower-case letters, digits and '-' (a folder and file name part), got {args.tag!r}"
     if args.search_seeds < 1 or args.ft_seeds < 1:
         return f"--search-seeds and --ft-seeds must be >= 1, got {args.search_seeds} and {args.ft_seeds}"
     bad = [t for t in args.targets if not 0.0 < t < 1.0]

@@ -87,6 +87,7 @@ def test_the_queue_gives_every_search_seed_a_fine_tune_before_any_second_one():
     (["--targets", "1.2"], "FLOPs reductions in (0, 1)"),
     (["--search-seeds", "0"], "must be >= 1"),
     (["--set", "novalue"], "--set"),
+    (["--tag", "Big Run"], "--tag must be lower-case"),
 ])
 def test_bad_command_lines_exit_2(argv, message, capsys):
     assert ca.main(argv + ["--report-only"]) == 2
@@ -289,3 +290,14 @@ def test_another_schedule_or_fine_tune_length_writes_its_own_report():
     assert ca.report_stem("vgg19w025", "oneshot", 30) == "compare_curves_vgg19w025_e30"
     assert ca.report_stem("vgg19w025", "iterative3_r2", 15) == "compare_curves_vgg19w025_iterative3_r2"
     assert len({ca.report_stem("m", s, e) for s in ("oneshot", "3step") for e in (15, 30)}) == 4
+
+
+def test_a_tagged_variant_has_its_own_folder_and_report():
+    args = ca.build_parser().parse_args(["--tag", "r1000", "--set", "env.reward_samples=null"])
+    ca.resolve_args(args)
+    assert ca.check_args(args) is None
+    assert ca.schedule_name(args) == "oneshot_r1000"
+    assert ca.report_stem("vgg19w025", ca.schedule_name(args), 15) == "compare_curves_vgg19w025_oneshot_r1000"
+    plain = ca.build_parser().parse_args([])
+    ca.resolve_args(plain)
+    assert ca.schedule_name(plain) == "oneshot"
