@@ -1053,7 +1053,10 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
              "means). More than one pooled std apart is a difference; anything within is level.", ""]
     lines += [verdict_sentence(t, b["verdict"]) for t, b in per_target.items()]
     lines += ["", "**Does the reward rank what the agents found?**", "",
-              *[reward_vs_outcome_line(t, b["reward_vs_outcome"]) for t, b in per_target.items()]]
+              *[reward_vs_outcome_line(t, b["reward_vs_outcome"]) for t, b in per_target.items()], "",
+              "(The reward here is the one each search recorded for its own choice, on the search's images. "
+              "`benchmarks/reward_fidelity_searched.py` re-measures every estimator on these searched models, "
+              f"from `{stem}_units.json`, and shows how optimistic each search's choice is.)"]
     lines += ["", "## Protocol", "",
               f"Task `{meta['config']}`: original test top-1 **{orig['test_top1']:.4f}** (validation "
               f"{orig['val_top1']:.4f}), {orig['macs'] / 1e6:.2f} M MACs, {orig['params'] / 1e6:.3f} M params"
