@@ -419,6 +419,30 @@ def check_folder_use(folder: RunFolder, resume: bool, overwrite: bool) -> None:
                              f"{folder.path.name}_2)")
 
 
+def final_rerank(env: Any, best: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The env's ``final_rerank`` at the end of a search (:meth:`PruneEnv.rerank_finalists`): None when it is off
+    or had nothing to choose between; else its record (held-out scores of every finalist, the chosen one, the
+    re-scores it cost, apart from the search's ``n_evaluations``) with ``best``, the search's best episode with the
+    chosen candidate's model, kept channels and search accuracy in its place (``actions`` None when another
+    candidate than the episode's final one was chosen: the action that gave it is not kept)."""
+    rerank = getattr(env, "rerank_finalists", None)
+    choice = rerank() if callable(rerank) else None
+    if choice is None:
+        return None
+    same = choice["kept_channels"] == np.asarray(best["info"]["kept_channels"], dtype=np.int64).tolist()
+    new_best = {**best, "model": choice["model"], "kept_indices": [np.asarray(k).tolist() for k in
+                                                                    choice["kept_indices"]],
+                "info": {**best["info"], "kept_channels": choice["kept_channels"], "accuracy": choice["accuracy"]},
+                "actions": best["actions"] if same else None}
+    record = {k: v for k, v in choice.items() if k not in ("model", "kept_indices", "reductions")}
+    record.update(changed=not same, best=new_best)
+    print(f"final_rerank: {choice['evaluations']} finalists re-scored on {choice['holdout_images']} held-out "
+          f"validation images; kept #{choice['chosen'] + 1} by search reward (held-out reward "
+          f"{choice['holdout_reward']:.4f}, search reward {choice['reward']:.4f})"
+          + ("" if not same else ": the search's own choice"), file=sys.stderr)
+    return record
+
+
 def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bool,
                    callbacks: Sequence[BaseCallback]) -> Dict[str, Any]:
     """:func:`run` once the folder is locked and may be used."""
@@ -444,6 +468,9 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
         agent, learn_kwargs = build_agent(cfg, name, env, tensorboard_log=str(folder.tensorboard_dir))
     except (TypeError, ValueError) as err:  # bad agent arguments in the config
         raise ConfigError(f"agents.{name}: {err}") from err
+    if saved is not None and env.config.final_rerank > 1:
+        raise ConfigError(f"--resume with final_rerank={env.config.final_rerank}: its finalists live in the env's "
+                          f"memory only and were lost with the killed run; rerun without --resume")
     if saved is not None and not agent.supports_resume:
         raise ConfigError(f"--resume is not supported by agent {name!r} (its supports_resume is False); rerun "
                           f"without it")
@@ -492,6 +519,9 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     best = agent.best
     if best is None:
         raise RuntimeError(f"agent {name!r} finished no episode; give it more steps (budget / n_timesteps)")
+    rerank = final_rerank(env, best)
+    if rerank is not None:
+        best = rerank.pop("best")
 
     bs = cfg.run.eval_batch_size
     pruned = copy.deepcopy(best["model"]).to(env.device)
@@ -531,7 +561,7 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
         "target": env.target, "target_metric": env.episode_metric, "n_steps": env.n_steps,
         "action_mode": env.action_mode, "alpha": env.alpha, "beta": env.beta, "gamma": float(env.config.gamma),
         "latency": latency_record(env, kept),
-        "n_evaluations": agent.n_evaluations, "budget": cfg.budget,
+        "n_evaluations": agent.n_evaluations, "budget": cfg.budget, "final_rerank": rerank,
         "budget_schedule": getattr(agent, "budget_schedule", None), "timesteps": agent.num_timesteps,
         "best_episode": best["episode"], "best_reward": best["reward"],
         "reward_accuracy": best["info"]["accuracy"], "reward_estimator": env.config.reward_estimator,
@@ -551,5 +581,5 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
     return metrics
 
 
-__all__ = ["run", "build_env", "build_agent", "finetune_pruned", "finetune_searched", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
+__all__ = ["run", "build_env", "build_agent", "final_rerank", "finetune_pruned", "finetune_searched", "rl_pruner_schedule", "sb3_hyperparams", "check_resume", "check_folder_use", "ResumeMismatch",
            "CheckpointEvery", "model_report", "latency_record", "bn_reestimated_report", "plot_distribution", "NOT_COMPARED"]

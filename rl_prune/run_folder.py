@@ -56,6 +56,8 @@ METRICS_SCHEMA: Dict[str, str] = {
     "n_evaluations": "pruned models scored by the search",
     "budget": "the config's evaluation budget (None: no cap)",
     "budget_schedule": "the schedule an agent derived from the budget (RL-Pruner's RL epochs), None if fixed",
+    "final_rerank": "the env's final_rerank (PruneEnv.rerank_finalists): the finalists' search and held-out "
+                    "rewards, the chosen one, the re-scores it cost (apart from n_evaluations); None when off",
     "timesteps": "env steps of the search",
     "best_episode": "episode whose final model was kept",
     "best_reward": "its final reward",
@@ -253,11 +255,13 @@ class RunFolder:
 
     # ----------------------------------------------------------------------------------------------- metrics
     def write_metrics(self, metrics: Mapping[str, Any]) -> None:
-        """``metrics.json``; its keys must be exactly those of :data:`METRICS_SCHEMA`.
+        """``metrics.json``; its keys must be exactly those of :data:`METRICS_SCHEMA` (those of
+        :data:`METRICS_ADDED` may be missing: a restored run from before them).
 
         :param metrics: the run's numbers.
         """
-        missing, extra = sorted(set(METRICS_SCHEMA) - set(metrics)), sorted(set(metrics) - set(METRICS_SCHEMA))
+        missing = sorted(set(METRICS_SCHEMA) - set(metrics) - set(METRICS_ADDED))
+        extra = sorted(set(metrics) - set(METRICS_SCHEMA))
         if missing or extra:
             raise ValueError(f"metrics do not match METRICS_SCHEMA: missing {missing}, unexpected {extra}")
         atomic_write_text(json.dumps(dict(metrics), indent=2, default=float), self.file(self.METRICS))
@@ -830,6 +834,11 @@ def mask_to_indices(mask: str) -> List[int]:
     return [i for i in range(value.bit_length()) if value >> i & 1]
 
 
+#: keys of :data:`METRICS_SCHEMA` added after runs were carried in committed units files: a restored run from before
+#: them may lack them
+METRICS_ADDED = ("final_rerank",)
+
+
 def _format_cell(value: Any) -> Any:
     if isinstance(value, (list, tuple, np.ndarray)):
         return ";".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in value)
@@ -837,6 +846,6 @@ def _format_cell(value: Any) -> Any:
 
 
 __all__ = ["RunFolder", "RunCheckpoint", "SearchedModel", "structure_hash", "weights_hash", "rebuild_pruned",
-           "SEARCHED_KIND", "SEARCHED_VERSION", "METRICS_SCHEMA", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "DATA_SETTINGS",
+           "SEARCHED_KIND", "SEARCHED_VERSION", "METRICS_SCHEMA", "METRICS_ADDED", "CHECKPOINT_KIND", "CHECKPOINT_VERSION", "DATA_SETTINGS",
            "RunLock", "RunFolderError", "RunFolderLocked", "numbered_run_dirs", "claim_new_run_folder",
            "latest_run_folder", "describe_owner", "indices_to_mask", "mask_to_indices"]

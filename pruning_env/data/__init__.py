@@ -295,7 +295,7 @@ def make_synthetic(n_train: int = 256, n_test: int = 64, num_classes: int = 10, 
 
 
 def preload(dataset: Dataset, n: Optional[int] = None, seed: int = 0,
-            device: Union[str, torch.device] = "cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+            device: Union[str, torch.device] = "cpu", skip: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """A fixed, seeded subset of ``dataset`` as two tensors ``(x, y)``: the fast path for repeated evaluation.
 
     :param dataset: usually ``splits.val`` (no augmentation, so the tensors are deterministic); an augmented
@@ -303,12 +303,17 @@ def preload(dataset: Dataset, n: Optional[int] = None, seed: int = 0,
     :param n: number of items (all when None or larger than the dataset).
     :param seed: which subset.
     :param device: where the tensors live (keep them on the GPU for the reward path).
+    :param skip: leave out the first ``skip`` items of the seed's order: ``preload(d, m, seed, skip=n)`` is
+        disjoint from ``preload(d, n, seed)`` (held-out images beside a fixed subset); None ``n``: all the rest.
     """
     total = len(dataset)
-    if n is None or n >= total:
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    if skip == 0 and (n is None or n >= total):
         idx = np.arange(total)
     else:
-        idx = np.sort(np.random.default_rng(seed).permutation(total)[:n])
+        order = np.random.default_rng(seed).permutation(total)[skip:]
+        idx = np.sort(order if n is None else order[:n])
     if isinstance(dataset, ArrayDataset):
         xs = dataset.images[torch.from_numpy(idx)]
         if dataset.transform is None:

@@ -233,6 +233,15 @@ class PruneEnvConfig(Settings):
     reward_refine_top: int = setting(2, low=1)
     """``multi_fidelity``: new candidates of each batched look-ahead that are refined, the best by cheap reward
     (>= 1)."""
+    final_rerank: int = setting(1, low=1)
+    """at the end of a search, re-score the ``final_rerank`` best final-step candidates the env evaluated (by the
+    search's reward) on held-out validation images the reward never read, and keep the best there (1: off, the
+    search's own best is kept). Each search picks the best of many noisy scores on one fixed image set, so its
+    choice is optimistic (``benchmarks/results/reward_fidelity_searched.md``); the re-scores are counted apart from
+    the search budget (``PruneEnv.rerank_finalists``). Needs a budget (``n_steps`` steps) and ``reward_samples``
+    below the validation size (>= 1)."""
+    final_rerank_samples: Optional[int] = setting(None, low=1)
+    """held-out validation images of ``final_rerank`` (None: every validation image the reward does not read)."""
     # ---- importance and pruning granularity
     calibration_size: int = setting(100, low=1)
     """training images per calibration batch of the importance criterion (>= 1)."""
@@ -296,6 +305,15 @@ class PruneEnvConfig(Settings):
         if self.recovery is not None and self.recovery_batches == 0 and self.recovery_epochs == 0:
             raise ValueError(f"recovery={self.recovery!r} needs a length: set recovery_batches >= 1 or "
                              f"recovery_epochs >= 1 (both are 0, so it would never run), or recovery=None")
+        if self.final_rerank > 1:
+            if self.reward_samples is None:
+                raise ValueError(f"final_rerank={self.final_rerank} needs held-out validation images, but "
+                                 f"reward_samples=None gives every one to the reward; set reward_samples below the "
+                                 f"validation size")
+            if self.step_metric is None:
+                raise ValueError(f"final_rerank={self.final_rerank} re-scores the final step's candidates: it needs a "
+                                 f"budget (budget=..., or action_mode='distribution'), so that every episode ends "
+                                 f"after n_steps steps")
 
     # ---- derived settings
     @property

@@ -25,7 +25,7 @@ LAYER_FEATURES = ("index", "channels", "kernel", "stride", "macs", "macs_removed
 INNER_ATTRS = frozenset({"splits", "device", "input_size", "original_model", "config", "task", "val_size",
                          "split_seed", "episode_metric", "target_metric", "alpha", "beta", "layer_counts", "scorer",
                          "model", "current_channels", "n_evaluations", "n_train_batches", "total_evaluations",
-                         "kept_indices", "latency_model"})
+                         "kept_indices", "latency_model", "rerank_finalists"})
 
 
 class LayerwisePruneEnv(gym.Env):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import gymnasium as gym
@@ -63,6 +63,16 @@ class _State:
     @property
     def over(self) -> bool:
         return self.terminated or self.truncated
+
+
+@dataclass
+class _Finalist:
+    """A final-step candidate kept for ``final_rerank``: its search reward, and what rebuilds it (its state and
+    plan; the state is held, so it outlives its episode)."""
+    reward: float
+    accuracy: float
+    state: _State
+    candidate: Candidate
 
 
 class PruneEnv(PruneEnvSettings, gym.Env):
@@ -137,6 +147,8 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         self._state = self._initial_state = None  # Optional[_State]: the current one, every episode's first one
         # counters live on the env, not on states: restoring a snapshot does not refund evaluations
         self._spent, self.total_evaluations = np.zeros(2, dtype=np.int64), 0  # episode: evaluations, SGD batches
+        # final_rerank: the best final-step candidates evaluated so far, by (state, kept channels)
+        self._finalists: Dict[Tuple[int, bytes], _Finalist] = {}
 
     def _make_pruner(self, model: nn.Module) -> Pruner:
         cfg = self.config
@@ -261,8 +273,55 @@ class PruneEnv(PruneEnvSettings, gym.Env):
                                           max_evaluations=max_evaluations)
 
         keys = [CandidateCache.key(a) for a in actions]
-        return [(cand, cached, self._charge(None if cached else cand))
-                for cand, cached in state.candidates.resolve(keys, self.lookahead_cache, build)]
+        out = [(cand, cached, self._charge(None if cached else cand))
+               for cand, cached in state.candidates.resolve(keys, self.lookahead_cache, build)]
+        if self.config.final_rerank > 1 and self.budget is not None and state.step_index + 1 >= self.n_steps:
+            for cand, cached, _ in out:
+                if not cached and cand.step.reachable:
+                    self._keep_finalist(state, cand)
+        return out
+
+    def _keep_finalist(self, state: _State, cand: Candidate) -> None:
+        """Keep ``cand`` (a new final-step candidate of ``state``) among the ``final_rerank`` best by reward."""
+        key = (id(state), np.asarray(cand.step.keep, dtype=np.int64).tobytes())
+        if key in self._finalists:
+            return
+        self._finalists[key] = _Finalist(float(cand.reward), float(cand.accuracy), state, replace(cand, model=None))
+        if len(self._finalists) > self.config.final_rerank:
+            worst = min(self._finalists, key=lambda k: self._finalists[k].reward)
+            del self._finalists[worst]
+
+    def rerank_finalists(self) -> Optional[Dict[str, Any]]:
+        """``final_rerank``: re-score the best final-step candidates evaluated so far (at most ``final_rerank``, by
+        the search's reward) with the same estimator and reward on the held-out validation images
+        (``task.holdout_data``, never the reward's) and another per-estimate seed, and return the best there: its
+        ``model`` (a new one), ``kept_indices`` (per group, in the original numbering), ``kept_channels``,
+        ``reductions``, its search ``reward`` / ``accuracy`` and held-out ``holdout_reward`` /
+        ``holdout_accuracy``, and ``finalists`` (every re-scored candidate's numbers, best search reward first).
+        The re-scores are counted in ``total_evaluations`` (and ``evaluations`` here), not in an episode's.
+        None when it is off or fewer than two candidates were evaluated (nothing to choose between).
+        """
+        if self.config.final_rerank <= 1 or len(self._finalists) < 2:
+            return None
+        holdout = self.scorer.with_images(self.task.holdout_data, seed=int(self.config.seed or 0) + 7919)
+        rows = sorted(self._finalists.values(), key=lambda f: -f.reward)
+        scored = []
+        for f in rows:
+            model = self.scorer.build(f.state.pruner, f.candidate.plan)
+            acc = holdout.accuracy(model, f.state.teacher)
+            scored.append((holdout.reward(acc, f.candidate.reductions, f.candidate.step.keep), acc, model))
+        self.total_evaluations += len(rows)
+        best = max(range(len(rows)), key=lambda i: (scored[i][0], -i))  # ties: the better search reward
+        f, (h_reward, h_acc, model) = rows[best], scored[best]
+        return {"model": model, "kept_channels": np.asarray(f.candidate.step.keep, dtype=np.int64).tolist(),
+                "kept_indices": [o[k] for o, k in zip(f.state.pruner.origin, f.candidate.plan.kept)],
+                "reductions": f.candidate.reductions, "reward": f.reward, "accuracy": f.accuracy,
+                "holdout_reward": h_reward, "holdout_accuracy": h_acc, "chosen": best, "evaluations": len(rows),
+                "holdout_images": len(self.task.holdout_data[1]),
+                "finalists": [{"reward": r.reward, "accuracy": r.accuracy, "holdout_reward": sc[0],
+                               "holdout_accuracy": sc[1],
+                               "kept_channels": np.asarray(r.candidate.step.keep, dtype=np.int64).tolist()}
+                              for r, sc in zip(rows, scored)]}
 
     def _charge(self, cand: Optional[Candidate]) -> Tuple[int, int]:
         """Count ``cand``'s evaluations and batches (None: a cache hit, free); the episode's counts after it."""

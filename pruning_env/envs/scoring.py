@@ -231,6 +231,15 @@ class CandidateScorer:
         other._teacher = other._teacher_logits = None
         return other
 
+    def with_images(self, images: Batch, seed: int) -> "CandidateScorer":
+        """The same estimator and reward on other validation images ``images`` (on this scorer's device), with
+        its own per-estimate ``seed`` (other KD batches and BN draws): an independent re-measurement."""
+        other = copy.copy(self)
+        other.x, other.y = images[0].to(self.device), images[1].to(self.device)
+        other.seed = int(seed)
+        other._teacher = other._teacher_logits = None
+        return other
+
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
         state["_teacher"] = state["_teacher_logits"] = None  # an actor computes its own

@@ -36,6 +36,8 @@ class PruningTask:
     :ivar estimator_data: seeded, un-augmented training images ``(x, y)`` for the reward estimator (BN
         statistics, KD batches), on ``device``; None when ``cfg.reward_estimator`` reads none (its registry
         entry says). Never validation or test images.
+    :ivar holdout_data: validation images ``(x, y)`` disjoint from ``reward_data``, for ``final_rerank`` (None
+        when it is off).
     :ivar val_size: the held-out validation size that was used (count or fraction).
     :ivar split_seed: the seed of the train/validation split.
     :ivar checkpoint: the checkpoint file the weights came from (None for a module or an untrained model).
@@ -52,6 +54,7 @@ class PruningTask:
     split_seed: int
     checkpoint: Optional[Path] = None
     checkpoint_meta: Dict[str, Any] = field(default_factory=dict)
+    holdout_data: Optional[Batch] = None
 
     @classmethod
     def from_config(cls, cfg: PruneEnvConfig, device: torch.device) -> "PruningTask":
@@ -80,10 +83,17 @@ class PruningTask:
         calibration = _calibration_batches(splits, cfg.calibration_size, cfg.calibration_batches, seed, device)
         estimator_data = (_estimator_images(splits, cfg.reward_train_images, seed, device)
                           if REWARD_ESTIMATORS[cfg.reward_estimator].train_images else None)
+        holdout = None
+        if cfg.final_rerank > 1:  # the images after the reward's in the same seeded order: never the reward's
+            holdout = preload(splits.val, n=cfg.final_rerank_samples, seed=seed, device=device,
+                              skip=len(reward_data[1]))
+            if len(holdout[1]) == 0:
+                raise ValueError(f"final_rerank={cfg.final_rerank}: the reward reads all {len(splits.val)} validation "
+                                 f"images (reward_samples={cfg.reward_samples}); none is left to re-score on")
         return cls(model=net, splits=splits, input_size=input_size, reward_data=reward_data, calibration=calibration,
                    estimator_data=estimator_data,
                    val_size=val_size, split_seed=split_seed, checkpoint=path,
-                   checkpoint_meta=meta)
+                   checkpoint_meta=meta, holdout_data=holdout)
 
 
 def checkpoint_path(cfg: PruneEnvConfig) -> Optional[Path]:
