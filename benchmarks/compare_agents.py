@@ -1068,7 +1068,12 @@ def render_markdown(meta: Dict[str, Any], per_target: Dict[str, Dict[str, Any]],
               f"Search seeds 0..{meta['search_seeds'] - 1}; each searched model fine-tuned {meta['ft_seeds']} times "
               f"(fine-tune seed = search seed + i x {meta['search_seeds']}), {meta['final_epochs']} epochs of the "
               f"config's KD recipe, the same for every agent. RL agents: RL-Pruner, the SB3 algorithms and AMC; "
-              f"the others are non-RL allocations.", "",
+              f"the others are non-RL allocations."
+              + (f" Config overrides of every unit (`--set`): `{' '.join(meta['set'])}`." if meta.get("set") else "")
+              + (" With `env.final_rerank=k` each search's k best candidates are re-scored on held-out validation "
+                 "images after the search (k evaluations apart from the budget, the same for every searching "
+                 "agent; `metrics.json` records them)." if any("final_rerank" in o for o in meta.get("set", []))
+                 else ""), "",
               machine_line(meta["machine"]) + " Shared by other jobs: wall times are upper bounds.", "",
               "## Leaderboard", ""]
     for t, b in per_target.items():
