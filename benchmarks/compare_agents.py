@@ -90,8 +90,17 @@ def spends_budget(agent: str, metrics: Dict[str, Any]) -> bool:
     return spec.sb3_algo is not None or spec.budget_arg is not None or metrics.get("budget_schedule") is not None
 
 
+def unit_rerank(metrics: Dict[str, Any]) -> int:
+    """The ``final_rerank`` a unit was searched with: 1 (off) without a record, else the record's ``k`` (a record
+    from before ``k`` was written: its finalists' count)."""
+    record = metrics.get("final_rerank")
+    if record is None:
+        return 1
+    return int(record.get("k", len(record.get("finalists", []))))
+
+
 def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
-                   estimator: Optional[str] = None) -> Optional[str]:
+                   estimator: Optional[str] = None, rerank: Optional[int] = None) -> Optional[str]:
     """Why a finished search unit cannot enter the comparison (None when it can): a run made with another budget
     or another reward estimator, or a searching agent that used another number of evaluations than the budget.
 
@@ -99,10 +108,14 @@ def budget_problem(agent: str, metrics: Dict[str, Any], budget: int,
     :param metrics: the unit's ``metrics.json`` (``RunFolder.read_metrics``).
     :param budget: the comparison's budget.
     :param estimator: the comparison's reward estimator (None: not checked).
+    :param rerank: the comparison's ``env.final_rerank`` (None: not checked); a searching agent's unit must have
+        been made with the same (:func:`unit_rerank`).
     """
     if estimator is not None and metrics.get("reward_estimator", estimator) != estimator:
         return (f"searched with the reward estimator {metrics.get('reward_estimator')!r}, not {estimator!r} (give a "
                 f"variant its own --tag)")
+    if rerank is not None and spends_budget(agent, metrics) and unit_rerank(metrics) != rerank:
+        return (f"searched with final_rerank={unit_rerank(metrics)}, not {rerank} (give a variant its own --tag)")
     if metrics.get("budget") != budget:
         return f"made with budget {metrics.get('budget')}, not {budget}"
     used = int(metrics["n_evaluations"])
@@ -297,6 +310,11 @@ def check_args(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def comparison_rerank(args: argparse.Namespace) -> int:
+    """The ``env.final_rerank`` of every unit of the comparison (the config's, or ``--set env.final_rerank=``)."""
+    return int(task_config(args).env.get("final_rerank", 1))
+
+
 def task_config(args: argparse.Namespace) -> PruneRunConfig:
     """The task's config with ``--set`` applied (what every unit shares: the reward estimator among it)."""
     return load_config(args.config, parse_overrides(args.set))
@@ -371,7 +389,7 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
 
     started = time.monotonic()
     done = 0
-    estimator = comparison_estimator(args)
+    estimator, rerank = comparison_estimator(args), comparison_rerank(args)
     # the env of the fine-tunes (splits, the original model as teacher and source): one at a time, for the
     # (target, search seed) of the unit; the queue runs a seed's agents together
     env_key: Optional[Tuple[float, int]] = None
@@ -395,7 +413,7 @@ def run_all(args: argparse.Namespace, layout: Layout) -> None:
                 if not folder.is_finished:
                     continue  # failed (error.txt) or busy in another worker
                 write_report(args, layout)
-            problem = budget_problem(agent, folder.read_metrics(), args.budget, estimator)
+            problem = budget_problem(agent, folder.read_metrics(), args.budget, estimator, rerank)
             if problem is not None:
                 print(f"{run_dir}: {problem}; not fine-tuned", file=sys.stderr)
                 continue
@@ -501,7 +519,7 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
     failures: Dict[str, str] = {}
     missing: List[str] = []
     carried: Dict[str, Any] = {}
-    estimator = comparison_estimator(args)
+    estimator, rerank = comparison_estimator(args), comparison_rerank(args)
     for agent in args.agents:
         searches, fts = {}, []
         for seed in range(args.search_seeds):
@@ -516,7 +534,7 @@ def collect(args: argparse.Namespace, layout: Layout, target: float) -> Dict[str
                     missing.append(unit)
                 continue
             exported = folder.export_search()  # metrics and searched model, read once: the report and the carry
-            problem = budget_problem(agent, exported["metrics"], args.budget, estimator)
+            problem = budget_problem(agent, exported["metrics"], args.budget, estimator, rerank)
             if problem is not None:
                 refused[unit] = problem
                 continue

@@ -339,6 +339,10 @@ def fidelity_vs_ceiling(estimate: Sequence[float], seed_a: Sequence[float], seed
             "distinct": int(len(np.unique(np.asarray(estimate, float))))}
 
 
+#: the truth's own numbers in a :func:`bootstrap_fidelity` result (the same for every estimator of a target)
+CEILING_KEYS = ("retest", "retest_std", "retest_ci95", "reliability", "ceiling", "ceiling_std", "ceiling_ci95")
+
+
 def bootstrap_fidelity(estimate: Sequence[float], seed_a: Sequence[float], seed_b: Sequence[float], n: int,
                        seed: int) -> Dict[str, Any]:
     """:func:`fidelity_vs_ceiling` and the spread of each of its numbers over ``n`` resamples of the candidates
@@ -457,10 +461,7 @@ def summarize(units: Units, targets: Sequence[float], n_cand: int, ft_seeds: int
                                                  (rnd.choice(len(tt), min(pick_batch, len(tt)), replace=False)
                                                   for _ in range(n_boot))]) * 100)
         if ft_seeds > 1:
-            first = s["estimators"]["vanilla"]
-            s.update(retest=first["retest"], retest_std=first["retest_std"], retest_ci95=first["retest_ci95"],
-                     reliability=first["reliability"], ceiling=first["ceiling"], ceiling_std=first["ceiling_std"],
-                     ceiling_ci95=first["ceiling_ci95"])
+            s.update({k: s["estimators"]["vanilla"][k] for k in CEILING_KEYS})
         out[f"{t:g}"] = s
     return out
 
@@ -572,9 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ft_seeds < 1 or args.candidates < 1:
         raise SystemExit(f"error: --ft-seeds and --candidates must be >= 1, got {args.ft_seeds}, {args.candidates}")
     torch.set_num_threads(args.threads)
-    ctx = estimation_context(args.checkpoint, args.seed)
-    teacher, splits, plain, rewards, teacher_logits, bn_train = (ctx.teacher, ctx.splits, ctx.plain, ctx.rewards,
-                                                                 ctx.teacher_logits, ctx.bn_train)
+    teacher, splits, plain, rewards, teacher_logits, bn_train = estimation_context(args.checkpoint, args.seed)
     calib = preload(plain.train, n=args.calibration, seed=args.seed + 2)
     test_data = preload(splits.test)
     pruner = Pruner(teacher, torch.zeros(1, *splits.input_size))

@@ -32,8 +32,8 @@ if str(ROOT) not in sys.path:  # run as a script: benchmarks.* is imported from 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import command_line, machine_line, markdown_table, provenance, repo_relative  # noqa: E402
-from benchmarks.reward_fidelity import (BN_TRAIN_IMAGES, ESTIMATORS, Units, _spec, bootstrap_fidelity,  # noqa: E402
-                                        estimation_context, run_estimates, write_plot)
+from benchmarks.reward_fidelity import (BN_TRAIN_IMAGES, CEILING_KEYS, ESTIMATORS, Units, _spec,  # noqa: E402
+                                        bootstrap_fidelity, estimation_context, run_estimates, write_plot)
 from pruning_env.runtime import atomic_write_text  # noqa: E402
 from rl_prune.run_folder import mask_to_indices, rebuild_pruned, weights_hash  # noqa: E402
 
@@ -84,8 +84,7 @@ def searched_models(units_file: Dict[str, Any], target: str) -> List[Dict[str, A
             continue
         m = data["metrics"]
         out.append({"name": name, "agent": m["agent"], "search_seed": int(m["seed"]), "carried": data["searched_model"],
-                    "search_reward": float(m["reward_accuracy"]), "kept_channels": list(m["kept_channels"]),
-                    "n_evaluations": int(m.get("n_evaluations", 0)),
+                    "search_reward": float(m["reward_accuracy"]), "n_evaluations": int(m.get("n_evaluations", 0)),
                     "truth": [float(r["finetune"]["report"]["test_top1"]) for r in recs[:2]],
                     "ft_seeds": [int(r["ft_seed"]) for r in recs[:2]]})
     return out
@@ -165,9 +164,7 @@ def summarize_target(rows: List[Dict[str, Any]], labels: Sequence[str], n_boot: 
     if same is not None and same in labels:
         s["same_estimator"] = same
         s["optimism"] = optimism_by_agent(rows, same)
-    first = s["estimators"][SEARCH_REWARD]
-    s.update({k: first[k] for k in ("retest", "retest_std", "retest_ci95", "reliability", "ceiling", "ceiling_std",
-                                    "ceiling_ci95")})
+    s.update({k: s["estimators"][SEARCH_REWARD][k] for k in CEILING_KEYS})
     return s
 
 

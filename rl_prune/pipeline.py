@@ -419,23 +419,33 @@ def check_folder_use(folder: RunFolder, resume: bool, overwrite: bool) -> None:
                              f"{folder.path.name}_2)")
 
 
+def rerank_size(env: Any) -> int:
+    """The env's ``final_rerank`` (1, off, for an env without one)."""
+    return int(getattr(getattr(env, "config", None), "final_rerank", 1) or 1)
+
+
 def final_rerank(env: Any, best: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The env's ``final_rerank`` at the end of a search (:meth:`PruneEnv.rerank_finalists`): None when it is off
-    or had nothing to choose between; else its record (held-out scores of every finalist, the chosen one, the
-    re-scores it cost, apart from the search's ``n_evaluations``) with ``best``, the search's best episode with the
-    chosen candidate's model, kept channels and search accuracy in its place (``actions`` None when another
-    candidate than the episode's final one was chosen: the action that gave it is not kept)."""
-    rerank = getattr(env, "rerank_finalists", None)
-    choice = rerank() if callable(rerank) else None
-    if choice is None:
+    """The env's ``final_rerank`` at the end of a search (:meth:`PruneEnv.rerank_finalists`): None when it is off;
+    else its record: ``k``, the held-out scores of every finalist, the chosen one and the re-scores it cost (apart
+    from the search's ``n_evaluations``; 0 when fewer than two candidates were evaluated), with ``best``: the
+    search's best episode with the chosen candidate's model, kept channels and search accuracy in its place
+    (``actions`` None when another candidate than the episode's final one was chosen: the action that gave it is
+    not kept)."""
+    size = rerank_size(env)
+    if size <= 1:
         return None
+    choice = env.rerank_finalists()
+    if choice is None:
+        print("final_rerank: fewer than two final candidates were evaluated; the search's own choice is kept",
+              file=sys.stderr)
+        return {"k": size, "evaluations": 0, "finalists": [], "chosen": None, "changed": False, "best": best}
     same = choice["kept_channels"] == np.asarray(best["info"]["kept_channels"], dtype=np.int64).tolist()
     new_best = {**best, "model": choice["model"], "kept_indices": [np.asarray(k).tolist() for k in
                                                                     choice["kept_indices"]],
                 "info": {**best["info"], "kept_channels": choice["kept_channels"], "accuracy": choice["accuracy"]},
                 "actions": best["actions"] if same else None}
     record = {k: v for k, v in choice.items() if k not in ("model", "kept_indices", "reductions")}
-    record.update(changed=not same, best=new_best)
+    record.update(k=size, changed=not same, best=new_best)
     print(f"final_rerank: {choice['evaluations']} finalists re-scored on {choice['holdout_images']} held-out "
           f"validation images; kept #{choice['chosen'] + 1} by search reward (held-out reward "
           f"{choice['holdout_reward']:.4f}, search reward {choice['reward']:.4f})"
@@ -468,8 +478,8 @@ def _run_in_folder(cfg: PruneRunConfig, name: str, folder: RunFolder, resume: bo
         agent, learn_kwargs = build_agent(cfg, name, env, tensorboard_log=str(folder.tensorboard_dir))
     except (TypeError, ValueError) as err:  # bad agent arguments in the config
         raise ConfigError(f"agents.{name}: {err}") from err
-    if saved is not None and env.config.final_rerank > 1:
-        raise ConfigError(f"--resume with final_rerank={env.config.final_rerank}: its finalists live in the env's "
+    if saved is not None and rerank_size(env) > 1:
+        raise ConfigError(f"--resume with final_rerank={rerank_size(env)}: its finalists live in the env's "
                           f"memory only and were lost with the killed run; rerun without --resume")
     if saved is not None and not agent.supports_resume:
         raise ConfigError(f"--resume is not supported by agent {name!r} (its supports_resume is False); rerun "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pruning_env.data import preload
+from pruning_env.envs.prune_env import RERANK_SEED_OFFSET
 from pruning_env.pruning import Pruner
 from pruning_env.pruning.pruner import PrunePlan
 from rl_prune.pipeline import run
@@ -56,7 +57,7 @@ def test_the_best_finalists_are_rescored_on_held_out_images_and_the_best_there_k
     assert [f["reward"] for f in out["finalists"]] == pytest.approx([r for r, _ in distinct[:3]])
     assert env.n_evaluations == spent and env.total_evaluations == total + out["evaluations"]
     # each held-out score is an independent re-measurement: the same estimator on the held-out images
-    holdout = env.scorer.with_images(env.task.holdout_data, seed=7919)
+    holdout = env.scorer.with_images(env.task.holdout_data, seed=RERANK_SEED_OFFSET)  # env seed 0
     pruner = env.pruner
     for f in out["finalists"]:
         model = pruner.apply(pruner.plan(keep=np.asarray(f["kept_channels"])))
@@ -78,18 +79,17 @@ def test_off_it_changes_nothing(splits):
     assert env.rerank_finalists() is None
 
 
-def _tiny_run(tmp_path, name, **env):
-    cfg = tiny_run(agent="random_search", budget=6, env={"n_steps": 1, "reward_samples": 16, **env},
-                   agents={"random_search": {}})
+def _tiny_run(tmp_path, name, agent="random_search", **env):
+    cfg = tiny_run(agent=agent, budget=6, env={"n_steps": 1, "reward_samples": 16, **env}, agents={agent: {}})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**cfg, "run": {**cfg["run"], "out_dir": str(tmp_path / "runs")}}))
-    return run(load_config(path), "random_search", tmp_path / "runs" / name)
+    return run(load_config(path), agent, tmp_path / "runs" / name)
 
 
 def test_a_run_keeps_the_rescored_choice_as_its_searched_model(tmp_path):
     metrics = _tiny_run(tmp_path, "rerank", final_rerank=3)
     record = metrics["final_rerank"]
-    assert record is not None and record["evaluations"] == len(record["finalists"]) >= 2
+    assert record is not None and record["k"] == 3 and record["evaluations"] == len(record["finalists"]) >= 2
     assert record["holdout_images"] == 16  # the 32 validation images less the reward's 16
     assert metrics["n_evaluations"] == 6  # the search's budget, the re-scores apart
     assert metrics["kept_channels"] == record["kept_channels"]
@@ -97,3 +97,21 @@ def test_a_run_keeps_the_rescored_choice_as_its_searched_model(tmp_path):
     searched = RunFolder(tmp_path / "runs" / "rerank").read_searched_record()
     assert [len(k) for k in searched.kept_indices] == record["kept_channels"]
     assert _tiny_run(tmp_path, "plain")["final_rerank"] is None
+    # one model evaluated (uniform): nothing to choose between, the record says so and the search's choice stays
+    one = _tiny_run(tmp_path, "uniform", agent="uniform", final_rerank=3)
+    assert one["final_rerank"] == {"k": 3, "evaluations": 0, "finalists": [], "chosen": None, "changed": False}
+    assert one["kept_channels"] == _tiny_run(tmp_path, "uniform_plain", agent="uniform")["kept_channels"]
+
+
+def test_a_comparison_refuses_a_searching_unit_made_with_another_final_rerank():
+    import benchmarks.compare_agents as ca
+
+    searched = {"budget": 151, "n_evaluations": 151, "budget_schedule": None,
+                "final_rerank": {"k": 5, "finalists": [{}] * 5}}
+    assert ca.unit_rerank(searched) == 5 and ca.unit_rerank({"final_rerank": None}) == 1
+    assert ca.unit_rerank({"final_rerank": {"finalists": [{}] * 4}}) == 4  # a record from before "k"
+    assert ca.budget_problem("random_search", searched, 151, rerank=5) is None
+    assert "final_rerank=5, not 1" in ca.budget_problem("random_search", searched, 151, rerank=1)
+    plain = {**searched, "final_rerank": None}
+    assert "final_rerank=1, not 5" in ca.budget_problem("ppo", plain, 151, rerank=5)
+    assert ca.budget_problem("uniform", {**plain, "n_evaluations": 1}, 151, rerank=5) is None  # nothing to re-rank

@@ -65,6 +65,11 @@ class _State:
         return self.terminated or self.truncated
 
 
+#: ``final_rerank``'s re-measurement seeds its estimates with the env's ``seed`` plus this (other KD batches and BN
+#: draws than the search's)
+RERANK_SEED_OFFSET = 7919
+
+
 @dataclass
 class _Finalist:
     """A final-step candidate kept for ``final_rerank``: its search reward, and what rebuilds it (its state and
@@ -303,7 +308,7 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         """
         if self.config.final_rerank <= 1 or len(self._finalists) < 2:
             return None
-        holdout = self.scorer.with_images(self.task.holdout_data, seed=int(self.config.seed or 0) + 7919)
+        holdout = self.scorer.with_images(self.task.holdout_data, seed=int(self.config.seed or 0) + RERANK_SEED_OFFSET)
         rows = sorted(self._finalists.values(), key=lambda f: -f.reward)
         scored = []
         for f in rows:
