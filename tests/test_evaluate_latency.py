@@ -47,10 +47,24 @@ def cache(tmp_path_factory):
 def latency_run(tmp_path_factory, cache):
     """A run whose budget is predicted latency, in a non-default setting (batch 2)."""
     tmp = tmp_path_factory.mktemp("latency_run")
-    # the tiny net's latency is mostly per-op overhead: about a quarter of it goes with every group at its floor
-    cfg = _config(tmp, cache, budget="latency", target_metric="latency", target=TARGET, latency_batch_size=2)
+    cfg = _config(tmp, cache, budget="latency", target_metric="latency", target=_target(cache),
+                  latency_batch_size=2)
     run(cfg, run_dir=tmp / "runs" / "lat")
     return tmp / "runs" / "lat"
+
+
+def _target(cache) -> float:
+    """TARGET, or half of what every group at its floor removes on this machine when that is less: the tiny
+    net's latency is mostly per-op overhead, and how much of it goes with the channels is the machine's (from
+    about a quarter to under a tenth). The table measured here is the run's (the same cache key)."""
+    from pruning_env.envs.prune_env import PruneEnv
+    env = PruneEnv(**_config(cache, cache, budget="flops", target_metric="flops", gamma=1.0,
+                             latency_batch_size=2).env_kwargs("uniform"))
+    floor = np.minimum(env._probe.keep_counts(np.ones(env.n_groups)), env.original_channels)
+    most = env.meter.latency_reduction(floor)
+    env.close()
+    assert most > 0, "the tiny net's predicted latency does not fall when every group is at its floor"
+    return min(TARGET, round(0.5 * most, 3))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +99,7 @@ def test_run_folder_records_the_latency_setting_and_predictions(latency_run, cac
     assert predicted["pruned_s"] == pytest.approx(float(table.predict(np.asarray(metrics["kept_channels"]))))
     assert predicted["reduction"] == pytest.approx(1.0 - predicted["pruned_s"] / predicted["original_s"])
     # the budget was met in predicted latency
-    assert predicted["reduction"] == pytest.approx(TARGET, abs=0.04)
+    assert predicted["reduction"] == pytest.approx(metrics["target"], abs=0.04)
 
 
 def test_evaluate_reports_predicted_beside_measured_in_the_run_setting(latency_run):
