@@ -882,6 +882,7 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
         "finetunes_other_lengths": {k: v["finetunes"] for k, v in b["lengths"].items()}}}
         for t, b in per_target.items()}}
     results.mkdir(parents=True, exist_ok=True)
+    refuse_other_base(results / f"{stem}.json", base)
     keep_other_targets(carry, results / f"{stem}_units.json")
     kept = keep_other_targets(payload, results / f"{stem}.json")
     if kept:
@@ -902,6 +903,21 @@ def report_stem(model: str, schedule: str, finetune_epochs: int) -> str:
     report or units file."""
     return (f"compare_curves_{model}" + ("" if schedule == "oneshot" else f"_{schedule}")
             + ("" if int(finetune_epochs) == DEFAULT_FT_EPOCHS else f"_e{int(finetune_epochs)}"))
+
+
+def refuse_other_base(path: Path, base: Dict[str, str]) -> None:
+    """A ``SystemExit`` when the report at ``path`` was made from another version of the base checkpoint (a
+    checkpoint retrained on another CPU has other bytes): writing over it would lose its results, and keeping its
+    targets would mix two bases in one curve. The message names both hashes and the way out (``--tag``)."""
+    try:
+        old = json.loads(path.read_text()).get("meta", {}).get("base_weights") or {}
+    except (OSError, ValueError):
+        return
+    clash = {b: (h, base[b]) for b, h in old.items() if b in base and base[b] != h}
+    if clash:
+        listing = "; ".join(f"{b}: {o[:12]} in the report, {n[:12]} in these units" for b, (o, n) in clash.items())
+        raise SystemExit(f"error: {path} was made from another version of the base ({listing}); give this "
+                         f"comparison its own --tag (or --results) so that report is kept (docs/training.md)")
 
 
 def keep_other_targets(payload: Dict[str, Any], path: Path) -> List[str]:
@@ -1040,8 +1056,11 @@ def search_cost_lines(cost: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
             + ", ".join(f"{t} **{'yes' if c['wall_ratio'] <= 0.1 else 'no'}** ({c['wall_ratio']:.1%} of their search "
                         f"wall{'' if c['authors_recovery_s'] is None else ', recovery aside'})"
                         for t, c in cost.items())
-            + ". Whether it reaches *the same accuracy* is not answered here: the authors' iterative schedule was not "
-              "run on this task.", ""]
+            + ". " + ("This is the authors' iterative schedule, scaled down: `benchmarks/compare_schedules.py` "
+                      "compares its accuracy with the one-shot report of the same base and training."
+                      if meta.get("schedule_kind") == "iterative" else
+                      "Whether it reaches *the same accuracy* is answered by the iterative schedule's report of the "
+                      "same base and training (`benchmarks/compare_schedules.py` sets the two side by side)."), ""]
 
 
 def schedule_text(meta: Dict[str, Any]) -> str:

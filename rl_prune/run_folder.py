@@ -472,7 +472,8 @@ class RunFolder:
             if weights_hash(source) != carried["source_hash"]:
                 raise ValueError(f"{self.path}: the source model given is not the one the carried search started "
                                  f"from (weights sha256 {weights_hash(source)[:12]} != "
-                                 f"{carried['source_hash'][:12]} of {carried.get('source') or 'its source'})")
+                                 f"{carried['source_hash'][:12]} of {carried.get('source') or 'its source'}; a "
+                                 f"checkpoint retrained on another CPU has other bytes: docs/training.md)")
             kept = [mask_to_indices(m) for m in carried["kept_masks"]]
             model, names = rebuild_pruned(source, kept, carried["input_size"], carried["pruner"])
             if names != list(carried["group_names"]) or structure_hash(model) != carried["structure_hash"] or \

@@ -185,6 +185,18 @@ def test_units_from_two_versions_of_one_checkpoint_are_refused_in_one_report():
         ca.base_weights({"0.5": block(uniform=(0, ck, "a")), "0.875": block(ppo=(0, ck, "b"))})
 
 
+def test_a_report_of_another_base_is_never_written_over(tmp_path):
+    ck = "checkpoints/base.pt"
+    path = tmp_path / "compare_curves_m.json"
+    ca.refuse_other_base(path, {ck: "a" * 64})  # no report yet: nothing to keep
+    path.write_text(json.dumps({"meta": {"base_weights": {ck: "a" * 64}}, "targets": {}}))
+    ca.refuse_other_base(path, {ck: "a" * 64})  # the same base: the report is updated
+    ca.refuse_other_base(path, {"other.pt": "b" * 64})  # another checkpoint's units: not this base's question
+    with pytest.raises(SystemExit, match=r"another version of the base \(checkpoints/base.pt: aaaaaaaaaaaa in the "
+                                         r"report, bbbbbbbbbbbb in these units\).*--tag"):
+        ca.refuse_other_base(path, {ck: "b" * 64})
+
+
 def test_a_verdict_is_undecided_and_provisional_with_one_search_seed():
     summary = {"ppo": {"rl": True, "test": {"mean": 0.6, "std": float("nan"), "n": 1}, "search_seeds": [0],
                        "ft_per_model": [2]},
