@@ -999,7 +999,9 @@ def search_cost(per_target: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> 
     """Search cost per target against the authors' protocol, from the measured cost of one evaluation (search
     seconds / evaluations of the searching agents' units, agent overhead included) scaled to the authors' images
     per evaluation (the full validation split, vanilla accuracy) from ours (reward images + BN images), and the
-    measured seconds of one fine-tune epoch for their per-step recovery.
+    measured seconds of one fine-tune epoch (the final fine-tune's seconds / its epochs) for their per-step recovery.
+    Under the iterative schedule our own recoveries (steps - 1 times its recovery epochs, at that epoch's seconds)
+    are taken out of our search seconds first, so both sides count search alone.
     """
     out: Dict[str, Any] = {}
     if not isinstance(meta.get("val_size"), int):  # a fraction or unset: the image count is not known here
@@ -1013,9 +1015,11 @@ def search_cost(per_target: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> 
         searching = [s for s in units if s["n_evaluations"] == meta["budget"]]
         if not searching:
             continue
-        per_eval = float(np.mean([s["search_s"] / s["n_evaluations"] for s in searching]))
         fts = [r for data in block["units"]["agents"].values() for r in data["finetunes"]]
-        epoch_s = float(np.mean([r["finetune"]["seconds"] for r in fts])) / meta["finetune_epochs"] if fts else None
+        epoch_s = float(np.mean([r["finetune"]["seconds"] for r in fts])) / meta["final_epochs"] if fts else None
+        # the iterative schedule's searches include their KD recoveries: take them out, at the measured epoch
+        recovery_s = (meta.get("n_steps", 1) - 1) * meta.get("recovery_epochs", 0) * (epoch_s or 0.0)
+        per_eval = float(np.mean([max(s["search_s"] - recovery_s, 0.0) / s["n_evaluations"] for s in searching]))
         steps = authors_steps(float(t))
         a_evals = steps * AUTHORS_EVALS_PER_STEP
         a_search_s = a_evals * per_eval * scale

@@ -263,7 +263,7 @@ def test_the_authors_search_cost_is_scaled_from_the_measured_one():
         "ppo": {"searches": {0: search}, "finetunes": [{"finetune": {"seconds": 150.0}}]},
         "uniform": {"searches": {0: {"n_evaluations": 1, "search_s": 4.0}}, "finetunes": []}}}}
     meta = {"budget": 151, "val_size": 1000, "reward_samples": 250, "reward_train_images": 256,
-            "reward_estimator": "adaptive_bn", "finetune_epochs": 15}
+            "reward_estimator": "adaptive_bn", "finetune_epochs": 15, "final_epochs": 15}
     cost = ca.search_cost({"0.75": block}, meta)["0.75"]
     assert cost["per_evaluation_s"] == 2.0  # uniform's one evaluation is no search: left out
     assert cost["authors_evaluations"] == 5000 and cost["authors_images_scale"] == 1000 / 506
@@ -272,6 +272,12 @@ def test_the_authors_search_cost_is_scaled_from_the_measured_one():
     assert cost["wall_ratio"] == pytest.approx(151 * 2.0 / cost["authors_search_s"])
     text = "\n".join(ca.search_cost_lines({"0.75": cost}, meta))
     assert f"0.75 **{'yes' if cost['wall_ratio'] <= 0.1 else 'no'}**" in text
+    # iterative: the final fine-tune is 11 of the 15 epochs, and the searches' 2 x 2 recovery epochs are no search
+    meta_it = {**meta, "schedule_kind": "iterative", "n_steps": 3, "recovery_epochs": 2, "final_epochs": 11}
+    block["units"]["agents"]["ppo"]["finetunes"] = [{"finetune": {"seconds": 110.0}}]
+    block["units"]["agents"]["ppo"]["searches"][0] = {"n_evaluations": 151, "search_s": 302.0 + 4 * 10.0}
+    it = ca.search_cost({"0.75": block}, meta_it)["0.75"]
+    assert it["finetune_epoch_s"] == pytest.approx(10.0) and it["per_evaluation_s"] == pytest.approx(2.0)
 
 
 def test_the_authors_cost_under_a_training_estimator_comes_from_its_measured_cost_ratio(tmp_path, monkeypatch):
