@@ -181,15 +181,15 @@ def plot(meta: Dict[str, Any], result: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def default_stem(reports: Sequence[Dict[str, Any]], paths: Sequence[Path]) -> str:
-    """``compare_schedules_<model>`` plus what the first report's stem adds after its schedule (e.g. ``_base2``)."""
-    model = reports[0]["meta"]["model"]
-    first = paths[0].stem
-    prefix = f"compare_curves_{model}"
-    rest = first[len(prefix):] if first.startswith(prefix) else ""
-    schedule = reports[0]["meta"]["schedule"]
-    rest = rest[len(f"_{schedule}"):] if rest.startswith(f"_{schedule}") else rest
-    return f"compare_schedules_{model}{rest}"
+def default_stem(reports: Sequence[Dict[str, Any]]) -> str:
+    """``compare_schedules_<model>`` plus the reports' common ``--tag`` (the shared end of their schedule names,
+    e.g. ``_base2`` of ``oneshot_base2`` and ``iterative3_r2_base2``)."""
+    names = [str(r["meta"]["schedule"]) for r in reports]
+    tail = names[0]
+    while tail and not all(n.endswith(tail) and n != tail for n in names):
+        tail = tail[1:]
+    tag = tail[tail.index("_"):] if "_" in tail else ""
+    return f"compare_schedules_{reports[0]['meta']['model']}{tag}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "reports": [repo_relative(p) for p in args.reports],
             "budgets": {r["meta"]["schedule"]: r["meta"]["budget"] for r in reports},
             **{k: m0.get(k) for k in SAME}, **provenance(SCRIPT, argv if argv is not None else sys.argv[1:])}
-    stem = args.stem or default_stem(reports, args.reports)
+    stem = args.stem or default_stem(reports)
     payload = {"meta": meta, "targets": result}
     atomic_write_text(json.dumps(payload, indent=2, default=float), args.results / f"{stem}.json")
     plot(meta, result, args.results / f"{stem}.png")

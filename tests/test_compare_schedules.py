@@ -17,11 +17,11 @@ def _summary(per_seed, rl=False):
 
 
 def _report(tmp_path, schedule, agents, **meta):
-    m = {"model": "tiny", "schedule": schedule, "schedule_kind": "iterative" if schedule != "oneshot" else "oneshot",
-         "n_steps": 3 if schedule != "oneshot" else 1, "recovery_epochs": 2 if schedule != "oneshot" else 0,
-         "final_epochs": 11 if schedule != "oneshot" else 15, "finetune_epochs": 15, "base_weights": BASE,
-         "reward_estimator": "kd_refined", "search_seeds": 3, "ft_seeds": 2, "set": [],
-         "budget": 153 if schedule != "oneshot" else 151, **meta}
+    it = schedule != "oneshot"
+    m = {"model": "tiny", "schedule": f"{schedule}_t", "schedule_kind": "iterative" if it else "oneshot",
+         "n_steps": 3 if it else 1, "recovery_epochs": 2 if it else 0, "final_epochs": 11 if it else 15,
+         "finetune_epochs": 15, "base_weights": BASE, "reward_estimator": "kd_refined", "search_seeds": 3,
+         "ft_seeds": 2, "set": [], "budget": 153 if it else 151, **meta}
     data = {"meta": m, "targets": {"0.875": {"summary": agents}}}
     path = tmp_path / f"compare_curves_tiny_{schedule}_t.json"
     path.write_text(json.dumps(data))
@@ -43,18 +43,18 @@ def test_schedules_are_compared_per_agent_in_pooled_std(tmp_path):
     data = json.loads((out / "compare_schedules_tiny_t.json").read_text())
     block = data["targets"]["0.875"]
     uni = block["agents"]["uniform"]
-    v = uni["vs_first"]["iterative3_r2"]
+    v = uni["vs_first"]["iterative3_r2_t"]
     assert v["diff"] == pytest.approx(0.61 - 0.52, abs=1e-9)
     assert v["verdict"].startswith("higher")
-    assert uni["schedules"]["oneshot"]["seed_means"] == pytest.approx([0.51, 0.49, 0.56])
+    assert uni["schedules"]["oneshot_t"]["seed_means"] == pytest.approx([0.51, 0.49, 0.56])
     # ppo moves less than its spread: level
-    assert block["agents"]["ppo"]["vs_first"]["iterative3_r2"]["verdict"].startswith("level")
+    assert block["agents"]["ppo"]["vs_first"]["iterative3_r2_t"]["verdict"].startswith("level")
     # an agent run under one schedule only has no row, and is named
-    assert "random_search" not in block["agents"] and block["only_in"] == {"iterative3_r2": ["random_search"]}
-    assert block["best"] == {"oneshot": "uniform", "iterative3_r2": "uniform"}
+    assert "random_search" not in block["agents"] and block["only_in"] == {"iterative3_r2_t": ["random_search"]}
+    assert block["best"] == {"oneshot_t": "uniform", "iterative3_r2_t": "uniform"}
     md = (out / "compare_schedules_tiny_t.md").read_text()
-    assert "Best agent: `uniform` under iterative3_r2" in md and "3 pruning steps with 2 KD recovery" in md
-    assert "budgets oneshot 151, iterative3_r2 153" in md
+    assert "Best agent: `uniform` under iterative3_r2_t" in md and "3 pruning steps with 2 KD recovery" in md
+    assert "budgets oneshot_t 151, iterative3_r2_t 153" in md
     assert (out / "compare_schedules_tiny_t.png").stat().st_size > 0
 
 
