@@ -1063,8 +1063,9 @@ def search_cost_lines(cost: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
             + ". " + ("This is the authors' iterative schedule, scaled down: `benchmarks/compare_schedules.py` "
                       "compares its accuracy with the one-shot report of the same base and training."
                       if meta.get("schedule_kind") == "iterative" else
-                      "Whether it reaches *the same accuracy* is answered by the iterative schedule's report of the "
-                      "same base and training (`benchmarks/compare_schedules.py` sets the two side by side)."), ""]
+                      "Whether it reaches *the same accuracy* as the authors' schedule takes the iterative "
+                      "schedule's report of the same base and training (`benchmarks/compare_schedules.py` sets the "
+                      "two side by side)."), ""]
 
 
 def schedule_text(meta: Dict[str, Any]) -> str:
