@@ -882,7 +882,8 @@ def write_report(args: argparse.Namespace, layout: Layout) -> Optional[Path]:
         "finetunes_other_lengths": {k: v["finetunes"] for k, v in b["lengths"].items()}}}
         for t, b in per_target.items()}}
     results.mkdir(parents=True, exist_ok=True)
-    refuse_other_base(results / f"{stem}.json", base)
+    for path in (results / f"{stem}.json", results / f"{stem}_units.json"):
+        refuse_other_base(path, base)
     keep_other_targets(carry, results / f"{stem}_units.json")
     kept = keep_other_targets(payload, results / f"{stem}.json")
     if kept:
@@ -906,7 +907,7 @@ def report_stem(model: str, schedule: str, finetune_epochs: int) -> str:
 
 
 def refuse_other_base(path: Path, base: Dict[str, str]) -> None:
-    """A ``SystemExit`` when the report at ``path`` was made from another version of the base checkpoint (a
+    """A ``SystemExit`` when the report (or units file) at ``path`` was made from another version of the base (a
     checkpoint retrained on another CPU has other bytes): writing over it would lose its results, and keeping its
     targets would mix two bases in one curve. The message names both hashes and the way out (``--tag``)."""
     try:
@@ -1001,7 +1002,9 @@ def search_cost(per_target: Dict[str, Dict[str, Any]], meta: Dict[str, Any]) -> 
     per evaluation (the full validation split, vanilla accuracy) from ours (reward images + BN images), and the
     measured seconds of one fine-tune epoch (the final fine-tune's seconds / its epochs) for their per-step recovery.
     Under the iterative schedule our own recoveries (steps - 1 times its recovery epochs, at that epoch's seconds)
-    are taken out of our search seconds first, so both sides count search alone.
+    are taken out of our search seconds first, so both sides count search alone. The final model's epoch is the
+    cheapest (the recoveries train the larger models of the earlier steps), so this takes out too little and the
+    per-evaluation cost is an upper bound; the wall ratio does not depend on it (both sides scale with it).
     """
     out: Dict[str, Any] = {}
     if not isinstance(meta.get("val_size"), int):  # a fraction or unset: the image count is not known here

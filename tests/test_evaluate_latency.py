@@ -57,11 +57,11 @@ def _target(cache) -> float:
     """TARGET, or half of what every group at its floor removes on this machine when that is less: the tiny
     net's latency is mostly per-op overhead, and how much of it goes with the channels is the machine's (from
     about a quarter to under a tenth). The table measured here is the run's (the same cache key)."""
+    from pruning_env.envs.budget import channel_floor
     from pruning_env.envs.prune_env import PruneEnv
     env = PruneEnv(**_config(cache, cache, budget="flops", target_metric="flops", gamma=1.0,
                              latency_batch_size=2).env_kwargs("uniform"))
-    floor = np.minimum(env._probe.keep_counts(np.ones(env.n_groups)), env.original_channels)
-    most = env.meter.latency_reduction(floor)
+    most = env.meter.latency_reduction(channel_floor(env._probe.keep_counts, env.original_channels))
     env.close()
     assert most > 0, "the tiny net's predicted latency does not fall when every group is at its floor"
     return min(TARGET, round(0.5 * most, 3))
@@ -98,8 +98,8 @@ def test_run_folder_records_the_latency_setting_and_predictions(latency_run, cac
     assert predicted["original_s"] == pytest.approx(table.original)
     assert predicted["pruned_s"] == pytest.approx(float(table.predict(np.asarray(metrics["kept_channels"]))))
     assert predicted["reduction"] == pytest.approx(1.0 - predicted["pruned_s"] / predicted["original_s"])
-    # the budget was met in predicted latency
-    assert predicted["reduction"] == pytest.approx(metrics["target"], abs=0.04)
+    # the budget was met in predicted latency (within 40 % of the target: 0.04 at the usual 0.1)
+    assert predicted["reduction"] == pytest.approx(metrics["target"], abs=0.4 * metrics["target"])
 
 
 def test_evaluate_reports_predicted_beside_measured_in_the_run_setting(latency_run):
