@@ -185,6 +185,31 @@ def test_keep_for_action_reports_an_unreachable_goal(mode):
     assert step.keep.tolist() == [10, 10, 10]  # as far as it goes
 
 
+@pytest.mark.parametrize("action", [[0.05, 0.05, 0.9], [0.0, 0.0, 1.0], [1 / 3] * 3])
+def test_keep_for_action_distribution_bound_caps_every_group(action):
+    # AMC's per-layer bound in distribution mode: no group loses more than 60 % of its channels in the step,
+    # wherever the distribution puts the budget, and the goal is still met by the other groups
+    step = keep_for_action(action, "distribution", CURRENT, LAYERS, keep_counts, reduction=channel_reduction,
+                           goal=0.5, distribution_max_sparsity=0.6)
+    assert step.reachable and np.all(step.keep >= keep_counts(np.full(3, 0.6)))
+    assert abs(step.reached - 0.5) <= 2 * LAYERS.max() / (LAYERS * CURRENT).sum()
+    # without the bound (the authors') the concentrated distributions cut the named group to its floor
+    free = keep_for_action(action, "distribution", CURRENT, LAYERS, keep_counts, reduction=channel_reduction,
+                           goal=0.5)
+    if action[2] >= 0.9:
+        assert free.keep[2] == 1 and step.keep[2] == 8
+
+
+def test_keep_for_action_distribution_bound_reports_an_unreachable_goal():
+    # removing at most 30 % of each group removes at most 30 % of the channels: a 50 % goal is out of reach
+    step = keep_for_action([0.2, 0.3, 0.5], "distribution", CURRENT, LAYERS, keep_counts, reduction=channel_reduction,
+                           goal=0.5, distribution_max_sparsity=0.3)
+    assert not step.reachable and step.keep.tolist() == keep_counts(np.full(3, 0.3)).tolist()
+    with pytest.raises(ValueError, match="distribution_max_sparsity must be in"):
+        keep_for_action([0.2, 0.3, 0.5], "distribution", CURRENT, LAYERS, keep_counts, reduction=channel_reduction,
+                        goal=0.5, distribution_max_sparsity=1.0)
+
+
 def test_keep_for_action_rejects_inconsistent_arguments():
     with pytest.raises(ValueError, match="one per group"):
         keep_for_action([0.1, 0.2], "sparsity", CURRENT, LAYERS, keep_counts)
@@ -221,6 +246,8 @@ def _floor_of(minimum):
 def test_channel_floor_is_the_full_sparsity_keep_capped_at_the_current_widths():
     assert channel_floor(_floor_of(np.array([2, 3])), [8, 4]).tolist() == [2, 3]
     assert channel_floor(_floor_of(np.array([2, 3])), [8, 2]).tolist() == [2, 2]  # already below its floor
+    # a per-step bound: at most half of each group goes (never below the sparsity-1 floor)
+    assert channel_floor(_floor_of(np.array([2, 3])), [8, 4], max_sparsity=0.5).tolist() == [4, 3]
 
 
 def test_refuse_unreachable_target_names_the_most_the_floor_removes():

@@ -117,6 +117,26 @@ def test_budget_is_met_when_the_named_groups_cannot_carry_it(splits):
     assert removed[-1] == removed.max()
 
 
+def test_distribution_bound_keeps_every_group_above_it(splits):
+    # AMC's per-layer bound in distribution mode: a distribution that names one group only cannot cut it below
+    # half its width; the other groups carry the rest of the budget
+    env = make_env(splits, model=TinyNet(), action_mode="distribution", budget="flops", n_steps=1, target=0.5,
+                   distribution_max_sparsity=0.5)
+    env.reset(seed=0)
+    action = np.zeros(env.n_groups, dtype=np.float32)
+    action[-1] = 1.0
+    _, _, terminated, _, info = env.step(action)
+    assert terminated and info["budget_missed"] is False and abs(info["flops_reduction"] - 0.5) < 0.06
+    assert np.all(info["group_sparsity"] <= 0.5 + 1e-9)
+    free = make_env(splits, model=TinyNet(), action_mode="distribution", budget="flops", n_steps=1, target=0.5)
+    free.reset(seed=0)
+    assert free.step(action)[4]["group_sparsity"][-1] > 0.5  # without the bound the named group goes further
+    # a one-step target that the bound cannot reach is refused at construction, naming the bound
+    with pytest.raises(ValueError, match="distribution_max_sparsity=0.2"):
+        make_env(splits, model=TinyNet(), action_mode="distribution", budget="flops", n_steps=1, target=0.5,
+                 distribution_max_sparsity=0.2)
+
+
 def test_distribution_channel_budget_is_authors_m(splits):
     env = make_env(splits, action_mode="distribution", target_metric="channels", n_steps=4, target=0.4)
     env.reset(seed=0)

@@ -165,15 +165,21 @@ def cumulative_goal(target: float, step: int, n_steps: int) -> float:
     return float(target) * min(max(step, 0), n_steps) / n_steps
 
 
-def channel_floor(keep_counts: Callable[[np.ndarray], np.ndarray], current: ArrayLike) -> np.ndarray:
+def channel_floor(keep_counts: Callable[[np.ndarray], np.ndarray], current: ArrayLike,
+                  max_sparsity: Optional[float] = None) -> np.ndarray:
     """Kept channels per group with every group pruned to its floor (``keep_counts`` at sparsity 1), never above
-    ``current``: the most a state can still remove.
+    ``current``: the most a state can still remove. With ``max_sparsity`` the floor of one step that removes at
+    most that fraction of each group (``keep_counts`` at that sparsity, never below the sparsity-1 floor).
 
     :param keep_counts: sparsity per group -> kept channels per group (a pruner's ``keep_counts``).
     :param current: channels per group now.
+    :param max_sparsity: largest fraction of a group one step removes, in (0, 1); None: no bound.
     """
     cur = np.asarray(current, dtype=np.int64).reshape(-1)
-    return np.minimum(keep_counts(np.ones(cur.size)), cur)
+    floor = np.asarray(keep_counts(np.ones(cur.size)), dtype=np.int64)
+    if max_sparsity is not None:
+        floor = np.maximum(floor, np.asarray(keep_counts(np.full(cur.size, float(max_sparsity))), dtype=np.int64))
+    return np.minimum(floor, cur)
 
 
 def refuse_unreachable_target(reduction: Callable[[np.ndarray], float], floor: np.ndarray, target: float,
@@ -273,7 +279,8 @@ class StepKeep:
     :ivar goal: the cumulative reduction the step aims at (None without a budget).
     :ivar reached: the budget metric's reduction of ``keep`` (None without a budget).
     :ivar reachable: False when no action could reach ``goal`` from this state (every group at its floor or at
-        ``max_step_sparsity`` falls short); the reached value is then the most this step can remove.
+        ``max_step_sparsity`` / ``distribution_max_sparsity`` falls short); the reached value is then the most this
+        step can remove.
     """
 
     keep: np.ndarray
@@ -386,7 +393,8 @@ class ReductionMeter:
 def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, layer_counts: ArrayLike,
                     keep_counts: Callable[[np.ndarray], np.ndarray],
                     reduction: Optional[Callable[[np.ndarray], float]] = None, goal: Optional[float] = None,
-                    max_step_sparsity: float = 0.9, granularity: Optional[ArrayLike] = None) -> StepKeep:
+                    max_step_sparsity: float = 0.9, granularity: Optional[ArrayLike] = None,
+                    distribution_max_sparsity: Optional[float] = None) -> StepKeep:
     """Kept channels per group for a validated action: the env's whole action -> budget mapping.
 
     * ``"sparsity"``: entry g is the fraction of group g's current channels to remove, clipped to
@@ -396,7 +404,9 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
     * ``"distribution"``: the action (clipped at 0, groups at their floor zeroed, normalised) splits a budget
       of M layer-channels with :func:`distribution_to_counts`; M is found by bisection so the step's
       ``reduction`` is closest to ``goal``. When the distribution's groups all reach their floor short of the
-      goal, the remaining groups are pruned uniformly, as little as needed.
+      goal, the remaining groups are pruned uniformly, as little as needed. ``distribution_max_sparsity`` moves
+      each group's floor up to what removing that fraction of it keeps (AMC's per-layer bound; None: down to the
+      ``min_channels`` floor, the authors').
 
     :param action: finite values, one per group.
     :param action_mode: ``"sparsity"`` or ``"distribution"``.
@@ -410,6 +420,8 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
     :param max_step_sparsity: largest fraction of a group removed in one step (sparsity mode).
     :param granularity: channels each group removes together (grouped convs: channels per conv group; default
         1): distribution-mode removals are counted in whole blocks, so the costed kept vector is the one built.
+    :param distribution_max_sparsity: largest fraction of a group removed in one step (distribution mode), in
+        (0, 1); None: no bound beyond the channel floor.
     """
     a = np.asarray(action, dtype=np.float64).reshape(-1)
     cur = np.asarray(current, dtype=np.int64).reshape(-1)
@@ -420,6 +432,8 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
         raise ValueError("pass both `reduction` and `goal` (a budgeted step) or neither (budget-free)")
     if action_mode not in ACTION_MODES:
         raise ValueError(f"action_mode must be one of {ACTION_MODES}, got {action_mode!r}")
+    if distribution_max_sparsity is not None and not 0.0 < distribution_max_sparsity < 1.0:
+        raise ValueError(f"distribution_max_sparsity must be in (0, 1) or None, got {distribution_max_sparsity!r}")
 
     def kept(sparsity: np.ndarray) -> np.ndarray:
         return np.minimum(np.asarray(keep_counts(sparsity), dtype=np.int64), cur)
@@ -468,7 +482,7 @@ def keep_for_action(action: ArrayLike, action_mode: str, current: ArrayLike, lay
         f, _ = bisect_increasing(lambda x: reached(keep_floor(x)), goal, 0.0, max_step_sparsity, iters=60, tol=tol)
         return result(keep_floor(f), hi, keep_floor(max_step_sparsity))
 
-    floor = kept(np.ones(cur.size))
+    floor = channel_floor(kept, cur, distribution_max_sparsity)
     max_remove = cur - floor
     dist = normalize_distribution(np.clip(a, 0.0, None), eligible=max_remove > 0)
     block = np.ones(cur.size, dtype=np.int64) if granularity is None else _as_counts(granularity, cur.size, "granularity")

@@ -67,6 +67,7 @@ class PruneEnvSettings:
     alpha = ConfigAttribute()
     beta = ConfigAttribute()
     max_step_sparsity = ConfigAttribute()
+    distribution_max_sparsity = ConfigAttribute()
     target_tolerance = ConfigAttribute()
     lookahead_cache = ConfigAttribute()
     eval_batch_size = ConfigAttribute()
@@ -178,6 +179,9 @@ class PruneEnvConfig(Settings):
     """pruning steps per episode (integer >= 1; 1 = one-shot)."""
     max_step_sparsity: float = setting(0.9, low=0, high=1, low_open=True, high_open=True)
     """largest fraction of a group removed in one step (sparsity mode), in (0, 1)."""
+    distribution_max_sparsity: Optional[float] = setting(None, low=0, high=1, low_open=True, high_open=True)
+    """largest fraction of a group removed in one step in distribution mode, in (0, 1) (AMC's per-layer bound: 0.8
+    keeps at least 20 %); None: down to ``min_channels``, the authors' behaviour."""
     target_tolerance: float = setting(0.005, low=0, high=1, high_open=True)
     """how close to the target counts as reached (budget-free episodes), in [0, 1)."""
     max_steps: Optional[int] = setting(None, low=1)

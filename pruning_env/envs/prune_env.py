@@ -137,11 +137,15 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         self.step_filter_budget = step_channel_budget(self.original_channels, self.layer_counts, self.target,
                                                       self.n_steps)
         if self.budget is not None:  # a budget-free episode that cannot reach its target ends truncated instead
+            # a one-step distribution-mode episode cannot go below the per-group bound either
+            bound = self.distribution_max_sparsity if self.action_mode == "distribution" and self.n_steps == 1 \
+                else None
             refuse_unreachable_target(self.meter.function(self.episode_metric, lambda k: probe.plan_cost(keep=k)),
-                                      channel_floor(probe.keep_counts, self.original_channels), self.target,
+                                      channel_floor(probe.keep_counts, self.original_channels, bound), self.target,
                                       self.target_tolerance, self.episode_metric,
-                                      f"min_channels={cfg.min_channels}, round_to={cfg.round_to} and "
-                                      f"ignore_layers={list(cfg.ignore_layers)}")
+                                      f"min_channels={cfg.min_channels}, round_to={cfg.round_to}"
+                                      + ("" if bound is None else f", distribution_max_sparsity={bound:g}")
+                                      + f" and ignore_layers={list(cfg.ignore_layers)}")
         # the initial state (built at the first reset) reuses the probe: its model is a private copy already
         self._probe: Optional[Pruner] = probe
 
@@ -264,7 +268,8 @@ class PruneEnv(PruneEnvSettings, gym.Env):
             goal = cumulative_goal(self.target, state.step_index + 1, self.n_steps)
         return keep_for_action(a, self.action_mode, state.channels, self.layer_counts, pruner.keep_counts,
                                reduction=reduction, goal=goal, max_step_sparsity=self.max_step_sparsity,
-                               granularity=pruner.granularity)
+                               granularity=pruner.granularity,
+                               distribution_max_sparsity=self.distribution_max_sparsity)
 
     def _lookahead(self, state: _State, actions: Sequence[np.ndarray], batched: bool,
                    max_evaluations: Optional[int] = None) -> List[Tuple[Candidate, bool, Tuple[int, int]]]:
@@ -344,9 +349,10 @@ class PruneEnv(PruneEnvSettings, gym.Env):
         importance, end_reason = np.zeros(self.n_groups), None
         terminated, truncated = final and not missed, final and missed
         if truncated:
+            bound = (f"max_step_sparsity={self.max_step_sparsity:g}" if self.action_mode == "sparsity" else
+                     f"distribution_max_sparsity={self.distribution_max_sparsity}")
             end_reason = (f"the {self.budget} budget could not be met: no action reaches the target "
-                          f"{self.target:g} from here (every group at its channel floor or at "
-                          f"max_step_sparsity={self.max_step_sparsity:g})")
+                          f"{self.target:g} from here (every group at its channel floor or at {bound})")
         elif not final:
             pruner.compute_importance(self.task.calibration, criterion=self.config.importance,
                                       train_mode=self.config.importance_train_mode)
