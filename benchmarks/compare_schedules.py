@@ -1,7 +1,8 @@
 """One-shot against the authors' iterative schedule at equal training (issue 24 item 2), from the reports
 ``benchmarks/compare_agents.py`` wrote for each schedule: per target and agent, test top-1 after the fine-tune under
 each schedule (mean ± std over search seeds), the difference in pooled seed std and its verdict, and the best agent
-of each schedule against the other's.
+of each schedule against the other's. ``--vary set`` compares config variants of one schedule the same way (reports
+that differ in their ``--set`` overrides only, e.g. a per-group bound against none).
 
     python benchmarks/compare_agents.py --targets 0.875 --tag base2 --agents uniform rl_pruner_improved ...
     python benchmarks/compare_agents.py --targets 0.875 --tag base2 --schedule iterative --agents uniform ...
@@ -13,6 +14,9 @@ schedule: the same model, base checkpoint (weights hash), total training epochs 
 search and fine-tune seeds; a pair that differs in any of these is refused, naming it. Their budgets may differ by
 the few evaluations that make every agent spend its budget exactly for a given number of steps (151 for one step,
 153 for three): both are printed.
+
+    python benchmarks/compare_schedules.py --vary set benchmarks/results/compare_curves_vgg19w025_oneshot_base2.json \
+        benchmarks/results/compare_curves_vgg19w025_oneshot_base2-floor20.json
 """
 from __future__ import annotations
 
@@ -36,6 +40,12 @@ SCRIPT = "benchmarks/compare_schedules.py"
 SAME = {"model": "model", "base_weights": "base checkpoint (weights hash)", "finetune_epochs":
         "training epochs after pruning (recovery plus final fine-tune)", "reward_estimator": "reward estimator",
         "search_seeds": "search seeds", "ft_seeds": "fine-tune seeds", "set": "--set overrides"}
+#: what config variants (``--vary set``) must share instead: all of :data:`SAME` but the overrides, and the schedule
+SAME_SET = {**{k: v for k, v in SAME.items() if k != "set"}, "schedule_kind": "schedule", "n_steps": "pruning steps",
+            "recovery_epochs": "recovery epochs between steps"}
+#: what each ``--vary`` compares, in words: the varied meta key, the key set reports must share, the title
+VARY = {"schedule": ("schedule", SAME, "One-shot against the iterative schedule at equal training"),
+        "set": ("set", SAME_SET, "Config variants at equal training")}
 
 
 def load_report(path: Path) -> Dict[str, Any]:
@@ -51,17 +61,22 @@ def load_report(path: Path) -> Dict[str, Any]:
     return data
 
 
-def mismatch(reports: Sequence[Dict[str, Any]], paths: Sequence[Path]) -> Optional[str]:
-    """Why the reports are not one comparison in all but the schedule, or None."""
+def mismatch(reports: Sequence[Dict[str, Any]], paths: Sequence[Path], vary: str = "schedule") -> Optional[str]:
+    """Why the reports are not one comparison in all but the schedule (``vary="set"``: the ``--set`` overrides),
+    or None."""
+    key_varied, same, _ = VARY[vary]
     schedules = [r["meta"].get("schedule") for r in reports]
     if len(set(schedules)) != len(schedules):
-        return f"two reports of one schedule ({', '.join(map(str, schedules))}): give one report per schedule"
+        return f"two reports of one schedule ({', '.join(map(str, schedules))}): give one report per {vary}"
+    varied = [json.dumps(r["meta"].get(key_varied)) for r in reports]
+    if len(set(varied)) != len(varied):
+        return f"two reports of one {vary} ({', '.join(varied)}): give one report per {vary}"
     first = reports[0]["meta"]
-    for key, words in SAME.items():
+    for key, words in same.items():
         for r, p in zip(reports[1:], paths[1:]):
             if r["meta"].get(key) != first.get(key):
                 return (f"{paths[0].name} and {p.name} differ in {words}: {first.get(key)!r} vs "
-                        f"{r['meta'].get(key)!r}; only the schedule may differ")
+                        f"{r['meta'].get(key)!r}; only the {vary} may differ")
     return None
 
 
@@ -106,17 +121,22 @@ def sentence(first: str, second: str, v: Mapping[str, Any]) -> str:
 def render(meta: Dict[str, Any], result: Dict[str, Any]) -> str:
     names = meta["schedules"]
     first = names[0]
-    lines = [f"# One-shot against the iterative schedule at equal training: {meta['model']}", "",
+    vary = meta.get("vary", "schedule")
+    lines = [f"# {VARY[vary][2]}: {meta['model']}", "",
              f"Reports: {', '.join(f'`{p}`' for p in meta['reports'])}. Every agent trains "
-             f"{meta['finetune_epochs']} epochs after pruning under every schedule (the iterative schedule's KD "
-             f"recoveries between steps are taken from the final fine-tune); the same base "
+             f"{meta['finetune_epochs']} epochs after pruning under every "
+             + ("schedule (the iterative schedule's KD recoveries between steps are taken from the final fine-tune)"
+                if vary == "schedule" else "variant, under one schedule")
+             + "; the same base "
              f"({', '.join(f'`{b}` weights sha256 `{h[:12]}`' for b, h in (meta['base_weights'] or {}).items())}), "
              f"reward estimator `{meta['reward_estimator']}`, {meta['search_seeds']} search seeds x "
              f"{meta['ft_seeds']} fine-tunes; budgets {', '.join(f'{n} {b}' for n, b in meta['budgets'].items())} "
              f"evaluations (each spent exactly). Test top-1 after the fine-tune: mean ± std over search seeds of each "
              f"searched model's mean over its fine-tunes; more than one pooled std apart is a difference.", ""]
     for n, words in meta["schedule_words"].items():
-        lines.append(f"- `{n}`: {words}")
+        overrides = meta.get("sets", {}).get(n)
+        lines.append(f"- `{n}`: {words}" + ("" if vary == "schedule" else
+                                           f"; `--set` {' '.join(f'`{o}`' for o in overrides) or 'none'}"))
     lines.append("")
     for t, block in result.items():
         lines += [f"## FLOPs reduction {t}", ""]
@@ -174,17 +194,21 @@ def plot(meta: Dict[str, Any], result: Dict[str, Any], path: Path) -> None:
         ax.set_ylabel("test top-1 after fine-tune (search seeds: dots)")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{meta['model']}: schedules at {meta['finetune_epochs']} training epochs after pruning", fontsize=10)
+    what = "schedules" if meta.get("vary", "schedule") == "schedule" else "config variants"
+    fig.suptitle(f"{meta['model']}: {what} at {meta['finetune_epochs']} training epochs after pruning", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def default_stem(reports: Sequence[Dict[str, Any]]) -> str:
+def default_stem(reports: Sequence[Dict[str, Any]], vary: str = "schedule") -> str:
     """``compare_schedules_<model>`` plus the reports' common ``--tag`` (the shared end of their schedule names,
-    e.g. ``_base2`` of ``oneshot_base2`` and ``iterative3_r2_base2``)."""
+    e.g. ``_base2`` of ``oneshot_base2`` and ``iterative3_r2_base2``); ``--vary set``: ``compare_variants_<model>``
+    and the later reports' schedule names (``_oneshot_base2-floor20``)."""
     names = [str(r["meta"]["schedule"]) for r in reports]
+    if vary == "set":
+        return f"compare_variants_{reports[0]['meta']['model']}_" + "_".join(names[1:])
     tail = names[0]
     while tail and not all(n.endswith(tail) and n != tail for n in names):
         tail = tail[1:]
@@ -198,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reports", nargs="+", type=Path,
                    help="compare_curves_*.json reports, one per schedule; the first is the reference (one-shot)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="where the report goes")
-    p.add_argument("--stem", default=None, help="file stem (default compare_schedules_<model>[_<tag>])")
+    p.add_argument("--stem", default=None, help="file stem (default compare_schedules_<model>[_<tag>]; --vary set: "
+                                                "compare_variants_<model>_<later schedules>)")
+    p.add_argument("--vary", choices=tuple(VARY), default="schedule",
+                   help="what the reports differ in: the schedule (default) or the --set overrides (config variants "
+                        "of one schedule)")
     return p
 
 
@@ -207,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(args.reports) < 2:
         raise SystemExit("error: give at least two reports (one per schedule)")
     reports = [load_report(p) for p in args.reports]
-    problem = mismatch(reports, args.reports)
+    problem = mismatch(reports, args.reports, args.vary)
     if problem:
         raise SystemExit(f"error: {problem}")
     result = compare(reports)
@@ -218,8 +246,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "schedule_words": {r["meta"]["schedule"]: schedule_text(r["meta"]) for r in reports},
             "reports": [repo_relative(p) for p in args.reports],
             "budgets": {r["meta"]["schedule"]: r["meta"]["budget"] for r in reports},
-            **{k: m0.get(k) for k in SAME}, **provenance(SCRIPT, argv if argv is not None else sys.argv[1:])}
-    stem = args.stem or default_stem(reports)
+            "vary": args.vary, "sets": {r["meta"]["schedule"]: list(r["meta"].get("set") or []) for r in reports},
+            **{k: m0.get(k) for k in VARY[args.vary][1]},
+            **provenance(SCRIPT, argv if argv is not None else sys.argv[1:])}
+    stem = args.stem or default_stem(reports, args.vary)
     payload = {"meta": meta, "targets": result}
     atomic_write_text(json.dumps(payload, indent=2, default=float), args.results / f"{stem}.json")
     plot(meta, result, args.results / f"{stem}.png")

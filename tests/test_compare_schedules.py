@@ -16,9 +16,9 @@ def _summary(per_seed, rl=False):
             "macs_kept": mean_std([0.125] * len(per_seed)), "n_evaluations": mean_std([151.0] * len(per_seed))}
 
 
-def _report(tmp_path, schedule, agents, **meta):
+def _report(tmp_path, schedule, agents, name=None, **meta):
     it = schedule != "oneshot"
-    m = {"model": "tiny", "schedule": f"{schedule}_t", "schedule_kind": "iterative" if it else "oneshot",
+    m = {"model": "tiny", "schedule": name or f"{schedule}_t", "schedule_kind": "iterative" if it else "oneshot",
          "n_steps": 3 if it else 1, "recovery_epochs": 2 if it else 0, "final_epochs": 11 if it else 15,
          "finetune_epochs": 15, "base_weights": BASE, "reward_estimator": "kd_refined", "search_seeds": 3,
          "ft_seeds": 2, "set": [], "budget": 153 if it else 151, **meta}
@@ -76,3 +76,30 @@ def test_two_reports_of_one_schedule_or_a_missing_one_are_refused(tmp_path):
         cs.main([str(a), str(a), "--results", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="no report at"):
         cs.main([str(a), str(tmp_path / "missing.json"), "--results", str(tmp_path / "out")])
+
+
+def test_config_variants_of_one_schedule_are_compared_with_vary_set(tmp_path):
+    # --vary set: one schedule, two --set variants (a per-group bound against none), compared as schedules are
+    a = _report(tmp_path, "oneshot", ONESHOT)
+    (tmp_path / "b").mkdir()
+    b = _report(tmp_path / "b", "oneshot", ITERATIVE, name="oneshot_t-bound",
+                set=["env.distribution_max_sparsity=0.8"])
+    out = tmp_path / "out"
+    assert cs.main(["--vary", "set", str(a), str(b), "--results", str(out)]) == 0
+    data = json.loads((out / "compare_variants_tiny_oneshot_t-bound.json").read_text())
+    v = data["targets"]["0.875"]["agents"]["uniform"]["vs_first"]["oneshot_t-bound"]
+    assert v["diff"] == pytest.approx(0.61 - 0.52, abs=1e-9) and v["verdict"].startswith("higher")
+    assert data["meta"]["sets"] == {"oneshot_t": [], "oneshot_t-bound": ["env.distribution_max_sparsity=0.8"]}
+    md = (out / "compare_variants_tiny_oneshot_t-bound.md").read_text()
+    assert md.startswith("# Config variants at equal training: tiny")
+    assert "`oneshot_t-bound`: 1 pruning step" in md and "`env.distribution_max_sparsity=0.8`" in md
+    # without --vary set the differing overrides are refused, as before
+    with pytest.raises(SystemExit, match="--set overrides"):
+        cs.main([str(a), str(b), "--results", str(out)])
+    # variants must share the schedule, and differ in their overrides
+    c = _report(tmp_path / "b", "iterative3_r2", ITERATIVE, set=["env.distribution_max_sparsity=0.8"])
+    with pytest.raises(SystemExit, match="only the set may differ"):
+        cs.main(["--vary", "set", str(a), str(c), "--results", str(out)])
+    d = _report(tmp_path / "b", "oneshot", ITERATIVE, name="oneshot_t-same")
+    with pytest.raises(SystemExit, match="two reports of one set"):
+        cs.main(["--vary", "set", str(a), str(d), "--results", str(out)])
